@@ -1,0 +1,73 @@
+"""SamplingParams: how one request picks its tokens and when it stops.
+
+Validated once on construction, then frozen. A value out of range raises `InvalidSamplingParams`
+naming the field and its valid range, so an HTTP front end can hand the message straight back.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from raymoe.errors import InvalidSamplingParams
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 1.0  # 0 = greedy (argmax); higher flattens the distribution
+    top_k: int = -1  # keep the k most likely tokens; -1 or 0 = off
+    top_p: float = 1.0  # keep the smallest set of tokens whose probability reaches top_p; 1 = off
+    seed: int | None = None  # per-request RNG: the same seed gives the same tokens, whatever the batch
+    max_tokens: int = 16  # generated tokens at most (finish_reason "length")
+    stop: tuple[str, ...] = ()  # stop strings; the returned text ends before the first one found
+    stop_token_ids: tuple[int, ...] = ()  # token ids that end the request (finish_reason "stop")
+    ignore_eos: bool = False  # keep generating past EOS (benchmarks with fixed output lengths)
+
+    def __post_init__(self):
+        _check_number("temperature", self.temperature, ">= 0", lambda v: v >= 0)
+        _check_int("top_k", self.top_k, "-1 or 0 (off) or >= 1", lambda v: v >= -1)
+        _check_number("top_p", self.top_p, "in (0, 1]", lambda v: 0 < v <= 1)
+        if self.seed is not None:
+            _check_int("seed", self.seed, "an integer or None", lambda v: True)
+        _check_int("max_tokens", self.max_tokens, ">= 1", lambda v: v >= 1)
+        object.__setattr__(self, "stop", _stop_strings(self.stop))
+        object.__setattr__(self, "stop_token_ids", _token_ids(self.stop_token_ids))
+        if not isinstance(self.ignore_eos, bool):
+            raise InvalidSamplingParams(f"ignore_eos must be true or false, got {self.ignore_eos!r}")
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature == 0 or self.top_k == 1
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _check_number(name: str, v, valid: str, ok) -> None:
+    if not (_is_int(v) or isinstance(v, float)) or v != v or not ok(v):
+        raise InvalidSamplingParams(f"{name} must be {valid}, got {v!r}")
+
+
+def _check_int(name: str, v, valid: str, ok) -> None:
+    if not _is_int(v) or not ok(v):
+        raise InvalidSamplingParams(f"{name} must be an integer {valid}, got {v!r}")
+
+
+def _stop_strings(stop) -> tuple[str, ...]:
+    if stop is None:
+        return ()
+    items = (stop,) if isinstance(stop, str) else stop
+    if not isinstance(items, (list, tuple)) or not all(isinstance(s, str) and s for s in items):
+        raise InvalidSamplingParams(f"stop must be a non-empty string or a list of them, got {stop!r}")
+    return tuple(items)
+
+
+def _token_ids(ids) -> tuple[int, ...]:
+    if ids is None:
+        return ()
+    if not isinstance(ids, (list, tuple)) or not all(_is_int(i) and i >= 0 for i in ids):
+        raise InvalidSamplingParams(f"stop_token_ids must be a list of token ids (integers >= 0), got {ids!r}")
+    return tuple(ids)
+
+
+__all__ = ["SamplingParams", "field"]

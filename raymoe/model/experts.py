@@ -1,0 +1,116 @@
+"""Routed expert FFNs, computed grouped: tokens sorted by expert, one matmul chain per expert.
+
+The work of one MoE layer splits in three so that the middle can run in another process:
+  1. `group_tokens`: sort the T*K (token, expert) pairs by expert -> `TokenGroups`;
+  2. `ExpertStore.run_groups`: run each expert on its contiguous group of rows;
+  3. `combine`: weight each row by its router weight and sum back per token.
+The sum in (3) adds a token's expert outputs in ascending expert order, as the reference does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Protocol
+
+import torch
+
+from raymoe.model.checkpoint import Checkpoint
+from raymoe.model.layers import SwiGLU
+from raymoe.model.spec import ModelSpec
+
+
+@dataclass
+class TokenGroups:
+    """(token, expert) pairs of one layer sorted by expert. P = T * K pairs."""
+
+    token_of_row: torch.Tensor  # [P] source token of each sorted row
+    weight_of_row: torch.Tensor  # [P] router weight of each sorted row
+    counts: list[int]  # [E] rows per expert, in expert order
+
+    def expert_ranges(self) -> Iterable[tuple[int, int, int]]:
+        """(expert, start, end) of every non-empty group."""
+        start = 0
+        for expert, count in enumerate(self.counts):
+            if count:
+                yield expert, start, start + count
+            start += count
+
+
+def group_tokens(topk_ids: torch.Tensor, topk_weights: torch.Tensor, num_experts: int) -> TokenGroups:
+    """topk_ids, topk_weights: [T, K] -> rows sorted by expert (stable: token order within an expert)."""
+    top_k = topk_ids.shape[1]
+    flat = topk_ids.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=num_experts).tolist()
+    return TokenGroups(order // top_k, topk_weights.reshape(-1)[order], counts)
+
+
+def combine(rows_out: torch.Tensor, groups: TokenGroups, num_tokens: int) -> torch.Tensor:
+    """rows_out [P, H] (sorted rows' expert outputs) -> [T, H] router-weighted sums per token."""
+    weighted = rows_out * groups.weight_of_row[:, None].to(rows_out.dtype)
+    out = rows_out.new_zeros(num_tokens, rows_out.shape[1])
+    return out.index_add_(0, groups.token_of_row, weighted)
+
+
+def expert_prefix(spec: ModelSpec, layer: int, expert: int) -> tuple[str, tuple[str, str, str]]:
+    """Checkpoint name prefix of one expert and its (gate, up, down) weight names."""
+    if spec.family == "mixtral":
+        return f"model.layers.{layer}.block_sparse_moe.experts.{expert}", ("w1", "w3", "w2")
+    return f"model.layers.{layer}.mlp.experts.{expert}", ("gate_proj", "up_proj", "down_proj")
+
+
+class ExpertStore:
+    """The physical experts one process holds: (layer, expert) -> fused SwiGLU weights."""
+
+    def __init__(self, experts: dict[tuple[int, int], SwiGLU]):
+        self.experts = experts
+
+    @classmethod
+    def load(
+        cls, ckpt: Checkpoint, spec: ModelSpec, dtype: torch.dtype, which: Iterable[tuple[int, int]] | None = None
+    ) -> "ExpertStore":
+        """Load `which` (layer, expert) pairs, or every routed expert; reads only their tensors."""
+        if which is None:
+            which = [(layer, e) for layer in spec.moe_layer_ids for e in range(spec.num_experts)]
+        experts = {}
+        for layer, e in which:
+            prefix, names = expert_prefix(spec, layer, e)
+            experts[(layer, e)] = SwiGLU.load(ckpt, prefix, dtype, names)
+        return cls(experts)
+
+    def holds(self, layer: int, expert: int) -> bool:
+        return (layer, expert) in self.experts
+
+    def run_group(self, layer: int, expert: int, x: torch.Tensor) -> torch.Tensor:
+        """x: [N, H] rows routed to this expert -> [N, H]."""
+        return self.experts[(layer, expert)](x)
+
+    def run_groups(self, layer: int, rows: torch.Tensor, groups: TokenGroups) -> torch.Tensor:
+        """rows: [P, H] sorted by expert -> [P, H] expert outputs, one matmul chain per expert."""
+        out = torch.empty_like(rows)
+        for expert, start, end in groups.expert_ranges():
+            out[start:end] = self.run_group(layer, expert, rows[start:end])
+        return out
+
+    def nbytes(self) -> int:
+        return sum(w.gate_up.nbytes + w.down.nbytes for w in self.experts.values())
+
+
+class ExpertBackend(Protocol):
+    """Where routed experts run: in this process, or on expert shards (raymoe.cluster)."""
+
+    def run(self, layer: int, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
+        """x: [T, H], topk_ids/topk_weights: [T, K] -> [T, H] weighted sum of the routed experts."""
+        ...
+
+
+class LocalExperts:
+    """ExpertBackend running every expert in this process."""
+
+    def __init__(self, store: ExpertStore, num_experts: int):
+        self.store, self.num_experts = store, num_experts
+
+    def run(self, layer: int, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
+        groups = group_tokens(topk_ids, topk_weights, self.num_experts)
+        rows_out = self.store.run_groups(layer, x[groups.token_of_row], groups)
+        return combine(rows_out, groups, x.shape[0])

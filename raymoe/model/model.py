@@ -1,0 +1,141 @@
+"""The MoE decoder, split so attention + router and the routed experts can run in different processes.
+
+`MoEModel.forward` runs every layer with the experts in `self.experts` (an `ExpertBackend`: local, or
+the cluster's dispatch). A layer is `attention_part` (norm, attention, residual, norm) then
+`ffn_part` (dense MLP, or router + routed experts + shared expert), so a pipelined runner can
+interleave microbatches between the two.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from raymoe.model.attention import GQAAttention
+from raymoe.model.checkpoint import Checkpoint
+from raymoe.model.experts import ExpertBackend, ExpertStore, LocalExperts
+from raymoe.model.layers import Linear, RMSNorm, SwiGLU
+from raymoe.model.mla import MLAAttention
+from raymoe.model.paged import AttentionBatch
+from raymoe.model.rope import Rotary
+from raymoe.model.router import sigmoid_grouped_topk, softmax_topk
+from raymoe.model.spec import ModelSpec, load_spec
+
+
+class MoEBlock:
+    """Router + routed experts (through a backend) + optional shared expert."""
+
+    def __init__(self, spec: ModelSpec, ckpt: Checkpoint, layer: int, dtype: torch.dtype):
+        p = f"model.layers.{layer}.block_sparse_moe" if spec.family == "mixtral" else f"model.layers.{layer}.mlp"
+        self.layer, self.spec = layer, spec
+        self.gate = Linear.load(ckpt, f"{p}.gate", dtype)  # [E, H]
+        self.correction_bias = ckpt.get_optional(f"{p}.gate.e_score_correction_bias", torch.float32)
+        self.shared, self.shared_gate = None, None
+        if spec.shared_expert_intermediate_size:
+            name = "shared_experts" if spec.family == "deepseek_v3" else "shared_expert"
+            self.shared = SwiGLU.load(ckpt, f"{p}.{name}", dtype)
+        if spec.shared_expert_gate:
+            self.shared_gate = Linear.load(ckpt, f"{p}.shared_expert_gate", dtype)
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: [T, H] -> topk_ids [T, K], topk_weights [T, K]."""
+        s = self.spec
+        if s.router == "sigmoid_grouped":
+            logits = F.linear(x.float(), self.gate.weight.float())
+            bias = self.correction_bias if self.correction_bias is not None else logits.new_zeros(s.num_experts)
+            return sigmoid_grouped_topk(
+                logits, bias, s.top_k, s.n_group, s.topk_group, s.norm_topk_prob, s.routed_scaling_factor
+            )
+        return softmax_topk(self.gate(x), s.top_k, s.norm_topk_prob)
+
+    def __call__(self, x: torch.Tensor, experts: ExpertBackend) -> torch.Tensor:
+        ids, weights = self.route(x)
+        return self.finish(x, experts.run(self.layer, x, ids, weights))
+
+    def finish(self, x: torch.Tensor, routed: torch.Tensor) -> torch.Tensor:
+        """Add the shared expert (if any) to the routed experts' output. Both [T, H]."""
+        if self.shared is None:
+            return routed
+        shared = self.shared(x)
+        if self.shared_gate is not None:
+            shared = torch.sigmoid(self.shared_gate(x)) * shared
+        return routed + shared
+
+
+class DecoderLayer:
+    def __init__(self, spec: ModelSpec, ckpt: Checkpoint, layer: int, dtype: torch.dtype, rotary: Rotary):
+        p, eps = f"model.layers.{layer}", spec.rms_norm_eps
+        attention_cls = MLAAttention if spec.mla is not None else GQAAttention
+        self.attn = attention_cls(spec, ckpt, layer, dtype, rotary)
+        self.input_norm = RMSNorm(ckpt.get(f"{p}.input_layernorm.weight", dtype), eps)
+        self.post_norm = RMSNorm(ckpt.get(f"{p}.post_attention_layernorm.weight", dtype), eps)
+        self.is_moe = spec.moe_layers[layer]
+        self.ffn = MoEBlock(spec, ckpt, layer, dtype) if self.is_moe else SwiGLU.load(ckpt, f"{p}.mlp", dtype)
+
+    def attention_part(self, h: torch.Tensor, batch: AttentionBatch, cache, cos_sin):
+        """h: [T, H] residual stream -> (residual after attention [T, H], its post-norm [T, H])."""
+        h = h + self.attn(self.input_norm(h), batch, cache, cos_sin)
+        return h, self.post_norm(h)
+
+    def ffn_part(self, x: torch.Tensor, experts: ExpertBackend) -> torch.Tensor:
+        return self.ffn(x, experts) if self.is_moe else self.ffn(x)
+
+    def __call__(self, h, batch, cache, cos_sin, experts: ExpertBackend) -> torch.Tensor:
+        h, x = self.attention_part(h, batch, cache, cos_sin)
+        return h + self.ffn_part(x, experts)
+
+
+class MoEModel:
+    def __init__(self, spec: ModelSpec, ckpt: Checkpoint, dtype: torch.dtype, load_experts: bool = True):
+        self.spec, self.dtype = spec, dtype
+        self.embed = ckpt.get("model.embed_tokens.weight", dtype)  # [V, H]
+        self.rotary = _rotary(spec)
+        self.layers = [DecoderLayer(spec, ckpt, i, dtype, self.rotary) for i in range(spec.num_layers)]
+        self.norm = RMSNorm(ckpt.get("model.norm.weight", dtype), spec.rms_norm_eps)
+        tied = spec.tie_word_embeddings or not ckpt.has("lm_head.weight")
+        self.lm_head = self.embed if tied else ckpt.get("lm_head.weight", dtype)  # [V, H]
+        self.experts: ExpertBackend | None = None
+        if load_experts:
+            self.experts = LocalExperts(ExpertStore.load(ckpt, spec, dtype), spec.num_experts)
+
+    def kv_layout(self) -> list[tuple[int, int, int]]:
+        """Per layer (kv_heads, k_dim, v_dim) of the paged cache."""
+        return [layer.attn.kv_shape() for layer in self.layers]
+
+    def rope(self, batch: AttentionBatch):
+        return self.rotary.cos_sin(batch.positions, self.dtype)
+
+    @torch.inference_mode()
+    def forward(
+        self, input_ids: torch.Tensor, batch: AttentionBatch, kv_cache, experts: ExpertBackend | None = None
+    ) -> torch.Tensor:
+        """input_ids: [T] -> final hidden states [T, H] (after the last norm)."""
+        experts = experts or self.experts
+        assert experts is not None, "no expert backend: load_experts=False needs one passed in"
+        h = self.embed[input_ids]
+        cos_sin = self.rope(batch)
+        for layer, cache in zip(self.layers, kv_cache):
+            h = layer(h, batch, cache, cos_sin, experts)
+        return self.norm(h)
+
+    @torch.inference_mode()
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden: [N, H] -> logits [N, V] float32."""
+        return F.linear(hidden, self.lm_head).float()
+
+
+def _rotary(spec: ModelSpec) -> Rotary:
+    if spec.mla is not None:
+        dim, interleaved = spec.mla.qk_rope_head_dim, spec.mla.rope_interleave
+    else:
+        dim, interleaved = spec.head_dim, False
+    return Rotary(dim, spec.rope_theta, spec.rope_scaling, spec.max_position_embeddings, interleaved)
+
+
+def load_model(path: str | Path, dtype: torch.dtype = torch.float32, load_experts: bool = True) -> MoEModel:
+    """Load a Hugging Face MoE checkpoint folder. `load_experts=False` skips the routed experts
+    (a worker whose experts live on shards reads none of their bytes)."""
+    spec = load_spec(path)
+    return MoEModel(spec, Checkpoint(path), dtype, load_experts)

@@ -1,0 +1,159 @@
+"""Paged KV cache tensors and batched attention over them.
+
+The KV of every sequence lives in fixed-size blocks of a per-layer pool:
+`k_cache [num_blocks, block_size, kv_heads, k_dim]`, `v_cache [num_blocks, block_size, kv_heads, v_dim]`.
+A sequence's block table lists its blocks in order; token `i` of a sequence sits in slot
+`block_table[i // block_size] * block_size + i % block_size` of the flattened pool.
+
+One engine step runs B sequences with `query_lens[b]` new tokens each (a decode: 1; a prefill chunk:
+many), flattened to T tokens. `AttentionBatch` carries everything the attention layers need for
+that step, built once per step and shared by every layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+KVCache = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: (k_cache, v_cache)
+
+
+def allocate_kv_cache(
+    kv_layout: list[tuple[int, int, int]], num_blocks: int, block_size: int, dtype: torch.dtype
+) -> KVCache:
+    """kv_layout: per layer (kv_heads, k_dim, v_dim) -> zeroed paged cache tensors."""
+    return [
+        (
+            torch.zeros(num_blocks, block_size, heads, k_dim, dtype=dtype),
+            torch.zeros(num_blocks, block_size, heads, v_dim, dtype=dtype),
+        )
+        for heads, k_dim, v_dim in kv_layout
+    ]
+
+
+def kv_bytes_per_block(kv_layout: list[tuple[int, int, int]], block_size: int, dtype: torch.dtype) -> int:
+    elem = torch.empty((), dtype=dtype).element_size()
+    return sum(block_size * heads * (k + v) * elem for heads, k, v in kv_layout)
+
+
+@dataclass
+class AttentionBatch:
+    """Metadata of one forward step over B sequences, T new tokens in total."""
+
+    query_lens: list[int]  # [B] new tokens per sequence this step
+    context_lens: list[int]  # [B] tokens in the KV after this step (cached + new)
+    positions: torch.Tensor  # [T] absolute position of each new token
+    slot_mapping: torch.Tensor  # [T] flat pool slot where each new token's KV is written
+    context_slots: torch.Tensor  # [B, max_ctx] flat pool slots of each sequence's context (padded: 0)
+    query_index: torch.Tensor  # [B, max_q] index into the T tokens (padded: T, a zero row)
+    token_index: torch.Tensor  # [T] position of each token in the flattened [B * max_q] layout
+    _masks: dict = field(default_factory=dict)  # sliding window (None = full) -> [B, 1, max_q, max_ctx]
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.positions.shape[0])
+
+    @property
+    def is_decode_only(self) -> bool:
+        return all(q == 1 for q in self.query_lens)
+
+    @classmethod
+    def build(
+        cls, query_lens: list[int], context_lens: list[int], block_tables: list[list[int]], block_size: int
+    ) -> "AttentionBatch":
+        """Everything is derived from per-sequence lengths and block tables."""
+        assert len(query_lens) == len(context_lens) == len(block_tables)
+        max_q, max_ctx = max(query_lens), max(context_lens)
+        num_tokens = sum(query_lens)
+        positions, slots, token_index = [], [], []
+        context_slots = torch.zeros(len(query_lens), max_ctx, dtype=torch.long)
+        query_index = torch.full((len(query_lens), max_q), num_tokens, dtype=torch.long)
+        flat = 0
+        for b, (q, ctx, table) in enumerate(zip(query_lens, context_lens, block_tables)):
+            table_t = torch.tensor(table, dtype=torch.long)
+            seq_slots = (table_t[:, None] * block_size + torch.arange(block_size)).reshape(-1)[:ctx]
+            context_slots[b, :ctx] = seq_slots
+            positions.extend(range(ctx - q, ctx))
+            slots.append(seq_slots[ctx - q :])
+            query_index[b, :q] = torch.arange(flat, flat + q)
+            token_index.extend(range(b * max_q, b * max_q + q))
+            flat += q
+        return cls(
+            query_lens=list(query_lens),
+            context_lens=list(context_lens),
+            positions=torch.tensor(positions, dtype=torch.long),
+            slot_mapping=torch.cat(slots) if slots else torch.zeros(0, dtype=torch.long),
+            context_slots=context_slots,
+            query_index=query_index,
+            token_index=torch.tensor(token_index, dtype=torch.long),
+        )
+
+    def mask(self, sliding_window: int | None = None) -> torch.Tensor:
+        """[B, 1, max_q, max_ctx] bool, True where a query may attend to a key (causal, in window)."""
+        if sliding_window not in self._masks:
+            self._masks[sliding_window] = self._build_mask(sliding_window)
+        return self._masks[sliding_window]
+
+    def _build_mask(self, sliding_window: int | None) -> torch.Tensor:
+        q_lens = torch.tensor(self.query_lens)[:, None, None]  # [B, 1, 1]
+        ctx = torch.tensor(self.context_lens)[:, None, None]
+        max_q, max_ctx = self.query_index.shape[1], self.context_slots.shape[1]
+        q_pos = ctx - q_lens + torch.arange(max_q)[None, :, None]  # [B, max_q, 1]
+        k_pos = torch.arange(max_ctx)[None, None, :]  # [1, 1, max_ctx]
+        mask = k_pos <= q_pos
+        if sliding_window is not None:
+            mask &= k_pos > q_pos - sliding_window
+        # Padded query rows attend to key 0 only, so softmax never sees an all-masked row (NaN).
+        pad_rows = torch.arange(max_q)[None, :, None] >= q_lens
+        mask |= pad_rows & (k_pos == 0)
+        return mask[:, None]
+
+
+def write_kv(cache: tuple[torch.Tensor, torch.Tensor], batch: AttentionBatch, k: torch.Tensor, v: torch.Tensor):
+    """Store this step's keys/values. k: [T, kv_heads, k_dim], v: [T, kv_heads, v_dim]."""
+    k_cache, v_cache = cache
+    k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, batch.slot_mapping, k.to(k_cache.dtype))
+    if v_cache.shape[-1]:
+        v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, batch.slot_mapping, v.to(v_cache.dtype))
+
+
+def gather_context(cache_part: torch.Tensor, batch: AttentionBatch) -> torch.Tensor:
+    """[num_blocks, block_size, heads, d] pool -> [B, max_ctx, heads, d] per-sequence context."""
+    return cache_part.view(-1, *cache_part.shape[2:])[batch.context_slots]
+
+
+def pad_queries(x: torch.Tensor, batch: AttentionBatch) -> torch.Tensor:
+    """[T, ...] flat tokens -> [B, max_q, ...] padded with zero rows."""
+    padded = torch.cat([x, x.new_zeros(1, *x.shape[1:])])
+    return padded[batch.query_index]
+
+
+def unpad_queries(x: torch.Tensor, batch: AttentionBatch) -> torch.Tensor:
+    """[B, max_q, ...] -> [T, ...] in the flat token order."""
+    return x.reshape(-1, *x.shape[2:])[batch.token_index]
+
+
+def attend(
+    q: torch.Tensor,
+    k_ctx: torch.Tensor,
+    v_ctx: torch.Tensor,
+    batch: AttentionBatch,
+    scale: float,
+    sliding_window: int | None = None,
+) -> torch.Tensor:
+    """Scaled dot-product attention of new tokens over their sequences' contexts.
+
+    q: [T, heads, k_dim]; k_ctx: [B, max_ctx, kv_heads, k_dim]; v_ctx: [B, max_ctx, kv_heads, v_dim].
+    Returns [T, heads, v_dim].
+    """
+    heads, kv_heads = q.shape[1], k_ctx.shape[2]
+    qp = pad_queries(q, batch).transpose(1, 2)  # [B, heads, max_q, k_dim]
+    k = k_ctx.transpose(1, 2)  # [B, kv_heads, max_ctx, k_dim]
+    v = v_ctx.transpose(1, 2)
+    if kv_heads != heads:
+        k = k.repeat_interleave(heads // kv_heads, dim=1)
+        v = v.repeat_interleave(heads // kv_heads, dim=1)
+    out = F.scaled_dot_product_attention(qp, k, v, attn_mask=batch.mask(sliding_window), scale=scale)
+    return unpad_queries(out.transpose(1, 2), batch)  # [T, heads, v_dim]

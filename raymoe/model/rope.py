@@ -1,0 +1,76 @@
+"""Rotary position embeddings (default, linear and YaRN scaling), as the HF reference computes them."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def inv_freq_and_scale(dim: int, theta: float, scaling: dict, max_positions: int) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies [dim // 2] and the cos/sin scale for a rope_parameters dict."""
+    base = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))
+    rope_type = scaling.get("rope_type", "default")
+    if rope_type == "default":
+        return base, 1.0
+    if rope_type == "linear":
+        return base / scaling["factor"], 1.0
+    assert rope_type == "yarn", rope_type
+    return _yarn(dim, theta, scaling, max_positions)
+
+
+def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+def _yarn(dim: int, theta: float, p: dict, max_positions: int) -> tuple[torch.Tensor, float]:
+    original = p.get("original_max_position_embeddings") or max_positions
+    factor = p.get("factor") or max_positions / original
+    attention_factor = p.get("attention_factor")
+    if attention_factor is None:
+        mscale, mscale_all_dim = p.get("mscale"), p.get("mscale_all_dim")
+        if mscale and mscale_all_dim:
+            attention_factor = _yarn_mscale(factor, mscale) / _yarn_mscale(factor, mscale_all_dim)
+        else:
+            attention_factor = _yarn_mscale(factor)
+    beta_fast, beta_slow = p.get("beta_fast") or 32, p.get("beta_slow") or 1
+
+    def correction_dim(rotations: float) -> float:
+        return (dim * math.log(original / (rotations * 2 * math.pi))) / (2 * math.log(theta))
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if p.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001  # the reference's guard against a zero-width ramp
+    ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
+    pos_freqs = theta ** (torch.arange(0, dim, 2, dtype=torch.float) / dim)
+    extrapolation_factor = 1 - ramp
+    inv_freq = (1.0 / (factor * pos_freqs)) * (1 - extrapolation_factor) + (1.0 / pos_freqs) * extrapolation_factor
+    return inv_freq, float(attention_factor)
+
+
+class Rotary:
+    """cos/sin tables by position; `apply` rotates [T, heads, dim] tensors (half-split layout)."""
+
+    def __init__(self, dim: int, theta: float, scaling: dict, max_positions: int, interleaved: bool = False):
+        inv_freq, self.scale = inv_freq_and_scale(dim, theta, scaling, max_positions)
+        self.inv_freq = inv_freq
+        self.interleaved = interleaved
+
+    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions [T] -> cos, sin [T, 1, dim] (broadcast over heads)."""
+        freqs = positions[:, None].float() * self.inv_freq[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos, sin = emb.cos() * self.scale, emb.sin() * self.scale
+        return cos.to(dtype)[:, None, :], sin.to(dtype)[:, None, :]
+
+    def apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        if self.interleaved:
+            half = cos.shape[-1] // 2
+            c, s = cos[..., :half], sin[..., :half]
+            x1, x2 = x[..., 0::2], x[..., 1::2]
+            return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1)
+        x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2 :]
+        return x * cos + torch.cat((-x2, x1), dim=-1) * sin
