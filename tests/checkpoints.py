@@ -79,8 +79,8 @@ def build_checkpoint(family: str, path: Path, seed: int = 0, **overrides) -> Pat
     import transformers
 
     config, model_cls = FAMILIES[family](transformers)
-    for key, value in overrides.items():
-        setattr(config, key, value)
+    if overrides:
+        config = type(config)(**{**config.to_dict(), **overrides})
     torch.manual_seed(seed)
     model = model_cls(config).float().eval()
     _randomize(model, seed)

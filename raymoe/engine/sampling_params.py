@@ -6,7 +6,7 @@ naming the field and its valid range, so an HTTP front end can hand the message 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from raymoe.errors import InvalidSamplingParams
 
@@ -27,7 +27,7 @@ class SamplingParams:
         _check_int("top_k", self.top_k, "-1 or 0 (off) or >= 1", lambda v: v >= -1)
         _check_number("top_p", self.top_p, "in (0, 1]", lambda v: 0 < v <= 1)
         if self.seed is not None:
-            _check_int("seed", self.seed, "an integer or None", lambda v: True)
+            _check_int("seed", self.seed, "in [0, 2**64) or None", lambda v: 0 <= v < 2**64)
         _check_int("max_tokens", self.max_tokens, ">= 1", lambda v: v >= 1)
         object.__setattr__(self, "stop", _stop_strings(self.stop))
         object.__setattr__(self, "stop_token_ids", _token_ids(self.stop_token_ids))
@@ -69,5 +69,3 @@ def _token_ids(ids) -> tuple[int, ...]:
         raise InvalidSamplingParams(f"stop_token_ids must be a list of token ids (integers >= 0), got {ids!r}")
     return tuple(ids)
 
-
-__all__ = ["SamplingParams", "field"]

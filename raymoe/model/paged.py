@@ -63,31 +63,30 @@ class AttentionBatch:
     def build(
         cls, query_lens: list[int], context_lens: list[int], block_tables: list[list[int]], block_size: int
     ) -> "AttentionBatch":
-        """Everything is derived from per-sequence lengths and block tables."""
+        """Everything is derived from per-sequence lengths and block tables (vectorised: built every step)."""
         assert len(query_lens) == len(context_lens) == len(block_tables)
-        max_q, max_ctx = max(query_lens), max(context_lens)
-        num_tokens = sum(query_lens)
-        positions, slots, token_index = [], [], []
-        context_slots = torch.zeros(len(query_lens), max_ctx, dtype=torch.long)
-        query_index = torch.full((len(query_lens), max_q), num_tokens, dtype=torch.long)
-        flat = 0
-        for b, (q, ctx, table) in enumerate(zip(query_lens, context_lens, block_tables)):
-            table_t = torch.tensor(table, dtype=torch.long)
-            seq_slots = (table_t[:, None] * block_size + torch.arange(block_size)).reshape(-1)[:ctx]
-            context_slots[b, :ctx] = seq_slots
-            positions.extend(range(ctx - q, ctx))
-            slots.append(seq_slots[ctx - q :])
-            query_index[b, :q] = torch.arange(flat, flat + q)
-            token_index.extend(range(b * max_q, b * max_q + q))
-            flat += q
+        num_seqs, max_q, max_ctx = len(query_lens), max(query_lens), max(context_lens)
+        max_blocks = (max_ctx + block_size - 1) // block_size
+        tables = torch.tensor([t[:max_blocks] + [0] * (max_blocks - len(t[:max_blocks])) for t in block_tables])
+        pos = torch.arange(max_ctx)
+        context_slots = tables[:, pos // block_size] * block_size + pos % block_size  # [B, max_ctx]
+        ctx_t = torch.tensor(context_lens)
+        context_slots.masked_fill_(pos[None, :] >= ctx_t[:, None], 0)
+        rows = [b for b, q in enumerate(query_lens) for _ in range(q)]  # [T] sequence of each token
+        cols = [c - q + j for q, c in zip(query_lens, context_lens) for j in range(q)]  # [T] its position
+        rows_t, positions = torch.tensor(rows, dtype=torch.long), torch.tensor(cols, dtype=torch.long)
+        firsts = torch.tensor([0] + query_lens[:-1]).cumsum(0)  # [B] flat index of each sequence's first token
+        j = torch.arange(max_q)
+        query_index = torch.where(j[None, :] < torch.tensor(query_lens)[:, None], firsts[:, None] + j, sum(query_lens))
+        within = torch.arange(len(rows)) - firsts[rows_t]  # [T] index of a token within its sequence
         return cls(
             query_lens=list(query_lens),
             context_lens=list(context_lens),
-            positions=torch.tensor(positions, dtype=torch.long),
-            slot_mapping=torch.cat(slots) if slots else torch.zeros(0, dtype=torch.long),
+            positions=positions,
+            slot_mapping=context_slots[rows_t, positions],
             context_slots=context_slots,
             query_index=query_index,
-            token_index=torch.tensor(token_index, dtype=torch.long),
+            token_index=rows_t * max_q + within,
         )
 
     def mask(self, sliding_window: int | None = None) -> torch.Tensor:
@@ -149,11 +148,15 @@ def attend(
     Returns [T, heads, v_dim].
     """
     heads, kv_heads = q.shape[1], k_ctx.shape[2]
-    qp = pad_queries(q, batch).transpose(1, 2)  # [B, heads, max_q, k_dim]
-    k = k_ctx.transpose(1, 2)  # [B, kv_heads, max_ctx, k_dim]
-    v = v_ctx.transpose(1, 2)
-    if kv_heads != heads:
-        k = k.repeat_interleave(heads // kv_heads, dim=1)
-        v = v.repeat_interleave(heads // kv_heads, dim=1)
-    out = F.scaled_dot_product_attention(qp, k, v, attn_mask=batch.mask(sliding_window), scale=scale)
-    return unpad_queries(out.transpose(1, 2), batch)  # [T, heads, v_dim]
+    group = heads // kv_heads
+    qp = pad_queries(q, batch)  # [B, max_q, heads, k_dim]
+    num_seqs, max_q = qp.shape[:2]
+    # GQA without copying K/V per head: query head h uses kv head h // group, so fold each kv head's
+    # `group` query heads into its query rows: [B, kv_heads, group * max_q, k_dim].
+    qp = qp.view(num_seqs, max_q, kv_heads, group, -1).permute(0, 2, 3, 1, 4).reshape(num_seqs, kv_heads, group * max_q, -1)
+    mask = batch.mask(sliding_window)  # [B, 1, max_q, max_ctx]
+    if group > 1:
+        mask = mask.unsqueeze(2).expand(-1, -1, group, -1, -1).reshape(num_seqs, 1, group * max_q, -1)
+    out = F.scaled_dot_product_attention(qp, k_ctx.transpose(1, 2), v_ctx.transpose(1, 2), attn_mask=mask, scale=scale)
+    out = out.view(num_seqs, kv_heads, group, max_q, -1).permute(0, 3, 1, 2, 4)  # [B, max_q, kv_heads, group, v]
+    return unpad_queries(out.reshape(num_seqs, max_q, heads, -1), batch)  # [T, heads, v_dim]

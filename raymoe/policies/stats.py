@@ -36,3 +36,36 @@ def sequence_profiles(sequences: list[np.ndarray], num_experts: int) -> np.ndarr
     return np.stack(
         [expert_load(s, num_experts) / max(1, s.shape[0]) for s in sequences]
     )
+
+
+class Calibration:
+    """What a policy plans from: per-expert load and per-request expert profiles.
+
+    load: `[layers, experts]` token-expert pairs; profiles: `[requests, layers, experts]`.
+    """
+
+    def __init__(self, load: np.ndarray, profiles: np.ndarray, name: str = ""):
+        self.load, self.profiles, self.name = load, profiles, name
+
+    @classmethod
+    def from_trace(cls, trace) -> "Calibration":
+        sequences = [s.experts for s in trace.sequences]
+        return cls(expert_load(trace.all_tokens(), trace.num_experts),
+                   sequence_profiles(sequences, trace.num_experts), trace.name)
+
+    @classmethod
+    def from_window(cls, experts: np.ndarray, request: np.ndarray, num_experts: int,
+                    name: str = "window") -> "Calibration":
+        """From served decode steps: experts `[steps, batch, layers, k]`, request `[steps, batch]`.
+
+        This is what a controller sees: the routing of the steps it just served.
+        """
+        ids, index = np.unique(request.ravel(), return_inverse=True)
+        num_layers, k = experts.shape[2:]
+        flat = experts.reshape(-1, num_layers, k)
+        cell = (index[:, None, None] * num_layers + np.arange(num_layers)[None, :, None]) \
+            * num_experts + flat
+        counts = np.bincount(cell.ravel(), minlength=len(ids) * num_layers * num_experts)
+        profiles = counts.reshape(len(ids), num_layers, num_experts).astype(np.float64)
+        profiles /= np.bincount(index, minlength=len(ids))[:, None, None]
+        return cls(expert_load(flat, num_experts), profiles, name)

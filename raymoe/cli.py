@@ -1,0 +1,66 @@
+"""The `raymoe` command line: `raymoe generate | plan`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from raymoe.errors import RaymoeError
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from raymoe.engine.llm import LLM
+    from raymoe.engine.sampling_params import SamplingParams
+
+    params = SamplingParams(
+        max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed
+    )
+    llm = LLM(model=args.model, dtype=args.dtype)
+    for delta in llm.generate_stream(args.prompt, params):
+        sys.stdout.write(delta.text)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    return 0
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from raymoe.policies.cli import plan_main
+
+    return plan_main(args.rest) or 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="raymoe", description="Elastic Mixture-of-Experts serving on Ray.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="generate text from a prompt, streamed to stdout")
+    gen.add_argument("prompt")
+    gen.add_argument("--model", default=None, help="Hugging Face MoE checkpoint folder (default: built-in model)")
+    gen.add_argument("--max-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--top-k", type=int, default=-1)
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    gen.set_defaults(func=_generate)
+
+    plan = sub.add_parser("plan", help="plan expert placement on a routing trace (see `raymoe plan --help`)",
+                          add_help=False)  # fmt: skip
+    plan.add_argument("rest", nargs=argparse.REMAINDER)
+    plan.set_defaults(func=_plan)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except RaymoeError as e:
+        print(f"raymoe {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,109 @@
+"""`raymoe.LLM`: the offline Python API over one engine, as in vLLM.
+
+    llm = raymoe.LLM()                                   # the built-in model
+    outs = llm.generate(["Hello", "The sky"], SamplingParams(max_tokens=32))
+    for delta in llm.generate_stream("Hello"):           # tokens as they are produced
+        print(delta.text, end="")
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+from raymoe.engine.llm_engine import EngineConfig, LLMEngine, RequestOutput
+from raymoe.engine.sampling_params import SamplingParams
+from raymoe.errors import InvalidSamplingParams
+
+Prompt = str | list[int]
+
+
+class LLM:
+    def __init__(
+        self,
+        model: str | Path | None = None,
+        max_num_seqs: int = 32,
+        max_num_batched_tokens: int = 512,
+        block_size: int = 16,
+        kv_cache_bytes: int = 256 << 20,
+        dtype: str = "float32",
+    ):
+        """model: a Hugging Face MoE checkpoint folder; None = the built-in model."""
+        if model is None:
+            from raymoe.model.builtin import builtin_model_path
+
+            model = builtin_model_path()
+        config = EngineConfig(max_num_seqs, max_num_batched_tokens, block_size, kv_cache_bytes, dtype)
+        self.engine = LLMEngine.from_path(model, config)
+        self.tokenizer = self.engine.tokenizer
+
+    def generate(
+        self,
+        prompts: Prompt | list[Prompt],
+        params: SamplingParams | list[SamplingParams] | None = None,
+    ) -> list[RequestOutput]:
+        """Run every prompt to completion, batched; outputs in prompt order."""
+        prompts = _as_prompt_list(prompts)
+        params_list = _as_params_list(params, len(prompts))
+        request_ids = self._add_all(prompts, params_list)
+        results = {rid: None for rid in request_ids}
+        while any(r is None or not r.finished for r in results.values()):
+            for delta in self.engine.step():
+                if delta.request_id in results:
+                    results[delta.request_id] = _merge(results[delta.request_id], delta)
+        return [results[rid] for rid in request_ids]
+
+    def generate_stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[RequestOutput]:
+        """Yield deltas (new token ids and text) as they are produced; the last has finished=True.
+        Closing the iterator early aborts the request."""
+        request_id = self.engine.add_request(prompt, params)
+        finished = False
+        try:
+            while not finished:
+                for delta in self.engine.step():
+                    if delta.request_id == request_id:
+                        finished = delta.finished
+                        yield delta
+        finally:
+            if not finished:
+                self.engine.abort(request_id)
+
+    def _add_all(self, prompts: list[Prompt], params_list: list[SamplingParams]) -> list[str]:
+        """Add every request, or none: a bad prompt aborts the ones already added."""
+        request_ids: list[str] = []
+        try:
+            for prompt, params in zip(prompts, params_list):
+                request_ids.append(self.engine.add_request(prompt, params))
+        except Exception:
+            for rid in request_ids:
+                self.engine.abort(rid)
+            raise
+        return request_ids
+
+
+def _as_prompt_list(prompts) -> list[Prompt]:
+    """A str or a list of token ids is one prompt; a list of those is many."""
+    if isinstance(prompts, str) or (prompts and all(isinstance(t, int) for t in prompts)):
+        return [prompts]
+    return list(prompts)
+
+
+def _as_params_list(params, num_prompts: int) -> list[SamplingParams]:
+    if params is None or isinstance(params, SamplingParams):
+        return [params or SamplingParams()] * num_prompts
+    params = list(params)
+    if len(params) != num_prompts:
+        raise InvalidSamplingParams(
+            f"got {len(params)} SamplingParams for {num_prompts} prompts: pass one for all, or one per prompt"
+        )
+    return params
+
+
+def _merge(total: RequestOutput | None, delta: RequestOutput) -> RequestOutput:
+    if total is None:
+        return RequestOutput(delta.request_id, delta.prompt_token_ids, list(delta.token_ids), delta.text,
+                             delta.finished, delta.finish_reason)  # fmt: skip
+    total.token_ids.extend(delta.token_ids)
+    total.text += delta.text
+    total.finished, total.finish_reason = delta.finished, delta.finish_reason
+    return total

@@ -1,0 +1,180 @@
+"""LLMEngine: the one-process engine. Requests in, token deltas out, one step at a time.
+
+`step()` is: schedule, run the model, record the step, check stops, collect finished. Requests may
+be added between any two steps; they join the running batch (continuous batching).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from itertools import count
+from pathlib import Path
+
+import torch
+
+from raymoe.engine.block_manager import BlockManager
+from raymoe.engine.model_runner import ModelRunner, num_kv_blocks
+from raymoe.engine.sampling_params import SamplingParams
+from raymoe.engine.scheduler import Scheduler
+from raymoe.engine.sequence import Sequence
+from raymoe.engine.stop import StopChecker
+from raymoe.errors import ConfigError, InvalidSamplingParams, PromptTooLongError, RaymoeError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class InvalidRequestError(RaymoeError, ValueError):
+    """A request the engine cannot take: empty prompt, token ids outside the vocabulary, reused id."""
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    max_num_seqs: int = 32  # running sequences at most (the decode batch size)
+    max_num_batched_tokens: int = 512  # new tokens per step: bounds a step's time; prompts chunk to fit
+    block_size: int = 16  # tokens per KV block: the unit of allocation and of prefix sharing
+    kv_cache_bytes: int = 256 << 20  # KV pool size; capped at what max_num_seqs full contexts need
+    dtype: str = "float32"  # weights and KV; float32 keeps outputs identical to transformers
+
+    def __post_init__(self):
+        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "kv_cache_bytes"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+
+@dataclass
+class RequestOutput:
+    """From `step()`: a delta (this step's new tokens and text). From `LLM.generate`: the whole output."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    finished: bool = False
+    finish_reason: str | None = None  # "stop" | "length" once finished
+
+
+class LLMEngine:
+    def __init__(self, model, tokenizer=None, config: EngineConfig | None = None):
+        """model: a loaded `MoEModel`; tokenizer: a `raymoe.model.tokenizer.Tokenizer`, or None
+        for an engine that takes token-id prompts only (its outputs carry no text)."""
+        self.config = config = config or EngineConfig()
+        self.model, self.tokenizer = model, tokenizer
+        spec = model.spec
+        self.eos_token_ids = tuple(sorted(set(spec.eos_token_ids) | set(getattr(tokenizer, "eos_token_ids", ()))))
+        num_blocks = num_kv_blocks(
+            model.kv_layout(), config.block_size, model.dtype, config.kv_cache_bytes,
+            config.max_num_seqs, spec.max_position_embeddings,
+        )  # fmt: skip
+        # Tokens one sequence may reach: the model's context, or the whole KV pool if smaller.
+        self.max_model_len = min(spec.max_position_embeddings, num_blocks * config.block_size)
+        self.block_manager = BlockManager(num_blocks, config.block_size)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
+        self.model_runner = ModelRunner(model, num_blocks, config.block_size)
+        self.requests: dict[str, tuple[Sequence, StopChecker]] = {}  # unfinished requests
+        self._request_ids = count()
+
+    @classmethod
+    def from_path(cls, path: str | Path, config: EngineConfig | None = None) -> "LLMEngine":
+        from raymoe.model.model import load_model
+        from raymoe.model.tokenizer import Tokenizer
+
+        config = config or EngineConfig()
+        return cls(load_model(path, dtype=config.torch_dtype), Tokenizer.from_dir(path), config)
+
+    # ----- requests --------------------------------------------------------------------------
+    def add_request(
+        self, prompt: str | list[int], params: SamplingParams | None = None, request_id: str | None = None
+    ) -> str:
+        """Queue a request; it joins the batch at the next step. Returns its request id."""
+        params = params if params is not None else SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise InvalidSamplingParams(f"params must be a SamplingParams, got {type(params).__name__}")
+        request_id = self._new_request_id(request_id)
+        seq = Sequence(self._prompt_token_ids(prompt), params, request_id)
+        detokenizer = make_detokenizer(self.tokenizer) if self.tokenizer is not None else None
+        self.requests[request_id] = (seq, StopChecker(params, self.eos_token_ids, self.max_model_len, detokenizer))
+        self.scheduler.add(seq)
+        return request_id
+
+    def abort(self, request_id: str) -> None:
+        """Drop a request wherever it is; its blocks are freed. Unknown ids are ignored."""
+        if request_id in self.requests:
+            seq, _ = self.requests.pop(request_id)
+            self.scheduler.finish(seq, "abort")
+
+    def has_unfinished(self) -> bool:
+        return bool(self.requests)
+
+    # ----- one step --------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Run one batch; return a delta for every request that got a token."""
+        scheduled = self.scheduler.schedule()
+        token_ids = self.model_runner.run(scheduled)
+        sampled = self.scheduler.postprocess(scheduled, token_ids)
+        outputs = [self._check_stop(seq) for seq in sampled]
+        self._collect_finished(outputs)
+        return outputs
+
+    def _check_stop(self, seq: Sequence) -> RequestOutput:
+        text, finish_reason = self.requests[seq.request_id][1].check(seq)
+        if finish_reason is not None:
+            self.scheduler.finish(seq, finish_reason)
+        return RequestOutput(
+            seq.request_id, seq.prompt_token_ids, [seq.last_token], text, finish_reason is not None, finish_reason
+        )
+
+    def _collect_finished(self, outputs: list[RequestOutput]) -> None:
+        for out in outputs:
+            if out.finished:
+                del self.requests[out.request_id]
+
+    # ----- input checks ----------------------------------------------------------------------
+    def _prompt_token_ids(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise InvalidRequestError("this engine has no tokenizer: pass the prompt as a list of token ids")
+            token_ids = self.tokenizer.encode(prompt)
+        else:
+            token_ids = list(prompt)
+            self._check_token_ids(token_ids)
+        if not token_ids:
+            raise InvalidRequestError("the prompt is empty: pass at least one token of text")
+        if len(token_ids) + 1 > self.max_model_len:
+            raise PromptTooLongError(self._too_long_message(len(token_ids)))
+        return token_ids
+
+    def _check_token_ids(self, token_ids: list) -> None:
+        vocab_size = self.model.spec.vocab_size
+        bad = [t for t in token_ids if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab_size]
+        if bad:
+            raise InvalidRequestError(f"prompt token ids must be integers in [0, {vocab_size}); got {bad[:5]}")
+
+    def _too_long_message(self, num_tokens: int) -> str:
+        limit = self.max_model_len - 1
+        message = f"the prompt has {num_tokens} tokens, but at most {limit} fit (room for 1 generated token)"
+        if self.max_model_len < self.model.spec.max_position_embeddings:
+            return f"{message}: the KV cache holds {self.max_model_len} tokens; raise kv_cache_bytes"
+        return f"{message}: the model's context is {self.max_model_len} tokens; shorten the prompt"
+
+    def _new_request_id(self, request_id: str | None) -> str:
+        if request_id is None:
+            request_id = f"req-{next(self._request_ids)}"
+            while request_id in self.requests:
+                request_id = f"req-{next(self._request_ids)}"
+        elif request_id in self.requests:
+            raise InvalidRequestError(f"request id {request_id!r} is already in use; pick another")
+        return request_id
+
+
+def make_detokenizer(tokenizer):
+    """A fresh per-request detokenizer: `push(token_id) -> new text`."""
+    from raymoe.model.tokenizer import IncrementalDetokenizer
+
+    return IncrementalDetokenizer(tokenizer)

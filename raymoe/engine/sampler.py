@@ -1,0 +1,60 @@
+"""Sampler: next token ids from a batch of logits, each row with its own SamplingParams.
+
+Greedy rows (temperature 0, or top_k 1) take the argmax. The others divide by the temperature,
+keep the top-k / top-p tokens, and draw with the exponential race (`argmax(p / q)`, `q ~ Exp(1)`,
+as vLLM does), which samples from `p` exactly. Each seeded request draws its `q` from its own
+`torch.Generator`, seeded once with its seed and advanced by every token it samples, so its output
+does not depend on which other requests share its batch.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from raymoe.engine.sampling_params import SamplingParams
+
+
+def make_generator(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+@torch.inference_mode()
+def sample(
+    logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]
+) -> torch.Tensor:
+    """logits: [B, V] float32 -> next ids [B] (long). generators[b]: None = the global RNG."""
+    assert logits.shape[0] == len(params) == len(generators)
+    next_ids = logits.argmax(dim=-1)  # [B]
+    rows = [b for b, p in enumerate(params) if not p.is_greedy]
+    if rows:
+        probs = _filtered_probs(logits[rows].float(), [params[b] for b in rows])  # [R, V]
+        q = torch.stack([_exponential(probs.shape[1], generators[b]) for b in rows])  # [R, V]
+        next_ids[rows] = (probs / q).argmax(dim=-1)
+    return next_ids
+
+
+def _exponential(vocab_size: int, generator: torch.Generator | None) -> torch.Tensor:
+    return torch.empty(vocab_size).exponential_(generator=generator)  # [V]
+
+
+def _filtered_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """logits: [R, V] -> probabilities [R, V] after temperature, top-k and top-p."""
+    temperature = torch.tensor([p.temperature for p in params])[:, None]  # [R, 1]
+    logits = logits / temperature
+    top_k = [p.top_k if p.top_k > 0 else logits.shape[1] for p in params]
+    top_p = [p.top_p for p in params]
+    if min(top_k) < logits.shape[1] or min(top_p) < 1:
+        logits = _top_k_top_p(logits, torch.tensor(top_k), torch.tensor(top_p))
+    return logits.softmax(dim=-1)
+
+
+def _top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """logits: [R, V]; top_k: [R] (V = off); top_p: [R] (1 = off) -> logits with dropped tokens -inf."""
+    sorted_logits, order = logits.sort(dim=-1, descending=True, stable=True)  # [R, V]
+    rank = torch.arange(logits.shape[1])[None, :]  # [1, V]
+    drop = rank >= top_k[:, None]
+    probs = sorted_logits.masked_fill(drop, float("-inf")).softmax(dim=-1)
+    # Drop a token when the tokens ranked above it already reach top_p; the first always stays.
+    drop |= ((probs.cumsum(dim=-1) - probs) >= top_p[:, None]) & (top_p[:, None] < 1)
+    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+    return torch.empty_like(logits).scatter_(-1, order, sorted_logits)

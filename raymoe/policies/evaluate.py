@@ -1,0 +1,136 @@
+"""Judge a policy on a trace: replay decode batches over a topology and measure.
+
+Metrics, each over every (decode step, MoE layer), since each layer's dispatch is a
+synchronisation point of its own:
+  local_activation_rate: share of token-expert pairs served on the token's own node.
+  cross_node_share: share of pairs dispatched to another node (1 - local rate).
+  max_over_mean: speed-weighted node load max / mean, i.e. the slowest node's finish time
+      over the finish time of a perfect spread; mean over steps and layers, and p95.
+  makespan: the slowest node's finish time, in pairs per unit of speed (comparable
+      between policies on one topology and batch size).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from raymoe.policies.dispatch import layer_loads
+from raymoe.policies.plan import Plan
+from raymoe.policies.registry import get_policy
+from raymoe.policies.stats import Calibration
+from raymoe.policies.token_placement import node_affinity, place_requests, warmup_profiles
+from raymoe.policies.topology import Topology
+from raymoe.policies.traces import DecodeBatches, Trace, decode_batches
+
+
+@dataclass
+class Replay:
+    """What happened at each step. Shapes: `[steps, layers, nodes]` unless noted."""
+
+    node_load: np.ndarray  # pairs each node served
+    local: np.ndarray  # pairs each node served for its own tokens
+    token_pairs: np.ndarray  # pairs whose token runs on each node
+    token_node: np.ndarray  # [steps, batch]
+    plans: list[Plan]
+    plan_of_step: np.ndarray  # [steps] index into plans
+
+
+def plan_schedule(batches: DecodeBatches, policy: str, topology: Topology, calib: Calibration,
+                  num_experts: int, replan_every: int | None, options: dict):
+    """Plans and the plan in force at each step: the calibration plan, then, every
+    `replan_every` steps, one built from the steps just served (what a controller sees)."""
+    spec = get_policy(policy)
+    plans = [spec.build(calib, topology, **options)]
+    plan_of_step = np.zeros(batches.num_steps, dtype=np.int64)
+    if replan_every:
+        for start in range(replan_every, batches.num_steps, replan_every):
+            window = slice(start - replan_every, start)
+            recent = Calibration.from_window(
+                batches.experts[window], batches.request[window], num_experts)
+            plans.append(spec.build(recent, topology, **options))
+            plan_of_step[start:] = len(plans) - 1
+    return plans, plan_of_step
+
+
+def replay(trace: Trace, policy: str, topology: Topology, *, calibration: Trace | None = None,
+           batch_size: int = 128, num_steps: int | None = None, seed: int = 0,
+           replan_every: int | None = None, warmup_tokens: int = 8, cap_slack: float = 0.1,
+           options: dict | None = None) -> Replay:
+    """Serve `trace` under `policy`, planned from `calibration` (default: the trace itself)."""
+    spec = get_policy(policy)
+    calib = Calibration.from_trace(calibration if calibration is not None else trace)
+    batches = decode_batches(trace, batch_size, num_steps, seed)
+    plans, plan_of_step = plan_schedule(batches, policy, topology, calib, trace.num_experts,
+                                        replan_every, options or {})
+    replicas = [p.replicas_on_node(topology.num_nodes) for p in plans]  # [L, E, N] each
+    affinity = None
+    if spec.is_token_placement:
+        profiles = warmup_profiles(trace, batches, warmup_tokens)
+
+        def affinity(requests, step):
+            return node_affinity(profiles[requests], replicas[plan_of_step[step]])
+
+    token_node = place_requests(batches, topology.speed_array, affinity, warmup_tokens, cap_slack)
+    loads = [_step_loads(batches.experts[t], token_node[t], replicas[plan_of_step[t]],
+                         topology, spec.dispatch) for t in range(batches.num_steps)]
+    node_load, local, token_pairs = (np.stack(x) for x in zip(*loads))
+    return Replay(node_load, local, token_pairs, token_node, plans, plan_of_step)
+
+
+def _step_loads(experts, token_node, replicas, topology, mode):
+    """experts: `[batch, layers, k]`; token_node: `[batch]`; replicas: `[layers, experts, nodes]`."""
+    num_layers, num_experts, num_nodes = replicas.shape
+    layer = np.arange(num_layers)[None, :, None]
+    cell = (layer * num_experts + experts) * num_nodes + token_node[:, None, None]
+    pairs = np.bincount(cell.ravel(), minlength=num_layers * num_experts * num_nodes)
+    pairs = pairs.reshape(num_layers, num_experts, num_nodes).astype(np.float64)
+    out = [layer_loads(pairs[l], replicas[l], topology.speed_array, mode)
+           for l in range(num_layers)]
+    loads, local = (np.stack(x) for x in zip(*out))
+    return loads, local, pairs.sum(1)
+
+
+def summarize(result: Replay, topology: Topology) -> dict:
+    """Metrics of a replay, as plain floats."""
+    speeds = topology.speed_array
+    finish = result.node_load / speeds  # [steps, layers, nodes]
+    ideal = result.node_load.sum(-1) / speeds.sum()  # [steps, layers]
+    ratio = finish.max(-1) / np.maximum(ideal, 1e-12)
+    local = float(result.local.sum() / result.token_pairs.sum())
+    requests = np.stack([np.bincount(r, minlength=topology.num_nodes) for r in result.token_node])
+    request_ratio = (requests / speeds).max(1) / (requests.sum(1) / speeds.sum())
+    return {
+        "local_activation_rate": round(local, 4),
+        "cross_node_share": round(1.0 - local, 4),
+        "max_over_mean": round(float(ratio.mean()), 4),
+        "max_over_mean_p95": round(float(np.percentile(ratio, 95)), 4),
+        "makespan": round(float(finish.max(-1).mean()), 3),
+        "requests_max_over_mean": round(float(request_ratio.mean()), 4),
+        "num_plans": len(result.plans),
+        "experts_moved": experts_moved(result.plans, topology.num_nodes),
+    }
+
+
+def experts_moved(plans: list[Plan], num_nodes: int) -> int:
+    """Expert copies loaded onto a node over all re-plans (weights that had to travel)."""
+    moved = 0
+    for before, after in zip(plans, plans[1:]):
+        gained = after.replicas_on_node(num_nodes) - before.replicas_on_node(num_nodes)
+        moved += int(np.maximum(gained, 0).sum())
+    return moved
+
+
+def evaluate(trace: Trace, policy: str, topology: Topology, **kwargs) -> dict:
+    """Metrics of `policy` serving `trace` on `topology`; keyword arguments as `replay`."""
+    result = replay(trace, policy, topology, **kwargs)
+    calibration = kwargs.get("calibration")
+    return {
+        "policy": policy,
+        "trace": trace.name,
+        "calibration": calibration.name if calibration is not None else trace.name,
+        "batch_size": kwargs.get("batch_size", 128),
+        "num_steps": int(result.token_node.shape[0]),
+        **summarize(result, topology),
+    }

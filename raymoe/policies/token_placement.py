@@ -1,0 +1,116 @@
+"""Speculative token placement: run each request on the node that holds most of its experts.
+
+A request's experts are predicted from its first decode tokens (`warmup_tokens` of them,
+run on the least-loaded node meanwhile) or from a token-to-expert affinity table; the
+request then moves to the node with the highest predicted share of its token-expert pairs
+that still has room under a per-node cap. Lossless: a wrong guess only costs a remote
+dispatch.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+
+from raymoe.policies.stats import expert_load
+from raymoe.policies.traces import DecodeBatches, Trace
+
+# (request ids `[n]`, step) -> share of each request's predicted pairs held per node `[n, nodes]`
+AffinityFn = Callable[[np.ndarray, int], np.ndarray]
+
+
+def warmup_profiles(trace: Trace, batches: DecodeBatches, warmup_tokens: int) -> np.ndarray:
+    """`[requests, layers, experts]` expert counts of each request's first decode tokens."""
+    by_sequence = np.stack(
+        [expert_load(s.experts[:warmup_tokens], trace.num_experts) for s in trace.sequences]
+    )
+    return by_sequence[batches.request_sequence]
+
+
+def node_affinity(profiles: np.ndarray, replicas: np.ndarray) -> np.ndarray:
+    """`[requests, nodes]` share of each request's predicted pairs held on each node.
+
+    profiles: `[requests, layers, experts]`; replicas: `[layers, experts, nodes]`.
+    """
+    held = (replicas > 0).astype(np.float64)
+    hits = np.einsum("rle,len->rn", profiles, held)
+    return hits / np.maximum(profiles.sum((1, 2))[:, None], 1e-12)
+
+
+def node_caps(batch_size: int, speeds: np.ndarray, slack: float) -> np.ndarray:
+    """`[nodes]` most requests a node may run: its speed share of the batch, plus slack."""
+    return np.ceil(batch_size * speeds / speeds.sum() * (1.0 + slack)).astype(np.int64)
+
+
+def place_requests(batches: DecodeBatches, speeds: np.ndarray, affinity: AffinityFn | None,
+                   warmup_tokens: int = 8, cap_slack: float = 0.1) -> np.ndarray:
+    """`[steps, batch]` node of each running request's token at each step.
+
+    affinity None: routing-blind, each request goes to the least-loaded node (the baseline).
+    Requests already past their warm-up when the replay starts were placed before it, so
+    they are placed from their prediction at once.
+    """
+    caps = node_caps(batches.request.shape[1], speeds, cap_slack)
+    state = _Placement(len(batches.request_sequence), caps, speeds)
+    token_node = np.empty_like(batches.request)
+    for step in range(batches.num_steps):
+        _leave(state, batches, step)
+        _admit(state, batches, step, affinity, warmup_tokens)
+        token_node[step] = state.node[batches.request[step]]
+    return token_node
+
+
+class _Placement:
+    def __init__(self, num_requests: int, caps: np.ndarray, speeds: np.ndarray):
+        self.node = np.full(num_requests, -1, dtype=np.int64)
+        self.is_final = np.zeros(num_requests, dtype=bool)
+        self.count = np.zeros(len(caps), dtype=np.int64)
+        self.caps, self.speeds = caps, speeds
+
+    def least_loaded(self) -> int:
+        return int(np.argmin(self.count / self.speeds))
+
+    def put(self, request: int, node: int, is_final: bool) -> None:
+        if self.node[request] >= 0:
+            self.count[self.node[request]] -= 1
+        self.node[request], self.is_final[request] = node, is_final
+        self.count[node] += 1
+
+
+def _leave(state: _Placement, batches: DecodeBatches, step: int) -> None:
+    if step == 0:
+        return
+    gone = np.setdiff1d(batches.request[step - 1], batches.request[step])
+    np.subtract.at(state.count, state.node[gone], 1)
+
+
+def _admit(state, batches, step, affinity, warmup_tokens) -> None:
+    requests, positions = batches.request[step], batches.position[step]
+    is_new = state.node[requests] < 0
+    is_ready = ~state.is_final[requests] & (positions >= warmup_tokens)
+    for request in requests[is_new & ~is_ready]:
+        state.put(int(request), state.least_loaded(), is_final=affinity is None)
+    ready = requests[is_ready]
+    if len(ready) == 0:
+        return
+    if affinity is None:
+        for request in ready:
+            state.put(int(request), state.least_loaded(), is_final=True)
+        return
+    scores = affinity(ready, step)  # [n, nodes]
+    # Most decided requests choose first, so a near-tie does not take a contested seat.
+    ranked = np.sort(scores, axis=1)
+    margin = ranked[:, -1] - (ranked[:, -2] if scores.shape[1] > 1 else 0.0)
+    for i in np.argsort(-margin, kind="stable"):
+        state.put(int(ready[i]), _best_node(state, scores[i], ready[i]), is_final=True)
+
+
+def _best_node(state: _Placement, scores: np.ndarray, request: int) -> int:
+    count = state.count.copy()
+    if state.node[request] >= 0:
+        count[state.node[request]] -= 1  # its own seat frees when it moves
+    has_room = count < state.caps
+    if not has_room.any():
+        return state.least_loaded()
+    return int(np.argmax(np.where(has_room, scores, -np.inf)))
