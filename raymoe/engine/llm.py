@@ -48,6 +48,7 @@ class LLM:
         request_ids = self._add_all(prompts, params_list)
         results = {rid: None for rid in request_ids}
         while any(r is None or not r.finished for r in results.values()):
+            assert self.engine.has_unfinished(), "a request vanished before finishing"
             for delta in self.engine.step():
                 if delta.request_id in results:
                     results[delta.request_id] = _merge(results[delta.request_id], delta)

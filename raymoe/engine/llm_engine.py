@@ -98,7 +98,7 @@ class LLMEngine:
             raise InvalidSamplingParams(f"params must be a SamplingParams, got {type(params).__name__}")
         request_id = self._new_request_id(request_id)
         seq = Sequence(self._prompt_token_ids(prompt), params, request_id)
-        detokenizer = make_detokenizer(self.tokenizer) if self.tokenizer is not None else None
+        detokenizer = make_detokenizer(self.tokenizer, seq.prompt_token_ids) if self.tokenizer is not None else None
         self.requests[request_id] = (seq, StopChecker(params, self.eos_token_ids, self.max_model_len, detokenizer))
         self.scheduler.add(seq)
         return request_id
@@ -173,8 +173,8 @@ class LLMEngine:
         return request_id
 
 
-def make_detokenizer(tokenizer):
-    """A fresh per-request detokenizer: `push(token_id) -> new text`."""
+def make_detokenizer(tokenizer, prompt_ids: list[int]):
+    """A fresh per-request detokenizer (`push(token_id) -> new text`); the prompt gives left context."""
     from raymoe.model.tokenizer import IncrementalDetokenizer
 
-    return IncrementalDetokenizer(tokenizer)
+    return IncrementalDetokenizer(tokenizer, prompt_ids)

@@ -31,6 +31,7 @@ class Sequence:
         self.params = params
         self.status = SequenceStatus.WAITING
         self.token_ids = list(token_ids)
+        self.prompt_token_ids = list(token_ids)  # shared with every output of this request: read only
         self.num_prompt_tokens = len(token_ids)
         self.num_cached_tokens = 0
         self.block_table: list[int] = []  # KV block ids, in token order; owned by the BlockManager
@@ -40,10 +41,6 @@ class Sequence:
 
     def __len__(self) -> int:
         return len(self.token_ids)
-
-    @property
-    def prompt_token_ids(self) -> list[int]:
-        return self.token_ids[: self.num_prompt_tokens]
 
     @property
     def output_token_ids(self) -> list[int]:

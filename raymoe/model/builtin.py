@@ -85,6 +85,7 @@ def builtin_model_path() -> Path:
     try:
         logger.info("building the built-in model %s in %s", BUILTIN_MODEL_NAME, final)
         build_builtin_model(tmp)
+        tmp.chmod(0o755)  # mkdtemp makes it private; the cache folder is an ordinary one
         try:
             os.replace(tmp, final)  # atomic: readers see no folder or a whole one
         except OSError:
@@ -195,7 +196,8 @@ def random_weights(config: dict) -> dict[str, torch.Tensor]:
 
 def _generation_config(ids: dict[str, int]) -> dict:
     # a chat reply ends with <|im_end|>, a plain completion with <|endoftext|>
-    return {"bos_token_id": ids[EOS_TOKEN], "eos_token_id": [ids[EOS_TOKEN], ids[IM_END]], "pad_token_id": ids[EOS_TOKEN]}
+    eot = ids[EOS_TOKEN]
+    return {"bos_token_id": eot, "eos_token_id": [eot, ids[IM_END]], "pad_token_id": eot}
 
 
 def _tokenizer_config() -> dict:

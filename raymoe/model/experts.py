@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Iterable, Protocol
 
 import torch
+import torch.nn.functional as F
 
 from raymoe.model.checkpoint import Checkpoint
 from raymoe.model.layers import SwiGLU
@@ -59,11 +60,54 @@ def expert_prefix(spec: ModelSpec, layer: int, expert: int) -> tuple[str, tuple[
     return f"model.layers.{layer}.mlp.experts.{expert}", ("gate_proj", "up_proj", "down_proj")
 
 
-class ExpertStore:
-    """The physical experts one process holds: (layer, expert) -> fused SwiGLU weights."""
+class LayerExperts:
+    """The experts one process holds of one layer, stacked for batched matmuls.
 
-    def __init__(self, experts: dict[tuple[int, int], SwiGLU]):
-        self.experts = experts
+    gate_up_t: [n, H, 2I] and down_t: [n, I, H] (transposed, so rows @ weight needs no copy).
+    """
+
+    def __init__(self, expert_ids: list[int], gate_up_t: torch.Tensor, down_t: torch.Tensor):
+        self.expert_ids = expert_ids
+        self.local = {e: j for j, e in enumerate(expert_ids)}  # logical expert -> index in the stack
+        self.gate_up_t, self.down_t = gate_up_t, down_t
+
+    @classmethod
+    def stack(cls, experts: dict[int, SwiGLU]) -> "LayerExperts":
+        ids = sorted(experts)
+        gate_up = torch.stack([experts[e].gate_up.t() for e in ids]).contiguous()
+        down = torch.stack([experts[e].down.t() for e in ids]).contiguous()
+        return cls(ids, gate_up, down)
+
+    def run_one(self, expert: int, x: torch.Tensor) -> torch.Tensor:
+        """x: [N, H] -> [N, H]."""
+        j = self.local[expert]
+        gate, up = (x @ self.gate_up_t[j]).chunk(2, dim=-1)
+        return (F.silu(gate) * up) @ self.down_t[j]
+
+    def run_padded(self, rows: torch.Tensor, groups: TokenGroups) -> torch.Tensor:
+        """All groups in two batched matmuls, each group padded to the largest: [P, H] -> [P, H].
+        Few ops instead of a chain per expert; pays off while groups are small (decode)."""
+        present = [e for e, _, _ in groups.expert_ranges()]
+        counts = torch.tensor([groups.counts[e] for e in present])
+        cap = int(counts.max())
+        starts = counts.cumsum(0) - counts
+        group_of_row = torch.repeat_interleave(torch.arange(len(present)), counts)
+        dest = group_of_row * cap + torch.arange(rows.shape[0]) - starts[group_of_row]  # [P]
+        padded = rows.new_zeros(len(present) * cap, rows.shape[1]).index_copy_(0, dest, rows)
+        gate_up, down = self.gate_up_t, self.down_t
+        if len(present) != len(self.expert_ids):
+            sel = torch.tensor([self.local[e] for e in present])
+            gate_up, down = gate_up[sel], down[sel]
+        gate, up = torch.bmm(padded.view(len(present), cap, -1), gate_up).chunk(2, dim=-1)
+        out = torch.bmm(F.silu(gate) * up, down)  # [groups, cap, H]
+        return out.view(-1, out.shape[-1])[dest]
+
+
+class ExpertStore:
+    """The physical experts one process holds: layer -> LayerExperts."""
+
+    def __init__(self, layers: dict[int, LayerExperts]):
+        self.layers = layers
 
     @classmethod
     def load(
@@ -72,28 +116,39 @@ class ExpertStore:
         """Load `which` (layer, expert) pairs, or every routed expert; reads only their tensors."""
         if which is None:
             which = [(layer, e) for layer in spec.moe_layer_ids for e in range(spec.num_experts)]
-        experts = {}
+        by_layer: dict[int, dict[int, SwiGLU]] = {}
         for layer, e in which:
             prefix, names = expert_prefix(spec, layer, e)
-            experts[(layer, e)] = SwiGLU.load(ckpt, prefix, dtype, names)
-        return cls(experts)
+            by_layer.setdefault(layer, {})[e] = SwiGLU.load(ckpt, prefix, dtype, names)
+        return cls({layer: LayerExperts.stack(experts) for layer, experts in by_layer.items()})
+
+    @property
+    def experts(self) -> list[tuple[int, int]]:
+        return [(layer, e) for layer, le in self.layers.items() for e in le.expert_ids]
 
     def holds(self, layer: int, expert: int) -> bool:
-        return (layer, expert) in self.experts
+        return layer in self.layers and expert in self.layers[layer].local
 
     def run_group(self, layer: int, expert: int, x: torch.Tensor) -> torch.Tensor:
         """x: [N, H] rows routed to this expert -> [N, H]."""
-        return self.experts[(layer, expert)](x)
+        return self.layers[layer].run_one(expert, x)
 
     def run_groups(self, layer: int, rows: torch.Tensor, groups: TokenGroups) -> torch.Tensor:
-        """rows: [P, H] sorted by expert -> [P, H] expert outputs, one matmul chain per expert."""
+        """rows: [P, H] sorted by expert -> [P, H] expert outputs.
+
+        Padded batched matmuls while padding at most doubles the rows; else one chain per expert."""
+        present = [c for c in groups.counts if c]
+        if not present:
+            return torch.empty_like(rows)
+        if max(present) * len(present) <= 2 * rows.shape[0]:
+            return self.layers[layer].run_padded(rows, groups)
         out = torch.empty_like(rows)
         for expert, start, end in groups.expert_ranges():
             out[start:end] = self.run_group(layer, expert, rows[start:end])
         return out
 
     def nbytes(self) -> int:
-        return sum(w.gate_up.nbytes + w.down.nbytes for w in self.experts.values())
+        return sum(le.gate_up_t.nbytes + le.down_t.nbytes for le in self.layers.values())
 
 
 class ExpertBackend(Protocol):

@@ -58,13 +58,20 @@ class Rotary:
         inv_freq, self.scale = inv_freq_and_scale(dim, theta, scaling, max_positions)
         self.inv_freq = inv_freq
         self.interleaved = interleaved
+        self._table: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions [T] -> cos, sin [T, 1, dim] (broadcast over heads)."""
-        freqs = positions[:, None].float() * self.inv_freq[None, :]
+        """positions [T] -> cos, sin [T, 1, dim] (broadcast over heads), from a table grown on demand."""
+        needed = int(positions.max()) + 1 if positions.numel() else 1
+        if self._table is None or self._table[0].shape[0] < needed or self._table[0].dtype != dtype:
+            self._table = self._build(max(needed, 2 * (self._table[0].shape[0] if self._table else 256)), dtype)
+        cos, sin = self._table
+        return cos[positions][:, None, :], sin[positions][:, None, :]
+
+    def _build(self, length: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = torch.arange(length)[:, None].float() * self.inv_freq[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
-        cos, sin = emb.cos() * self.scale, emb.sin() * self.scale
-        return cos.to(dtype)[:, None, :], sin.to(dtype)[:, None, :]
+        return (emb.cos() * self.scale).to(dtype), (emb.sin() * self.scale).to(dtype)
 
     def apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         if self.interleaved:

@@ -135,7 +135,7 @@ class IncrementalDetokenizer:
         return self._advance(allow_partial=False)
 
     def flush(self) -> str:
-        """Emit whatever push held back, at the end of a sequence; bytes that never formed a character show as U+FFFD."""
+        """Emit what push held back, at the end of a sequence; bytes that never made a character show as U+FFFD."""
         return self._advance(allow_partial=True)
 
     def _advance(self, allow_partial: bool) -> str:

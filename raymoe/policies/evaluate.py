@@ -20,7 +20,8 @@ from raymoe.policies.dispatch import layer_loads
 from raymoe.policies.plan import Plan
 from raymoe.policies.registry import get_policy
 from raymoe.policies.stats import Calibration
-from raymoe.policies.token_placement import node_affinity, place_requests, warmup_profiles
+from raymoe.policies.replan import incremental_plan
+from raymoe.policies.token_placement import RequestPlacer, node_affinity, warmup_profiles
 from raymoe.policies.topology import Topology
 from raymoe.policies.traces import DecodeBatches, Trace, decode_batches
 
@@ -37,46 +38,47 @@ class Replay:
     plan_of_step: np.ndarray  # [steps] index into plans
 
 
-def plan_schedule(batches: DecodeBatches, policy: str, topology: Topology, calib: Calibration,
-                  num_experts: int, replan_every: int | None, options: dict):
-    """Plans and the plan in force at each step: the calibration plan, then, every
-    `replan_every` steps, one built from the steps just served (what a controller sees)."""
-    spec = get_policy(policy)
-    plans = [spec.build(calib, topology, **options)]
-    plan_of_step = np.zeros(batches.num_steps, dtype=np.int64)
-    if replan_every:
-        for start in range(replan_every, batches.num_steps, replan_every):
-            window = slice(start - replan_every, start)
-            recent = Calibration.from_window(
-                batches.experts[window], batches.request[window], num_experts)
-            plans.append(spec.build(recent, topology, **options))
-            plan_of_step[start:] = len(plans) - 1
-    return plans, plan_of_step
-
-
 def replay(trace: Trace, policy: str, topology: Topology, *, calibration: Trace | None = None,
            batch_size: int = 128, num_steps: int | None = None, seed: int = 0,
            replan_every: int | None = None, warmup_tokens: int = 8, cap_slack: float = 0.1,
            options: dict | None = None) -> Replay:
-    """Serve `trace` under `policy`, planned from `calibration` (default: the trace itself)."""
-    spec = get_policy(policy)
+    """Serve `trace` under `policy`, planned from `calibration` (default: the trace itself).
+
+    replan_every: re-plan every that many steps from the steps just served (what a
+    controller sees), as the policy's spec says (full or incremental).
+    """
+    spec, options = get_policy(policy), options or {}
     calib = Calibration.from_trace(calibration if calibration is not None else trace)
     batches = decode_batches(trace, batch_size, num_steps, seed)
-    plans, plan_of_step = plan_schedule(batches, policy, topology, calib, trace.num_experts,
-                                        replan_every, options or {})
-    replicas = [p.replicas_on_node(topology.num_nodes) for p in plans]  # [L, E, N] each
-    affinity = None
-    if spec.is_token_placement:
-        profiles = warmup_profiles(trace, batches, warmup_tokens)
-
-        def affinity(requests, step):
-            return node_affinity(profiles[requests], replicas[plan_of_step[step]])
-
-    token_node = place_requests(batches, topology.speed_array, affinity, warmup_tokens, cap_slack)
-    loads = [_step_loads(batches.experts[t], token_node[t], replicas[plan_of_step[t]],
-                         topology, spec.dispatch) for t in range(batches.num_steps)]
-    node_load, local, token_pairs = (np.stack(x) for x in zip(*loads))
+    plans = [spec.build(calib, topology, **options)]
+    plan_of_step = np.zeros(batches.num_steps, dtype=np.int64)
+    replicas = plans[-1].replicas_on_node(topology.num_nodes)  # [L, E, N]
+    profiles = warmup_profiles(trace, batches, warmup_tokens) if spec.is_token_placement else None
+    placer = RequestPlacer(batches, topology.speed_array, warmup_tokens, cap_slack)
+    token_node, records = np.empty_like(batches.request), []
+    for t in range(batches.num_steps):
+        if replan_every and t > 0 and t % replan_every == 0:
+            window = slice(t - replan_every, t)
+            demand = sum(r[3] for r in records[window])
+            plans.append(_replan(spec, plans[-1], batches, window, demand, topology, options))
+            replicas = plans[-1].replicas_on_node(topology.num_nodes)
+        plan_of_step[t] = len(plans) - 1
+        affinity = None
+        if profiles is not None:
+            affinity = lambda req, _, rep=replicas: node_affinity(profiles[req], rep)  # noqa: E731
+        token_node[t] = placer.step(t, affinity)
+        records.append(_step_loads(batches.experts[t], token_node[t], replicas, topology,
+                                   spec.dispatch))
+    node_load, local, token_pairs = (np.stack([r[i] for r in records]) for i in range(3))
     return Replay(node_load, local, token_pairs, token_node, plans, plan_of_step)
+
+
+def _replan(spec, current, batches, window, demand, topology, options):
+    if spec.replan == "incremental":
+        return incremental_plan(current, demand, topology)
+    recent = Calibration.from_window(batches.experts[window], batches.request[window],
+                                     current.num_experts)
+    return spec.build(recent, topology, **options)
 
 
 def _step_loads(experts, token_node, replicas, topology, mode):
@@ -89,7 +91,7 @@ def _step_loads(experts, token_node, replicas, topology, mode):
     out = [layer_loads(pairs[l], replicas[l], topology.speed_array, mode)
            for l in range(num_layers)]
     loads, local = (np.stack(x) for x in zip(*out))
-    return loads, local, pairs.sum(1)
+    return loads, local, pairs.sum(1), pairs
 
 
 def summarize(result: Replay, topology: Topology) -> dict:

@@ -35,19 +35,20 @@ def base_slot_counts(num_experts: int, topology: Topology) -> np.ndarray:
 
 
 def assign_experts(affinity: np.ndarray, load: np.ndarray, counts: np.ndarray,
-                   speeds: np.ndarray, balance_slack: float) -> list[list[int]]:
+                   speeds: np.ndarray, balance_slack: float,
+                   preload: np.ndarray | None = None) -> list[list[int]]:
     """One copy of each expert, `[nodes][experts]`, for one layer.
 
     affinity: `[experts, nodes]` pairs of each node's requests on each expert.
-    load: `[experts]`; counts: `[nodes]` experts per node.
+    load: `[experts]` pairs the single copy will serve; counts: `[nodes]` experts per node.
+    preload: `[nodes]` pairs a node serves already (through its replicas).
     """
     num_experts, num_nodes = affinity.shape
-    cap = load.sum() * speeds / speeds.sum() * (1 + balance_slack)  # [nodes]
+    node_load = np.zeros(num_nodes) if preload is None else preload.astype(np.float64).copy()
+    cap = (load.sum() + node_load.sum()) * speeds / speeds.sum() * (1 + balance_slack)
     nodes: list[list[int]] = [[] for _ in range(num_nodes)]
-    node_load = np.zeros(num_nodes)
-    # Experts with a clear favourite first; heavy ones first among equals.
-    strength = affinity.max(1) - affinity.mean(1) + 1e-9 * load
-    for expert in np.argsort(-strength, kind="stable"):
+    # Heaviest first, so that late heavy experts never find every node full (as LPT).
+    for expert in np.argsort(-load, kind="stable"):
         has_room = np.array([len(n) for n in nodes]) < counts
         fits = has_room & (node_load + load[expert] <= cap)
         if fits.any():
@@ -57,6 +58,25 @@ def assign_experts(affinity: np.ndarray, load: np.ndarray, counts: np.ndarray,
         nodes[node].append(int(expert))
         node_load[node] += load[expert]
     return nodes
+
+
+def layer_experts(affinity: np.ndarray, counts: np.ndarray, speeds: np.ndarray, slots: int,
+                  balance_slack: float) -> list[list[int]]:
+    """Experts per node `[nodes][slots]` for one layer, replicas included.
+
+    Twice: the first pass finds which nodes get replicas; the second balances the single
+    copies against the load those replicas take off them (with local-first dispatch, a
+    node with a replica serves its own requests' pairs on that expert).
+    """
+    nodes = add_replicas(assign_experts(affinity, affinity.sum(1), counts, speeds,
+                                        balance_slack), affinity, slots)
+    extra = np.zeros_like(affinity, dtype=bool)
+    for node, members in enumerate(nodes):
+        extra[members[counts[node]:], node] = True
+    single_load = np.where(extra, 0.0, affinity).sum(1)
+    preload = np.where(extra, affinity, 0.0).sum(0)
+    base = assign_experts(affinity, single_load, counts, speeds, balance_slack, preload)
+    return add_replicas(base, affinity, slots)
 
 
 def add_replicas(nodes: list[list[int]], affinity: np.ndarray, slots: int) -> list[list[int]]:
@@ -128,10 +148,8 @@ def _experts_for(profiles, request_node, load, topology, balance_slack):
     one_hot = np.eye(topology.num_nodes)[request_node]  # [requests, nodes]
     affinity = np.einsum("rle,rn->len", profiles, one_hot)  # [layers, experts, nodes]
     return [
-        add_replicas(
-            assign_experts(affinity[layer], load[layer], counts, topology.speed_array,
-                           balance_slack),
-            affinity[layer], topology.slots_per_node)
+        layer_experts(affinity[layer], counts, topology.speed_array, topology.slots_per_node,
+                      balance_slack)
         for layer in range(load.shape[0])
     ]
 

@@ -27,6 +27,8 @@ class PolicySpec:
     dispatch: DispatchMode  # how a batch picks among replicas
     is_token_placement: bool  # requests run where their predicted experts are
     summary: str
+    # "full": re-plan from scratch on recent load; "incremental": move only redundant slots
+    replan: Literal["full", "incremental"] = "full"
 
 
 def _contiguous(calib: Calibration, topology: Topology, **_) -> Plan:
@@ -65,9 +67,10 @@ REGISTRY: dict[PolicyName, PolicySpec] = {
     "replication": PolicySpec(_replication, "balanced", False,
                               "speed-aware replication and packing; per-batch balanced dispatch"),
     "placement": PolicySpec(_replication, "local_first", True,
-                            "replication plan plus speculative token placement"),
+                            "replication plan plus speculative token placement", "incremental"),
     "grouping": PolicySpec(_grouping, "local_first", True,
-                           "co-activation grouping, replicas by node demand, token placement"),
+                           "co-activation grouping, replicas by node demand, token placement",
+                           "incremental"),
 }
 
 if set(REGISTRY) != set(get_args(PolicyName)):  # a name in one and not the other is a bug

@@ -43,22 +43,32 @@ def node_caps(batch_size: int, speeds: np.ndarray, slack: float) -> np.ndarray:
     return np.ceil(batch_size * speeds / speeds.sum() * (1.0 + slack)).astype(np.int64)
 
 
-def place_requests(batches: DecodeBatches, speeds: np.ndarray, affinity: AffinityFn | None,
-                   warmup_tokens: int = 8, cap_slack: float = 0.1) -> np.ndarray:
-    """`[steps, batch]` node of each running request's token at each step.
+class RequestPlacer:
+    """Places requests step by step, as a decode router does as requests come and go.
 
     affinity None: routing-blind, each request goes to the least-loaded node (the baseline).
     Requests already past their warm-up when the replay starts were placed before it, so
     they are placed from their prediction at once.
     """
-    caps = node_caps(batches.request.shape[1], speeds, cap_slack)
-    state = _Placement(len(batches.request_sequence), caps, speeds)
-    token_node = np.empty_like(batches.request)
-    for step in range(batches.num_steps):
-        _leave(state, batches, step)
-        _admit(state, batches, step, affinity, warmup_tokens)
-        token_node[step] = state.node[batches.request[step]]
-    return token_node
+
+    def __init__(self, batches: DecodeBatches, speeds: np.ndarray, warmup_tokens: int = 8,
+                 cap_slack: float = 0.1):
+        caps = node_caps(batches.request.shape[1], speeds, cap_slack)
+        self.state = _Placement(len(batches.request_sequence), caps, speeds)
+        self.batches, self.warmup_tokens = batches, warmup_tokens
+
+    def step(self, step: int, affinity: AffinityFn | None) -> np.ndarray:
+        """`[batch]` node of each running request at `step`; steps must come in order."""
+        _leave(self.state, self.batches, step)
+        _admit(self.state, self.batches, step, affinity, self.warmup_tokens)
+        return self.state.node[self.batches.request[step]]
+
+
+def place_requests(batches: DecodeBatches, speeds: np.ndarray, affinity: AffinityFn | None,
+                   warmup_tokens: int = 8, cap_slack: float = 0.1) -> np.ndarray:
+    """`[steps, batch]` node of each running request's token at each step."""
+    placer = RequestPlacer(batches, speeds, warmup_tokens, cap_slack)
+    return np.stack([placer.step(t, affinity) for t in range(batches.num_steps)])
 
 
 class _Placement:

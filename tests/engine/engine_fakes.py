@@ -63,7 +63,7 @@ class CharTokenizer:
 
 
 class CharDetokenizer:
-    def __init__(self, tokenizer):
+    def __init__(self, tokenizer, prompt_ids=()):
         self.tokenizer = tokenizer
 
     def push(self, token_id: int) -> str:

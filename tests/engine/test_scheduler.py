@@ -66,9 +66,9 @@ def test_preempts_the_newest_when_blocks_run_out():
     s.add(b)
     assert step(s) == [("a", 4), ("b", 4)]  # 1 block each, then each sampled a 5th token
     assert step(s) == [("a", 1), ("b", 1)]  # each took a 2nd block: pool full, now 6 tokens each
-    for _ in range(2):
-        step(s)  # 8 tokens each after these two steps, both blocks full
-    assert step(s) == [("a", 1)]  # a needs a 3rd block: b (newest) is preempted
+    for _ in range(3):
+        step(s)  # 9 tokens each, 8 with KV: both blocks full
+    assert step(s) == [("a", 1)]  # a's 9th token needs a 3rd block: b (newest) is preempted
     assert b.status is SequenceStatus.PREEMPTED and b.block_table == [] and b.num_cached_tokens == 0
     assert list(s.waiting) == [b] and s.num_preemptions == 1
     assert len(a.block_table) == 3
@@ -79,12 +79,14 @@ def test_a_preempted_sequence_is_recomputed_with_its_outputs():
     a, b = seq(4, name="a"), seq(4, start=10, name="b")
     s.add(a)
     s.add(b)
-    for _ in range(5):
+    for _ in range(6):
         step(s)
     assert b.status is SequenceStatus.PREEMPTED
     tokens_before = list(b.token_ids)
     s.finish(a, "length")  # a leaves: its blocks come back
-    assert step(s) == [("b", len(tokens_before))]  # b's prompt and its 5 outputs, recomputed at once
+    # b's prompt and its 5 outputs (9 tokens) are recomputed at once, less its first block: freed
+    # blocks keep their hash, and only the tail block was handed to a since.
+    assert step(s) == [("b", 9 - BS)]
     assert b.token_ids[: len(tokens_before)] == tokens_before and b.status is SequenceStatus.RUNNING
 
 

@@ -1,0 +1,224 @@
+"""raymoe's one-process engine against transformers `generate` on the same float32 checkpoint.
+
+    python bench/engine.py [--repeats 3] [--quick] [--out bench/out/engine.json]
+
+Prints one JSON object. Every measurement runs in its own subprocess (so peak RSS is that
+system's alone), on two models: the built-in one and a Mixtral-shaped one (hidden 256, 4 layers,
+8 experts, top-2). Workloads:
+- serving: 128 requests, prompts of 4..200 tokens, outputs of 8..256 (ignore_eos); raymoe with at
+  most 32 running sequences against transformers in static batches of 32 in arrival order (each
+  batch runs until its longest output). Figure: useful (requested) output tokens per second.
+- fixed: B equal prompts of 32 tokens, B in 1, 8, 32: decode time per step, from
+  (time for 65 tokens - time for 1 token) / 64.
+Medians over `--repeats`. vLLM's CPU build joins as an optional peer when importable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+SERVING = dict(num_requests=128, prompt_range=(4, 200), output_range=(8, 256), max_num_seqs=32, seed=0)
+FIXED_BATCHES = (1, 8, 32)
+FIXED_PROMPT, FIXED_DECODE = 32, 64
+MIXTRAL_SHAPE = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=8,
+                     num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2, vocab_size=1024)  # fmt: skip
+
+
+def serving_requests(vocab_size: int, num_requests: int) -> list[tuple[list[int], int]]:
+    """Deterministic (prompt token ids, output length) pairs."""
+    rng = random.Random(SERVING["seed"])
+    lo, hi = SERVING["prompt_range"]
+    out_lo, out_hi = SERVING["output_range"]
+    return [
+        ([rng.randrange(3, vocab_size) for _ in range(rng.randint(lo, hi))], rng.randint(out_lo, out_hi))
+        for _ in range(num_requests)
+    ]
+
+
+def fixed_prompts(vocab_size: int, batch: int) -> list[list[int]]:
+    rng = random.Random(batch)
+    prompt = [rng.randrange(3, vocab_size) for _ in range(FIXED_PROMPT)]
+    return [list(prompt) for _ in range(batch)]
+
+
+# ----- systems: each returns seconds for a list of (prompt ids, output length) ----------------------
+class RaymoeSystem:
+    def __init__(self, model_path: str, max_num_seqs: int):
+        from raymoe.engine.llm import LLM
+
+        self.llm = LLM(model=model_path, max_num_seqs=max_num_seqs, max_num_batched_tokens=512)
+
+    def run(self, requests) -> float:
+        from raymoe.engine.sampling_params import SamplingParams
+
+        params = [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True) for _, n in requests]
+        start = time.perf_counter()
+        outs = self.llm.generate([p for p, _ in requests], params)
+        elapsed = time.perf_counter() - start
+        assert [len(o.token_ids) for o in outs] == [n for _, n in requests]
+        return elapsed
+
+
+class TransformersSystem:
+    def __init__(self, model_path: str, batch_size: int):
+        import torch
+        import transformers
+
+        self.torch = torch
+        self.model = transformers.AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+        self.batch_size = batch_size
+
+    def run(self, requests) -> float:
+        start = time.perf_counter()
+        for i in range(0, len(requests), self.batch_size):
+            self._generate(requests[i : i + self.batch_size])
+        return time.perf_counter() - start
+
+    def _generate(self, batch) -> None:
+        torch = self.torch
+        width = max(len(p) for p, _ in batch)
+        ids = torch.zeros(len(batch), width, dtype=torch.long)
+        mask = torch.zeros(len(batch), width, dtype=torch.long)
+        for row, (prompt, _) in enumerate(batch):  # left padding, as generate expects
+            ids[row, width - len(prompt) :] = torch.tensor(prompt)
+            mask[row, width - len(prompt) :] = 1
+        new = max(n for _, n in batch)
+        with torch.no_grad():
+            self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new,
+                                do_sample=False, pad_token_id=0)  # fmt: skip
+
+
+class VllmSystem:
+    def __init__(self, model_path: str, max_num_seqs: int):
+        from vllm import LLM  # optional peer: never a dependency
+
+        self.llm = LLM(model=model_path, dtype="float32", max_num_seqs=max_num_seqs, enforce_eager=False)
+
+    def run(self, requests) -> float:
+        from vllm import SamplingParams, TokensPrompt
+
+        params = [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True) for _, n in requests]
+        start = time.perf_counter()
+        self.llm.generate([TokensPrompt(prompt_token_ids=p) for p, _ in requests], params)
+        return time.perf_counter() - start
+
+
+SYSTEMS = {"raymoe": RaymoeSystem, "transformers": TransformersSystem, "vllm": VllmSystem}
+
+
+# ----- one worker process ----------------------------------------------------------------------------
+def worker(system: str, model_path: str, task: str, repeats: int, num_requests: int) -> dict:
+    import torch
+
+    torch.set_num_threads(int(os.environ.get("RAYMOE_BENCH_THREADS", "2")))
+    vocab = json.loads((Path(model_path) / "config.json").read_text())["vocab_size"]
+    if task == "serving":
+        requests = serving_requests(vocab, num_requests)
+        sys_ = SYSTEMS[system](model_path, SERVING["max_num_seqs"])
+        sys_.run(requests[:4])  # warm-up
+        times = [sys_.run(requests) for _ in range(repeats)]
+        useful = sum(n for _, n in requests)
+        result = {"seconds": statistics.median(times), "useful_tokens": useful,
+                  "useful_tokens_per_s": useful / statistics.median(times), "all_seconds": times}  # fmt: skip
+    else:
+        batch = int(task.split("_")[1])
+        sys_ = SYSTEMS[system](model_path, batch)
+        prompts = fixed_prompts(vocab, batch)
+        sys_.run([(p, 2) for p in prompts])  # warm-up
+        per_step = []
+        for _ in range(repeats):
+            t_short = sys_.run([(p, 1) for p in prompts])
+            t_long = sys_.run([(p, FIXED_DECODE + 1) for p in prompts])
+            per_step.append((t_long - t_short) / FIXED_DECODE)
+        result = {"ms_per_step": 1000 * statistics.median(per_step), "all_ms": [1000 * t for t in per_step]}
+    result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return result
+
+
+def run_worker(system: str, model_path: Path, task: str, args) -> dict:
+    cmd = [sys.executable, __file__, "--worker", system, "--model", str(model_path), "--task", task,
+           "--repeats", str(args.repeats), "--num-requests", str(args.num_requests)]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def prepare_models(workdir: Path) -> dict[str, Path]:
+    from raymoe.model.builtin import builtin_model_path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from checkpoints import build_checkpoint
+
+    mixtral = workdir / "mixtral-shaped"
+    if not (mixtral / "config.json").is_file():
+        build_checkpoint("mixtral", mixtral, **MIXTRAL_SHAPE)
+    return {"builtin": builtin_model_path(), "mixtral_shaped": mixtral}
+
+
+def vllm_available() -> bool:
+    try:
+        import vllm  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--num-requests", type=int, default=SERVING["num_requests"])
+    parser.add_argument("--quick", action="store_true", help="16 requests, 1 repeat: a smoke run")
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--workdir", default=None)
+    parser.add_argument("--worker", choices=sorted(SYSTEMS))
+    parser.add_argument("--model")
+    parser.add_argument("--task")
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(worker(args.worker, args.model, args.task, args.repeats, args.num_requests)))
+        return
+    if args.quick:
+        args.num_requests, args.repeats = 16, 1
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="raymoe-bench-"))
+    systems = ["raymoe", "transformers"] + (["vllm"] if vllm_available() else [])
+    report = {"config": {**SERVING, "num_requests": args.num_requests, "repeats": args.repeats,
+                         "fixed_batches": FIXED_BATCHES, "threads": 2, "vllm": "vllm" in systems}}  # fmt: skip
+    for name, path in prepare_models(workdir).items():
+        report[name] = measure_model(path, systems, args)
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text)
+
+
+def measure_model(path: Path, systems: list[str], args) -> dict:
+    tasks = ["serving"] + [f"fixed_{b}" for b in FIXED_BATCHES]
+    res = {task: {s: run_worker(s, path, task, args) for s in systems} for task in tasks}
+    ratios = {}
+    for task, by_sys in res.items():
+        for peer in systems[1:]:
+            r, p = by_sys["raymoe"], by_sys[peer]
+            if "error" in r or "error" in p:
+                continue
+            if task == "serving":
+                ratios[f"serving_tokens_per_s_vs_{peer}"] = r["useful_tokens_per_s"] / p["useful_tokens_per_s"]
+            else:
+                ratios[f"{task}_speedup_vs_{peer}"] = p["ms_per_step"] / r["ms_per_step"]
+    res["ratios"] = ratios
+    return res
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,67 @@
+"""Re-planning from recent load with few weight moves.
+
+A full re-plan can move most expert copies between nodes; at serving time every move is
+weights on the wire. The incremental re-plan keeps one copy of every expert where it is
+(its anchor, on the holder whose own requests use it most) and re-fills only the other
+slots, from the demand each node's running requests showed in the recent window.
+Weights moved per re-plan are thus at most the redundant slots.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from raymoe.policies.plan import Plan, plan_from_node_lists
+from raymoe.policies.topology import Topology
+
+
+def anchors(held: np.ndarray, demand: np.ndarray) -> np.ndarray:
+    """`[experts]` the node whose copy of each expert stays put.
+
+    held: `[experts, nodes]` copies per node; demand: `[experts, nodes]` recent pairs of
+    each node's requests on each expert. Experts with the fewest copies choose first, so
+    a node's sole experts are never pushed out by replicas.
+    """
+    num_experts, num_nodes = held.shape
+    room = np.full(num_nodes, -(-num_experts // num_nodes), dtype=np.int64)
+    out = np.empty(num_experts, dtype=np.int64)
+    for expert in np.argsort((held > 0).sum(1), kind="stable"):
+        holders = held[expert] > 0
+        options = holders & (room > 0)
+        pool = options if options.any() else holders
+        node = int(np.argmax(np.where(pool, demand[expert], -np.inf)))
+        out[expert] = node
+        room[node] -= 1
+    return out
+
+
+def refill(anchor: np.ndarray, demand: np.ndarray, slots: int) -> list[list[int]]:
+    """Experts per node `[nodes][slots]`: anchors, then the node's most demanded others."""
+    num_experts, num_nodes = demand.shape
+    nodes = [np.flatnonzero(anchor == n).tolist() for n in range(num_nodes)]
+    for node, members in enumerate(nodes):
+        by_use = [int(e) for e in np.argsort(-demand[:, node], kind="stable")]
+        wanted = [e for e in by_use if e not in members]
+        wanted += by_use * (slots // max(1, len(by_use)) + 1)  # more slots than experts
+        members += wanted[: slots - len(members)]
+    return nodes
+
+
+def incremental_plan(current: Plan, demand: np.ndarray, topology: Topology) -> Plan:
+    """Re-fill redundant slots from recent demand. demand: `[layers, experts, nodes]`."""
+    held = current.replicas_on_node(topology.num_nodes)  # [L, E, N]
+    node_experts = [
+        refill(anchors(held[layer], demand[layer]), demand[layer], topology.slots_per_node)
+        for layer in range(current.num_layers)
+    ]
+    return plan_from_node_lists(node_experts, topology, current.num_experts)
+
+
+def load_drift(planned: np.ndarray, recent: np.ndarray) -> float:
+    """Mean over layers of the total variation distance between two load profiles.
+
+    planned, recent: `[layers, experts]`. 0 when the shares match, 1 when disjoint.
+    """
+    p = planned / np.maximum(planned.sum(1, keepdims=True), 1e-12)
+    q = recent / np.maximum(recent.sum(1, keepdims=True), 1e-12)
+    return float(0.5 * np.abs(p - q).sum(1).mean())
