@@ -26,3 +26,7 @@ class InvalidSamplingParams(RaymoeError, ValueError):
 
 class PromptTooLongError(RaymoeError, ValueError):
     """A prompt (plus the tokens asked for) does not fit the model's context."""
+
+
+class InvalidRequestError(RaymoeError, ValueError):
+    """A request the engine cannot take: empty prompt, token ids outside the vocabulary, reused id."""

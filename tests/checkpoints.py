@@ -107,3 +107,28 @@ def load_reference(path: Path):
     import transformers
 
     return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+NEAR_TIE = 1e-4  # the one parting forgiven: the reference's top-2 logits this close
+
+
+def reference_greedy(reference, prompt: list[int], max_new_tokens: int) -> list[int]:
+    with torch.no_grad():
+        out = reference.generate(
+            torch.tensor([prompt]), max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
+            do_sample=False, eos_token_id=None, pad_token_id=0,
+        )  # fmt: skip
+    return out[0, len(prompt) :].tolist()
+
+
+def assert_same_greedy(reference, prompt: list[int], got: list[int], expected: list[int]) -> None:
+    """Equal greedy continuations, except a parting at a near-tie of the reference's top-2 logits."""
+    assert len(got) == len(expected), (len(got), len(expected))
+    first = next((i for i, (a, b) in enumerate(zip(got, expected)) if a != b), None)
+    if first is None:
+        return
+    with torch.no_grad():
+        logits = reference(torch.tensor([prompt + expected[:first]])).logits[0, -1]
+    top2 = torch.topk(logits, 2).values
+    margin = (top2[0] - top2[1]).item()
+    assert margin <= NEAR_TIE, f"tokens part at step {first} where the reference's margin is {margin:.2e}: {got} vs {expected}"

@@ -18,13 +18,9 @@ from raymoe.engine.sampling_params import SamplingParams
 from raymoe.engine.scheduler import Scheduler
 from raymoe.engine.sequence import Sequence
 from raymoe.engine.stop import StopChecker
-from raymoe.errors import ConfigError, InvalidSamplingParams, PromptTooLongError, RaymoeError
+from raymoe.errors import ConfigError, InvalidRequestError, InvalidSamplingParams, PromptTooLongError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-class InvalidRequestError(RaymoeError, ValueError):
-    """A request the engine cannot take: empty prompt, token ids outside the vocabulary, reused id."""
 
 
 @dataclass(frozen=True)
@@ -98,7 +94,7 @@ class LLMEngine:
             raise InvalidSamplingParams(f"params must be a SamplingParams, got {type(params).__name__}")
         request_id = self._new_request_id(request_id)
         seq = Sequence(self._prompt_token_ids(prompt), params, request_id)
-        detokenizer = make_detokenizer(self.tokenizer, seq.prompt_token_ids) if self.tokenizer is not None else None
+        detokenizer = None if self.tokenizer is None else make_detokenizer(self.tokenizer, seq.prompt_token_ids)
         self.requests[request_id] = (seq, StopChecker(params, self.eos_token_ids, self.max_model_len, detokenizer))
         self.scheduler.add(seq)
         return request_id

@@ -36,6 +36,7 @@ class Replay:
     token_node: np.ndarray  # [steps, batch]
     plans: list[Plan]
     plan_of_step: np.ndarray  # [steps] index into plans
+    num_migrations: int = 0  # running requests moved to another node by re-plans
 
 
 def replay(trace: Trace, policy: str, topology: Topology, *, calibration: Trace | None = None,
@@ -56,28 +57,36 @@ def replay(trace: Trace, policy: str, topology: Topology, *, calibration: Trace 
     profiles = warmup_profiles(trace, batches, warmup_tokens) if spec.is_token_placement else None
     placer = RequestPlacer(batches, topology.speed_array, warmup_tokens, cap_slack)
     token_node, records = np.empty_like(batches.request), []
+    num_migrations = 0
     for t in range(batches.num_steps):
         if replan_every and t > 0 and t % replan_every == 0:
             window = slice(t - replan_every, t)
             demand = sum(r[3] for r in records[window])
-            plans.append(_replan(spec, plans[-1], batches, window, demand, topology, options))
+            plans.append(_replan(spec, plans[-1], batches, window, demand, topology, options,
+                                 placer))
             replicas = plans[-1].replicas_on_node(topology.num_nodes)
+            if spec.replan == "regroup":
+                num_migrations += placer.reseat(t - 1, _affinity_fn(profiles, replicas))
         plan_of_step[t] = len(plans) - 1
-        affinity = None
-        if profiles is not None:
-            affinity = lambda req, _, rep=replicas: node_affinity(profiles[req], rep)  # noqa: E731
+        affinity = _affinity_fn(profiles, replicas) if profiles is not None else None
         token_node[t] = placer.step(t, affinity)
         records.append(_step_loads(batches.experts[t], token_node[t], replicas, topology,
                                    spec.dispatch))
     node_load, local, token_pairs = (np.stack([r[i] for r in records]) for i in range(3))
-    return Replay(node_load, local, token_pairs, token_node, plans, plan_of_step)
+    return Replay(node_load, local, token_pairs, token_node, plans, plan_of_step, num_migrations)
 
 
-def _replan(spec, current, batches, window, demand, topology, options):
+def _affinity_fn(profiles, replicas):
+    return lambda requests, _step: node_affinity(profiles[requests], replicas)
+
+
+def _replan(spec, current, batches, window, demand, topology, options, placer):
     if spec.replan == "incremental":
         return incremental_plan(current, demand, topology)
     recent = Calibration.from_window(batches.experts[window], batches.request[window],
                                      current.num_experts)
+    if spec.replan == "regroup":
+        recent.request_node = placer.state.node[recent.request_ids]
     return spec.build(recent, topology, **options)
 
 
@@ -112,6 +121,7 @@ def summarize(result: Replay, topology: Topology) -> dict:
         "requests_max_over_mean": round(float(request_ratio.mean()), 4),
         "num_plans": len(result.plans),
         "experts_moved": experts_moved(result.plans, topology.num_nodes),
+        "requests_migrated": result.num_migrations,
     }
 
 

@@ -117,17 +117,19 @@ def held_mask(node_experts: list[list[list[int]]], num_experts: int) -> np.ndarr
 
 def cocluster(profiles: np.ndarray, load: np.ndarray, topology: Topology, *,
               balance_slack: float = 0.1, num_iters: int = 8, num_restarts: int = 3,
-              seed: int = 0) -> tuple[list[list[list[int]]], np.ndarray]:
+              seed: int = 0, init: np.ndarray | None = None
+              ) -> tuple[list[list[list[int]]], np.ndarray]:
     """Experts per node per layer `[layers][nodes][slots]`, and calibration request nodes.
 
     profiles: `[requests, layers, experts]` each calibration request's expert shares.
     load: `[layers, experts]`. The best of `num_restarts` random starts, by how many of the
-    calibration requests' pairs land on their own node.
+    calibration requests' pairs land on their own node. init: `[requests]` nodes to start
+    from instead (where the requests run now), so node identities stay put on a re-plan.
     """
     rng = np.random.default_rng(seed)
     best, best_score = None, -np.inf
-    for _ in range(num_restarts):
-        request_node = rng.permutation(len(profiles)) % topology.num_nodes
+    for _ in range(1 if init is not None else num_restarts):
+        request_node = init if init is not None else rng.permutation(len(profiles)) % topology.num_nodes
         for _ in range(num_iters):
             node_experts = _experts_for(profiles, request_node, load, topology, balance_slack)
             scores = np.einsum("rle,len->rn", profiles, held_mask(node_experts, load.shape[1]))
@@ -155,8 +157,11 @@ def _experts_for(profiles, request_node, load, topology, balance_slack):
 
 
 def grouping_plan(profiles: np.ndarray, load: np.ndarray, topology: Topology,
-                  balance_slack: float = 0.1, seed: int = 0) -> Plan:
-    """Plan from co-clustering. profiles: `[requests, layers, experts]`; load: `[layers, experts]`."""
+                  balance_slack: float = 0.1, seed: int = 0,
+                  init: np.ndarray | None = None) -> Plan:
+    """Plan from co-clustering. profiles: `[requests, layers, experts]`; load: `[layers, experts]`;
+    init: `[requests]` current node of each profiled request, if they are running."""
     topology.check_fits(load.shape[1])
-    node_experts, _ = cocluster(profiles, load, topology, balance_slack=balance_slack, seed=seed)
+    node_experts, _ = cocluster(profiles, load, topology, balance_slack=balance_slack, seed=seed,
+                                init=init)
     return plan_from_node_lists(node_experts, topology, load.shape[1])

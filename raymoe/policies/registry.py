@@ -14,7 +14,8 @@ from raymoe.policies.stats import Calibration
 from raymoe.policies.topology import Topology
 
 PolicyName = Literal[
-    "contiguous", "eplb_global", "eplb_hierarchical", "replication", "placement", "grouping"
+    "contiguous", "eplb_global", "eplb_hierarchical", "replication", "placement", "grouping",
+    "regrouping",
 ]
 
 # EPLB's hierarchical form packs onto hosts of this many devices, as DeepSeek's deployment.
@@ -28,7 +29,8 @@ class PolicySpec:
     is_token_placement: bool  # requests run where their predicted experts are
     summary: str
     # "full": re-plan from scratch on recent load; "incremental": move only redundant slots
-    replan: Literal["full", "incremental"] = "full"
+    # (and a few swaps); "regroup": re-cluster on recent requests and re-seat running ones
+    replan: Literal["full", "incremental", "regroup"] = "full"
 
 
 def _contiguous(calib: Calibration, topology: Topology, **_) -> Plan:
@@ -54,7 +56,16 @@ def _replication(calib: Calibration, topology: Topology, smoothing: float = 0.05
 
 def _grouping(calib: Calibration, topology: Topology, balance_slack: float = 0.1,
               seed: int = 0, **_) -> Plan:
-    return grouping_plan(calib.profiles, calib.load, topology, balance_slack, seed)
+    return grouping_plan(calib.profiles, calib.load, topology, balance_slack, seed,
+                         init=calib.request_node)
+
+
+def _regrouping(calib: Calibration, topology: Topology, **options) -> Plan:
+    # A clustered plan bets on the calibration's request mix. Until live requests have
+    # been seen (no request_node yet), the load-balanced plan is the safer bet.
+    if calib.request_node is None:
+        return _replication(calib, topology, **options)
+    return _grouping(calib, topology, **options)
 
 
 REGISTRY: dict[PolicyName, PolicySpec] = {
@@ -71,6 +82,9 @@ REGISTRY: dict[PolicyName, PolicySpec] = {
     "grouping": PolicySpec(_grouping, "local_first", True,
                            "co-activation grouping, replicas by node demand, token placement",
                            "incremental"),
+    "regrouping": PolicySpec(_regrouping, "local_first", True,
+                             "grouping, re-clustered on recent requests; running ones re-seated",
+                             "regroup"),
 }
 
 if set(REGISTRY) != set(get_args(PolicyName)):  # a name in one and not the other is a bug

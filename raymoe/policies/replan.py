@@ -4,7 +4,9 @@ A full re-plan can move most expert copies between nodes; at serving time every 
 weights on the wire. The incremental re-plan keeps one copy of every expert where it is
 (its anchor, on the holder whose own requests use it most) and re-fills only the other
 slots, from the demand each node's running requests showed in the recent window.
-Weights moved per re-plan are thus at most the redundant slots.
+Weights moved per re-plan are thus the redundant slots, plus at most `max_swaps` pairs of
+single-copy experts swapped between nodes per layer when the recent load left a node
+behind (with no redundant slots, those swaps are the only way to rebalance).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 from raymoe.policies.plan import Plan, plan_from_node_lists
+from raymoe.policies.replication import _best_swap
 from raymoe.policies.topology import Topology
 
 
@@ -47,13 +50,51 @@ def refill(anchor: np.ndarray, demand: np.ndarray, slots: int) -> list[list[int]
     return nodes
 
 
-def incremental_plan(current: Plan, demand: np.ndarray, topology: Topology) -> Plan:
-    """Re-fill redundant slots from recent demand. demand: `[layers, experts, nodes]`."""
+def modelled_loads(nodes: list[list[int]], demand: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Node loads under local-first dispatch, and each expert's single-copy load.
+
+    nodes: `[nodes][slots]`; demand: `[experts, nodes]`. Returns (`[nodes]` load carried
+    by replicated experts and local hits, `[experts]` load of experts held once).
+    """
+    num_experts, num_nodes = demand.shape
+    held = np.zeros((num_experts, num_nodes), dtype=bool)
+    for node, members in enumerate(nodes):
+        held[members, node] = True
+    copies = held.sum(1)
+    remote = np.where(held, 0.0, demand).sum(1)  # [E] pairs from nodes without a copy
+    shared = (np.where(held, demand, 0.0) + (remote / np.maximum(copies, 1))[:, None] * held)
+    offset = shared[copies > 1].sum(0)
+    single = np.where(copies == 1, demand.sum(1), 0.0)
+    return offset, single
+
+
+def rebalance(nodes: list[list[int]], demand: np.ndarray, speeds: np.ndarray,
+              max_swaps: int) -> list[list[int]]:
+    """Swap single-copy experts out of the node that would finish last, at most `max_swaps`."""
+    offset, single = modelled_loads(nodes, demand)
+    is_single = single > 0
+    owner = np.array([n for n, m in enumerate(nodes) for e in m if is_single[e]], dtype=np.int64)
+    items = np.array([e for m in nodes for e in m if is_single[e]], dtype=np.int64)
+    for _ in range(max_swaps):
+        swap = _best_swap(owner, items, single, speeds, offset) if len(items) else None
+        if swap is None:
+            break
+        a, b = swap
+        items[a], items[b] = items[b], items[a]
+    moved = {int(e): int(n) for n, e in zip(owner, items)}
+    return [[e for e in m if not is_single[e]] + [e for e, n in moved.items() if n == node]
+            for node, m in enumerate(nodes)]
+
+
+def incremental_plan(current: Plan, demand: np.ndarray, topology: Topology,
+                     max_swaps: int = 4) -> Plan:
+    """Re-fill redundant slots from recent demand, then swap at most `max_swaps` pairs of
+    single-copy experts per layer to rebalance. demand: `[layers, experts, nodes]`."""
     held = current.replicas_on_node(topology.num_nodes)  # [L, E, N]
-    node_experts = [
-        refill(anchors(held[layer], demand[layer]), demand[layer], topology.slots_per_node)
-        for layer in range(current.num_layers)
-    ]
+    node_experts = []
+    for layer in range(current.num_layers):
+        nodes = refill(anchors(held[layer], demand[layer]), demand[layer], topology.slots_per_node)
+        node_experts.append(rebalance(nodes, demand[layer], topology.speed_array, max_swaps))
     return plan_from_node_lists(node_experts, topology, current.num_experts)
 
 

@@ -68,10 +68,15 @@ def refine(nodes: list[list[int]], per_replica: np.ndarray, speeds: np.ndarray,
     return [items[owner == n].tolist() for n in range(len(nodes))]
 
 
-def _best_swap(owner, items, per_replica, speeds):
-    """(physical on the last node, physical elsewhere) whose swap lowers the later finish most."""
+def _best_swap(owner, items, per_replica, speeds, offset=None):
+    """(physical on the last node, physical elsewhere) whose swap lowers the later finish most.
+
+    offset: `[nodes]` load the nodes carry besides these items.
+    """
     num_nodes = len(speeds)
     node_load = np.bincount(owner, per_replica[items], minlength=num_nodes)
+    if offset is not None:
+        node_load = node_load + offset
     held = np.zeros((num_nodes, len(per_replica)), dtype=bool)  # [nodes, experts]
     held[owner, items] = True
     worst = int(np.argmax(node_load / speeds))

@@ -44,8 +44,11 @@ class Calibration:
     load: `[layers, experts]` token-expert pairs; profiles: `[requests, layers, experts]`.
     """
 
-    def __init__(self, load: np.ndarray, profiles: np.ndarray, name: str = ""):
+    def __init__(self, load: np.ndarray, profiles: np.ndarray, name: str = "",
+                 request_ids: np.ndarray | None = None):
         self.load, self.profiles, self.name = load, profiles, name
+        self.request_ids = request_ids  # [requests] served request ids, for a window
+        self.request_node: np.ndarray | None = None  # [requests] where they run, if known
 
     @classmethod
     def from_trace(cls, trace) -> "Calibration":
@@ -68,4 +71,4 @@ class Calibration:
         counts = np.bincount(cell.ravel(), minlength=len(ids) * num_layers * num_experts)
         profiles = counts.reshape(len(ids), num_layers, num_experts).astype(np.float64)
         profiles /= np.bincount(index, minlength=len(ids))[:, None, None]
-        return cls(expert_load(flat, num_experts), profiles, name)
+        return cls(expert_load(flat, num_experts), profiles, name, ids)

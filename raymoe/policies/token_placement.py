@@ -64,6 +64,22 @@ class RequestPlacer:
         return self.state.node[self.batches.request[step]]
 
 
+    def reseat(self, step: int, affinity: AffinityFn) -> int:
+        """Re-place the requests running at `step` after a new plan; returns how many moved.
+
+        A moved request's KV follows it through the KV pool; the count is the cost.
+        """
+        state, requests = self.state, self.batches.request[step]
+        placed = requests[state.is_final[requests]]
+        before = state.node[placed].copy()
+        np.subtract.at(state.count, before, 1)
+        state.node[placed] = -1
+        scores = affinity(placed, step)
+        for i in _decided_first(scores):
+            state.put(int(placed[i]), _best_node(state, scores[i], placed[i]), is_final=True)
+        return int((state.node[placed] != before).sum())
+
+
 def place_requests(batches: DecodeBatches, speeds: np.ndarray, affinity: AffinityFn | None,
                    warmup_tokens: int = 8, cap_slack: float = 0.1) -> np.ndarray:
     """`[steps, batch]` node of each running request's token at each step."""
@@ -109,11 +125,16 @@ def _admit(state, batches, step, affinity, warmup_tokens) -> None:
             state.put(int(request), state.least_loaded(), is_final=True)
         return
     scores = affinity(ready, step)  # [n, nodes]
-    # Most decided requests choose first, so a near-tie does not take a contested seat.
+    for i in _decided_first(scores):
+        state.put(int(ready[i]), _best_node(state, scores[i], ready[i]), is_final=True)
+
+
+def _decided_first(scores: np.ndarray) -> np.ndarray:
+    """Order in which requests choose: most decided first, so a near-tie does not take a
+    contested seat. scores: `[requests, nodes]`."""
     ranked = np.sort(scores, axis=1)
     margin = ranked[:, -1] - (ranked[:, -2] if scores.shape[1] > 1 else 0.0)
-    for i in np.argsort(-margin, kind="stable"):
-        state.put(int(ready[i]), _best_node(state, scores[i], ready[i]), is_final=True)
+    return np.argsort(-margin, kind="stable")
 
 
 def _best_node(state: _Placement, scores: np.ndarray, request: int) -> int:

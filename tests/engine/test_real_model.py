@@ -17,7 +17,8 @@ def test_staggered_chunked_batching_is_lossless(checkpoint_dir):
 
     path = checkpoint_dir("mixtral")
     model = load_model(path)
-    engine = LLMEngine(model, None, EngineConfig(max_num_batched_tokens=16, max_num_seqs=3, kv_cache_bytes=4 << 20))
+    config = EngineConfig(max_num_batched_tokens=16, max_num_seqs=3, kv_cache_bytes=4 << 20)
+    engine = LLMEngine(model, None, config)
     out: dict[str, list[int]] = {}
     for i, prompt in enumerate(PROMPTS):  # prompt i joins at step 2 * i
         engine.add_request(prompt, PARAMS, request_id=str(i))

@@ -44,7 +44,8 @@ def test_seeded_output_does_not_depend_on_batch_mates():
     x = logits(4, seed=1)
     mine = SamplingParams(temperature=0.9, top_k=20, top_p=0.9, seed=7)
     alone = draw(x[2:3], [mine], [7], 20)[0]
-    mates = [SamplingParams(temperature=0.0), SamplingParams(temperature=1.3), mine, SamplingParams(top_p=0.5, seed=3)]
+    mates = [SamplingParams(temperature=0), SamplingParams(temperature=1.3), mine]
+    mates.append(SamplingParams(top_p=0.5, seed=3))
     together = draw(x, mates, [None, None, 7, 3], 20)
     assert together[2] == alone
 

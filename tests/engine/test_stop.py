@@ -108,5 +108,6 @@ def test_engine_stop_token_ids(make_engine):
     engine = make_engine()
     engine.add_request([3, 4, 5], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), request_id="a")
     ids = run_to_end(engine)["a"]
-    engine.add_request([3, 4, 5], SamplingParams(temperature=0, max_tokens=8, stop_token_ids=[ids[3]]), request_id="b")
+    params = SamplingParams(temperature=0, max_tokens=8, stop_token_ids=[ids[3]])
+    engine.add_request([3, 4, 5], params, request_id="b")
     assert run_to_end(engine)["b"] == ids[: ids.index(ids[3]) + 1]
