@@ -20,6 +20,7 @@ import json
 import os
 import random
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -31,7 +32,7 @@ SERVING = dict(num_requests=128, prompt_range=(4, 200), output_range=(8, 256), m
 FIXED_BATCHES = (1, 8, 32)
 FIXED_PROMPT, FIXED_DECODE = 32, 64
 MIXTRAL_SHAPE = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=8,
-                     num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2, vocab_size=1024)  # fmt: skip
+                     num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2, vocab_size=4096)  # fmt: skip
 
 
 def serving_requests(vocab_size: int, num_requests: int) -> list[tuple[list[int], int]]:
@@ -160,10 +161,12 @@ def prepare_models(workdir: Path) -> dict[str, Path]:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
     from checkpoints import build_checkpoint
 
-    mixtral = workdir / "mixtral-shaped"
+    builtin, mixtral = builtin_model_path(), workdir / "mixtral-shaped"
     if not (mixtral / "config.json").is_file():
         build_checkpoint("mixtral", mixtral, **MIXTRAL_SHAPE)
-    return {"builtin": builtin_model_path(), "mixtral_shaped": mixtral}
+        for name in ("tokenizer.json", "tokenizer_config.json"):  # same 4096-token vocabulary
+            shutil.copy(builtin / name, mixtral / name)
+    return {"builtin": builtin, "mixtral_shaped": mixtral}
 
 
 def vllm_available() -> bool:

@@ -94,12 +94,9 @@ class LayerExperts:
         group_of_row = torch.repeat_interleave(torch.arange(len(present)), counts)
         dest = group_of_row * cap + torch.arange(rows.shape[0]) - starts[group_of_row]  # [P]
         padded = rows.new_zeros(len(present) * cap, rows.shape[1]).index_copy_(0, dest, rows)
-        gate_up, down = self.gate_up_t, self.down_t
-        if len(present) != len(self.expert_ids):
-            sel = torch.tensor([self.local[e] for e in present])
-            gate_up, down = gate_up[sel], down[sel]
-        gate, up = torch.bmm(padded.view(len(present), cap, -1), gate_up).chunk(2, dim=-1)
-        out = torch.bmm(F.silu(gate) * up, down)  # [groups, cap, H]
+        assert present == self.expert_ids, "padded path runs every held expert, each with rows"
+        gate, up = torch.bmm(padded.view(len(present), cap, -1), self.gate_up_t).chunk(2, dim=-1)
+        out = torch.bmm(F.silu(gate) * up, self.down_t)  # [n, cap, H]
         return out.view(-1, out.shape[-1])[dest]
 
 
@@ -136,15 +133,17 @@ class ExpertStore:
     def run_groups(self, layer: int, rows: torch.Tensor, groups: TokenGroups) -> torch.Tensor:
         """rows: [P, H] sorted by expert -> [P, H] expert outputs.
 
-        Padded batched matmuls while padding at most doubles the rows; else one chain per expert."""
+        Two batched matmuls over every held expert when each has rows and padding at most doubles
+        them (decode batches); else one matmul chain per expert, reading only the experts used."""
         present = [c for c in groups.counts if c]
         if not present:
             return torch.empty_like(rows)
-        if max(present) * len(present) <= 2 * rows.shape[0]:
-            return self.layers[layer].run_padded(rows, groups)
+        held = self.layers[layer]
+        if len(present) == len(held.expert_ids) and max(present) * len(present) <= 2 * rows.shape[0]:
+            return held.run_padded(rows, groups)
         out = torch.empty_like(rows)
         for expert, start, end in groups.expert_ranges():
-            out[start:end] = self.run_group(layer, expert, rows[start:end])
+            out[start:end] = held.run_one(expert, rows[start:end])
         return out
 
     def nbytes(self) -> int:

@@ -20,7 +20,7 @@ from raymoe.policies.dispatch import layer_loads
 from raymoe.policies.plan import Plan
 from raymoe.policies.registry import get_policy
 from raymoe.policies.stats import Calibration
-from raymoe.policies.replan import incremental_plan
+from raymoe.policies.replan import align, incremental_plan
 from raymoe.policies.token_placement import RequestPlacer, node_affinity, warmup_profiles
 from raymoe.policies.topology import Topology
 from raymoe.policies.traces import DecodeBatches, Trace, decode_batches
@@ -87,7 +87,8 @@ def _replan(spec, current, batches, window, demand, topology, options, placer):
                                      current.num_experts)
     if spec.replan == "regroup":
         recent.request_node = placer.state.node[recent.request_ids]
-    return spec.build(recent, topology, **options)
+        return spec.build(recent, topology, **options)  # nodes keep identity through init
+    return align(current, spec.build(recent, topology, **options), topology)
 
 
 def _step_loads(experts, token_node, replicas, topology, mode):

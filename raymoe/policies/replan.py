@@ -106,3 +106,35 @@ def load_drift(planned: np.ndarray, recent: np.ndarray) -> float:
     p = planned / np.maximum(planned.sum(1, keepdims=True), 1e-12)
     q = recent / np.maximum(recent.sum(1, keepdims=True), 1e-12)
     return float(0.5 * np.abs(p - q).sum(1).mean())
+
+
+def align(current: Plan, new: Plan, topology: Topology) -> Plan:
+    """`new` with its nodes' expert sets relabelled to keep as many copies in place as can be.
+
+    Which equal-speed node gets which set of experts is arbitrary in a fresh plan; matching
+    each set to the old node that already holds most of it saves those weight moves.
+    Only nodes of the same speed swap sets, so the plan's balance is unchanged.
+    """
+    old_held = current.replicas_on_node(topology.num_nodes)  # [L, E, N]
+    new_held = new.replicas_on_node(topology.num_nodes)
+    speeds = np.asarray(topology.speeds)
+    phy2node = new.phy2node.copy()
+    for layer in range(new.num_layers):
+        overlap = new_held[layer].T @ (old_held[layer] > 0)  # [new node, old node] kept copies
+        overlap = overlap.astype(np.float64)
+        overlap[speeds[:, None] != speeds[None, :]] = -np.inf
+        relabel = _greedy_match(overlap)
+        phy2node[layer] = relabel[new.phy2node[layer]]
+    return Plan(new.phy2log.copy(), phy2node, new.logcnt.copy())
+
+
+def _greedy_match(score: np.ndarray) -> np.ndarray:
+    """`[rows]` a column per row, one-to-one, taking the highest remaining score first."""
+    out = np.full(score.shape[0], -1, dtype=np.int64)
+    score = score.copy()
+    for _ in range(score.shape[0]):
+        row, col = np.unravel_index(np.argmax(score), score.shape)
+        out[row] = col
+        score[row, :] = -np.inf
+        score[:, col] = -np.inf
+    return out

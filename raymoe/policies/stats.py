@@ -22,10 +22,22 @@ def one_hot(experts: np.ndarray, num_experts: int) -> np.ndarray:
     return out
 
 
+def pair_counts(first: np.ndarray, second: np.ndarray, num_experts: int) -> np.ndarray:
+    """`[layers, experts, experts]` tokens with expert e in `first` and f in `second`.
+
+    first, second: `[T, layers, k]` (the same array for co-activation, consecutive layers
+    for transitions).
+    """
+    num_layers = first.shape[1]
+    layer = np.arange(num_layers)[None, :, None, None]
+    cell = (layer * num_experts + first[..., :, None]) * num_experts + second[..., None, :]
+    counts = np.bincount(cell.ravel(), minlength=num_layers * num_experts * num_experts)
+    return counts.reshape(num_layers, num_experts, num_experts).astype(np.float64)
+
+
 def coactivation(experts: np.ndarray, num_experts: int) -> np.ndarray:
     """`[layers, experts, experts]` how often two experts serve the same token at a layer."""
-    hot = one_hot(experts, num_experts)  # [T, L, E]
-    return np.einsum("tle,tlf->lef", hot, hot, optimize=True).astype(np.float64)
+    return pair_counts(experts, experts, num_experts)
 
 
 def sequence_profiles(sequences: list[np.ndarray], num_experts: int) -> np.ndarray:
