@@ -133,13 +133,13 @@ class ExpertStore:
     def run_groups(self, layer: int, rows: torch.Tensor, groups: TokenGroups) -> torch.Tensor:
         """rows: [P, H] sorted by expert -> [P, H] expert outputs.
 
-        Two batched matmuls over every held expert when each has rows and padding at most doubles
+        Two batched matmuls over every held expert when each has rows and padding at most quadruples
         them (decode batches); else one matmul chain per expert, reading only the experts used."""
         present = [c for c in groups.counts if c]
         if not present:
             return torch.empty_like(rows)
         held = self.layers[layer]
-        if len(present) == len(held.expert_ids) and max(present) * len(present) <= 2 * rows.shape[0]:
+        if len(present) == len(held.expert_ids) and max(present) * len(present) <= 4 * rows.shape[0]:
             return held.run_padded(rows, groups)
         out = torch.empty_like(rows)
         for expert, start, end in groups.expert_ranges():

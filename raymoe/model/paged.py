@@ -46,10 +46,11 @@ class AttentionBatch:
     context_lens: list[int]  # [B] tokens in the KV after this step (cached + new)
     positions: torch.Tensor  # [T] absolute position of each new token
     slot_mapping: torch.Tensor  # [T] flat pool slot where each new token's KV is written
-    context_slots: torch.Tensor  # [B, max_ctx] flat pool slots of each sequence's context (padded: 0)
+    block_tables: torch.Tensor  # [B, max_blocks] each sequence's context blocks (padded: block 0)
     query_index: torch.Tensor  # [B, max_q] index into the T tokens (padded: T, a zero row)
     token_index: torch.Tensor  # [T] position of each token in the flattened [B * max_q] layout
-    _masks: dict = field(default_factory=dict)  # sliding window (None = full) -> [B, 1, max_q, max_ctx]
+    block_size: int
+    _masks: dict = field(default_factory=dict)  # sliding window (None = full) -> mask
 
     @property
     def num_tokens(self) -> int:
@@ -65,13 +66,9 @@ class AttentionBatch:
     ) -> "AttentionBatch":
         """Everything is derived from per-sequence lengths and block tables (vectorised: built every step)."""
         assert len(query_lens) == len(context_lens) == len(block_tables)
-        num_seqs, max_q, max_ctx = len(query_lens), max(query_lens), max(context_lens)
+        max_q, max_ctx = max(query_lens), max(context_lens)
         max_blocks = (max_ctx + block_size - 1) // block_size
         tables = torch.tensor([t[:max_blocks] + [0] * (max_blocks - len(t[:max_blocks])) for t in block_tables])
-        pos = torch.arange(max_ctx)
-        context_slots = tables[:, pos // block_size] * block_size + pos % block_size  # [B, max_ctx]
-        ctx_t = torch.tensor(context_lens)
-        context_slots.masked_fill_(pos[None, :] >= ctx_t[:, None], 0)
         rows = [b for b, q in enumerate(query_lens) for _ in range(q)]  # [T] sequence of each token
         cols = [c - q + j for q, c in zip(query_lens, context_lens) for j in range(q)]  # [T] its position
         rows_t, positions = torch.tensor(rows, dtype=torch.long), torch.tensor(cols, dtype=torch.long)
@@ -83,14 +80,16 @@ class AttentionBatch:
             query_lens=list(query_lens),
             context_lens=list(context_lens),
             positions=positions,
-            slot_mapping=context_slots[rows_t, positions],
-            context_slots=context_slots,
+            slot_mapping=tables[rows_t, positions // block_size] * block_size + positions % block_size,
+            block_tables=tables,
             query_index=query_index,
             token_index=rows_t * max_q + within,
+            block_size=block_size,
         )
 
     def mask(self, sliding_window: int | None = None) -> torch.Tensor:
-        """[B, 1, max_q, max_ctx] bool, True where a query may attend to a key (causal, in window)."""
+        """[B, 1, max_q, max_blocks * block_size] bool, True where a query may attend to a key
+        (causal, in window)."""
         if sliding_window not in self._masks:
             self._masks[sliding_window] = self._build_mask(sliding_window)
         return self._masks[sliding_window]
@@ -98,7 +97,8 @@ class AttentionBatch:
     def _build_mask(self, sliding_window: int | None) -> torch.Tensor:
         q_lens = torch.tensor(self.query_lens)[:, None, None]  # [B, 1, 1]
         ctx = torch.tensor(self.context_lens)[:, None, None]
-        max_q, max_ctx = self.query_index.shape[1], self.context_slots.shape[1]
+        max_q = self.query_index.shape[1]
+        max_ctx = self.block_tables.shape[1] * self.block_size
         q_pos = ctx - q_lens + torch.arange(max_q)[None, :, None]  # [B, max_q, 1]
         k_pos = torch.arange(max_ctx)[None, None, :]  # [1, 1, max_ctx]
         mask = k_pos <= q_pos
@@ -119,8 +119,11 @@ def write_kv(cache: tuple[torch.Tensor, torch.Tensor], batch: AttentionBatch, k:
 
 
 def gather_context(cache_part: torch.Tensor, batch: AttentionBatch) -> torch.Tensor:
-    """[num_blocks, block_size, heads, d] pool -> [B, max_ctx, heads, d] per-sequence context."""
-    return cache_part.view(-1, *cache_part.shape[2:])[batch.context_slots]
+    """[num_blocks, block_size, heads, d] pool -> [B, max_blocks * block_size, heads, d] contexts
+    (whole blocks: one contiguous copy per block; keys past a sequence's length are masked)."""
+    tables = batch.block_tables
+    blocks = cache_part.index_select(0, tables.reshape(-1))  # [B * max_blocks, block_size, heads, d]
+    return blocks.view(tables.shape[0], -1, *cache_part.shape[2:])
 
 
 def pad_queries(x: torch.Tensor, batch: AttentionBatch) -> torch.Tensor:

@@ -37,6 +37,7 @@ class Replay:
     plans: list[Plan]
     plan_of_step: np.ndarray  # [steps] index into plans
     num_migrations: int = 0  # running requests moved to another node by re-plans
+    expert_pairs: np.ndarray | None = None  # [steps, layers, experts] pairs per expert
 
 
 def replay(trace: Trace, policy: str, topology: Topology, *, calibration: Trace | None = None,
@@ -57,23 +58,26 @@ def replay(trace: Trace, policy: str, topology: Topology, *, calibration: Trace 
     profiles = warmup_profiles(trace, batches, warmup_tokens) if spec.is_token_placement else None
     placer = RequestPlacer(batches, topology.speed_array, warmup_tokens, cap_slack)
     token_node, records = np.empty_like(batches.request), []
-    num_migrations = 0
+    num_migrations, demand = 0, 0.0  # demand: [L, E, N] pairs by token node, this window
     for t in range(batches.num_steps):
         if replan_every and t > 0 and t % replan_every == 0:
             window = slice(t - replan_every, t)
-            demand = sum(r[3] for r in records[window])
             plans.append(_replan(spec, plans[-1], batches, window, demand, topology, options,
                                  placer))
-            replicas = plans[-1].replicas_on_node(topology.num_nodes)
+            replicas, demand = plans[-1].replicas_on_node(topology.num_nodes), 0.0
             if spec.replan == "regroup":
                 num_migrations += placer.reseat(t - 1, _affinity_fn(profiles, replicas))
         plan_of_step[t] = len(plans) - 1
         affinity = _affinity_fn(profiles, replicas) if profiles is not None else None
         token_node[t] = placer.step(t, affinity)
-        records.append(_step_loads(batches.experts[t], token_node[t], replicas, topology,
-                                   spec.dispatch))
-    node_load, local, token_pairs = (np.stack([r[i] for r in records]) for i in range(3))
-    return Replay(node_load, local, token_pairs, token_node, plans, plan_of_step, num_migrations)
+        *record, pairs = _step_loads(batches.experts[t], token_node[t], replicas, topology,
+                                     spec.dispatch)
+        records.append(record + [pairs.sum(-1)])
+        demand = demand + pairs
+    node_load, local, token_pairs, expert_pairs = (
+        np.stack([r[i] for r in records]) for i in range(4))
+    return Replay(node_load, local, token_pairs, token_node, plans, plan_of_step, num_migrations,
+                  expert_pairs)
 
 
 def _affinity_fn(profiles, replicas):
