@@ -127,6 +127,25 @@ class BlockManager:
         seq.block_table = []
         seq.num_hashed_blocks = 0
 
+    # ----- blocks from outside (a KV pool) ----------------------------------------------------
+    def is_cached(self, hash_: int, token_ids: list[int]) -> bool:
+        block_id = self.hash_to_block_id.get(hash_)
+        return block_id is not None and self.blocks[block_id].token_ids == tuple(token_ids)
+
+    def can_adopt(self) -> bool:
+        return bool(self.free_block_ids)
+
+    def adopt(self, hash_: int, token_ids: list[int]) -> int:
+        """Take a free block for a full block whose KV the caller writes now (fetched from a pool);
+        it stays free but cached, like a freed block, so the next allocation shares it.
+        Returns its block id."""
+        block_id = self._take_free()
+        block = self.blocks[block_id]
+        block.ref_count, block.hash, block.token_ids = 0, hash_, tuple(token_ids)
+        self.hash_to_block_id[hash_] = block_id
+        self.free_block_ids[block_id] = None  # most recently freed: evicted last
+        return block_id
+
     # ----- internals -------------------------------------------------------------------------
     def _share(self, block_id: int) -> None:
         block = self.blocks[block_id]

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from raymoe.engine.block_manager import BlockManager
+from raymoe.engine.block_manager import BlockManager, block_hash
 from raymoe.engine.model_runner import ModelRunner, num_kv_blocks
 from raymoe.engine.sampling_params import SamplingParams
 from raymoe.engine.scheduler import Scheduler
@@ -86,18 +86,62 @@ class LLMEngine:
 
     # ----- requests --------------------------------------------------------------------------
     def add_request(
-        self, prompt: str | list[int], params: SamplingParams | None = None, request_id: str | None = None
+        self,
+        prompt: str | list[int],
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+        output_token_ids: list[int] = (),
     ) -> str:
-        """Queue a request; it joins the batch at the next step. Returns its request id."""
+        """Queue a request; it joins the batch at the next step. Returns its request id.
+
+        output_token_ids: tokens this request already generated elsewhere (resuming it); they count
+        towards max_tokens and are not returned again."""
         params = params if params is not None else SamplingParams()
         if not isinstance(params, SamplingParams):
             raise InvalidSamplingParams(f"params must be a SamplingParams, got {type(params).__name__}")
         request_id = self._new_request_id(request_id)
-        seq = Sequence(self._prompt_token_ids(prompt), params, request_id)
-        detokenizer = None if self.tokenizer is None else make_detokenizer(self.tokenizer, seq.prompt_token_ids)
+        prompt_ids = self._prompt_token_ids(prompt, len(output_token_ids))
+        self._check_token_ids(list(output_token_ids))
+        seq = Sequence.resumed(prompt_ids, list(output_token_ids), params, request_id)
+        detokenizer = None
+        if self.tokenizer is not None:
+            detokenizer = make_detokenizer(self.tokenizer, seq.prompt_token_ids)
+            for token_id in output_token_ids:  # already shown to the user elsewhere
+                detokenizer.push(token_id)
         self.requests[request_id] = (seq, StopChecker(params, self.eos_token_ids, self.max_model_len, detokenizer))
         self.scheduler.add(seq)
         return request_id
+
+    def import_prefix(self, token_ids: list[int], fetch) -> int:
+        """Bring the KV of `token_ids`' leading full blocks from a pool, as cached blocks, so the
+        next request with this prefix skips their compute.
+
+        fetch(keys: list[str]) -> list[Tensor | None]: exported blocks (see raymoe.cluster.kv_transfer)
+        by content key, None where the pool misses. Returns the number of prefix blocks now cached."""
+        from raymoe.cluster.kv_transfer import import_blocks
+
+        chain = block_chain(token_ids, self.config.block_size)
+        missing = [i for i, (h, toks) in enumerate(chain) if not self.block_manager.is_cached(h, toks)]
+        fetched = fetch([f"{chain[i][0]:016x}" for i in missing]) if missing else []
+        for i, block in zip(missing, fetched):
+            if block is None or not self.block_manager.can_adopt():
+                return i
+            block_id = self.block_manager.adopt(*chain[i])
+            import_blocks(self.model_runner.kv_cache, [block_id], [block])
+        return len(chain)
+
+    def export_prefix(self, token_ids: list[int]) -> tuple[list[str], list]:
+        """(keys, exported blocks) of `token_ids`' leading full blocks cached here, in order
+        (stops at the first block not cached)."""
+        from raymoe.cluster.kv_transfer import export_blocks
+
+        keys, block_ids = [], []
+        for h, tokens in block_chain(token_ids, self.config.block_size):
+            if not self.block_manager.is_cached(h, tokens):
+                break
+            keys.append(f"{h:016x}")
+            block_ids.append(self.block_manager.hash_to_block_id[h])
+        return keys, export_blocks(self.model_runner.kv_cache, block_ids) if block_ids else []
 
     def abort(self, request_id: str) -> None:
         """Drop a request wherever it is; its blocks are freed. Unknown ids are ignored."""
@@ -132,7 +176,7 @@ class LLMEngine:
                 del self.requests[out.request_id]
 
     # ----- input checks ----------------------------------------------------------------------
-    def _prompt_token_ids(self, prompt: str | list[int]) -> list[int]:
+    def _prompt_token_ids(self, prompt: str | list[int], num_outputs: int = 0) -> list[int]:
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise InvalidRequestError("this engine has no tokenizer: pass the prompt as a list of token ids")
@@ -142,8 +186,8 @@ class LLMEngine:
             self._check_token_ids(token_ids)
         if not token_ids:
             raise InvalidRequestError("the prompt is empty: pass at least one token of text")
-        if len(token_ids) + 1 > self.max_model_len:
-            raise PromptTooLongError(self._too_long_message(len(token_ids)))
+        if len(token_ids) + num_outputs + 1 > self.max_model_len:
+            raise PromptTooLongError(self._too_long_message(len(token_ids) + num_outputs))
         return token_ids
 
     def _check_token_ids(self, token_ids: list) -> None:
@@ -167,6 +211,16 @@ class LLMEngine:
         elif request_id in self.requests:
             raise InvalidRequestError(f"request id {request_id!r} is already in use; pick another")
         return request_id
+
+
+def block_chain(token_ids: list[int], block_size: int) -> list[tuple[int, list[int]]]:
+    """(hash, tokens) of each full block that a prefix hit may cover (never the last token)."""
+    chain, parent = [], None
+    for i in range((len(token_ids) - 1) // block_size):
+        tokens = list(token_ids[i * block_size : (i + 1) * block_size])
+        parent = block_hash(parent, tokens)
+        chain.append((parent, tokens))
+    return chain
 
 
 def make_detokenizer(tokenizer, prompt_ids: list[int]):

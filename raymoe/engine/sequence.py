@@ -39,6 +39,16 @@ class Sequence:
         self.finish_reason: str | None = None  # "stop" | "length" | "abort"
         self.generator = None  # the sampler's RNG for a seeded request, created on first use
 
+    @classmethod
+    def resumed(
+        cls, prompt: list[int], outputs: list[int], params: SamplingParams, request_id: str | None = None
+    ) -> "Sequence":
+        """A request that already produced `outputs` elsewhere (a prefill worker, or a decode worker
+        that died): those tokens count as generated; their KV is recomputed or taken from a pool."""
+        seq = cls(list(prompt) + list(outputs), params, request_id)
+        seq.prompt_token_ids, seq.num_prompt_tokens = list(prompt), len(prompt)
+        return seq
+
     def __len__(self) -> int:
         return len(self.token_ids)
 

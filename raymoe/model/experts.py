@@ -168,3 +168,16 @@ class LocalExperts:
         groups = group_tokens(topk_ids, topk_weights, self.num_experts)
         rows_out = self.store.run_groups(layer, x[groups.token_of_row], groups)
         return combine(rows_out, groups, x.shape[0])
+
+    def run_async(self, layer: int, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> Done:
+        return Done(self.run(layer, x, topk_ids, topk_weights))
+
+
+class Done:
+    """An already computed result, for backends without a real asynchronous path."""
+
+    def __init__(self, value: torch.Tensor):
+        self.value = value
+
+    def result(self) -> torch.Tensor:
+        return self.value

@@ -47,7 +47,8 @@ def parse_speeds(text: str | None) -> tuple[float, ...] | None:
     try:
         return tuple(float(x) for x in text.split(","))
     except ValueError:
-        raise TopologyError(f"--speeds {text!r}: give numbers separated by commas, e.g. 1,1,2,2")
+        raise TopologyError(
+            f"--speeds {text!r}: give numbers separated by commas, e.g. 1,1,2,2") from None
 
 
 def read_trace(path: Path) -> Trace:

@@ -19,11 +19,11 @@ import numpy as np
 from raymoe.policies.dispatch import layer_loads
 from raymoe.policies.plan import Plan
 from raymoe.policies.registry import get_policy
-from raymoe.policies.stats import Calibration
 from raymoe.policies.replan import align, incremental_plan
+from raymoe.policies.stats import Calibration
 from raymoe.policies.token_placement import RequestPlacer, node_affinity, warmup_profiles
 from raymoe.policies.topology import Topology
-from raymoe.policies.traces import DecodeBatches, Trace, decode_batches
+from raymoe.policies.traces import Trace, decode_batches
 
 
 @dataclass
@@ -96,14 +96,15 @@ def _replan(spec, current, batches, window, demand, topology, options, placer):
 
 
 def _step_loads(experts, token_node, replicas, topology, mode):
-    """experts: `[batch, layers, k]`; token_node: `[batch]`; replicas: `[layers, experts, nodes]`."""
+    """One step's loads. experts: `[batch, layers, k]`; token_node: `[batch]`;
+    replicas: `[layers, experts, nodes]`."""
     num_layers, num_experts, num_nodes = replicas.shape
     layer = np.arange(num_layers)[None, :, None]
     cell = (layer * num_experts + experts) * num_nodes + token_node[:, None, None]
     pairs = np.bincount(cell.ravel(), minlength=num_layers * num_experts * num_nodes)
     pairs = pairs.reshape(num_layers, num_experts, num_nodes).astype(np.float64)
-    out = [layer_loads(pairs[l], replicas[l], topology.speed_array, mode)
-           for l in range(num_layers)]
+    out = [layer_loads(pairs[i], replicas[i], topology.speed_array, mode)
+           for i in range(num_layers)]
     loads, local = (np.stack(x) for x in zip(*out))
     return loads, local, pairs.sum(1), pairs
 

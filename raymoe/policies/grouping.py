@@ -129,7 +129,8 @@ def cocluster(profiles: np.ndarray, load: np.ndarray, topology: Topology, *,
     rng = np.random.default_rng(seed)
     best, best_score = None, -np.inf
     for _ in range(1 if init is not None else num_restarts):
-        request_node = init if init is not None else rng.permutation(len(profiles)) % topology.num_nodes
+        request_node = (init if init is not None
+                        else rng.permutation(len(profiles)) % topology.num_nodes)
         for _ in range(num_iters):
             node_experts = _experts_for(profiles, request_node, load, topology, balance_slack)
             scores = np.einsum("rle,len->rn", profiles, held_mask(node_experts, load.shape[1]))

@@ -42,7 +42,8 @@ def attention_times(tokens: np.ndarray, model: ModelSpec, node: NodeSpec, speeds
                       + 4.0 * model.hidden_size * context_tokens)
     bytes_ = np.where(tokens > 0, weights, 0) + tokens * context_tokens * model.kv_bytes_per_token
     total = _roofline(flops, bytes_, node, speeds)
-    return total, np.minimum(total, np.where(tokens > 0, weights, 0) / (node.memory_bandwidth * speeds))
+    weight_time = np.where(tokens > 0, weights, 0) / (node.memory_bandwidth * speeds)
+    return total, np.minimum(total, weight_time)
 
 
 def expert_times(result: Replay, model: ModelSpec, node: NodeSpec, speeds: np.ndarray,
@@ -57,7 +58,8 @@ def expert_times(result: Replay, model: ModelSpec, node: NodeSpec, speeds: np.nd
     return total, np.minimum(total, weights / (node.memory_bandwidth * speeds))
 
 
-def network_times(result: Replay, model: ModelSpec, node: NodeSpec) -> tuple[np.ndarray, np.ndarray]:
+def network_times(result: Replay, model: ModelSpec,
+                  node: NodeSpec) -> tuple[np.ndarray, np.ndarray]:
     """(seconds per dispatch `[steps, layers]`, bytes each way `[steps, layers]`)."""
     sent = result.token_pairs - result.local  # [T, L, N] pairs leaving each node
     received = result.node_load - result.local

@@ -2,8 +2,13 @@ import numpy as np
 import pytest
 
 from raymoe.policies import Topology
-from raymoe.policies.eplb import (balanced_packing, contiguous_plan, eplb_plan,
-                                  rebalance_experts, replicate_experts)
+from raymoe.policies.eplb import (
+    balanced_packing,
+    contiguous_plan,
+    eplb_plan,
+    rebalance_experts,
+    replicate_experts,
+)
 
 # The worked example published with DeepSeek's EPLB (README), with its printed output.
 WEIGHT = np.array([[90, 132, 40, 61, 104, 165, 39, 4, 73, 56, 183, 86],

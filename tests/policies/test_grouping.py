@@ -1,8 +1,13 @@
 import numpy as np
 
 from raymoe.policies import Topology
-from raymoe.policies.grouping import (add_replicas, balanced_assign, base_slot_counts,
-                                      cocluster, grouping_plan)
+from raymoe.policies.grouping import (
+    add_replicas,
+    balanced_assign,
+    base_slot_counts,
+    cocluster,
+    grouping_plan,
+)
 
 
 def test_base_slot_counts_follow_speed_within_slots():

@@ -1,8 +1,15 @@
 import numpy as np
 
-from raymoe.policies.prediction import (by_token_id, predictor_recall, previous_layer,
-                                        previous_token, recall, token_table, top_m,
-                                        transition_table)
+from raymoe.policies.prediction import (
+    by_token_id,
+    predictor_recall,
+    previous_layer,
+    previous_token,
+    recall,
+    token_table,
+    top_m,
+    transition_table,
+)
 from tests.policies.tiny import tiny_trace
 
 

@@ -3,8 +3,7 @@ import numpy as np
 from raymoe.policies import Topology
 from raymoe.policies.evaluate import experts_moved
 from raymoe.policies.plan import plan_from_node_lists
-from raymoe.policies.replan import (align, anchors, incremental_plan, load_drift, rebalance,
-                                    refill)
+from raymoe.policies.replan import align, anchors, incremental_plan, load_drift, rebalance, refill
 
 
 def test_anchor_keeps_sole_copies_and_prefers_demand():

@@ -1,7 +1,6 @@
 import numpy as np
 
-from raymoe.policies.token_placement import (RequestPlacer, node_affinity, node_caps,
-                                             place_requests)
+from raymoe.policies.token_placement import RequestPlacer, node_affinity, node_caps, place_requests
 from raymoe.policies.traces import DecodeBatches
 
 

@@ -4,8 +4,16 @@ import numpy as np
 import pytest
 
 from raymoe.policies import Topology
-from raymoe.sim import (DEEPSEEK_V3, MIXTRAL_8X7B, OLMOE_1B_7B, NodeSpec, SimulationError,
-                        lift_trace, simulate, step_time_error)
+from raymoe.sim import (
+    DEEPSEEK_V3,
+    MIXTRAL_8X7B,
+    OLMOE_1B_7B,
+    NodeSpec,
+    SimulationError,
+    lift_trace,
+    simulate,
+    step_time_error,
+)
 from tests.policies.tiny import tiny_trace
 
 TINY = dataclasses.replace(OLMOE_1B_7B, name="tiny", num_layers=2, num_moe_layers=2,

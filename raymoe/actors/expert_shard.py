@@ -1,0 +1,168 @@
+"""Expert shard: holds some physical experts (any layers) and runs grouped expert FFNs for the rows
+it is sent.
+
+`ExpertShardCore` is the plain class (tests build it without Ray); `ExpertShard` is the thin Ray
+actor over it. A shard reads from the checkpoint only the tensors of the experts it holds. Placement
+changes come as `load` (phase 1: add the new replicas) and `free` (after the old epoch drained).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Iterable
+
+import ray
+import torch
+
+from raymoe.errors import ConfigError, RaymoeError
+from raymoe.model.checkpoint import Checkpoint
+from raymoe.model.experts import ExpertStore, LayerExperts, TokenGroups, expert_prefix
+from raymoe.model.layers import SwiGLU
+from raymoe.model.spec import load_spec
+
+ExpertKey = tuple[int, int]  # (layer, logical expert)
+
+
+class ExpertNotHeldError(RaymoeError, KeyError):
+    """A shard was sent rows for an expert it does not hold (a stale placement: re-route)."""
+
+
+def run_expert_groups(
+    store: ExpertStore, num_experts: int, layer: int, rows: torch.Tensor, expert_ids: list[int], counts: list[int]
+) -> torch.Tensor:
+    """rows [N, H], sorted into contiguous groups (`expert_ids[i]` has `counts[i]` rows) -> [N, H].
+
+    Ascending expert ids take `ExpertStore.run_groups` (batched when every held expert has rows);
+    any other order runs one matmul chain per group."""
+    pairs = [(e, c) for e, c in zip(expert_ids, counts) if c]
+    ids = [e for e, _ in pairs]
+    if ids == sorted(set(ids)):
+        full = [0] * num_experts
+        for e, c in pairs:
+            full[e] = c
+        empty = rows.new_empty(0, dtype=torch.long)
+        return store.run_groups(layer, rows, TokenGroups(empty, empty, full))
+    out, start = torch.empty_like(rows), 0
+    for e, c in pairs:
+        out[start : start + c] = store.run_group(layer, e, rows[start : start + c])
+        start += c
+    return out
+
+
+class ExpertShardCore:
+    """The experts one shard holds, loadable and freeable one (layer, expert) at a time."""
+
+    def __init__(self, model_path: str, experts: Iterable[ExpertKey], dtype: str = "float32", device: str = "cpu"):
+        self.spec = load_spec(model_path)
+        self.ckpt = Checkpoint(model_path)
+        self.dtype = _torch_dtype(dtype)
+        self.device = torch.device(device)
+        self.weights: dict[ExpertKey, SwiGLU] = {}  # the held experts, unstacked (for restacking)
+        self.store = ExpertStore({})
+        self.last_compute_s = 0.0  # wall time of the last `run`, for the step breakdown
+        self.load(experts)
+
+    def load(self, experts: Iterable[ExpertKey]) -> None:
+        """Add experts (already held ones are skipped): reads only their tensors."""
+        new = [self._check(key) for key in experts if tuple(key) not in self.weights]
+        for layer, e in new:
+            prefix, names = expert_prefix(self.spec, layer, e)
+            w = SwiGLU.load(self.ckpt, prefix, self.dtype, names)
+            self.weights[(layer, e)] = SwiGLU(w.gate_up.to(self.device), w.down.to(self.device))
+        self._restack({layer for layer, _ in new})
+
+    def free(self, experts: Iterable[ExpertKey]) -> None:
+        """Drop experts (ones not held are ignored)."""
+        gone = [tuple(key) for key in experts if tuple(key) in self.weights]
+        for key in gone:
+            del self.weights[key]
+        self._restack({layer for layer, _ in gone})
+
+    def held(self) -> list[ExpertKey]:
+        return sorted(self.weights)
+
+    def holds(self, layer: int, expert: int) -> bool:
+        return (layer, expert) in self.weights
+
+    def nbytes(self) -> int:
+        return self.store.nbytes()
+
+    def run(self, layer: int, rows: torch.Tensor, expert_ids: list[int], counts: list[int]) -> torch.Tensor:
+        """rows [N, H] in contiguous groups (`expert_ids` order, `counts` rows each) -> outputs [N, H]."""
+        start = time.perf_counter()
+        missing = [e for e in expert_ids if not self.holds(layer, e)]
+        if missing:
+            raise ExpertNotHeldError(f"layer {layer}: experts {missing} are not held here (stale placement)")
+        if sum(counts) != rows.shape[0]:
+            raise ValueError(f"counts {counts} sum to {sum(counts)}, but {rows.shape[0]} rows came")
+        x = rows.to(self.device, self.dtype)
+        out = run_expert_groups(self.store, self.spec.num_experts, layer, x, expert_ids, counts)
+        self.last_compute_s = time.perf_counter() - start
+        return out.to(rows.dtype)
+
+    def _check(self, key) -> ExpertKey:
+        layer, e = int(key[0]), int(key[1])
+        if layer not in self.spec.moe_layer_ids or not 0 <= e < self.spec.num_experts:
+            raise ConfigError(
+                f"expert {(layer, e)} does not exist: MoE layers are {self.spec.moe_layer_ids}, "
+                f"experts 0..{self.spec.num_experts - 1}"
+            )
+        return layer, e
+
+    def _restack(self, layers: set[int]) -> None:
+        for layer in layers:
+            experts = {e: w for (lay, e), w in self.weights.items() if lay == layer}
+            if experts:
+                self.store.layers[layer] = LayerExperts.stack(experts)
+            else:
+                self.store.layers.pop(layer, None)
+
+
+def _torch_dtype(name: str) -> torch.dtype:
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype):
+        raise ConfigError(f"dtype {name!r} is not a torch dtype; use float32, bfloat16 or float16")
+    return dtype
+
+
+@ray.remote(num_cpus=0)
+class ExpertShard:
+    """Ray actor over `ExpertShardCore`. `run` returns (outputs, compute seconds)."""
+
+    def __init__(self, model_path: str, experts: list[ExpertKey], dtype: str = "float32", device: str = "cpu"):
+        torch.set_num_threads(1)  # shards share the node's cores with workers and other shards
+        self.core = ExpertShardCore(model_path, experts, dtype, device)
+
+    def ping(self) -> str:
+        return ray.get_runtime_context().get_node_id()
+
+    def load(self, experts: list[ExpertKey]) -> int:
+        self.core.load(experts)
+        return len(self.core.weights)
+
+    def free(self, experts: list[ExpertKey]) -> int:
+        self.core.free(experts)
+        return len(self.core.weights)
+
+    def held(self) -> list[ExpertKey]:
+        return self.core.held()
+
+    def run(self, layer: int, rows: torch.Tensor, expert_ids: list[int], counts: list[int]):
+        out = self.core.run(layer, rows, expert_ids, counts)
+        return out, self.core.last_compute_s
+
+    def join_collective(self, world_size: int, rank: int, backend: str, group_name: str) -> None:
+        from raymoe.cluster.transport_nccl import join_group
+
+        join_group(world_size, rank, backend, group_name)
+
+    def leave_collective(self, group_name: str) -> None:
+        from raymoe.cluster.transport_nccl import leave_group
+
+        leave_group(group_name)
+
+    def run_collective(self, group_name: str, src_rank: int, layer: int, num_rows: int, expert_ids, counts) -> float:
+        """Receive rows from `src_rank` over the collective group, run them, send the outputs back."""
+        from raymoe.cluster.transport_nccl import serve_rows
+
+        return serve_rows(self.core, group_name, src_rank, layer, num_rows, expert_ids, counts)
