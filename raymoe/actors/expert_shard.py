@@ -23,7 +23,7 @@ from raymoe.model.spec import load_spec
 ExpertKey = tuple[int, int]  # (layer, logical expert)
 
 
-class ExpertNotHeldError(RaymoeError, KeyError):
+class ExpertNotHeldError(RaymoeError):
     """A shard was sent rows for an expert it does not hold (a stale placement: re-route)."""
 
 
@@ -161,8 +161,8 @@ class ExpertShard:
 
         leave_group(group_name)
 
-    def run_collective(self, group_name: str, src_rank: int, layer: int, num_rows: int, expert_ids, counts) -> float:
+    def run_collective(self, group_name: str, src_rank: int, layer: int, num_rows: int, expert_ids, counts, dtype):
         """Receive rows from `src_rank` over the collective group, run them, send the outputs back."""
         from raymoe.cluster.transport_nccl import serve_rows
 
-        return serve_rows(self.core, group_name, src_rank, layer, num_rows, expert_ids, counts)
+        return serve_rows(self.core, group_name, src_rank, layer, num_rows, expert_ids, counts, dtype)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 from raymoe.policies.plan import Plan, plan_from_node_lists
-from raymoe.policies.replication import _best_swap
+from raymoe.policies.replication import best_swap
 from raymoe.policies.topology import Topology
 
 
@@ -76,7 +76,7 @@ def rebalance(nodes: list[list[int]], demand: np.ndarray, speeds: np.ndarray,
     owner = np.array([n for n, m in enumerate(nodes) for e in m if is_single[e]], dtype=np.int64)
     items = np.array([e for m in nodes for e in m if is_single[e]], dtype=np.int64)
     for _ in range(max_swaps):
-        swap = _best_swap(owner, items, single, speeds, offset) if len(items) else None
+        swap = best_swap(owner, items, single, speeds, offset) if len(items) else None
         if swap is None:
             break
         a, b = swap

@@ -60,7 +60,7 @@ def refine(nodes: list[list[int]], per_replica: np.ndarray, speeds: np.ndarray,
     owner = np.repeat(np.arange(len(nodes)), [len(n) for n in nodes])  # [physical]
     items = np.array([e for n in nodes for e in n], dtype=np.int64)  # [physical]
     for _ in range(max_swaps):
-        swap = _best_swap(owner, items, per_replica, speeds)
+        swap = best_swap(owner, items, per_replica, speeds)
         if swap is None:
             break
         a, b = swap
@@ -68,7 +68,7 @@ def refine(nodes: list[list[int]], per_replica: np.ndarray, speeds: np.ndarray,
     return [items[owner == n].tolist() for n in range(len(nodes))]
 
 
-def _best_swap(owner, items, per_replica, speeds, offset=None):
+def best_swap(owner, items, per_replica, speeds, offset=None):
     """(physical on the last node, physical elsewhere) whose swap lowers the later finish most.
 
     offset: `[nodes]` load the nodes carry besides these items.

@@ -2,14 +2,24 @@
 the real 3-node cluster: entries outlive their producer, same-node reads are zero-copy, eviction
 under a small capacity keeps what is read back correct."""
 
+import sys
+import time
 import uuid
 
 import numpy as np
 import pytest
+import ray
 import torch
+from ray import cloudpickle
+from ray.exceptions import RayActorError
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from raymoe.actors.kv_pool import KVPoolClient, KVPoolCore, get_or_create_pool, pool_name
 from raymoe.errors import ConfigError
+
+from conftest import node_id_with
+
+cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import this test module
 
 VALUE_BYTES = 40  # np.float32 x 10
 
@@ -104,53 +114,53 @@ def make_blocks(seed: int, n: int) -> list[torch.Tensor]:
     return [row.clone() for row in flat]
 
 
-@pytest.fixture(scope="module")
-def peer_class(ray_cluster):
-    """A worker that writes or reads pool blocks (defined here so Ray ships it by value)."""
-    import ray
+@ray.remote(num_cpus=0)
+class Peer:
+    """A worker that writes or reads pool blocks."""
 
-    @ray.remote(num_cpus=0)
-    class Peer:
-        def __init__(self):
-            torch.set_num_threads(1)
+    def __init__(self):
+        torch.set_num_threads(1)
 
-        def node_id(self) -> str:
-            return ray.get_runtime_context().get_node_id()
+    def node_id(self) -> str:
+        return ray.get_runtime_context().get_node_id()
 
-        def put(self, pool, keys, seed):
-            return KVPoolClient(pool).put_blocks(keys, make_blocks(seed, len(keys)))
+    def put(self, pool, keys, seed):
+        return KVPoolClient(pool).put_blocks(keys, make_blocks(seed, len(keys)))
 
-        def read(self, pool, keys):
-            """Blocks as read here, and whether the read mapped the object store's memory."""
-            blocks = KVPoolClient(pool).get_blocks(keys)
-            ref = ray.get(pool.get_refs.remote(keys[:1]))[0]
-            first, again = ray.get(ref), ray.get(ref)
-            is_zero_copy = (
-                not first.flags.writeable
-                and not first.flags.owndata
-                and first.ctypes.data == again.ctypes.data == blocks[0].data_ptr()
-            )
-            return [b.clone() for b in blocks], is_zero_copy
-
-    return Peer
+    def read(self, pool, keys):
+        """Blocks as read here, and whether the read mapped the object store's memory."""
+        blocks = KVPoolClient(pool).get_blocks(keys)
+        ref = ray.get(pool.get_refs.remote(keys[:1]))[0]
+        first, again = ray.get(ref), ray.get(ref)
+        is_zero_copy = (
+            not first.flags.writeable
+            and not first.flags.owndata
+            and first.ctypes.data == again.ctypes.data == blocks[0].data_ptr()
+        )
+        return [None if b is None else b.clone() for b in blocks], is_zero_copy
 
 
 def on_node(actor_class, node_id):
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
     return actor_class.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False)).remote()
+
+
+def wait_until_dead(peer, timeout_s: float = 30) -> None:
+    """ray.kill is asynchronous: calls may still run for a moment after it."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            ray.get(peer.node_id.remote(), timeout=timeout_s)
+        except RayActorError:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"{peer} still alive {timeout_s} s after ray.kill")
 
 
 def fresh_namespace() -> str:
     return f"kvpool-test-{uuid.uuid4().hex[:8]}"
 
 
-def test_blocks_outlive_their_producer_and_same_node_reads_are_zero_copy(peer_class):
-    import ray
-    from ray.exceptions import RayActorError
-
-    from conftest import node_id_with
-
+def test_blocks_outlive_their_producer_and_same_node_reads_are_zero_copy(ray_cluster):
     node_b, node_c = node_id_with("node_b"), node_id_with("node_c")
     namespace = fresh_namespace()
     pool = get_or_create_pool(node_b, 1 << 20, namespace)
@@ -159,13 +169,12 @@ def test_blocks_outlive_their_producer_and_same_node_reads_are_zero_copy(peer_cl
     assert ray.get_actor(pool_name(node_b), namespace=namespace)._actor_id == pool._actor_id
 
     keys = [f"block-{i}" for i in range(4)]
-    producer = on_node(peer_class, node_c)
+    producer = on_node(Peer, node_c)
     assert ray.get(producer.put.remote(pool, keys, seed=7), timeout=60) == [True] * 4
     ray.kill(producer)
-    with pytest.raises(RayActorError):
-        ray.get(producer.node_id.remote(), timeout=30)
+    wait_until_dead(producer)
 
-    reader = on_node(peer_class, node_b)
+    reader = on_node(Peer, node_b)
     blocks, is_zero_copy = ray.get(reader.read.remote(pool, keys + ["missing"]), timeout=60)
     expected = make_blocks(7, 4)
     assert all(torch.equal(got, want) for got, want in zip(blocks[:4], expected)) and blocks[4] is None
@@ -179,10 +188,6 @@ def test_blocks_outlive_their_producer_and_same_node_reads_are_zero_copy(peer_cl
 
 
 def test_eviction_under_a_small_capacity_keeps_reads_correct(ray_cluster):
-    import ray
-
-    from conftest import node_id_with
-
     block_bytes = BLOCK_NUMEL * 2  # bfloat16
     pool = get_or_create_pool(node_id_with("node_c"), 3 * block_bytes, fresh_namespace())
     client = KVPoolClient(pool, dtype=torch.bfloat16, timeout_s=60)

@@ -1,0 +1,122 @@
+"""DecodeWorker: continuous batching over sequences handed over by prefill workers.
+
+A handed-over sequence fetches its prompt's KV blocks from the KV pool (the tail of a partly
+filled block is recomputed with the first token, at most block_size tokens), then decodes with the
+rest of the running batch. A background thread steps the engine; the front long-polls for tokens.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from raymoe.actors.handoff import TokenDelta, WorkRequest
+from raymoe.engine.llm_engine import LLMEngine
+
+
+class DecodeCore:
+    def __init__(self, engine: LLMEngine, pool):
+        self.engine, self.pool = engine, pool
+        self.stats = {"sequences": 0, "tokens": 0, "steps": 0, "prefix_hit_blocks": 0}
+
+    def submit(self, r: WorkRequest) -> None:
+        """Admit a sequence that already has output tokens (at least the prefill's first)."""
+        tokens = r.prompt_token_ids + r.output_token_ids
+        fetch = lambda keys: self.pool.get_blocks(keys, r.kv_node_id)  # noqa: E731
+        self.stats["prefix_hit_blocks"] += self.engine.import_prefix(tokens, fetch)
+        self.engine.add_request(r.prompt_token_ids, r.params, r.request_id, r.output_token_ids)
+        self.stats["sequences"] += 1
+
+    def step(self) -> dict[str, TokenDelta]:
+        deltas: dict[str, TokenDelta] = {}
+        for out in self.engine.step():
+            deltas[out.request_id] = TokenDelta(list(out.token_ids), out.finished, out.finish_reason)
+            self.stats["tokens"] += len(out.token_ids)
+        self.stats["steps"] += 1
+        return deltas
+
+    def abort(self, request_id: str) -> None:
+        self.engine.abort(request_id)
+
+    def has_work(self) -> bool:
+        return self.engine.has_unfinished()
+
+
+class Outbox:
+    """Per-request token buffers between the stepping thread and pollers."""
+
+    def __init__(self):
+        self.buffers: dict[str, TokenDelta] = {}
+        self.cond = threading.Condition()
+
+    def add(self, deltas: dict[str, TokenDelta]) -> None:
+        with self.cond:
+            for rid, d in deltas.items():
+                buf = self.buffers.setdefault(rid, TokenDelta([]))
+                buf.token_ids.extend(d.token_ids)
+                buf.finished, buf.finish_reason = d.finished, d.finish_reason
+            self.cond.notify_all()
+
+    def take(self, request_ids: list[str], timeout_s: float) -> dict[str, TokenDelta]:
+        """New tokens of any of `request_ids`, waiting up to timeout_s for the first."""
+        deadline = time.monotonic() + timeout_s
+        with self.cond:
+            while not any(self.buffers.get(r) and (self.buffers[r].token_ids or self.buffers[r].finished)
+                          for r in request_ids):  # fmt: skip
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return {}
+                self.cond.wait(left)
+            return {r: self.buffers.pop(r) for r in request_ids if r in self.buffers}
+
+
+class DecodeWorker:
+    """Ray actor shell (threaded: polls, submits and placement updates run beside the step loop)."""
+
+    def __init__(self, model_path: str, config, namespace: str):
+        from raymoe.actors.remote_backend import connect_experts, pool_set
+        from raymoe.actors.worker_model import build_engine
+
+        self.experts = connect_experts(namespace, model_path)
+        engine = build_engine(model_path, config.engine, self.experts, config.num_microbatches)
+        self.core = DecodeCore(engine, pool_set(namespace, config))
+        self.outbox = Outbox()
+        self.lock = threading.Lock()  # one step, submit or abort at a time
+        self.wake = threading.Event()
+        threading.Thread(target=self._loop, daemon=True).start()
+
+    def _loop(self) -> None:
+        while True:
+            self.wake.wait(0.05)
+            with self.lock:
+                if not self.core.has_work():
+                    self.wake.clear()
+                    continue
+                deltas = self.core.step()
+            self.outbox.add(deltas)
+
+    def submit(self, requests: list[WorkRequest]) -> None:
+        with self.lock:
+            for r in requests:
+                self.core.submit(r)
+        self.wake.set()
+
+    def poll(self, request_ids: list[str], timeout_s: float = 1.0) -> dict[str, TokenDelta]:
+        return self.outbox.take(request_ids, timeout_s)
+
+    def abort(self, request_ids: list[str]) -> None:
+        with self.lock:
+            for rid in request_ids:
+                self.core.abort(rid)
+
+    def set_placement(self, placement, handles) -> int:
+        """Takes effect at the next step boundary: the lock waits out a running step."""
+        with self.lock:
+            self.experts.set_placement(placement, handles)
+        return placement.epoch
+
+    def stats(self) -> dict:
+        return {**self.core.stats, "running": len(self.core.engine.requests), **self.experts.take_timings()}
+
+    def ready(self) -> bool:
+        return True

@@ -1,0 +1,90 @@
+"""PrefillWorker: runs prompts (attention + router here, experts on shards), leaves their KV in
+the KV pool under content keys, and hands back the first token.
+
+A prompt whose leading blocks are already in the pool (a shared prefix) fetches them instead of
+computing them; the count is reported so tests and metrics can see the skipped prefill.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from raymoe.actors.handoff import Handoff, WorkRequest
+from raymoe.engine.llm_engine import LLMEngine
+
+
+class PrefillCore:
+    def __init__(self, engine: LLMEngine, pool):
+        """engine: a token-ids engine (see worker_model.build_engine); pool: a KVPoolClient-like
+        object with get_blocks(keys) / put_blocks(keys, tensors) / contains(keys)."""
+        self.engine, self.pool = engine, pool
+        self.stats = {"prompts": 0, "prompt_tokens": 0, "prefix_hit_tokens": 0}
+
+    def prefill(self, requests: list[WorkRequest]) -> list[Handoff]:
+        """Run the prompts together (continuous batching, chunked) until each has its first token."""
+        hits = {r.request_id: self._admit(r) for r in requests}
+        first: dict[str, tuple[int, str | None]] = {}
+        while len(first) < len(requests):
+            for delta in self.engine.step():
+                if delta.request_id in hits and delta.token_ids:
+                    first[delta.request_id] = (delta.token_ids[0], delta.finish_reason)
+        for r in requests:
+            self._publish(r.prompt_token_ids + r.output_token_ids + [first[r.request_id][0]])
+        return [Handoff(r.request_id, first[r.request_id][0], self._real_finish(r, first[r.request_id][1]),
+                        hits[r.request_id]) for r in requests]  # fmt: skip
+
+    def _real_finish(self, r: WorkRequest, reason: str | None) -> str | None:
+        """The engine stopped every request at one token; only some are really done."""
+        num_tokens = len(r.prompt_token_ids) + len(r.output_token_ids) + 1
+        num_outputs = len(r.output_token_ids) + 1
+        if reason == "length" and num_outputs < r.params.max_tokens and num_tokens < self.engine.max_model_len:
+            return None
+        return reason
+
+    def _admit(self, r: WorkRequest) -> int:
+        tokens = r.prompt_token_ids + r.output_token_ids
+        num_blocks = self.engine.import_prefix(tokens, self.pool.get_blocks)
+        # One token now: the decode worker continues; the real limits are checked there.
+        params = dataclasses.replace(r.params, max_tokens=min(r.params.max_tokens, len(r.output_token_ids) + 1))
+        self.engine.add_request(r.prompt_token_ids, params, r.request_id, r.output_token_ids)
+        hit_tokens = num_blocks * self.engine.config.block_size
+        self.stats["prompts"] += 1
+        self.stats["prompt_tokens"] += len(tokens)
+        self.stats["prefix_hit_tokens"] += hit_tokens
+        return hit_tokens
+
+    def _publish(self, token_ids: list[int]) -> None:
+        """Put the sequence's computed full blocks into the pool (those it lacks)."""
+        keys, blocks = self.engine.export_prefix(token_ids)
+        if not keys:
+            return
+        have = self.pool.contains(keys)
+        new = [(k, b) for k, b, h in zip(keys, blocks, have) if not h]
+        if new:
+            self.pool.put_blocks([k for k, _ in new], [b for _, b in new])
+
+
+class PrefillWorker:
+    """Ray actor shell over PrefillCore (created with ray.remote by the cluster)."""
+
+    def __init__(self, model_path: str, config, namespace: str):
+        from raymoe.actors.remote_backend import connect_experts, pool_set
+
+        self.experts = connect_experts(namespace, model_path)
+        from raymoe.actors.worker_model import build_engine
+
+        self.core = PrefillCore(build_engine(model_path, config.engine, self.experts, config.num_microbatches),
+                                pool_set(namespace, config))  # fmt: skip
+
+    def prefill(self, requests: list[WorkRequest]) -> list[Handoff]:
+        return self.core.prefill(requests)
+
+    def set_placement(self, placement, handles) -> int:
+        self.experts.set_placement(placement, handles)
+        return placement.epoch
+
+    def stats(self) -> dict:
+        return dict(self.core.stats)
+
+    def ready(self) -> bool:
+        return True

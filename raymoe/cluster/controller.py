@@ -1,0 +1,267 @@
+"""The controller: owns the topology, the expert shards, the placement and its epoch, and the load.
+
+`Controller` is the plain core; `ControllerActor` the named, detached Ray actor over it (reach it
+with `get_or_create_controller`). Applying a placement is two-phase, so no step fails or stalls:
+  (a) shards load the replicas they gain (the old placement still routes meanwhile);
+  (b) the placement is published with epoch + 1 to every registered worker (`set_placement`),
+      which switches at its next step; their answers are the acks;
+  (c) replicas no longer placed are freed (workers that acked route no rows to them; a straggler's
+      stale slice is refused with ExpertNotHeldError and re-routed by the worker).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+
+import numpy as np
+import ray
+import torch
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from raymoe.actors.expert_shard import ExpertShard
+from raymoe.cluster.placement import Placement, contiguous_placement, speed_weighted_placement
+from raymoe.cluster.topology import Topology
+from raymoe.errors import ConfigError
+from raymoe.model.spec import load_spec
+
+CONTROLLER_NAME = "raymoe-controller"
+CALL_TIMEOUT_S = 120.0
+
+
+class Controller:
+    """Expert shards (`shards_per_node` on every live node) and the placement they carry out."""
+
+    def __init__(
+        self,
+        model_path: str,
+        *,
+        dtype: str = "float32",
+        shards_per_node: int = 1,
+        replicas: int = 1,
+        extra_replicas: int = 2,
+        load_window_s: float = 60.0,
+        shard_num_cpus: float = 0.0,
+    ):
+        if shards_per_node < 1:
+            raise ConfigError(f"shards_per_node={shards_per_node}; use 1 or more")
+        self.model_path, self.dtype, self.shard_num_cpus = str(model_path), dtype, shard_num_cpus
+        self.spec = load_spec(model_path)
+        self.extra_replicas, self.load_window_s = extra_replicas, load_window_s
+        self.topology = Topology.from_ray()
+        nodes = [n for n in self.topology.nodes for _ in range(shards_per_node)]
+        self._state = threading.Lock()  # guards placement, handles, held, workers, load
+        self._applying = threading.Lock()  # one apply at a time
+        self._target: Placement | None = None  # the placement being applied, while it is
+        self._placement = contiguous_placement(
+            self.spec.moe_layer_ids,
+            self.spec.num_experts,
+            [n.node_id for n in nodes],
+            replicas=min(replicas, len(nodes)),
+            shard_weights=[n.speed for n in nodes],
+        )
+        self._held = [set(self._placement.experts_on(s)) for s in range(len(nodes))]
+        self._handles = [self._spawn(n.node_id, sorted(h)) for n, h in zip(nodes, self._held)]
+        ray.get([h.ping.remote() for h in self._handles], timeout=CALL_TIMEOUT_S)
+        self._workers: dict[str, object] = {}
+        self._reports: deque = deque()  # (time, worker id, [layers, experts] counts)
+
+    # --- state -----------------------------------------------------------------------------------
+    def placement(self) -> tuple[Placement, list]:
+        with self._state:
+            return self._placement, list(self._handles)
+
+    def shard_speeds(self) -> list[float]:
+        return [self.topology.speed(n) if self.topology.is_alive(n) else 1.0 for n in self._placement.shard_nodes]
+
+    def status(self) -> dict:
+        p, _ = self.placement()
+        return {
+            "epoch": p.epoch,
+            "shards": [
+                {"name": name, "node_id": node, "num_physical": p.num_physical(s), "speed": self.shard_speeds()[s]}
+                for s, (name, node) in enumerate(zip(p.shard_names, p.shard_nodes))
+            ],
+            "workers": sorted(self._workers),
+        }
+
+    def register_worker(self, worker_id: str, handle) -> Placement:
+        """A worker that wants placement updates (`handle.set_placement.remote(placement, handles)`)."""
+        with self._state:
+            self._workers[worker_id] = handle
+            return self._placement
+
+    def unregister_worker(self, worker_id: str) -> None:
+        with self._state:
+            self._workers.pop(worker_id, None)
+
+    # --- load --------------------------------------------------------------------------------------
+    def report_load(self, worker_id: str, counts) -> None:
+        """counts [layers, experts]: token-expert pairs the worker routed since its last report."""
+        counts = np.asarray(counts, dtype=np.int64)
+        if counts.shape != (self.spec.num_layers, self.spec.num_experts):
+            raise ConfigError(f"load shape {counts.shape}; expected [layers, experts] = "
+                              f"{(self.spec.num_layers, self.spec.num_experts)}")  # fmt: skip
+        with self._state:
+            self._reports.append((time.monotonic(), worker_id, counts))
+
+    def load(self) -> np.ndarray:
+        """[layers, experts] token-expert pairs reported within the sliding window."""
+        total = np.zeros((self.spec.num_layers, self.spec.num_experts), dtype=np.int64)
+        with self._state:
+            horizon = time.monotonic() - self.load_window_s
+            while self._reports and self._reports[0][0] < horizon:
+                self._reports.popleft()
+            for _, _, counts in self._reports:
+                total += counts
+        return total
+
+    # --- placement changes -------------------------------------------------------------------------
+    def rebalance(self, extra_replicas: int | None = None) -> int:
+        """A new placement from the windowed load (hot experts replicated, faster shards fuller); applied."""
+        extra = self.extra_replicas if extra_replicas is None else extra_replicas
+        current, _ = self.placement()
+        new = speed_weighted_placement(
+            self.load(), self.spec.moe_layer_ids, current.shard_nodes, self.shard_speeds(),
+            extra_replicas=extra, current=current,
+        )  # fmt: skip
+        return self.apply(new)
+
+    def apply(self, new: Placement) -> int:
+        """Two-phase switch to `new` (same shards); returns its epoch."""
+        with self._applying:
+            with self._state:
+                if new.num_shards != len(self._handles):
+                    raise ConfigError(f"placement has {new.num_shards} shards; the controller runs {len(self._handles)}")
+                new.check_covers(self.spec.moe_layer_ids, self.spec.num_experts)
+                self._target, handles = new, list(self._handles)
+                gain = [sorted(set(new.experts_on(s)) - self._held[s]) for s in range(len(handles))]
+            self._call([h.load.remote(g) for h, g in zip(handles, gain) if g])
+            with self._state:
+                for s, g in enumerate(gain):
+                    self._held[s] |= set(g)
+                self._placement = new.with_epoch(self._placement.epoch + 1)
+                self._target = None
+            self._publish(wait=True)
+            self._free_unplaced()
+            return self._placement.epoch
+
+    def shard_failed(self, shard: int) -> tuple[Placement, list]:
+        """A worker saw `shard` die: re-create it (on its node if alive, else the fastest live node)
+        with its experts reloaded from the checkpoint; publish epoch + 1. Idempotent."""
+        with self._state:
+            handle = self._handles[shard]
+        if _is_alive(handle):
+            return self.placement()
+        with self._state:
+            if self._handles[shard] is handle:
+                self._recreate(shard)
+        self._publish(wait=False)
+        return self.placement()
+
+    # --- internals ---------------------------------------------------------------------------------
+    def _recreate(self, shard: int) -> None:
+        self.topology = Topology.from_ray()
+        node = self._placement.shard_nodes[shard]
+        if not self.topology.is_alive(node):
+            node = self.topology.fastest_first()[0].node_id
+        experts = set(self._placement.experts_on(shard))
+        if self._target is not None:
+            experts |= set(self._target.experts_on(shard))  # mid-apply: it must hold both epochs' set
+        handle = self._spawn(node, sorted(experts))
+        ray.get(handle.ping.remote(), timeout=CALL_TIMEOUT_S)
+        nodes = list(self._placement.shard_nodes)
+        nodes[shard] = node
+        self._handles[shard], self._held[shard] = handle, experts
+        self._placement = Placement(self._placement.epoch + 1, self._placement.shard_names, tuple(nodes),
+                                    self._placement.expert_to_shards)  # fmt: skip
+
+    def _spawn(self, node_id: str, experts: list):
+        strategy = NodeAffinitySchedulingStrategy(node_id, soft=False)
+        return ExpertShard.options(num_cpus=self.shard_num_cpus, scheduling_strategy=strategy).remote(
+            self.model_path, experts, self.dtype
+        )
+
+    def _publish(self, wait: bool) -> None:
+        """Send the placement to every worker; with `wait`, drop workers that did not ack."""
+        with self._state:
+            placement, handles, workers = self._placement, list(self._handles), dict(self._workers)
+        acks = {wid: w.set_placement.remote(placement, handles) for wid, w in workers.items()}
+        if not wait:
+            return
+        for wid, ref in acks.items():
+            try:
+                ray.get(ref, timeout=CALL_TIMEOUT_S)
+            except ray.exceptions.RayError:
+                self.unregister_worker(wid)
+
+    def _free_unplaced(self) -> None:
+        with self._state:
+            handles = list(self._handles)
+            drop = [sorted(self._held[s] - set(self._placement.experts_on(s))) for s in range(len(handles))]
+            for s, d in enumerate(drop):
+                self._held[s] -= set(d)
+        self._call([h.free.remote(d) for h, d in zip(handles, drop) if d])
+
+    @staticmethod
+    def _call(refs: list) -> list:
+        return ray.get(refs, timeout=CALL_TIMEOUT_S)
+
+
+def _is_alive(handle) -> bool:
+    try:
+        ray.get(handle.ping.remote(), timeout=10.0)
+        return True
+    except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+        return False
+
+
+@ray.remote(num_cpus=0, max_concurrency=8)
+class ControllerActor:
+    """Thin Ray shell over `Controller` (threaded: a worker's shard_failed may arrive mid-apply)."""
+
+    def __init__(self, model_path: str, options: dict):
+        torch.set_num_threads(1)
+        self.core = Controller(model_path, **options)
+
+    def ready(self) -> int:
+        return self.core.placement()[0].epoch
+
+    def placement(self):
+        return self.core.placement()
+
+    def status(self) -> dict:
+        return self.core.status()
+
+    def register_worker(self, worker_id: str, handle):
+        return self.core.register_worker(worker_id, handle)
+
+    def unregister_worker(self, worker_id: str) -> None:
+        self.core.unregister_worker(worker_id)
+
+    def report_load(self, worker_id: str, counts) -> None:
+        self.core.report_load(worker_id, counts)
+
+    def load(self) -> list:
+        return self.core.load().tolist()
+
+    def apply(self, placement: Placement) -> int:
+        return self.core.apply(placement)
+
+    def rebalance(self, extra_replicas: int | None = None) -> int:
+        return self.core.rebalance(extra_replicas)
+
+    def shard_failed(self, shard: int):
+        return self.core.shard_failed(shard)
+
+
+def get_or_create_controller(
+    model_path: str, *, namespace: str = "raymoe", name: str = CONTROLLER_NAME, timeout_s: float = CALL_TIMEOUT_S, **options
+):
+    """The named, detached controller of `namespace`, started if absent (options go to `Controller`)."""
+    handle = ControllerActor.options(
+        name=name, namespace=namespace, lifetime="detached", get_if_exists=True
+    ).remote(str(model_path), options)
+    ray.get(handle.ready.remote(), timeout=timeout_s)
+    return handle

@@ -1,0 +1,139 @@
+"""The request path across workers: prefill, hand over, decode, stream; text made here.
+
+`RequestRouter` drives a set of requests through the cluster: it sends prompts to a prefill
+worker, hands each first token to a decode worker, long-polls the decode workers for tokens, turns
+them into text with stop strings applied (aborting the remote sequence on a stop string), and
+resumes the sequences of a decode worker that died on another one, from the tokens already
+delivered: the caller never sees a token twice or misses one.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+
+import ray
+
+from raymoe.actors.handoff import Handoff, TokenDelta, WorkRequest
+from raymoe.engine.llm_engine import RequestOutput, make_detokenizer
+from raymoe.engine.sequence import Sequence
+from raymoe.engine.stop import StopChecker
+from raymoe.errors import RaymoeError
+
+ACTOR_DEAD = (ray.exceptions.RayActorError,)
+
+
+class NoWorkerError(RaymoeError):
+    """Every decode (or prefill) worker is dead."""
+
+
+class Tracked:
+    """The front's view of one request: tokens delivered so far and its stop checks."""
+
+    def __init__(self, request: WorkRequest, tokenizer, eos_token_ids, max_model_len: int):
+        self.request = request
+        self.seq = Sequence.resumed(request.prompt_token_ids, [], request.params, request.request_id)
+        detok = make_detokenizer(tokenizer, request.prompt_token_ids) if tokenizer is not None else None
+        self.stop = StopChecker(request.params, eos_token_ids, max_model_len, detok)
+        self.finished = False
+        self.worker = None
+
+    def accept(self, token_ids: list[int]) -> RequestOutput:
+        """Take tokens from a worker; returns the delta for the caller (stops applied here too)."""
+        taken, text, reason = [], "", None
+        for token_id in token_ids:
+            if self.finished:
+                break
+            self.seq.append_token(token_id)
+            taken.append(token_id)
+            delta, reason = self.stop.check(self.seq)
+            text += delta
+            self.finished = reason is not None
+        r = self.request
+        return RequestOutput(r.request_id, r.prompt_token_ids, taken, text, self.finished, reason)
+
+    def resume_request(self) -> WorkRequest:
+        r = self.request
+        return WorkRequest(r.request_id, r.prompt_token_ids, r.params, self.seq.output_token_ids, r.kv_node_id)
+
+
+class RequestRouter:
+    def __init__(self, prefill_workers: list, decode_workers: list, tokenizer, eos_token_ids, max_model_len: int,
+                 poll_timeout_s: float = 0.5):  # fmt: skip
+        self.prefill = list(prefill_workers)  # (handle, node_id)
+        self.decode = list(decode_workers)  # handles
+        self.tokenizer, self.eos_token_ids, self.max_model_len = tokenizer, eos_token_ids, max_model_len
+        self.poll_timeout_s = poll_timeout_s
+        self._rr = itertools.count()
+        self.num_resumed = 0
+
+    def run(self, requests: list[WorkRequest]) -> Iterator[RequestOutput]:
+        """Yield deltas of every request until all finish."""
+        tracked = {r.request_id: Tracked(r, self.tokenizer, self.eos_token_ids, self.max_model_len) for r in requests}
+        for handoff in self._prefill(requests):
+            t = tracked[handoff.request_id]
+            out = t.accept([handoff.first_token])
+            out.finished = out.finished or handoff.finish_reason is not None
+            out.finish_reason = out.finish_reason or handoff.finish_reason
+            t.finished = out.finished
+            yield out
+        self._submit([t for t in tracked.values() if not t.finished])
+        yield from self._stream(tracked)
+
+    def _prefill(self, requests: list[WorkRequest]) -> list[Handoff]:
+        handle, node_id = self.prefill[next(self._rr) % len(self.prefill)]
+        for r in requests:
+            r.kv_node_id = node_id  # where its prompt KV will be pooled
+        return ray.get(handle.prefill.remote(requests))
+
+    def _submit(self, items: list[Tracked]) -> None:
+        by_worker: dict = {}
+        for t in items:
+            t.worker = self._pick_decode()
+            by_worker.setdefault(t.worker, []).append(t.resume_request())
+        for worker, reqs in by_worker.items():
+            try:
+                ray.get(worker.submit.remote(reqs))
+            except ACTOR_DEAD:
+                self._drop(worker)
+                self._submit([t for t in items if t.worker is worker])
+
+    def _pick_decode(self):
+        if not self.decode:
+            raise NoWorkerError("no live decode worker: the cluster needs at least one")
+        return self.decode[next(self._rr) % len(self.decode)]
+
+    def _drop(self, worker) -> None:
+        if worker in self.decode:
+            self.decode.remove(worker)
+
+    def _stream(self, tracked: dict[str, Tracked]) -> Iterator[RequestOutput]:
+        while any(not t.finished for t in tracked.values()):
+            active: dict = {}
+            for rid, t in tracked.items():
+                if not t.finished:
+                    active.setdefault(t.worker, []).append(rid)
+            polls = {w.poll.remote(rids, self.poll_timeout_s): (w, rids) for w, rids in active.items()}
+            for ref, (worker, rids) in polls.items():
+                try:
+                    deltas: dict[str, TokenDelta] = ray.get(ref)
+                except ACTOR_DEAD:
+                    self._drop(worker)
+                    self.num_resumed += len(rids)
+                    self._submit([tracked[r] for r in rids])
+                    continue
+                yield from self._deliver(worker, tracked, deltas)
+
+    def _deliver(self, worker, tracked: dict[str, Tracked], deltas: dict[str, TokenDelta]):
+        stopped = []
+        for rid, delta in deltas.items():
+            t = tracked[rid]
+            out = t.accept(delta.token_ids)
+            if delta.finished and not out.finished:  # the worker's limits (e.g. context) ended it
+                out.finished, out.finish_reason, t.finished = True, delta.finish_reason, True
+            elif out.finished and not delta.finished:
+                stopped.append(rid)  # a stop string: the worker does not know text
+            if out.token_ids or out.finished:
+                yield out
+        if stopped:
+            worker.abort.remote(stopped)
