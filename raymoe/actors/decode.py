@@ -13,6 +13,8 @@ import time
 from raymoe.actors.handoff import TokenDelta, WorkRequest
 from raymoe.engine.llm_engine import LLMEngine
 
+LOAD_REPORT_S = 1.0  # how often a decode worker sends its expert load to the controller
+
 
 class DecodeCore:
     def __init__(self, engine: LLMEngine, pool):
@@ -77,6 +79,7 @@ class DecodeWorker:
         from raymoe.actors.remote_backend import connect_experts, pool_set
         from raymoe.actors.worker_model import build_engine
 
+        self.namespace = namespace
         self.experts = connect_experts(namespace, model_path)
         engine = build_engine(model_path, config.engine, self.experts, config.num_microbatches)
         self.core = DecodeCore(engine, pool_set(namespace, config))
@@ -86,6 +89,7 @@ class DecodeWorker:
         threading.Thread(target=self._loop, daemon=True).start()
 
     def _loop(self) -> None:
+        last_report = time.monotonic()
         while True:
             self.wake.wait(0.05)
             with self.lock:
@@ -94,6 +98,18 @@ class DecodeWorker:
                     continue
                 deltas = self.core.step()
             self.outbox.add(deltas)
+            if time.monotonic() - last_report > LOAD_REPORT_S:
+                last_report = time.monotonic()
+                self._report_load()
+
+    def _report_load(self) -> None:
+        """Per-expert token counts to the controller (its replication policy's input)."""
+        import ray
+
+        from raymoe.cluster.controller import CONTROLLER_NAME
+
+        controller = ray.get_actor(CONTROLLER_NAME, namespace=self.namespace)
+        controller.report_load.remote(ray.get_runtime_context().get_actor_id(), self.experts.take_load().tolist())
 
     def submit(self, requests: list[WorkRequest]) -> None:
         with self.lock:
@@ -120,3 +136,8 @@ class DecodeWorker:
 
     def ready(self) -> bool:
         return True
+
+    def node_id(self) -> str:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()

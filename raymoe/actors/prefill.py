@@ -88,3 +88,8 @@ class PrefillWorker:
 
     def ready(self) -> bool:
         return True
+
+    def node_id(self) -> str:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()

@@ -11,10 +11,10 @@ from raymoe.model.spec import load_spec
 def connect_experts(namespace: str, model_path: str):
     """A RemoteExperts backend on the controller's current placement; the worker registers for
     placement updates (applied at its next step boundary)."""
-    from raymoe.cluster.controller import get_controller
+    from raymoe.cluster.controller import CONTROLLER_NAME
     from raymoe.cluster.dispatch import RemoteExperts
 
-    controller = get_controller(namespace)
+    controller = ray.get_actor(CONTROLLER_NAME, namespace=namespace)
     placement, handles = ray.get(controller.placement.remote())
     spec = load_spec(model_path)
 
@@ -22,7 +22,8 @@ def connect_experts(namespace: str, model_path: str):
         return ray.get(controller.shard_failed.remote(shard_index))
 
     experts = RemoteExperts(placement, handles, spec.num_layers, spec.num_experts, on_shard_failure=on_shard_failure)
-    controller.register_worker.remote(ray.get_runtime_context().current_actor)
+    context = ray.get_runtime_context()
+    ray.get(controller.register_worker.remote(context.get_actor_id(), context.current_actor))
     return experts
 
 

@@ -118,11 +118,11 @@ class LLMEngine:
 
         fetch(keys: list[str]) -> list[Tensor | None]: exported blocks (see raymoe.cluster.kv_transfer)
         by content key, None where the pool misses. Returns the number of prefix blocks now cached."""
-        from raymoe.cluster.kv_transfer import import_blocks
+        from raymoe.cluster.kv_transfer import block_key, import_blocks
 
         chain = block_chain(token_ids, self.config.block_size)
         missing = [i for i, (h, toks) in enumerate(chain) if not self.block_manager.is_cached(h, toks)]
-        fetched = fetch([f"{chain[i][0]:016x}" for i in missing]) if missing else []
+        fetched = fetch([block_key(chain[i][0]) for i in missing]) if missing else []
         for i, block in zip(missing, fetched):
             if block is None or not self.block_manager.can_adopt():
                 return i
@@ -133,13 +133,13 @@ class LLMEngine:
     def export_prefix(self, token_ids: list[int]) -> tuple[list[str], list]:
         """(keys, exported blocks) of `token_ids`' leading full blocks cached here, in order
         (stops at the first block not cached)."""
-        from raymoe.cluster.kv_transfer import export_blocks
+        from raymoe.cluster.kv_transfer import block_key, export_blocks
 
         keys, block_ids = [], []
         for h, tokens in block_chain(token_ids, self.config.block_size):
             if not self.block_manager.is_cached(h, tokens):
                 break
-            keys.append(f"{h:016x}")
+            keys.append(block_key(h))
             block_ids.append(self.block_manager.hash_to_block_id[h])
         return keys, export_blocks(self.model_runner.kv_cache, block_ids) if block_ids else []
 

@@ -17,8 +17,6 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from raymoe.actors.kv_pool import KVPoolClient, KVPoolCore, get_or_create_pool, pool_name
 from raymoe.errors import ConfigError
 
-from conftest import node_id_with
-
 cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import this test module
 
 VALUE_BYTES = 40  # np.float32 x 10
@@ -138,6 +136,11 @@ class Peer:
             and first.ctypes.data == again.ctypes.data == blocks[0].data_ptr()
         )
         return [None if b is None else b.clone() for b in blocks], is_zero_copy
+
+
+def node_id_with(resource: str) -> str:
+    # not imported from tests/cluster/conftest.py: under a whole-suite run `conftest` names another folder's
+    return next(n["NodeID"] for n in ray.nodes() if n["Alive"] and resource in n["Resources"])
 
 
 def on_node(actor_class, node_id):
