@@ -98,7 +98,7 @@ class ExpertShardCore:
         x = rows.to(self.device, self.dtype)
         out = run_expert_groups(self.store, self.spec.num_experts, layer, x, expert_ids, counts)
         self.last_compute_s = time.perf_counter() - start
-        return out.to(rows.dtype)
+        return out.to(rows.device, rows.dtype)
 
     def _check(self, key) -> ExpertKey:
         layer, e = int(key[0]), int(key[1])
@@ -150,6 +150,14 @@ class ExpertShard:
     def run(self, layer: int, rows: torch.Tensor, expert_ids: list[int], counts: list[int]):
         out = self.core.run(layer, rows, expert_ids, counts)
         return out, self.core.last_compute_s
+
+    def run_wire(self, layer: int, expert_ids: list[int], counts: list[int], dtype: str, *chunks):
+        """`run` for `ActorCallTransport`: rows as uint8 chunks in, outputs as chunks of the same
+        row counts out, then the compute seconds (the caller sets num_returns = chunks + 1)."""
+        from raymoe.cluster.transport import from_wire, split_like
+
+        out = self.core.run(layer, from_wire(dtype, list(chunks)), expert_ids, counts)
+        return (*split_like(out, [len(c) for c in chunks]), self.core.last_compute_s)
 
     def join_collective(self, world_size: int, rank: int, backend: str, group_name: str) -> None:
         from raymoe.cluster.transport_nccl import join_group

@@ -133,7 +133,10 @@ class Controller:
         with self._applying:
             with self._state:
                 if new.num_shards != len(self._handles):
-                    raise ConfigError(f"placement has {new.num_shards} shards; the controller runs {len(self._handles)}")
+                    raise ConfigError(
+                        f"placement has {new.num_shards} shards; the controller runs {len(self._handles)}: "
+                        "build it over the current placement's shard_nodes"
+                    )
                 new.check_covers(self.spec.moe_layer_ids, self.spec.num_experts)
                 self._target, handles = new, list(self._handles)
                 gain = [sorted(set(new.experts_on(s)) - self._held[s]) for s in range(len(handles))]
@@ -257,11 +260,33 @@ class ControllerActor:
 
 
 def get_or_create_controller(
-    model_path: str, *, namespace: str = "raymoe", name: str = CONTROLLER_NAME, timeout_s: float = CALL_TIMEOUT_S, **options
+    model_path: str,
+    *,
+    namespace: str = "raymoe",
+    name: str = CONTROLLER_NAME,
+    timeout_s: float = CALL_TIMEOUT_S,
+    **options,
 ):
-    """The named, detached controller of `namespace`, started if absent (options go to `Controller`)."""
+    """The named, detached controller of `namespace`, started if absent (options go to `Controller`;
+    an existing controller keeps the options it was started with)."""
     handle = ControllerActor.options(
         name=name, namespace=namespace, lifetime="detached", get_if_exists=True
     ).remote(str(model_path), options)
     ray.get(handle.ready.remote(), timeout=timeout_s)
     return handle
+
+
+def shutdown_controller(namespace: str = "raymoe", name: str = CONTROLLER_NAME, timeout_s: float = 30.0) -> bool:
+    """Kill the namespace's controller and its shards; False when there was none."""
+    try:
+        handle = ray.get_actor(name, namespace=namespace)
+    except ValueError:
+        return False
+    try:
+        _, shards = ray.get(handle.placement.remote(), timeout=timeout_s)
+    except ray.exceptions.RayError:
+        shards = []  # shards are owned by the controller: they die with it anyway
+    ray.kill(handle)
+    for shard in shards:
+        ray.kill(shard)
+    return True

@@ -173,7 +173,7 @@ class RemoteExperts:
     def _switch(self) -> None:
         with self._lock:
             pending, self._next = self._next, None
-        if pending is not None:
+        if pending is not None and pending[0].epoch >= self.placement.epoch:  # never back to an older one
             self._use(*pending)
 
     def _send(self, layer: int, rows: torch.Tensor, expert_rows: dict[int, torch.Tensor]) -> list[tuple[Slice, Sent]]:
@@ -240,7 +240,7 @@ class PendingExperts:
     def _gather(self) -> tuple[torch.Tensor, float]:
         """Wait for every slice, resending failed ones; -> rows_out [P, H], shard compute seconds."""
         owner, out, compute_s = self.owner, torch.empty_like(self.rows), 0.0
-        for _ in range(owner.max_retries + 1):
+        for attempt in range(owner.max_retries + 1):
             slices, sent = zip(*self.inflight) if self.inflight else ((), ())
             replies = owner.transport.wait(list(sent), owner.timeout_s) if sent else []
             failed = []
@@ -249,12 +249,16 @@ class PendingExperts:
                     out[s.index] = reply.rows
                 else:
                     owner._failed(s, reply.error, reply.is_dead)
-                    failed.append(s)
+                    failed.append((s, reply.error))
             compute_s += max((r.compute_s for r in replies if isinstance(r, ShardOutput)), default=0.0)
             if not failed:
                 return out, compute_s
-            self.inflight = owner._send(self.layer, self.rows, _merge_rows(failed))
-        raise ShardFailureError(f"layer {self.layer}: expert slices still failing after {owner.max_retries} retries")
+            if attempt < owner.max_retries:
+                self.inflight = owner._send(self.layer, self.rows, _merge_rows([s for s, _ in failed]))
+        raise ShardFailureError(
+            f"layer {self.layer}: expert slices still failing after {owner.max_retries} retries "
+            f"(last: {failed[-1][1]!r})"
+        ) from failed[-1][1]
 
 
 def _merge_rows(slices: list[Slice]) -> dict[int, torch.Tensor]:

@@ -127,19 +127,16 @@ def pack_layer(
     """Physical experts, heaviest first, each onto the distinct shard where it finishes first:
     argmin (shard load + its load) / speed; ties keep a current holder, then the faster shard.
     Every expert also weighs one unit so zero-load experts still spread by speed. -> [E] shards."""
-    num_shards = len(speeds)
-    shard_load = np.zeros(num_shards)
+    shard_load = np.zeros(len(speeds))
     placed: list[list[int]] = [[] for _ in load]
-    per_copy = load / counts + 1.0
-    items = sorted(((per_copy[e], e) for e in range(len(load)) for _ in range(counts[e])), key=lambda t: (-t[0], t[1]))
-    for w, e in items:
-        def key(s: int):
-            kept = current is not None and s in current[e]
-            return ((shard_load[s] + w) / speeds[s], not kept, -speeds[s], s)
-
-        s = min((s for s in range(num_shards) if s not in placed[e]), key=key)
+    per_copy = load / counts + 1.0  # [E]
+    copies = sorted((e for e in range(len(load)) for _ in range(counts[e])), key=lambda e: (-per_copy[e], e))
+    for e in copies:
+        free = [s for s in range(len(speeds)) if s not in placed[e]]
+        kept = current[e] if current is not None else set()
+        s = min(free, key=lambda s: ((shard_load[s] + per_copy[e]) / speeds[s], s not in kept, -speeds[s], s))
         placed[e].append(s)
-        shard_load[s] += w
+        shard_load[s] += per_copy[e]
     return [tuple(sorted(p)) for p in placed]
 
 

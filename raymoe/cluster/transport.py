@@ -1,8 +1,15 @@
 """How a slice of expert rows travels from a worker to a shard and back.
 
-One interface, two implementations chosen by device: `ActorCallTransport` (plain Ray actor calls;
-tensors go inline or through the object store) for CPU, the default by measurement (see
-docs/transport.md), and `CollectiveTransport` in `transport_nccl` (NCCL through cupy) for GPUs.
+One interface, two implementations chosen by device: `ActorCallTransport` (plain Ray actor calls)
+for CPU, the default by measurement (docs/transport.md), and `CollectiveTransport` in
+`transport_nccl` (NCCL through cupy) for GPUs.
+
+Ray puts an argument or return value over 100 KiB (`max_direct_call_object_size`) into the object
+store, which costs a store round trip each way (~20 ms on the test machine for a 256 KiB slice
+crossing nodes); smaller ones ride inside the task RPC. So `ActorCallTransport` ships rows as raw
+bytes (numpy: cheaper to pickle than torch tensors) in chunks under that limit, both ways
+(`num_returns` = chunks + 1), as long as the whole slice stays small; big prefill slices go as one
+object, where the store's bandwidth wins.
 
 `wait` never raises for one shard's death: it returns a `ShardFailure` in that slot so the caller
 can resend just that slice to another replica. It raises `ShardTimeoutError` when a slice does not
@@ -11,15 +18,19 @@ come back in time (a hung shard is not silently retried elsewhere).
 
 from __future__ import annotations
 
+import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 
 from raymoe.errors import RaymoeError
 
 DEFAULT_TIMEOUT_S = 120.0
+INLINE_BYTES = int(os.environ.get("RAY_max_direct_call_object_size", 100 * 1024)) - 4096  # minus pickle framing
+MAX_INLINE_SLICE_BYTES = 4 << 20  # above this, one object-store object beats many inline chunks
 
 
 class ShardTimeoutError(RaymoeError, TimeoutError):
@@ -68,28 +79,61 @@ def is_dead_shard_error(error: BaseException) -> bool:
     return isinstance(error, RayActorError)
 
 
-class ActorCallTransport(Transport):
-    """One Ray actor call per slice: `shard.run.remote(layer, rows, expert_ids, counts)`."""
+def to_wire(rows: torch.Tensor, inline: bool = True) -> tuple[str, list[np.ndarray]]:
+    """rows [N, H] (any dtype, bfloat16 too) -> (dtype name, uint8 chunks [n_i, H * itemsize])."""
+    raw = rows.contiguous().view(torch.uint8).numpy()
+    per_chunk = max(1, INLINE_BYTES // max(1, raw.shape[1]))
+    if not inline or raw.nbytes > MAX_INLINE_SLICE_BYTES or raw.shape[0] <= per_chunk:
+        return _dtype_name(rows.dtype), [raw]
+    return _dtype_name(rows.dtype), [raw[i : i + per_chunk] for i in range(0, raw.shape[0], per_chunk)]
 
-    def __init__(self, handles: list):
-        self.handles = list(handles)
+
+def from_wire(dtype: str, chunks: list[np.ndarray]) -> torch.Tensor:
+    raw = chunks[0] if len(chunks) == 1 else np.concatenate(chunks)
+    if not raw.flags.writeable:  # deserialized buffers can be read-only; torch wants to own writable memory
+        raw = raw.copy()
+    return torch.from_numpy(raw).view(getattr(torch, dtype))
+
+
+def split_like(rows: torch.Tensor, sizes: list[int]) -> list[np.ndarray]:
+    """Outputs [N, H] -> uint8 chunks of the given row counts (a reply mirrors its request's chunks)."""
+    raw = rows.contiguous().view(torch.uint8).numpy()
+    return list(np.split(raw, np.cumsum(sizes)[:-1])) if len(sizes) > 1 else [raw]
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+class ActorCallTransport(Transport):
+    """One Ray actor call per slice: `shard.run_wire` with the rows as inline byte chunks
+    (`inline=False`: one tensor argument and return, the plain way, kept as the bench's baseline)."""
+
+    def __init__(self, handles: list, inline: bool = True):
+        self.handles, self.inline = list(handles), inline
 
     def set_handles(self, handles: list) -> None:
         self.handles = list(handles)
 
     def send(self, shard_index, layer, rows, expert_ids, counts) -> Sent:
-        return Sent(shard_index, self.handles[shard_index].run.remote(layer, rows, expert_ids, counts))
+        shard = self.handles[shard_index]
+        if not self.inline:
+            return Sent(shard_index, _Call(None, [shard.run.remote(layer, rows, expert_ids, counts)]))
+        dtype, chunks = to_wire(rows)
+        refs = shard.run_wire.options(num_returns=len(chunks) + 1).remote(layer, expert_ids, counts, dtype, *chunks)
+        return Sent(shard_index, _Call(dtype, refs))
 
     def wait(self, sent, timeout_s=DEFAULT_TIMEOUT_S):
         import ray
 
-        refs = [s.ref for s in sent]
+        refs = [r for s in sent for r in s.ref.refs]
         _, pending = ray.wait(refs, num_returns=len(refs), timeout=timeout_s, fetch_local=True)
         if pending:
-            late = [s.shard_index for s in sent if s.ref in pending]
+            late = sorted({s.shard_index for s in sent if any(r in pending for r in s.ref.refs)})
             raise ShardTimeoutError(f"expert shards {late} did not answer within {timeout_s}s")
         try:
-            return [ShardOutput(*reply) for reply in ray.get(refs, timeout=timeout_s)]
+            values = iter(ray.get(refs, timeout=timeout_s))
+            return [s.ref.output([next(values) for _ in s.ref.refs]) for s in sent]
         except ray.exceptions.RayError:
             return [self._one(s) for s in sent]  # someone failed: sort out who
 
@@ -98,8 +142,22 @@ class ActorCallTransport(Transport):
         import ray
 
         try:
-            return ShardOutput(*ray.get(sent.ref, timeout=DEFAULT_TIMEOUT_S))
+            return sent.ref.output(ray.get(sent.ref.refs, timeout=DEFAULT_TIMEOUT_S))
         except ray.exceptions.RayError as e:
             if isinstance(e, ray.exceptions.GetTimeoutError):
                 raise ShardTimeoutError(f"expert shard {sent.shard_index} did not answer") from e
             return ShardFailure(sent.shard_index, e, is_dead_shard_error(e))
+
+
+@dataclass
+class _Call:
+    """One actor call in flight: `run_wire` (dtype set: refs = output chunks + compute seconds) or
+    plain `run` (dtype None: one ref to (rows, compute seconds))."""
+
+    dtype: str | None
+    refs: list
+
+    def output(self, values: list) -> ShardOutput:
+        if self.dtype is None:
+            return ShardOutput(*values[0])
+        return ShardOutput(from_wire(self.dtype, values[:-1]), values[-1])

@@ -53,7 +53,9 @@ def leave_group(group_name: str) -> None:
         collective.destroy_collective_group(group_name)
 
 
-def serve_rows(core, group_name: str, src_rank: int, layer: int, num_rows: int, expert_ids, counts, dtype: str) -> float:
+def serve_rows(
+    core, group_name: str, src_rank: int, layer: int, num_rows: int, expert_ids, counts, dtype: str
+) -> float:
     """Shard side of one round trip: recv rows, run them on `core` (an ExpertShardCore), send back."""
     from ray.util import collective
 

@@ -22,7 +22,16 @@ from raymoe.cluster.placement import (
     replica_counts,
     speed_weighted_placement,
 )
-from raymoe.cluster.transport import Sent, ShardFailure, ShardOutput, Transport
+from raymoe.cluster.transport import (
+    INLINE_BYTES,
+    Sent,
+    ShardFailure,
+    ShardOutput,
+    Transport,
+    from_wire,
+    split_like,
+    to_wire,
+)
 from raymoe.errors import ConfigError
 from raymoe.model.model import load_model
 from raymoe.model.paged import AttentionBatch, allocate_kv_cache
@@ -147,26 +156,16 @@ def mixtral_path(checkpoint_dir):
 
 
 def test_core_matches_local_experts(mixtral_path):
-    model = load_model(mixtral_path)
+    store = load_model(mixtral_path).experts.store
     core = ExpertShardCore(mixtral_path, [(1, e) for e in range(8)])
     gen = torch.Generator().manual_seed(0)
     for n in (1, 6, 40):
         x = torch.randn(n, 64, generator=gen)
-        expected = model.experts.store.run_groups(1, x, _groups([n // 2, 0, n - n // 2]))
-        got = core.run(1, x, [2, 5], [n // 2, n - n // 2])  # experts 2, 5
-        ref = torch.cat([model.experts.store.run_group(1, e, xs) for e, xs in zip([2, 5], x.split([n // 2, n - n // 2]))])
-        assert (got - ref).abs().max() <= TOL and expected.shape == got.shape
-        backwards = core.run(1, x, [5, 2], [n - n // 2, n // 2])  # any group order
-        ref_b = torch.cat([model.experts.store.run_group(1, e, xs) for e, xs in zip([5, 2], x.split([n - n // 2, n // 2]))])
-        assert (backwards - ref_b).abs().max() <= TOL
+        spread = [n // 8 + (i < n % 8) for i in range(8)]  # every expert has rows once n >= 8: batched path
+        for experts, counts in (([2, 5], [n // 2, n - n // 2]), ([5, 2], [n - n // 2, n // 2]), (range(8), spread)):
+            expected = torch.cat([store.run_group(1, e, xs) for e, xs in zip(experts, x.split(counts))])
+            assert (core.run(1, x, list(experts), counts) - expected).abs().max() <= TOL
     assert core.last_compute_s > 0
-
-
-def _groups(counts):
-    from raymoe.model.experts import TokenGroups
-
-    empty = torch.empty(0, dtype=torch.long)
-    return TokenGroups(empty, empty, counts + [0] * (8 - len(counts)))
 
 
 def test_core_load_free_held(mixtral_path):
@@ -255,6 +254,19 @@ def test_remote_experts_in_process_recreates_without_replica(mixtral_path):
         run_steps(model, remote, prompts, fed)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("num_rows", [1, 7, 300])
+def test_wire_round_trip(dtype, num_rows):
+    rows = torch.randn(num_rows, 256).to(dtype)
+    name, chunks = to_wire(rows)
+    per_chunk = INLINE_BYTES // (256 * rows.element_size())
+    assert len(chunks) == -(-num_rows // per_chunk)
+    assert all(c.nbytes < 100 * 1024 for c in chunks)
+    assert torch.equal(from_wire(name, chunks), rows)
+    back = split_like(rows * 2, [len(c) for c in chunks])
+    assert torch.equal(from_wire(name, back), rows * 2)
+
+
 def test_dispatch_import_needs_no_cupy():
     code = "import sys, raymoe.cluster.dispatch, raymoe.cluster.transport_nccl; " \
            "assert 'cupy' not in sys.modules and 'ray.util.collective' not in sys.modules"  # fmt: skip
@@ -263,6 +275,48 @@ def test_dispatch_import_needs_no_cupy():
 
 # ---------------------------------------------------------------------------------- on Ray
 FAMILIES = ["mixtral", "qwen2_moe"]
+
+
+class GlooCaller:
+    """The worker side of `CollectiveTransport`, which must run inside an actor."""
+
+    def __init__(self, handles):
+        from raymoe.cluster.transport_nccl import CollectiveTransport
+
+        torch.set_num_threads(1)
+        self.transport = CollectiveTransport(handles, backend="gloo", timeout_s=60)
+
+    def run(self, layer, slices):
+        sent = [self.transport.send(i, layer, rows, ids, counts) for i, (rows, ids, counts) in enumerate(slices)]
+        return [(r.rows, r.compute_s) for r in self.transport.wait(sent, 60)]
+
+    def close(self):
+        self.transport.close()
+
+
+def test_collective_transport_over_gloo(ray_cluster, mixtral_path):
+    """The GPU transport's code path, run with the gloo backend on CPU (own shards: a gloo group
+    binds its processes for good)."""
+    import ray
+    from ray import cloudpickle
+
+    from raymoe.actors.expert_shard import ExpertShard
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    held = [[(0, e) for e in range(4)], [(0, e) for e in range(4, 8)]]
+    shards = [ExpertShard.options(num_cpus=0).remote(mixtral_path, h) for h in held]
+    caller = ray.remote(GlooCaller).options(num_cpus=0).remote(shards)
+    gen = torch.Generator().manual_seed(4)
+    slices = [(torch.randn(9, 64, generator=gen), [0, 3], [4, 5]), (torch.randn(3, 64, generator=gen), [6], [3])]
+    try:
+        replies = ray.get(caller.run.remote(0, slices), timeout=120)
+        core = ExpertShardCore(mixtral_path, held[0] + held[1])
+        for (rows, ids, counts), (out, compute_s) in zip(slices, replies):
+            assert (out - core.run(0, rows, ids, counts)).abs().max() <= TOL and compute_s > 0
+        ray.get(caller.close.remote(), timeout=60)
+    finally:
+        for actor in shards + [caller]:
+            ray.kill(actor)
 
 
 class RayShards:
@@ -353,6 +407,23 @@ def test_killed_shard_routes_via_replica(shards):
     assert (got - model.experts.run(layer, x, ids, weights)).abs().max() <= TOL
     assert shards.handles[1]._actor_id in remote.dead
     shards.handles[1], shards.handles[3] = shards.spawn(1, []), shards.spawn(3, [])
+
+
+def test_stale_placement_is_refused_and_rerouted(shards):
+    """A slice sent under an old placement to a shard that freed the expert comes back refused
+    (ExpertNotHeldError) and is re-routed with the newest placement."""
+    model = shards.model
+    good = shards.placement(2, 1)
+    stale = Placement(0, good.shard_names, good.shard_nodes, {k: (1 - v[0],) for k, v in good.expert_to_shards.items()})
+    remote = shards.remote(stale)
+    layer = model.spec.moe_layer_ids[0]
+    x = torch.randn(12, model.spec.hidden_size, generator=torch.Generator().manual_seed(3))
+    ids = torch.stack([torch.randperm(8, generator=torch.Generator().manual_seed(i))[:2] for i in range(12)])
+    weights = torch.rand(12, 2)
+    pending = remote.run_async(layer, x, ids, weights)
+    remote.set_placement(good.with_epoch(1), shards.handles[:2])
+    assert (pending.result() - model.experts.run(layer, x, ids, weights)).abs().max() <= TOL
+    assert remote.epoch == 1 and not remote.dead
 
 
 def test_killed_shard_without_replica_is_recreated(shards):
