@@ -134,6 +134,10 @@ class DecodeWorker:
     def stats(self) -> dict:
         return {**self.core.stats, "running": len(self.core.engine.requests), **self.experts.take_timings()}
 
+    def epoch(self) -> int:
+        """The placement epoch this worker's experts backend routes with (after its next step)."""
+        return self.experts.epoch
+
     def ready(self) -> bool:
         return True
 

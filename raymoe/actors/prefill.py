@@ -86,6 +86,10 @@ class PrefillWorker:
     def stats(self) -> dict:
         return dict(self.core.stats)
 
+    def epoch(self) -> int:
+        """The placement epoch this worker's experts backend routes with (after its next step)."""
+        return self.experts.epoch
+
     def ready(self) -> bool:
         return True
 

@@ -116,6 +116,19 @@ class MoECluster:
         return list(prompt)
 
     # ----- operations --------------------------------------------------------------------------
+    def pool_stats(self) -> dict[str, dict]:
+        """node id -> its KV pool's statistics (pools that were started)."""
+        from raymoe.actors.kv_pool import pool_name
+
+        stats = {}
+        for node in ray.nodes():
+            try:
+                pool = ray.get_actor(pool_name(node["NodeID"]), namespace=self.config.namespace)
+            except ValueError:
+                continue
+            stats[node["NodeID"]] = ray.get(pool.stats.remote())
+        return stats
+
     def stats(self) -> dict:
         return {
             "prefill": ray.get([w.stats.remote() for w in self.prefill]),
@@ -127,9 +140,16 @@ class MoECluster:
         """Stop workers, shards, pools and the controller of this namespace."""
         from raymoe.cluster.controller import shutdown_controller
 
+        from raymoe.actors.kv_pool import pool_name
+
         for w in self.prefill + self.decode:
             ray.kill(w)
         shutdown_controller(self.config.namespace)
+        for node in ray.nodes():
+            try:
+                ray.kill(ray.get_actor(pool_name(node["NodeID"]), namespace=self.config.namespace))
+            except ValueError:  # no pool was started on that node
+                pass
 
 
 def _load_tokenizer(path: str):

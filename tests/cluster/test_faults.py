@@ -2,15 +2,14 @@
 run, none lost or repeated: a dead decode worker's sequences resume on another from the KV pool
 and the tokens already delivered; a dead expert shard is routed around (replica) or re-created."""
 
-import threading
-import time
-
 import pytest
 import ray
 
 from raymoe.cluster.cluster import ClusterConfig, MoECluster
 from raymoe.engine.llm_engine import EngineConfig
 from raymoe.engine.sampling_params import SamplingParams
+
+from progress import generate_while
 
 PROMPTS = [[(5 * i + 11 * j) % 250 + 3 for j in range(n)] for i, n in enumerate([9, 40, 17, 3, 26, 64, 12, 30])]
 PARAMS = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
@@ -31,33 +30,9 @@ def undisturbed(cluster):
     return [o.token_ids for o in cluster.generate(PROMPTS, PARAMS)]
 
 
-def generate_while(cluster, disturb) -> list[list[int]]:
-    """Generate in a thread; call `disturb()` once decoding is under way."""
-    result, start = {}, sum(s["tokens"] for s in _decode_stats(cluster))
-    thread = threading.Thread(target=lambda: result.update(out=cluster.generate(PROMPTS, PARAMS)))
-    thread.start()
-    deadline = time.monotonic() + 120
-    while sum(s["tokens"] for s in _decode_stats(cluster)) < start + 40 and time.monotonic() < deadline:
-        time.sleep(0.05)
-    disturb()
-    thread.join(timeout=300)
-    assert not thread.is_alive(), "generation did not finish"
-    return [o.token_ids for o in result["out"]]
-
-
-def _decode_stats(cluster):
-    stats = []
-    for w in cluster.router.decode:
-        try:
-            stats.append(ray.get(w.stats.remote(), timeout=30))
-        except ray.exceptions.RayActorError:
-            pass
-    return stats
-
-
 def test_dead_decode_worker_sequences_resume(cluster, undisturbed):
     victim = cluster.router.decode[0]
-    got = generate_while(cluster, lambda: ray.kill(victim, no_restart=True))
+    got, _ = generate_while(cluster, PROMPTS, PARAMS, lambda: ray.kill(victim, no_restart=True))
     assert got == undisturbed
     assert all(len(t) == PARAMS.max_tokens for t in got)  # none lost, none repeated
     assert cluster.router.num_resumed > 0
@@ -65,5 +40,5 @@ def test_dead_decode_worker_sequences_resume(cluster, undisturbed):
 
 def test_dead_expert_shard_is_routed_around(cluster, undisturbed):
     _, shards = ray.get(cluster.controller.placement.remote())
-    got = generate_while(cluster, lambda: ray.kill(shards[0], no_restart=True))
+    got, _ = generate_while(cluster, PROMPTS, PARAMS, lambda: ray.kill(shards[0], no_restart=True))
     assert got == undisturbed

@@ -1,0 +1,79 @@
+"""KV pool and placement changes on a real cluster: a shared prompt prefix skips its prefill (counted),
+a tiny pool evicts and results stay correct, a placement published mid-decode changes nothing."""
+
+import pytest
+import ray
+
+from raymoe.cluster.cluster import ClusterConfig, MoECluster
+from raymoe.engine.llm_engine import EngineConfig, LLMEngine
+from raymoe.engine.sampling_params import SamplingParams
+from raymoe.model.model import load_model
+
+from progress import generate_while
+
+ENGINE = EngineConfig(max_num_seqs=8, max_num_batched_tokens=64, block_size=8, kv_cache_bytes=16 << 20)
+PARAMS = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+PREFIX = [(3 * j * j + 1) % 250 + 3 for j in range(48)]  # 6 full blocks
+PROMPTS = [PREFIX + [10 + i, 20 + i, 30 + i] for i in range(8)]
+
+
+def one_process(path, prompts):
+    engine = LLMEngine(load_model(path), None, ENGINE)
+    for i, p in enumerate(prompts):
+        engine.add_request(p, PARAMS, request_id=str(i))
+    out = {str(i): [] for i in range(len(prompts))}
+    while engine.has_unfinished():
+        for d in engine.step():
+            out[d.request_id].extend(d.token_ids)
+    return [out[str(i)] for i in range(len(prompts))]
+
+
+@pytest.fixture(scope="module")
+def path(checkpoint_dir):
+    return checkpoint_dir("qwen2_moe")
+
+
+@pytest.fixture(scope="module")
+def expected(path):
+    return one_process(path, PROMPTS)
+
+
+@pytest.fixture(scope="module")
+def cluster(ray_cluster, path):
+    config = ClusterConfig(engine=ENGINE, namespace="pool", num_decode_workers=2,
+                           prefill_resources={"node_b": 0.01}, decode_resources={"node_c": 0.01})  # fmt: skip
+    c = MoECluster(path, config)
+    yield c
+    c.shutdown()
+
+
+def test_shared_prefix_skips_prefill(cluster, expected):
+    first = cluster.generate(PROMPTS[:1], PARAMS)
+    hits_before = cluster.stats()["prefill"][0]["prefix_hit_tokens"]
+    rest = cluster.generate(PROMPTS[1:], PARAMS)
+    hits = cluster.stats()["prefill"][0]["prefix_hit_tokens"] - hits_before
+    assert [o.token_ids for o in first + rest] == expected
+    assert hits >= 7 * len(PREFIX)  # every later prompt found the 48-token prefix cached
+    assert any(s["hits"] > 0 for s in cluster.pool_stats().values())
+
+
+def test_placement_change_mid_decode(cluster, expected):
+    epoch = ray.get(cluster.controller.placement.remote())[0].epoch
+    got, new_epoch = generate_while(
+        cluster, PROMPTS, PARAMS, lambda: ray.get(cluster.controller.rebalance.remote(2), timeout=120)
+    )
+    assert new_epoch > epoch
+    assert got == expected
+    assert all(ray.get(w.epoch.remote()) == new_epoch for w in cluster.router.decode)
+
+
+def test_tiny_pool_evicts_and_stays_correct(ray_cluster, path, expected):
+    block_bytes = 8 * 2 * 3 * 2 * 16 * 4  # block_size * (k + v) * layers * kv_heads * head_dim * fp32
+    config = ClusterConfig(engine=ENGINE, namespace="tiny-pool", kv_pool_bytes=3 * block_bytes,
+                           prefill_resources={"node_b": 0.01})  # fmt: skip
+    c = MoECluster(path, config)
+    try:
+        assert [o.token_ids for o in c.generate(PROMPTS, PARAMS)] == expected
+        assert sum(s["evictions"] for s in c.pool_stats().values()) > 0
+    finally:
+        c.shutdown()
