@@ -30,3 +30,11 @@ class PromptTooLongError(RaymoeError, ValueError):
 
 class InvalidRequestError(RaymoeError, ValueError):
     """A request the engine cannot take: empty prompt, token ids outside the vocabulary, reused id."""
+
+
+class OverloadedError(RaymoeError):
+    """The server's bounded queues are full; the request was not accepted and may be retried."""
+
+
+class UnsupportedOperationError(RaymoeError):
+    """An operation the running backend does not offer (e.g. scaling in single-engine mode)."""

@@ -32,6 +32,7 @@ READY_TIMEOUT_S = 300
 @dataclass(frozen=True)
 class ClusterConfig:
     shards_per_node: int = 1  # expert shards on every node (the controller spreads experts by speed)
+    num_shards: int | None = None  # or exactly this many shards, dealt over nodes fastest first
     replicas: int = 1  # copies of every expert (>1: a dead shard is routed around at once)
     num_prefill_workers: int = 1
     num_decode_workers: int = 1
@@ -66,7 +67,7 @@ class MoECluster:
         c = self.config
         self.controller = get_or_create_controller(
             self.model_path, namespace=c.namespace, dtype=c.engine.dtype,
-            shards_per_node=c.shards_per_node, replicas=c.replicas,
+            shards_per_node=c.shards_per_node, num_shards=c.num_shards, replicas=c.replicas,
         )  # fmt: skip
         self.prefill = [self._start(PrefillWorker, c.prefill_resources) for _ in range(c.num_prefill_workers)]
         self.decode = [self._start(DecodeWorker, c.decode_resources) for _ in range(c.num_decode_workers)]

@@ -39,6 +39,7 @@ class Controller:
         *,
         dtype: str = "float32",
         shards_per_node: int = 1,
+        num_shards: int | None = None,
         replicas: int = 1,
         extra_replicas: int = 2,
         load_window_s: float = 60.0,
@@ -50,7 +51,7 @@ class Controller:
         self.spec = load_spec(model_path)
         self.extra_replicas, self.load_window_s = extra_replicas, load_window_s
         self.topology = Topology.from_ray()
-        nodes = [n for n in self.topology.nodes for _ in range(shards_per_node)]
+        nodes = shard_nodes(self.topology, shards_per_node, num_shards)
         self._state = threading.Lock()  # guards placement, handles, held, workers, load
         self._applying = threading.Lock()  # one apply at a time
         self._target: Placement | None = None  # the placement being applied, while it is
@@ -58,7 +59,7 @@ class Controller:
             self.spec.moe_layer_ids,
             self.spec.num_experts,
             [n.node_id for n in nodes],
-            replicas=min(replicas, len(nodes)),
+            replicas=min(replicas, len(nodes)),  # copies of an expert sit on distinct shards
             shard_weights=[n.speed for n in nodes],
         )
         self._held = [set(self._placement.experts_on(s)) for s in range(len(nodes))]
@@ -210,6 +211,17 @@ class Controller:
     @staticmethod
     def _call(refs: list) -> list:
         return ray.get(refs, timeout=CALL_TIMEOUT_S)
+
+
+def shard_nodes(topology: Topology, shards_per_node: int, num_shards: int | None) -> list:
+    """The node of every shard: `shards_per_node` on each live node, or exactly `num_shards`
+    dealt over the nodes fastest first."""
+    if num_shards is None:
+        return [n for n in topology.nodes for _ in range(shards_per_node)]
+    if num_shards < 1:
+        raise ConfigError(f"num_shards={num_shards}; use 1 or more")
+    fastest = topology.fastest_first()
+    return [fastest[i % len(fastest)] for i in range(num_shards)]
 
 
 def _is_alive(handle) -> bool:

@@ -5,6 +5,7 @@ and decode on different nodes, two model families."""
 import itertools
 
 import pytest
+import ray
 
 from checkpoints import assert_same_greedy, load_reference, reference_greedy
 from raymoe.cluster.cluster import ClusterConfig, MoECluster
@@ -34,9 +35,18 @@ def run_cluster(path, **overrides) -> list[list[int]]:
     config = ClusterConfig(engine=ENGINE, namespace=f"lossless-{next(_namespaces)}", **overrides)
     cluster = MoECluster(path, config)
     try:
+        placement, _ = ray.get(cluster.controller.placement.remote())
+        assert placement.num_shards == overrides["num_shards"]
+        if "decode_resources" in overrides:  # prefill and decode really run on different nodes
+            assert set(cluster.prefill_nodes) == {node_with("node_b")}
+            assert set(ray.get([w.node_id.remote() for w in cluster.decode])) == {node_with("node_c")}
         return [o.token_ids for o in cluster.generate(PROMPTS, GREEDY)]
     finally:
         cluster.shutdown()
+
+
+def node_with(resource: str) -> str:
+    return next(n["NodeID"] for n in ray.nodes() if n["Alive"] and resource in n["Resources"])
 
 
 @pytest.fixture(scope="module")
@@ -57,14 +67,14 @@ def expected(checkpoint_dir):
     return get
 
 
+SPLIT = dict(prefill_resources={"node_b": 0.01}, decode_resources={"node_c": 0.01})
 ARRANGEMENTS = {
-    "1-shard": dict(shards_per_node=1, num_microbatches=1),
-    "2-shards-per-node-replicas-mb2": dict(shards_per_node=2, replicas=2, num_microbatches=2),
-    "split-nodes-mb4-2-decoders": dict(
-        num_microbatches=4, num_decode_workers=2,
-        prefill_resources={"node_b": 0.01}, decode_resources={"node_c": 0.01},
+    "1-shard": dict(num_shards=1, num_microbatches=1),
+    "2-shards-mb2-split": dict(num_shards=2, num_microbatches=2, **SPLIT),
+    "4-shards-replicas-mb4-2-decoders-split": dict(
+        num_shards=4, replicas=2, num_microbatches=4, num_decode_workers=2, **SPLIT
     ),
-}  # fmt: skip
+}
 
 
 @pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])

@@ -1,0 +1,142 @@
+"""raymoe's settings: one typed, frozen model, read from YAML.
+
+The same YAML drives `raymoe serve --config FILE` and the KubeRay manifests (a ConfigMap mounted
+at /etc/raymoe/config.yaml). Validated once here; values found at run time (KV blocks that fit,
+EOS ids) live in the engine, never written back. Unknown keys are errors, so a typo is caught:
+
+    model: null                 # Hugging Face MoE folder; null = the built-in model
+    backend: engine             # "engine": one-process engine per replica; "cluster": MoECluster
+    engine: {max_num_seqs: 32, dtype: float32}
+    serve: {port: 8000, max_queue_len: 64, api_key: null}
+    prefill: {autoscaling: {min_replicas: 1, max_replicas: 4, target_ongoing_requests: 8}}
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from raymoe.errors import ConfigError
+from raymoe.policies.registry import PolicyName
+
+BackendName = Literal["engine", "cluster"]
+DtypeName = Literal["float32", "bfloat16", "float16"]
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class EngineSettings(_Frozen):
+    """Mirrors `raymoe.engine.llm_engine.EngineConfig` (see it for why each field exists)."""
+
+    max_num_seqs: int = Field(32, gt=0, description="running sequences at most (the decode batch size)")
+    max_num_batched_tokens: int = Field(512, gt=0, description="new tokens per step; prompts chunk to fit")
+    block_size: int = Field(16, gt=0, description="tokens per KV block: allocation and prefix-sharing unit")
+    kv_cache_bytes: int = Field(256 << 20, gt=0, description="KV pool size per engine")
+    dtype: DtypeName = "float32"  # float32 keeps outputs identical to transformers
+
+    def to_engine_config(self):
+        from raymoe.engine.llm_engine import EngineConfig
+
+        return EngineConfig(**self.model_dump())
+
+
+class AutoscalingSettings(_Frozen):
+    """Ray Serve `autoscaling_config`: replicas follow the ongoing requests per replica."""
+
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(1, gt=0)
+    target_ongoing_requests: float = Field(8, gt=0, description="queue depth per replica to aim for")
+
+    @model_validator(mode="after")
+    def _bounds(self):
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(
+                f"min_replicas ({self.min_replicas}) is above max_replicas ({self.max_replicas}); "
+                "raise max_replicas or lower min_replicas"
+            )
+        return self
+
+
+class DeploymentSettings(_Frozen):
+    num_cpus: float = Field(1.0, ge=0, description="CPUs each replica reserves")
+    num_gpus: float = Field(0.0, ge=0)
+    resources: dict[str, float] = Field(default_factory=dict, description='custom Ray resources, e.g. {"raymoe_decode": 1}')
+    autoscaling: AutoscalingSettings = Field(default_factory=AutoscalingSettings)
+    max_ongoing_requests: int = Field(256, gt=0, description="concurrent requests per replica before Serve queues")
+
+
+class ServeSettings(_Frozen):
+    host: str = "127.0.0.1"
+    port: int = Field(8000, gt=0, lt=65536)
+    api_key: str | None = None  # when set, /v1 and /admin need `Authorization: Bearer <key>`
+    model_name: str | None = None  # the name /v1/models shows; None = the folder's name
+    max_queue_len: int = Field(64, gt=0, description="requests admitted per backend replica; more get 503")
+    max_body_bytes: int = Field(1 << 20, gt=0, description="larger request bodies get 413")
+    default_max_tokens: int = Field(16, gt=0, description="max_tokens when a request leaves it out")
+    retry_after_s: int = Field(1, gt=0, description="Retry-After sent with 503 when queues are full")
+
+
+class ClusterSettings(_Frozen):
+    """For `backend: cluster` (see `raymoe.cluster.cluster.ClusterConfig`)."""
+
+    shards_per_node: int = Field(1, gt=0)
+    replicas: int = Field(1, gt=0, description="copies of every expert; >1 routes around a dead shard")
+    num_microbatches: int = Field(1, gt=0)
+    kv_pool_bytes: int = Field(256 << 20, gt=0, description="KV pool per node")
+    placement_policy: PolicyName = "replication"
+    rebalance_interval_s: float = Field(60.0, gt=0)
+
+
+class RaymoeConfig(_Frozen):
+    model: str | None = None  # Hugging Face MoE checkpoint folder; None = the built-in model
+    backend: BackendName = "engine"
+    engine: EngineSettings = Field(default_factory=EngineSettings)
+    serve: ServeSettings = Field(default_factory=ServeSettings)
+    ingress: DeploymentSettings = Field(default_factory=lambda: DeploymentSettings(num_cpus=0.5))
+    prefill: DeploymentSettings = Field(default_factory=DeploymentSettings)
+    decode: DeploymentSettings = Field(default_factory=DeploymentSettings)
+    cluster: ClusterSettings = Field(default_factory=ClusterSettings)
+
+
+def parse_config(data: dict[str, Any] | None, source: str = "config") -> RaymoeConfig:
+    """Validate a dict (parsed YAML); raise ConfigError listing every bad field and how to fix it."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of settings, got {type(data).__name__}")
+    try:
+        return RaymoeConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(f"{source} is invalid:\n{_explain(e)}") from None
+
+
+def load_config(path: str | Path | None) -> RaymoeConfig:
+    """Read and validate a YAML file; None gives the defaults."""
+    if path is None:
+        return RaymoeConfig()
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist; pass the path of a raymoe YAML config")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML: {e}") from None
+    return parse_config(data, str(path))
+
+
+def _explain(error: ValidationError) -> str:
+    lines = []
+    for err in error.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        if err["type"] == "extra_forbidden":
+            lines.append(f"  {where}: unknown setting; remove it or check its spelling")
+        elif err["type"] == "literal_error":
+            lines.append(f"  {where}: {err['msg']}, got {err.get('input')!r}")
+        else:
+            lines.append(f"  {where}: {err['msg']} (got {err.get('input')!r}); fix this value")
+    return "\n".join(lines)
