@@ -14,12 +14,14 @@ from raymoe.actors.handoff import TokenDelta, WorkRequest
 from raymoe.engine.llm_engine import LLMEngine
 
 LOAD_REPORT_S = 1.0  # how often a decode worker sends its expert load to the controller
+TIMINGS = {"decode_steps": 0, "decode_step_s": 0.0, "decode_tokens": 0}
 
 
 class DecodeCore:
     def __init__(self, engine: LLMEngine, pool):
         self.engine, self.pool = engine, pool
         self.stats = {"sequences": 0, "tokens": 0, "steps": 0, "prefix_hit_blocks": 0}
+        self.timings = dict(TIMINGS)
 
     def submit(self, r: WorkRequest) -> None:
         """Admit a sequence that already has output tokens (at least the prefill's first)."""
@@ -30,12 +32,24 @@ class DecodeCore:
         self.stats["sequences"] += 1
 
     def step(self) -> dict[str, TokenDelta]:
+        start = time.perf_counter()
+        sched = self.engine.scheduler
+        is_decode = not sched.waiting and all(s.num_uncomputed_tokens == 1 for s in sched.running)
         deltas: dict[str, TokenDelta] = {}
         for out in self.engine.step():
             deltas[out.request_id] = TokenDelta(list(out.token_ids), out.finished, out.finish_reason)
             self.stats["tokens"] += len(out.token_ids)
         self.stats["steps"] += 1
+        if is_decode:  # a pure decode step: the one the breakdown is about
+            t = self.timings
+            t["decode_steps"] += 1
+            t["decode_step_s"] += time.perf_counter() - start
+            t["decode_tokens"] += sum(len(d.token_ids) for d in deltas.values())
         return deltas
+
+    def take_timings(self) -> dict:
+        timings, self.timings = self.timings, dict(TIMINGS)
+        return timings
 
     def abort(self, request_id: str) -> None:
         self.engine.abort(request_id)
@@ -132,7 +146,12 @@ class DecodeWorker:
         return placement.epoch
 
     def stats(self) -> dict:
-        return {**self.core.stats, "running": len(self.core.engine.requests), **self.experts.take_timings()}
+        return {**self.core.stats, "running": len(self.core.engine.requests)}
+
+    def take_timings(self) -> dict:
+        """Step and expert round-trip seconds since the last take (for the step breakdown)."""
+        with self.lock:
+            return {**self.core.take_timings(), **self.experts.take_timings()}
 
     def epoch(self) -> int:
         """The placement epoch this worker's experts backend routes with (after its next step)."""

@@ -1,0 +1,121 @@
+"""Decode on the cluster against the one-process engine, and microbatch 1 against 2, on the built-in model.
+
+    python bench/cluster.py [--repeats 3] [--batch 16] [--out bench/out/cluster.json]
+
+Prints one JSON object. Runs in one process on a local Ray cluster (loopback only):
+- baseline `one_process`: raymoe's engine with every expert in-process;
+- `cluster_2_shards_mb1` and `cluster_2_shards_mb2`: one prefill and one decode worker, 2 expert
+  shards, microbatches 1 and 2.
+Workload: `--batch` greedy requests of 32 prompt tokens and `--new-tokens` outputs (ignore_eos).
+Figures are from pure decode steps only (every running sequence decoding): decode tokens/s and
+ms per step, split into attention (+ router, sampling, everything local), dispatch (the worker
+waiting on the transport beyond the shards' compute), expert compute and combine. Medians over
+repeats. `hidden_dispatch_share` = 1 - exposed round trip (mb2) / exposed round trip (mb1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # loopback only, before Ray starts
+
+import ray  # noqa: E402
+import torch  # noqa: E402
+
+from raymoe.cluster.cluster import ClusterConfig, MoECluster  # noqa: E402
+from raymoe.engine.llm_engine import EngineConfig, LLMEngine  # noqa: E402
+from raymoe.engine.sampling_params import SamplingParams  # noqa: E402
+from raymoe.model.builtin import builtin_model_path  # noqa: E402
+from raymoe.model.model import load_model  # noqa: E402
+
+ENGINE = EngineConfig(max_num_seqs=32, max_num_batched_tokens=512)
+
+
+def workload(batch: int, new_tokens: int):
+    prompts = [[(17 * i + 5 * j) % 4000 + 10 for j in range(32)] for i in range(batch)]
+    return prompts, SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
+
+
+def one_process(model_path, prompts, params) -> dict:
+    torch.set_num_threads(1)  # as each worker actor does
+    engine = LLMEngine(load_model(model_path), None, ENGINE)
+    for i, p in enumerate(prompts):
+        engine.add_request(p, params, request_id=str(i))
+    steps, seconds, tokens = 0, 0.0, 0
+    while engine.has_unfinished():
+        sched = engine.scheduler
+        is_decode = not sched.waiting and all(s.num_uncomputed_tokens == 1 for s in sched.running)
+        start = time.perf_counter()
+        out = engine.step()
+        if is_decode:
+            steps, seconds, tokens = steps + 1, seconds + time.perf_counter() - start, tokens + len(out)
+    return {"decode_tokens_per_s": tokens / seconds, "ms_per_step": 1000 * seconds / steps}
+
+
+def on_cluster(cluster: MoECluster, prompts, params) -> dict:
+    worker = cluster.decode[0]
+    ray.get(worker.take_timings.remote())
+    cluster.generate(prompts, params)
+    t = ray.get(worker.take_timings.remote())
+    steps, total = t["decode_steps"], t["decode_step_s"]
+    remote = {k: t[k] for k in ("dispatch_s", "expert_s", "combine_s")}
+    # expert timings of a few non-decode steps (handoff tails) are included: scale to decode steps
+    return {
+        "decode_tokens_per_s": t["decode_tokens"] / total,
+        "ms_per_step": 1000 * total / steps,
+        "breakdown_ms_per_step": {
+            "attention_and_local": 1000 * (total - sum(remote.values())) / steps,
+            **{k.replace("_s", ""): 1000 * v / steps for k, v in remote.items()},
+        },
+        "exposed_round_trip_ms_per_step": 1000 * (remote["dispatch_s"] + remote["expert_s"]) / steps,
+    }
+
+
+def median_dicts(runs: list[dict]) -> dict:
+    out = {}
+    for key, value in runs[0].items():
+        vals = [r[key] for r in runs]
+        out[key] = median_dicts(vals) if isinstance(value, dict) else statistics.median(vals)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--new-tokens", type=int, default=48)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    model_path = builtin_model_path()
+    prompts, params = workload(args.batch, args.new_tokens)
+    ray.init(num_cpus=8, include_dashboard=False)
+    report = {"config": vars(args) | {"model": "builtin", "engine": ENGINE.__dict__}}
+    report["one_process"] = median_dicts([one_process(model_path, prompts, params) for _ in range(args.repeats)])
+    for m in (1, 2):
+        config = ClusterConfig(engine=ENGINE, num_shards=2, num_microbatches=m, namespace=f"bench-mb{m}")
+        cluster = MoECluster(model_path, config)
+        cluster.generate(prompts[:2], SamplingParams(max_tokens=4, ignore_eos=True))  # warm-up
+        report[f"cluster_2_shards_mb{m}"] = median_dicts([on_cluster(cluster, prompts, params)
+                                                         for _ in range(args.repeats)])  # fmt: skip
+        cluster.shutdown()
+    mb1, mb2 = report["cluster_2_shards_mb1"], report["cluster_2_shards_mb2"]
+    report["ratios"] = {
+        "cluster_mb1_vs_one_process_tokens_per_s": mb1["decode_tokens_per_s"] / report["one_process"]["decode_tokens_per_s"],
+        "mb2_vs_mb1_tokens_per_s": mb2["decode_tokens_per_s"] / mb1["decode_tokens_per_s"],
+        "hidden_dispatch_share": 1 - mb2["exposed_round_trip_ms_per_step"] / mb1["exposed_round_trip_ms_per_step"],
+    }  # fmt: skip
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text)
+    ray.shutdown()
+
+
+if __name__ == "__main__":
+    main()

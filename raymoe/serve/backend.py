@@ -1,0 +1,119 @@
+"""The generation backend the ingress talks to: a Serve deployment around the one-process engine.
+
+`EngineBackend` prefills and decodes in one replica (the colocated arrangement): an `EngineLoop`
+steps the engine in a background thread, with bounded admission. Serve's autoscaler adds replicas
+as their ongoing requests grow (the `decode` deployment settings of the config).
+
+Not built yet: the disaggregated arrangement with separate prefill and decode Serve deployments
+over `MoECluster` (controller, expert shards, KV pool). The ingress only needs `generate`, `info`,
+`stats`, `cluster_status`, `rebalance` and `scale` from a backend, so that one slots in here.
+
+`generate` is a streaming method. Its first item says whether the request was admitted
+(`{"accepted": True}` or `{"error": {"kind", "message"}}`) so the ingress can answer 4xx/503 before
+any byte of the response is sent; the rest are lists of deltas. Cancelling the stream (the client
+went away) aborts the request and frees its KV blocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from ray import serve
+
+from raymoe.config import parse_config
+from raymoe.engine.llm_engine import LLMEngine, RequestOutput
+from raymoe.engine.sampling_params import SamplingParams
+from raymoe.errors import OverloadedError, RaymoeError, UnsupportedOperationError
+from raymoe.serve.engine_loop import EngineLoop
+
+logger = logging.getLogger(__name__)
+
+
+def delta_dict(delta: RequestOutput) -> dict:
+    return {"token_ids": list(delta.token_ids), "text": delta.text,
+            "finished": delta.finished, "finish_reason": delta.finish_reason}  # fmt: skip
+
+
+def error_item(kind: str, message: str) -> dict:
+    """kind: "overloaded" (503) | "invalid" (400) | "unsupported" (501)."""
+    return {"error": {"kind": kind, "message": message}}
+
+
+@serve.deployment(name="engine")
+class EngineBackend:
+    def __init__(self, config: dict, model_path: str):
+        self.config = parse_config(config)
+        self.model_path = model_path
+        self.engine = LLMEngine.from_path(model_path, self.config.engine.to_engine_config())
+        self.loop = EngineLoop(self.engine, self.config.serve.max_queue_len)
+
+    def info(self) -> dict:
+        spec = self.engine.model.spec
+        return {"max_model_len": self.engine.max_model_len, "vocab_size": spec.vocab_size,
+                "model_path": self.model_path, "backend": "engine"}  # fmt: skip
+
+    def check_health(self) -> None:
+        """Serve calls this; a dead stepping thread marks the replica unhealthy and replaces it."""
+        if not self.loop._thread.is_alive():
+            raise RuntimeError("the engine loop thread died")
+
+    async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams):
+        try:
+            queue = self.loop.submit(request_id, prompt_ids, params)
+        except OverloadedError as e:
+            yield error_item("overloaded", str(e))
+            return
+        yield {"accepted": True}
+        finished = False
+        try:
+            while not finished:
+                items = [await queue.get()]
+                while not queue.empty():  # send what piled up in one message
+                    items.append(queue.get_nowait())
+                for item in items:
+                    if isinstance(item, Exception):
+                        finished = True
+                        kind = "invalid" if isinstance(item, (RaymoeError, ValueError)) else "internal"
+                        yield error_item(kind, str(item))
+                        return
+                finished = items[-1].finished
+                yield [delta_dict(d) for d in items]
+        finally:
+            if not finished:  # cancelled: the client disconnected or the ingress gave up
+                self.loop.abort(request_id)
+
+    def stats(self) -> dict:
+        s = self.loop.stats
+        bm = self.engine.block_manager
+        return {
+            "num_admitted": s.num_admitted, "num_running": s.num_running, "num_rejected": s.num_rejected,
+            "num_finished": s.num_finished, "num_aborted": s.num_aborted, "num_steps": s.num_steps,
+            "num_generated_tokens": s.num_generated_tokens, "step_time_s": s.step_time_s,
+            "max_queue_len": self.loop.max_pending, "num_kv_blocks": bm.num_blocks,
+            "num_free_kv_blocks": bm.num_free_blocks, "num_engine_requests": len(self.engine.requests),
+        }  # fmt: skip
+
+    def cluster_status(self) -> dict:
+        import ray
+
+        ctx = ray.get_runtime_context()
+        return {
+            "backend": "engine", "model": self.model_path, "placement_epoch": None, "expert_load": None,
+            "nodes": [{"node_id": ctx.get_node_id(), "speed": 1.0}],
+            "workers": [{"kind": "engine", "actor_id": ctx.get_actor_id(), **self.stats()}],
+        }  # fmt: skip
+
+    def rebalance(self) -> dict:
+        raise UnsupportedOperationError(
+            "rebalance needs the cluster backend (backend: cluster in the config); "
+            "the engine backend keeps every expert in one process"
+        )
+
+    async def shutdown(self) -> None:
+        await asyncio.to_thread(self.loop.shutdown)
+
+    def __del__(self):
+        loop = getattr(self, "loop", None)
+        if loop is not None:
+            loop.shutdown()

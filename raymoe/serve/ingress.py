@@ -1,0 +1,261 @@
+"""The ingress deployment: OpenAI-compatible HTTP in front of the generation backend.
+
+It validates (pydantic), tokenizes (chat template included), checks the context, then streams the
+backend's deltas out as JSON or SSE. Every client mistake is a 4xx with an OpenAI-style error body;
+full queues are a 503 with Retry-After before any byte is sent; a client that disconnects cancels
+its backend stream, which aborts the sequence.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from ray import serve
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from raymoe.config import parse_config
+from raymoe.model.tokenizer import ChatTemplateError, Tokenizer
+from raymoe.serve import sse
+from raymoe.serve.admin import AdminRoutes
+from raymoe.serve.metrics import ServeMetrics
+from raymoe.serve.openai_api import (
+    ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, ScaleRequest, new_id, now,
+)  # fmt: skip
+from raymoe.serve.protocol import APIError, check_api_key, overloaded, parse_body, sampling_params
+
+logger = logging.getLogger(__name__)
+app = FastAPI(title="raymoe", docs_url=None, redoc_url=None)
+
+
+@app.exception_handler(APIError)
+async def _api_error(request: Request, exc: APIError):
+    return exc.response()
+
+
+@app.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException):  # unknown route, wrong method
+    return APIError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}", code="not_found").response()
+
+
+@app.exception_handler(Exception)
+async def _unexpected(request: Request, exc: Exception):
+    logger.exception("unexpected error serving %s", request.url.path)
+    return APIError(500, f"internal error: {type(exc).__name__}: {exc}", "internal_error").response()
+
+
+@serve.deployment(name="ingress")
+@serve.ingress(app)
+class Ingress:
+    def __init__(self, config: dict, model_path: str, model_name: str, backend):
+        self.config = parse_config(config)
+        self.backend = backend
+        self.tokenizer = Tokenizer.from_dir(model_path)
+        self.model_name = model_name
+        self.metrics = ServeMetrics()
+        self.admin = AdminRoutes(backend, self.config)
+        self._info: dict | None = None
+
+    # ----- OpenAI routes ---------------------------------------------------------------------
+    @app.get("/v1/models")
+    async def models(self, request: Request) -> JSONResponse:
+        check_api_key(request, self.config.serve.api_key)
+        info = await self._backend_info()
+        card = ModelCard(id=self.model_name, created=0, max_model_len=info["max_model_len"])
+        return JSONResponse(ModelList(data=[card]).model_dump())
+
+    @app.post("/v1/completions")
+    async def completions(self, request: Request):
+        return await self._observed("completions", self._completions(request))
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request):
+        return await self._observed("chat", self._chat(request))
+
+    async def _completions(self, request: Request):
+        req = await self._parse(request, CompletionRequest)
+        prompt = req.prompt
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
+            if len(prompt) != 1:
+                raise APIError(400, f"send one prompt per request (got a list of {len(prompt)})", param="prompt")
+            prompt = prompt[0]
+        prompt_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        return await self._generate(req, prompt_ids, chat=False, echo=prompt if req.echo else "")
+
+    async def _chat(self, request: Request):
+        req = await self._parse(request, ChatCompletionRequest)
+        messages = [m.model_dump(exclude_none=True) for m in req.messages]
+        try:
+            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        except ChatTemplateError as e:
+            raise APIError(400, str(e), param="messages") from None
+        return await self._generate(req, self.tokenizer.encode(text, add_special_tokens=False), chat=True)
+
+    async def _parse(self, request: Request, model):
+        check_api_key(request, self.config.serve.api_key)
+        req = await parse_body(request, model, self.config.serve.max_body_bytes)
+        if req.model != self.model_name:
+            raise APIError(404, f"the model {req.model!r} does not exist; this server serves {self.model_name!r}",
+                           param="model", code="model_not_found")  # fmt: skip
+        return req
+
+    async def _generate(self, req, prompt_ids: list[int], chat: bool, echo: str = ""):
+        start = time.perf_counter()
+        info = await self._backend_info()
+        if not prompt_ids:
+            raise APIError(400, "the prompt is empty: send at least one token of text", param="prompt")
+        vocab = info["vocab_size"]
+        if any(not 0 <= t < vocab for t in prompt_ids):
+            raise APIError(400, f"prompt token ids must be in [0, {vocab})", param="prompt")
+        params = sampling_params(req, len(prompt_ids), info["max_model_len"], self.config.serve.default_max_tokens)
+        request_id = new_id("chatcmpl" if chat else "cmpl")
+        stream = await self._admit(request_id, prompt_ids, params)
+        self.metrics.prompt_tokens.inc(len(prompt_ids))
+        gen = _Generation(request_id, self.model_name, len(prompt_ids), stream, self.metrics, start)
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            events = gen.chat_events(include_usage) if chat else gen.completion_events(include_usage, echo)
+            return StreamingResponse(events, media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})  # fmt: skip
+        return JSONResponse(await (gen.chat_body() if chat else gen.completion_body(echo)))
+
+    async def _admit(self, request_id: str, prompt_ids: list[int], params):
+        """Start the backend stream; raise 503/400 if it did not take the request."""
+        stream = self.backend.options(stream=True).generate.remote(request_id, prompt_ids, params)
+        try:
+            first = await stream.__anext__()
+        except Exception as e:  # Serve's own back-pressure, or the backend replica died
+            stream.cancel()
+            logger.warning("backend refused %s: %s", request_id, e)
+            raise overloaded(f"the backend cannot take requests now ({type(e).__name__}); retry later",
+                             self.config.serve.retry_after_s) from None  # fmt: skip
+        if "error" in first:
+            kind, message = first["error"]["kind"], first["error"]["message"]
+            if kind == "overloaded":
+                raise overloaded(message, self.config.serve.retry_after_s)
+            raise APIError(400, message, param="prompt")
+        return stream
+
+    async def _observed(self, route: str, handler):
+        self.metrics.in_flight.inc()
+        status = 500
+        try:
+            response = await handler
+            status = response.status_code
+            return response
+        except APIError as e:
+            status = e.status
+            raise
+        finally:
+            self.metrics.in_flight.dec()
+            self.metrics.observe_request(route, status)
+
+    async def _backend_info(self) -> dict:
+        if self._info is None:
+            self._info = await self.backend.info.remote()
+        return self._info
+
+    # ----- operations ------------------------------------------------------------------------
+    @app.get("/health")
+    async def health(self) -> JSONResponse:
+        try:
+            await asyncio.wait_for(self._backend_info(), timeout=10)
+            stats = await asyncio.wait_for(self.backend.stats.remote(), timeout=10)
+        except Exception as e:
+            return APIError(503, f"not ready: {type(e).__name__}: {e}", "server_unavailable").response()
+        return JSONResponse({"status": "ok", "model": self.model_name, "queue_depth": stats["num_admitted"]})
+
+    @app.get("/metrics")
+    async def metrics(self) -> PlainTextResponse:
+        try:
+            self.metrics.update_backend(await asyncio.wait_for(self.backend.stats.remote(), timeout=10))
+        except Exception as e:  # still serve the ingress' own metrics
+            logger.warning("backend stats unavailable: %s", e)
+        return PlainTextResponse(self.metrics.render(), media_type="text/plain; version=0.0.4")
+
+    @app.get("/admin/cluster")
+    async def admin_cluster(self, request: Request) -> JSONResponse:
+        return await self.admin.cluster(request)
+
+    @app.post("/admin/rebalance")
+    async def admin_rebalance(self, request: Request) -> JSONResponse:
+        return await self.admin.rebalance(request)
+
+    @app.post("/admin/scale")
+    async def admin_scale(self, request: Request) -> JSONResponse:
+        check_api_key(request, self.config.serve.api_key)
+        req = await parse_body(request, ScaleRequest, self.config.serve.max_body_bytes)
+        return await self.admin.scale(req)
+
+
+class _Generation:
+    """One admitted request's backend stream, rendered as a JSON body or as SSE events."""
+
+    def __init__(self, request_id: str, model: str, num_prompt_tokens: int, stream, metrics: ServeMetrics,
+                 start: float):  # fmt: skip
+        self.request_id, self.model, self.num_prompt_tokens = request_id, model, num_prompt_tokens
+        self.stream, self.metrics, self.start, self.created = stream, metrics, start, now()
+        self.num_tokens, self.first, self.last, self.finish_reason = 0, None, None, None
+
+    async def deltas(self):
+        """Text deltas; cancels the backend stream (aborting the sequence) if the consumer stops early."""
+        try:
+            async for item in self.stream:
+                if isinstance(item, dict) and "error" in item:
+                    raise RuntimeError(item["error"]["message"])
+                for delta in item:
+                    self.last = time.perf_counter()
+                    self.first = self.first or self.last
+                    self.num_tokens += len(delta["token_ids"])
+                    self.finish_reason = delta["finish_reason"]
+                    yield delta["text"]
+        finally:
+            if self.finish_reason is None:
+                self.stream.cancel()
+            self.metrics.observe_generation(self.start, self.first, self.last, self.num_tokens)
+
+    def usage(self) -> dict:
+        n, m = self.num_prompt_tokens, self.num_tokens
+        return {"prompt_tokens": n, "completion_tokens": m, "total_tokens": n + m}
+
+    async def completion_body(self, echo: str) -> dict:
+        text = echo + "".join([t async for t in self.deltas()])
+        chunk = sse.completion_chunk(self.request_id, self.created, self.model, text, self.finish_reason)
+        return {**chunk, "object": "text_completion", "usage": self.usage()}
+
+    async def chat_body(self) -> dict:
+        text = "".join([t async for t in self.deltas()])
+        message = {"role": "assistant", "content": text}
+        return {"id": self.request_id, "object": "chat.completion", "created": self.created, "model": self.model,
+                "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": self.finish_reason}],
+                "usage": self.usage()}  # fmt: skip
+
+    async def completion_events(self, include_usage: bool, echo: str):
+        args = (self.request_id, self.created, self.model)
+        if echo:
+            yield sse.event(sse.completion_chunk(*args, echo, None))
+        async for text in self._with_finish(self.deltas()):
+            yield sse.event(sse.completion_chunk(*args, *text))
+        if include_usage:
+            yield sse.event(sse.usage_chunk(sse.completion_chunk(*args, "", None), self.usage()))
+        yield sse.DONE
+
+    async def chat_events(self, include_usage: bool):
+        args = (self.request_id, self.created, self.model)
+        yield sse.event(sse.chat_chunk(*args, {"role": "assistant", "content": ""}, None))
+        async for text, finish_reason in self._with_finish(self.deltas()):
+            yield sse.event(sse.chat_chunk(*args, {"content": text} if text else {}, finish_reason))
+        if include_usage:
+            yield sse.event(sse.usage_chunk(sse.chat_chunk(*args, {}, None), self.usage()))
+        yield sse.DONE
+
+    async def _with_finish(self, texts):
+        """(text, finish_reason) pairs; the finish reason rides on the last one, as OpenAI sends it."""
+        async for text in texts:
+            finish = self.finish_reason
+            if text or finish:
+                yield text, finish
+

@@ -1,0 +1,60 @@
+"""Prometheus metrics of the ingress, in their own registry (one per ingress replica).
+
+Request counts and latencies are observed where the ingress sees them; queue depths and engine
+counters are read from the backend at scrape time, so they are never stale.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+class ServeMetrics:
+    def __init__(self):
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter("raymoe_requests", "HTTP requests by route and status code", ["route", "status"], registry=r)
+        self.prompt_tokens = Counter("raymoe_prompt_tokens", "prompt tokens of admitted requests", registry=r)
+        self.generated_tokens = Counter("raymoe_generated_tokens", "tokens generated", registry=r)
+        self.ttft = Histogram("raymoe_time_to_first_token_seconds", "request arrival to first token",
+                              buckets=LATENCY_BUCKETS, registry=r)  # fmt: skip
+        self.tpot = Histogram("raymoe_time_per_output_token_seconds", "mean gap between output tokens",
+                              buckets=LATENCY_BUCKETS, registry=r)  # fmt: skip
+        self.e2e = Histogram("raymoe_request_latency_seconds", "request arrival to last token",
+                             buckets=LATENCY_BUCKETS, registry=r)  # fmt: skip
+        self.in_flight = Gauge("raymoe_ingress_in_flight_requests", "requests this ingress is serving", registry=r)
+        self.queue_depth = Gauge("raymoe_queue_depth", "requests admitted by the backend, not finished", registry=r)
+        self.running = Gauge("raymoe_running_requests", "requests in the engine (batch or waiting)", registry=r)
+        self.rejected = Gauge("raymoe_rejected_requests", "requests turned away by full queues (backend total)", registry=r)
+        self.kv_usage = Gauge("raymoe_kv_cache_usage", "share of KV blocks in use", registry=r)
+        self.local_activation = Gauge("raymoe_local_activation_rate",
+                                      "share of token-expert pairs served on the token's own node", registry=r)  # fmt: skip
+        self.expert_load = Gauge("raymoe_expert_load", "recent tokens per expert", ["layer", "expert"], registry=r)
+
+    def observe_request(self, route: str, status: int) -> None:
+        self.requests.labels(route=route, status=str(status)).inc()
+
+    def observe_generation(self, start: float, first: float | None, last: float | None, num_tokens: int) -> None:
+        if first is None:
+            return
+        self.ttft.observe(first - start)
+        self.e2e.observe(last - start)
+        self.generated_tokens.inc(num_tokens)
+        if num_tokens > 1:
+            self.tpot.observe((last - first) / (num_tokens - 1))
+
+    def update_backend(self, stats: dict) -> None:
+        self.queue_depth.set(stats.get("num_admitted", 0))
+        self.running.set(stats.get("num_engine_requests", 0))
+        self.rejected.set(stats.get("num_rejected", 0))
+        if stats.get("num_kv_blocks"):
+            self.kv_usage.set(1 - stats["num_free_kv_blocks"] / stats["num_kv_blocks"])
+        # one process holds every expert: every activation is local
+        self.local_activation.set(stats.get("local_activation_rate", 1.0))
+        for layer, row in enumerate(stats.get("expert_load") or []):
+            for expert, load in enumerate(row):
+                self.expert_load.labels(layer=str(layer), expert=str(expert)).set(load)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,100 @@
+"""Turning HTTP requests into validated ones, and failures into OpenAI-style error responses.
+
+Every failure a client can cause is an `APIError` with a 4xx status and the body
+`{"error": {"message", "type", "param", "code"}}`; the handler in ingress.py renders it.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+
+from pydantic import BaseModel, ValidationError
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+
+from raymoe.engine.sampling_params import SamplingParams
+from raymoe.errors import InvalidSamplingParams
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None, headers: dict | None = None):  # fmt: skip
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers or {}
+
+    def response(self) -> JSONResponse:
+        body = {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+        return JSONResponse(body, status_code=self.status, headers=self.headers)
+
+
+def overloaded(message: str, retry_after_s: int) -> APIError:
+    return APIError(503, message, "server_overloaded", code="server_overloaded",
+                    headers={"Retry-After": str(retry_after_s)})  # fmt: skip
+
+
+def check_api_key(request: Request, api_key: str | None) -> None:
+    if api_key is None:
+        return
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    if not header:
+        raise APIError(401, "missing API key: send the header `Authorization: Bearer <key>`",
+                       "authentication_error", code="invalid_api_key")  # fmt: skip
+    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
+        raise APIError(401, "incorrect API key provided; check the key the server was started with",
+                       "authentication_error", code="invalid_api_key")  # fmt: skip
+
+
+async def parse_body(request: Request, model: type[BaseModel], max_bytes: int) -> BaseModel:
+    """Read, size-check, JSON-decode and validate a request body."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+        raise _too_large(int(declared), max_bytes)
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > max_bytes:
+            raise _too_large(len(body), max_bytes)
+    try:
+        data = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise APIError(400, f"the request body is not valid JSON ({e}); send a JSON object", code="invalid_json")
+    if not isinstance(data, dict):
+        raise APIError(400, f"the request body must be a JSON object, got {type(data).__name__}", code="invalid_json")
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        err = e.errors()[0]
+        param = ".".join(str(p) for p in err["loc"]) or None
+        hint = "this field is required" if err["type"] == "missing" else err["msg"]
+        raise APIError(400, f"{param}: {hint}", param=param, code="invalid_value") from None
+
+
+def _too_large(num_bytes: int, max_bytes: int) -> APIError:
+    return APIError(413, f"the request body is {num_bytes}+ bytes; the limit is {max_bytes}: send a shorter prompt",
+                    code="request_too_large")  # fmt: skip
+
+
+def sampling_params(req, num_prompt_tokens: int, max_model_len: int, default_max_tokens: int) -> SamplingParams:
+    """The request's SamplingParams; max_tokens must fit the context with the prompt."""
+    room = max_model_len - num_prompt_tokens
+    if room < 1:
+        raise APIError(400, f"the prompt has {num_prompt_tokens} tokens, but the context is {max_model_len} "
+                       "tokens with room for at least 1 generated one: shorten the prompt",
+                       param="prompt", code="context_length_exceeded")  # fmt: skip
+    max_tokens, param = req.max_tokens, "max_tokens"
+    if getattr(req, "max_completion_tokens", None) is not None:
+        max_tokens, param = req.max_completion_tokens, "max_completion_tokens"
+    if max_tokens is None:
+        max_tokens = min(default_max_tokens, room)
+    elif max_tokens > room:
+        raise APIError(400, f"{param}={max_tokens} plus the prompt's {num_prompt_tokens} tokens exceeds the "
+                       f"model's context of {max_model_len} tokens: ask for at most {room}",
+                       param=param, code="context_length_exceeded")  # fmt: skip
+    try:
+        return SamplingParams(temperature=float(req.temperature), top_p=float(req.top_p), seed=req.seed,
+                              max_tokens=max_tokens, stop=req.stop or ())  # fmt: skip
+    except InvalidSamplingParams as e:
+        raise APIError(400, str(e), param=str(e).split(" ", 1)[0], code="invalid_value") from None
