@@ -1,4 +1,4 @@
-"""The `raymoe` command line: `raymoe generate | plan`."""
+"""The `raymoe` command line: `raymoe serve | generate | plan`."""
 
 from __future__ import annotations
 
@@ -23,6 +23,19 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from raymoe.config import load_config, parse_config
+    from raymoe.serve.app import serve_forever
+
+    data = load_config(args.config).model_dump()
+    if args.model is not None:
+        data["model"] = args.model
+    flags = {"host": args.host, "port": args.port, "api_key": args.api_key}
+    data["serve"].update({k: v for k, v in flags.items() if v is not None})
+    serve_forever(parse_config(data, "command line and config"), address=args.address)
+    return 0
+
+
 def _plan(args: argparse.Namespace) -> int:
     from raymoe.policies.cli import plan_main
 
@@ -32,6 +45,15 @@ def _plan(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="raymoe", description="Elastic Mixture-of-Experts serving on Ray.")
     sub = parser.add_subparsers(dest="command", required=True)
+
+    srv = sub.add_parser("serve", help="serve the model over OpenAI-compatible HTTP on Ray Serve")
+    srv.add_argument("--model", default=None, help="Hugging Face MoE checkpoint folder (default: built-in model)")
+    srv.add_argument("--config", default=None, help="raymoe YAML config (the same file the manifests embed)")
+    srv.add_argument("--host", default=None, help="address to bind (default 127.0.0.1, or the config's)")
+    srv.add_argument("--port", type=int, default=None, help="HTTP port (default 8000, or the config's)")
+    srv.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on /v1 and /admin")
+    srv.add_argument("--address", default=None, help="join this Ray cluster (e.g. auto) instead of starting one")
+    srv.set_defaults(func=_serve)
 
     gen = sub.add_parser("generate", help="generate text from a prompt, streamed to stdout")
     gen.add_argument("prompt")

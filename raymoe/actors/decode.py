@@ -103,17 +103,20 @@ class DecodeWorker:
         threading.Thread(target=self._loop, daemon=True).start()
 
     def _loop(self) -> None:
-        last_report = time.monotonic()
+        last_report, unreported = time.monotonic(), False
         while True:
             self.wake.wait(0.05)
             with self.lock:
-                if not self.core.has_work():
+                idle = not self.core.has_work()
+                if idle:
                     self.wake.clear()
-                    continue
-                deltas = self.core.step()
-            self.outbox.add(deltas)
-            if time.monotonic() - last_report > LOAD_REPORT_S:
-                last_report = time.monotonic()
+                else:
+                    deltas = self.core.step()
+            if not idle:
+                self.outbox.add(deltas)
+                unreported = True
+            if unreported and (idle or time.monotonic() - last_report > LOAD_REPORT_S):
+                last_report, unreported = time.monotonic(), False
                 self._report_load()
 
     def _report_load(self) -> None:

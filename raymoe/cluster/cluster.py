@@ -25,6 +25,7 @@ from raymoe.engine.llm_engine import EngineConfig, RequestOutput
 from raymoe.engine.sampling_params import SamplingParams
 from raymoe.errors import ConfigError
 from raymoe.model.spec import load_spec
+from raymoe.policies.registry import PolicyName
 
 READY_TIMEOUT_S = 300
 
@@ -44,6 +45,8 @@ class ClusterConfig:
     decode_resources: dict | None = None
     worker_num_cpus: float = 0.5
     namespace: str = "raymoe"
+    placement_policy: PolicyName | None = None  # None: the controller's built-in speed-weighted greedy
+    rebalance_interval_s: float | None = None  # re-plan from the reported load this often (None: on demand)
 
     def __post_init__(self):
         for name in ("shards_per_node", "replicas", "num_prefill_workers", "num_decode_workers", "num_microbatches"):
@@ -68,7 +71,10 @@ class MoECluster:
         self.controller = get_or_create_controller(
             self.model_path, namespace=c.namespace, dtype=c.engine.dtype,
             shards_per_node=c.shards_per_node, num_shards=c.num_shards, replicas=c.replicas,
+            policy=c.placement_policy,
         )  # fmt: skip
+        if c.rebalance_interval_s:
+            ray.get(self.controller.start_schedule.remote(c.rebalance_interval_s))
         self.prefill = [self._start(PrefillWorker, c.prefill_resources) for _ in range(c.num_prefill_workers)]
         self.decode = [self._start(DecodeWorker, c.decode_resources) for _ in range(c.num_decode_workers)]
         ray.get([w.ready.remote() for w in self.prefill + self.decode], timeout=READY_TIMEOUT_S)

@@ -44,12 +44,15 @@ class Controller:
         extra_replicas: int = 2,
         load_window_s: float = 60.0,
         shard_num_cpus: float = 0.0,
+        policy: str | None = None,
     ):
         if shards_per_node < 1:
             raise ConfigError(f"shards_per_node={shards_per_node}; use 1 or more")
         self.model_path, self.dtype, self.shard_num_cpus = str(model_path), dtype, shard_num_cpus
         self.spec = load_spec(model_path)
         self.extra_replicas, self.load_window_s = extra_replicas, load_window_s
+        self.policy = _checked_policy(policy)
+        self.rebalances: list[dict] = []  # when and why the placement changed
         self.topology = Topology.from_ray()
         nodes = shard_nodes(self.topology, shards_per_node, num_shards)
         self._state = threading.Lock()  # guards placement, handles, held, workers, load
@@ -119,14 +122,25 @@ class Controller:
         return total
 
     # --- placement changes -------------------------------------------------------------------------
-    def rebalance(self, extra_replicas: int | None = None) -> int:
-        """A new placement from the windowed load (hot experts replicated, faster shards fuller); applied."""
+    def rebalance(self, extra_replicas: int | None = None, policy: str | None = None) -> int:
+        """A new placement from the windowed load, applied; returns its epoch.
+
+        policy: a `raymoe.policies.registry.PolicyName` (the controller's own by default); None
+        and no default: the built-in speed-weighted greedy (hot experts replicated, fast shards fuller)."""
         extra = self.extra_replicas if extra_replicas is None else extra_replicas
         current, _ = self.placement()
-        new = speed_weighted_placement(
-            self.load(), self.spec.moe_layer_ids, current.shard_nodes, self.shard_speeds(),
-            extra_replicas=extra, current=current,
-        )  # fmt: skip
+        policy = policy or self.policy
+        if policy is not None:
+            from raymoe.cluster.policy_bridge import plan_placement
+
+            speeds = {n: s for n, s in zip(current.shard_nodes, self.shard_speeds())}
+            new = plan_placement(policy, self.load(), self.spec.moe_layer_ids, current, speeds, extra)
+        else:
+            new = speed_weighted_placement(
+                self.load(), self.spec.moe_layer_ids, current.shard_nodes, self.shard_speeds(),
+                extra_replicas=extra, current=current,
+            )  # fmt: skip
+        self.rebalances.append({"time": time.time(), "policy": policy or "speed_weighted", "reason": "requested"})
         return self.apply(new)
 
     def apply(self, new: Placement) -> int:
@@ -213,6 +227,18 @@ class Controller:
         return ray.get(refs, timeout=CALL_TIMEOUT_S)
 
 
+def _checked_policy(policy: str | None) -> str | None:
+    if policy is None:
+        return None
+    from typing import get_args
+
+    from raymoe.policies.registry import PolicyName
+
+    if policy not in get_args(PolicyName):
+        raise ConfigError(f"placement policy {policy!r} is unknown; use one of {get_args(PolicyName)}")
+    return policy
+
+
 def shard_nodes(topology: Topology, shards_per_node: int, num_shards: int | None) -> list:
     """The node of every shard: `shards_per_node` on each live node, or exactly `num_shards`
     dealt over the nodes fastest first."""
@@ -264,8 +290,21 @@ class ControllerActor:
     def apply(self, placement: Placement) -> int:
         return self.core.apply(placement)
 
-    def rebalance(self, extra_replicas: int | None = None) -> int:
-        return self.core.rebalance(extra_replicas)
+    def rebalance(self, extra_replicas: int | None = None, policy: str | None = None) -> int:
+        return self.core.rebalance(extra_replicas, policy)
+
+    def start_schedule(self, interval_s: float) -> bool:
+        """Rebalance every `interval_s` seconds from the load the workers report (idempotent)."""
+        if getattr(self, "_schedule", None) is None:
+            self._schedule = threading.Thread(target=self._rebalance_every, args=(interval_s,), daemon=True)
+            self._schedule.start()
+        return True
+
+    def _rebalance_every(self, interval_s: float) -> None:
+        while True:
+            time.sleep(interval_s)
+            if self.core.load().sum() > 0:  # nothing served: nothing to learn from
+                self.core.rebalance()
 
     def shard_failed(self, shard: int):
         return self.core.shard_failed(shard)

@@ -6,8 +6,6 @@ full queues are a 503 with Retry-After before any byte is sent; a client that di
 its backend stream, which aborts the sequence.
 """
 
-from __future__ import annotations
-
 import asyncio
 import logging
 import time

@@ -1,6 +1,8 @@
 """KV pool and placement changes on a real cluster: a shared prompt prefix skips its prefill (counted),
 a tiny pool evicts and results stay correct, a placement published mid-decode changes nothing."""
 
+import time
+
 import pytest
 import ray
 
@@ -77,3 +79,18 @@ def test_tiny_pool_evicts_and_stays_correct(ray_cluster, path, expected):
         assert sum(s["evictions"] for s in c.pool_stats().values()) > 0
     finally:
         c.shutdown()
+
+
+def test_policy_rebalance_from_reported_load(cluster, expected):
+    """The controller re-plans with a registry policy from the load the decode workers reported."""
+    assert [o.token_ids for o in cluster.generate(PROMPTS, PARAMS)] == expected
+    deadline = time.monotonic() + 30
+    while ray.get(cluster.controller.load.remote()).__len__() and time.monotonic() < deadline:
+        if sum(map(sum, ray.get(cluster.controller.load.remote()))) > 0:
+            break
+        time.sleep(0.2)
+    epoch = ray.get(cluster.controller.rebalance.remote(2, "replication"), timeout=120)
+    placement, _ = ray.get(cluster.controller.placement.remote())
+    assert placement.epoch == epoch
+    assert max(len(s) for s in placement.expert_to_shards.values()) >= 2  # hot experts replicated
+    assert [o.token_ids for o in cluster.generate(PROMPTS, PARAMS)] == expected

@@ -1,0 +1,134 @@
+"""Building and running the Ray Serve application.
+
+    app = build_app(config)                      # a bound Serve Application
+    serve_forever(config, address=None)          # what `raymoe serve` does
+
+KubeRay's `serveConfigV2` points at `raymoe.serve.app:app_builder` with
+`args: {config_path: /etc/raymoe/config.yaml}` (the same YAML `raymoe serve --config` reads).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+from raymoe.config import DeploymentSettings, RaymoeConfig, load_config, parse_config
+from raymoe.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+APP_NAME = "raymoe"
+READY_TIMEOUT_S = 300
+
+
+def resolve_model(config: RaymoeConfig) -> tuple[str, str]:
+    """(model folder, name /v1/models shows)."""
+    from raymoe.model.builtin import BUILTIN_MODEL_NAME, builtin_model_path
+
+    if config.model is None:
+        return str(builtin_model_path()), config.serve.model_name or BUILTIN_MODEL_NAME
+    path = Path(config.model)
+    if not (path / "config.json").is_file():
+        raise ConfigError(f"model folder {path} has no config.json; pass a Hugging Face checkpoint folder")
+    return str(path), config.serve.model_name or path.name
+
+
+def deployment_options(settings: DeploymentSettings) -> dict:
+    auto = settings.autoscaling
+    actor = {"num_cpus": settings.num_cpus, "num_gpus": settings.num_gpus}
+    if settings.resources:
+        actor["resources"] = dict(settings.resources)
+    return {
+        "ray_actor_options": actor,
+        "max_ongoing_requests": settings.max_ongoing_requests,
+        "autoscaling_config": {
+            "min_replicas": auto.min_replicas,
+            "initial_replicas": max(auto.min_replicas, 1),
+            "max_replicas": auto.max_replicas,
+            "target_ongoing_requests": auto.target_ongoing_requests,
+        },
+    }
+
+
+def build_app(config: RaymoeConfig):
+    from raymoe.serve.backend import EngineBackend
+    from raymoe.serve.ingress import Ingress
+
+    if config.backend != "engine":
+        raise ConfigError("backend: cluster is not served yet (prefill/decode Serve deployments over MoECluster "
+                          "are unfinished); use backend: engine")  # fmt: skip
+    model_path, model_name = resolve_model(config)
+    data = config.model_dump()
+    backend_opts = deployment_options(config.decode)
+    # the backend bounds its own queue (max_queue_len); Serve must not hold requests in front of it
+    backend_opts["max_ongoing_requests"] = max(backend_opts["max_ongoing_requests"], config.serve.max_queue_len + 8)
+    backend = EngineBackend.options(**backend_opts).bind(data, model_path)
+    return Ingress.options(**deployment_options(config.ingress)).bind(data, model_path, model_name, backend)
+
+
+def app_builder(args: dict):
+    """Serve's application builder (serveConfigV2 `import_path`): args {config_path} or {config: {...}}."""
+    if "config_path" in args:
+        return build_app(load_config(args["config_path"]))
+    return build_app(parse_config(args.get("config"), "args.config"))
+
+
+def start(config: RaymoeConfig, address: str | None = None) -> None:
+    """Start (or join) Ray, start Serve on config.serve.host:port, deploy and wait until ready."""
+    import ray
+    from ray import serve
+
+    if address is None:
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # keep a local cluster on loopback
+    if not ray.is_initialized():
+        # "local": always a fresh cluster of our own, never one another program left running
+        ray.init(address=address or "local", namespace="raymoe", include_dashboard=False, log_to_driver=False)
+    serve.start(http_options={"host": config.serve.host, "port": config.serve.port})
+    serve.run(build_app(config), name=APP_NAME, route_prefix="/", blocking=False)
+    _wait_ready(APP_NAME, READY_TIMEOUT_S)
+
+
+def _wait_ready(name: str, timeout_s: float) -> None:
+    from ray import serve
+    from ray.serve.schema import ApplicationStatus
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        status = serve.status().applications.get(name)
+        if status is not None and status.status == ApplicationStatus.RUNNING:
+            return
+        if status is not None and status.status == ApplicationStatus.DEPLOY_FAILED:
+            raise ConfigError(f"the Serve application failed to deploy: {status.message}")
+        time.sleep(0.5)
+    raise TimeoutError(f"the Serve application was not ready after {timeout_s}s")
+
+
+def stop() -> None:
+    import ray
+    from ray import serve
+
+    try:
+        serve.shutdown()
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+
+
+def serve_forever(config: RaymoeConfig, address: str | None = None) -> None:
+    """`raymoe serve`: run until Ctrl-C (SIGINT) or SIGTERM, then shut Serve and Ray down."""
+    stopping = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: stopping.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        start(config, address)
+        url = f"http://{config.serve.host}:{config.serve.port}"
+        print(f"raymoe: serving on {url}/v1 (Ctrl-C to stop)", flush=True)
+        while not stopping.wait(1):
+            pass
+        print("raymoe: shutting down", flush=True)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        stop()
