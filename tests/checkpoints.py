@@ -132,3 +132,18 @@ def assert_same_greedy(reference, prompt: list[int], got: list[int], expected: l
     top2 = torch.topk(logits, 2).values
     margin = (top2[0] - top2[1]).item()
     assert margin <= NEAR_TIE, f"tokens part at step {first} where the reference's margin is {margin:.2e}: {got} vs {expected}"
+
+
+def engine_greedy(path, prompts: list[list[int]], params, config) -> list[list[int]]:
+    """Token ids of raymoe's one-process engine for every prompt (all added before the first step)."""
+    from raymoe.engine.llm_engine import LLMEngine
+    from raymoe.model.model import load_model
+
+    engine = LLMEngine(load_model(path), None, config)
+    for i, p in enumerate(prompts):
+        engine.add_request(p, params, request_id=str(i))
+    out = {str(i): [] for i in range(len(prompts))}
+    while engine.has_unfinished():
+        for d in engine.step():
+            out[d.request_id].extend(d.token_ids)
+    return [out[str(i)] for i in range(len(prompts))]

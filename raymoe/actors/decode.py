@@ -10,6 +10,7 @@ from __future__ import annotations
 import threading
 import time
 
+from raymoe.actors.worker_model import WorkerShell
 from raymoe.actors.handoff import TokenDelta, WorkRequest
 from raymoe.engine.llm_engine import LLMEngine
 
@@ -86,7 +87,7 @@ class Outbox:
             return {r: self.buffers.pop(r) for r in request_ids if r in self.buffers}
 
 
-class DecodeWorker:
+class DecodeWorker(WorkerShell):
     """Ray actor shell (threaded: polls, submits and placement updates run beside the step loop)."""
 
     def __init__(self, model_path: str, config, namespace: str):
@@ -155,15 +156,3 @@ class DecodeWorker:
         """Step and expert round-trip seconds since the last take (for the step breakdown)."""
         with self.lock:
             return {**self.core.take_timings(), **self.experts.take_timings()}
-
-    def epoch(self) -> int:
-        """The placement epoch this worker's experts backend routes with (after its next step)."""
-        return self.experts.epoch
-
-    def ready(self) -> bool:
-        return True
-
-    def node_id(self) -> str:
-        import ray
-
-        return ray.get_runtime_context().get_node_id()

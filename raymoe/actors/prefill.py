@@ -8,7 +8,9 @@ computing them; the count is reported so tests and metrics can see the skipped p
 from __future__ import annotations
 
 import dataclasses
+import threading
 
+from raymoe.actors.worker_model import WorkerShell
 from raymoe.actors.handoff import Handoff, WorkRequest
 from raymoe.engine.llm_engine import LLMEngine
 
@@ -64,12 +66,13 @@ class PrefillCore:
             self.pool.put_blocks([k for k, _ in new], [b for _, b in new])
 
 
-class PrefillWorker:
+class PrefillWorker(WorkerShell):
     """Ray actor shell over PrefillCore (created with ray.remote by the cluster)."""
 
     def __init__(self, model_path: str, config, namespace: str):
         from raymoe.actors.remote_backend import connect_experts, pool_set
 
+        self.lock = threading.Lock()
         self.experts = connect_experts(namespace, model_path)
         from raymoe.actors.worker_model import build_engine
 
@@ -77,23 +80,13 @@ class PrefillWorker:
                                 pool_set(namespace, config))  # fmt: skip
 
     def prefill(self, requests: list[WorkRequest]) -> list[Handoff]:
-        return self.core.prefill(requests)
+        with self.lock:  # one batch of prompts at a time through the engine
+            return self.core.prefill(requests)
 
     def set_placement(self, placement, handles) -> int:
-        self.experts.set_placement(placement, handles)
+        with self.lock:  # between prefills: a step boundary
+            self.experts.set_placement(placement, handles)
         return placement.epoch
 
     def stats(self) -> dict:
         return dict(self.core.stats)
-
-    def epoch(self) -> int:
-        """The placement epoch this worker's experts backend routes with (after its next step)."""
-        return self.experts.epoch
-
-    def ready(self) -> bool:
-        return True
-
-    def node_id(self) -> str:
-        import ray
-
-        return ray.get_runtime_context().get_node_id()

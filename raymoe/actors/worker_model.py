@@ -17,3 +17,20 @@ def build_engine(model_path: str, config: EngineConfig, experts, num_microbatche
     model.experts = experts
     runner_model = PipelinedModel(model, num_microbatches) if num_microbatches > 1 else model
     return LLMEngine(runner_model, None, config)
+
+
+class WorkerShell:
+    """What every worker actor answers besides its own work: readiness, node, placement epoch.
+    Subclasses set `self.experts` (an experts backend with `.epoch`)."""
+
+    def epoch(self) -> int:
+        """The placement epoch this worker's experts backend routes with (after its next step)."""
+        return self.experts.epoch
+
+    def ready(self) -> bool:
+        return True
+
+    def node_id(self) -> str:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()

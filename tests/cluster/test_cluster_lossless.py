@@ -7,28 +7,16 @@ import itertools
 import pytest
 import ray
 
-from checkpoints import assert_same_greedy, load_reference, reference_greedy
+from checkpoints import assert_same_greedy, engine_greedy, load_reference, reference_greedy
 from raymoe.cluster.cluster import ClusterConfig, MoECluster
-from raymoe.engine.llm_engine import EngineConfig, LLMEngine
+from raymoe.engine.llm_engine import EngineConfig
 from raymoe.engine.sampling_params import SamplingParams
-from raymoe.model.model import load_model
 
 NEW_TOKENS = 16
 PROMPTS = [[(7 * i + 3 * j * j) % 250 + 3 for j in range(n)] for i, n in enumerate([5, 33, 12, 70, 1, 20])]
 GREEDY = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
 ENGINE = EngineConfig(max_num_seqs=8, max_num_batched_tokens=32, block_size=8, kv_cache_bytes=16 << 20)
 _namespaces = itertools.count()
-
-
-def one_process(path) -> list[list[int]]:
-    engine = LLMEngine(load_model(path), None, ENGINE)
-    for i, p in enumerate(PROMPTS):
-        engine.add_request(p, GREEDY, request_id=str(i))
-    out = {str(i): [] for i in range(len(PROMPTS))}
-    while engine.has_unfinished():
-        for d in engine.step():
-            out[d.request_id].extend(d.token_ids)
-    return [out[str(i)] for i in range(len(PROMPTS))]
 
 
 def run_cluster(path, **overrides) -> list[list[int]]:
@@ -57,7 +45,7 @@ def expected(checkpoint_dir):
     def get(family):
         if family not in cache:
             path = checkpoint_dir(family)
-            tokens = one_process(path)
+            tokens = engine_greedy(path, PROMPTS, GREEDY, ENGINE)
             reference = load_reference(path)
             for prompt, got in zip(PROMPTS, tokens):
                 assert_same_greedy(reference, prompt, got, reference_greedy(reference, prompt, NEW_TOKENS))

@@ -6,10 +6,10 @@ import time
 import pytest
 import ray
 
+from checkpoints import engine_greedy
 from raymoe.cluster.cluster import ClusterConfig, MoECluster
-from raymoe.engine.llm_engine import EngineConfig, LLMEngine
+from raymoe.engine.llm_engine import EngineConfig
 from raymoe.engine.sampling_params import SamplingParams
-from raymoe.model.model import load_model
 
 from progress import generate_while
 
@@ -19,17 +19,6 @@ PREFIX = [(3 * j * j + 1) % 250 + 3 for j in range(48)]  # 6 full blocks
 PROMPTS = [PREFIX + [10 + i, 20 + i, 30 + i] for i in range(8)]
 
 
-def one_process(path, prompts):
-    engine = LLMEngine(load_model(path), None, ENGINE)
-    for i, p in enumerate(prompts):
-        engine.add_request(p, PARAMS, request_id=str(i))
-    out = {str(i): [] for i in range(len(prompts))}
-    while engine.has_unfinished():
-        for d in engine.step():
-            out[d.request_id].extend(d.token_ids)
-    return [out[str(i)] for i in range(len(prompts))]
-
-
 @pytest.fixture(scope="module")
 def path(checkpoint_dir):
     return checkpoint_dir("qwen2_moe")
@@ -37,7 +26,7 @@ def path(checkpoint_dir):
 
 @pytest.fixture(scope="module")
 def expected(path):
-    return one_process(path, PROMPTS)
+    return engine_greedy(path, PROMPTS, PARAMS, ENGINE)
 
 
 @pytest.fixture(scope="module")
