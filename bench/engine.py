@@ -184,6 +184,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="16 requests, 1 repeat: a smoke run")
     parser.add_argument("--out", default=None)
     parser.add_argument("--workdir", default=None)
+    parser.add_argument("--tasks", default="serving,fixed_1,fixed_8,fixed_32", help="comma-separated subset")
     parser.add_argument("--worker", choices=sorted(SYSTEMS))
     parser.add_argument("--model")
     parser.add_argument("--task")
@@ -207,7 +208,7 @@ def main() -> None:
 
 
 def measure_model(path: Path, systems: list[str], args) -> dict:
-    tasks = ["serving"] + [f"fixed_{b}" for b in FIXED_BATCHES]
+    tasks = args.tasks.split(",")
     res = {task: {s: run_worker(s, path, task, args) for s in systems} for task in tasks}
     ratios = {}
     for task, by_sys in res.items():

@@ -98,14 +98,16 @@ class Client:
 
     def _stream(self, path: str, body: dict) -> Iterator[dict]:
         """SSE payloads; retried only until the server accepts (status 200), never mid-stream."""
-        with self._with_retries("POST", lambda: self._open_stream(path, body)) as response:
-            try:
-                for line in response.iter_lines():
-                    payload = common.sse_payload(line)
-                    if payload is not None:
-                        yield payload
-            except httpx.TransportError as e:
-                raise APIConnectionError(f"the stream broke: {e}") from e
+        response = self._with_retries("POST", lambda: self._open_stream(path, body))
+        try:
+            for line in response.iter_lines():
+                payload = common.sse_payload(line)
+                if payload is not None:
+                    yield payload
+        except httpx.TransportError as e:
+            raise APIConnectionError(f"the stream broke: {e}") from e
+        finally:
+            response.close()  # leaving early closes the connection: the server aborts the request
 
     def _open_stream(self, path: str, body: dict):
         request = self._http.build_request("POST", path, json=body)

@@ -67,7 +67,7 @@ async def parse_body(request: Request, model: type[BaseModel], max_bytes: int) -
         return model.model_validate(data)
     except ValidationError as e:
         err = e.errors()[0]
-        param = ".".join(str(p) for p in err["loc"]) or None
+        param = ".".join(str(p) for p in err["loc"] if not _is_type_tag(p)) or None
         hint = "this field is required" if err["type"] == "missing" else err["msg"]
         raise APIError(400, f"{param}: {hint}", param=param, code="invalid_value") from None
 
@@ -98,3 +98,9 @@ def sampling_params(req, num_prompt_tokens: int, max_model_len: int, default_max
                               max_tokens=max_tokens, stop=req.stop or ())  # fmt: skip
     except InvalidSamplingParams as e:
         raise APIError(400, str(e), param=str(e).split(" ", 1)[0], code="invalid_value") from None
+
+
+def _is_type_tag(loc_part) -> bool:
+    """pydantic names the union member in an error's location (`prompt.str`); clients want `prompt`."""
+    return isinstance(loc_part, str) and (loc_part in {"str", "int", "float", "bool", "list", "dict"}
+                                          or "[" in loc_part)  # fmt: skip

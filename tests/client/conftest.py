@@ -11,4 +11,5 @@ import serve_harness  # noqa: E402
 def server(tmp_path_factory):
     """The running `raymoe serve` (shared with tests/serve)."""
     yield serve_harness.acquire(tmp_path_factory.mktemp("serve"))
-    serve_harness.release()
+    exit_code = serve_harness.release()
+    assert exit_code in (None, 0), f"raymoe serve did not exit cleanly on Ctrl-C (exit code {exit_code})"

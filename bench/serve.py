@@ -1,0 +1,145 @@
+"""Serving benchmark: bounded Poisson load on loopback against `raymoe serve`; prints JSON.
+
+    python bench/serve.py                         # starts a server (built-in model), then loads it
+    python bench/serve.py --url http://127.0.0.1:8000 --api-key K --rate 4 --num-requests 64
+
+The load is a mix of long completion prompts and short chats, arriving as a Poisson process at
+`--rate` requests/s, at most `--max-concurrency` in flight (bounded: a slow server makes the
+generator wait rather than pile up). Reported: time to first token and time per output token
+(p50/p99), throughput, and errors by status.
+
+Only the engine backend (prefill and decode colocated in one deployment) is measured: the
+disaggregated prefill/decode Serve deployments are not built yet, so there is no
+disaggregated-vs-colocated comparison in this run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+LONG_PROMPT = " ".join(["The history of distributed systems is a history of trade-offs between latency,"
+                        " throughput and consistency."] * 12)  # fmt: skip
+SHORT_CHATS = ["Hi!", "What is a mixture of experts?", "Name three colours.", "Say something short."]
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    values = sorted(values)
+    return values[min(len(values) - 1, int(round(q / 100 * (len(values) - 1))))]
+
+
+async def one_request(client: httpx.AsyncClient, model: str, rng: random.Random, max_tokens: int) -> dict:
+    if rng.random() < 0.5:
+        path, body = "/v1/completions", {"prompt": LONG_PROMPT, "kind": "long"}
+    else:
+        path, body = "/v1/chat/completions", {"messages": [{"role": "user", "content": rng.choice(SHORT_CHATS)}],
+                                              "kind": "chat"}  # fmt: skip
+    kind = body.pop("kind")
+    body.update(model=model, max_tokens=max_tokens, temperature=0, stream=True)
+    start, times = time.perf_counter(), []
+    try:
+        async with client.stream("POST", path, json=body) as r:
+            if r.status_code != 200:
+                await r.aread()
+                return {"kind": kind, "status": r.status_code}
+            async for line in r.aiter_lines():
+                if line.startswith("data: {") and ('"text":"' in line or '"content":"' in line):
+                    times.append(time.perf_counter())
+    except httpx.HTTPError as e:
+        return {"kind": kind, "status": type(e).__name__}
+    result = {"kind": kind, "status": 200, "num_chunks": len(times), "e2e_s": time.perf_counter() - start}
+    if times:
+        result["ttft_s"] = times[0] - start
+        if len(times) > 1:
+            result["tpot_s"] = (times[-1] - times[0]) / (len(times) - 1)
+    return result
+
+
+async def run_load(url: str, api_key: str | None, rate: float, num_requests: int, max_concurrency: int,
+                   max_tokens: int, seed: int) -> dict:  # fmt: skip
+    rng = random.Random(seed)
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    limit = asyncio.Semaphore(max_concurrency)
+    async with httpx.AsyncClient(base_url=url, headers=headers, timeout=300) as client:
+        model = (await client.get("/v1/models")).json()["data"][0]["id"]
+
+        async def guarded():
+            async with limit:
+                return await one_request(client, model, rng, max_tokens)
+
+        start, tasks = time.perf_counter(), []
+        for _ in range(num_requests):
+            tasks.append(asyncio.create_task(guarded()))
+            await asyncio.sleep(rng.expovariate(rate))
+        results = await asyncio.gather(*tasks)
+        elapsed = time.perf_counter() - start
+    return summarize(results, elapsed, rate, max_concurrency, max_tokens)
+
+
+def summarize(results: list[dict], elapsed: float, rate: float, max_concurrency: int, max_tokens: int) -> dict:
+    ok = [r for r in results if r["status"] == 200]
+    errors: dict[str, int] = {}
+    for r in results:
+        if r["status"] != 200:
+            errors[str(r["status"])] = errors.get(str(r["status"]), 0) + 1
+    ttft = [r["ttft_s"] for r in ok if "ttft_s" in r]
+    tpot = [r["tpot_s"] for r in ok if "tpot_s" in r]
+    ms = lambda v: None if v is None else round(v * 1000, 2)  # noqa: E731
+    return {
+        "arrangement": "colocated (engine backend: one deployment prefills and decodes)",
+        "rate_rps": rate, "max_concurrency": max_concurrency, "max_tokens": max_tokens,
+        "num_requests": len(results), "num_ok": len(ok), "errors": errors, "elapsed_s": round(elapsed, 2),
+        "throughput_rps": round(len(ok) / elapsed, 3),
+        "throughput_chunks_per_s": round(sum(r["num_chunks"] for r in ok) / elapsed, 2),
+        "ttft_ms": {"p50": ms(percentile(ttft, 50)), "p99": ms(percentile(ttft, 99))},
+        "tpot_ms": {"p50": ms(percentile(tpot, 50)), "p99": ms(percentile(tpot, 99))},
+        "by_kind": {k: {"num_ok": sum(r["kind"] == k for r in ok),
+                        "ttft_ms_p50": ms(percentile([r["ttft_s"] for r in ok if r["kind"] == k and "ttft_s" in r], 50))}
+                    for k in ("long", "chat")},  # fmt: skip
+        "disaggregated": "not measured: prefill/decode Serve deployments are not built yet",
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--url", default=None, help="an already running server; default: start one here")
+    parser.add_argument("--api-key", default=None)
+    parser.add_argument("--rate", type=float, default=2.0, help="Poisson arrival rate, requests/s")
+    parser.add_argument("--num-requests", type=int, default=32)
+    parser.add_argument("--max-concurrency", type=int, default=16)
+    parser.add_argument("--max-tokens", type=int, default=16)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=None, help="also write the JSON here")
+    args = parser.parse_args(argv)
+    server = None
+    if args.url is None:
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "serve"))
+        import serve_harness  # starts `raymoe serve` as a subprocess on a free loopback port
+
+        server = serve_harness.start_server(Path(tempfile.mkdtemp()))
+        args.url, args.api_key = server.base_url, serve_harness.API_KEY
+    try:
+        report = asyncio.run(run_load(args.url, args.api_key, args.rate, args.num_requests, args.max_concurrency,
+                                      args.max_tokens, args.seed))  # fmt: skip
+    finally:
+        if server is not None:
+            serve_harness.stop_server(server)
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,41 @@
+"""raymoe.config: defaults, YAML in, frozen, and errors that say what to fix."""
+
+import pytest
+
+from raymoe.config import RaymoeConfig, load_config, parse_config
+from raymoe.errors import ConfigError
+
+
+def test_defaults_and_yaml(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("engine: {max_num_seqs: 4}\nserve: {port: 9000, api_key: k}\n")
+    config = load_config(path)
+    assert config.engine.max_num_seqs == 4 and config.serve.port == 9000 and config.backend == "engine"
+    assert config.engine.to_engine_config().max_num_seqs == 4
+    assert load_config(None) == RaymoeConfig()
+    with pytest.raises(Exception):
+        config.serve.port = 1  # frozen
+
+
+@pytest.mark.parametrize("data, needle", [
+    pytest.param({"engine": {"max_num_seqs": 0}}, "engine.max_num_seqs", id="not-positive"),
+    pytest.param({"engine": {"max_num_seq": 4}}, "unknown setting", id="typo"),
+    pytest.param({"backend": "magic"}, "'engine' or 'cluster'", id="bad-literal"),
+    pytest.param({"cluster": {"placement_policy": "random"}}, "cluster.placement_policy", id="bad-policy"),
+    pytest.param({"decode": {"autoscaling": {"min_replicas": 3, "max_replicas": 2}}}, "raise max_replicas",
+                 id="min-above-max"),
+    pytest.param([1, 2], "must be a mapping", id="not-a-mapping"),
+])  # fmt: skip
+def test_errors_say_what_to_fix(data, needle):
+    with pytest.raises(ConfigError, match=None) as e:
+        parse_config(data)
+    assert needle in str(e.value)
+
+
+def test_missing_and_invalid_file(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "none.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("engine: [unclosed")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)

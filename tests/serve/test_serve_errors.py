@@ -1,0 +1,140 @@
+"""Bad input, auth, overload and disconnects: 4xx/503 with OpenAI-style bodies; the server stays up."""
+
+import asyncio
+import socket
+import time
+from urllib.parse import urlparse
+
+import httpx
+import pytest
+from serve_harness import API_KEY, MAX_QUEUE_LEN, MODEL
+
+pytestmark = pytest.mark.timeout(300)
+OK = {"model": MODEL, "prompt": "Hi", "max_tokens": 2, "temperature": 0}
+
+
+@pytest.fixture(scope="module")
+def http(server):
+    with httpx.Client(base_url=server.base_url, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=120) as c:
+        yield c
+
+
+BAD_INPUT = [
+    pytest.param("/v1/completions", b"{not json", 400, None, id="malformed-json"),
+    pytest.param("/v1/completions", b"[1, 2]", 400, None, id="not-an-object"),
+    pytest.param("/v1/completions", {"model": MODEL}, 400, "prompt", id="missing-prompt"),
+    pytest.param("/v1/completions", {"prompt": "x"}, 400, "model", id="missing-model"),
+    pytest.param("/v1/completions", {**OK, "max_tokens": "5"}, 400, "max_tokens", id="max-tokens-string"),
+    pytest.param("/v1/completions", {**OK, "temperature": "hot"}, 400, "temperature", id="temperature-string"),
+    pytest.param("/v1/completions", {**OK, "max_tokens": 0}, 400, "max_tokens", id="max-tokens-zero"),
+    pytest.param("/v1/completions", {**OK, "max_tokens": -3}, 400, "max_tokens", id="max-tokens-negative"),
+    pytest.param("/v1/completions", {**OK, "max_tokens": 10**6}, 400, "max_tokens", id="max-tokens-beyond-context"),
+    pytest.param("/v1/completions", {**OK, "prompt": "word " * 5000}, 400, "prompt", id="prompt-beyond-context"),
+    pytest.param("/v1/completions", {**OK, "top_p": 0}, 400, "top_p", id="top-p-zero"),
+    pytest.param("/v1/completions", {**OK, "temperature": -1}, 400, "temperature", id="temperature-negative"),
+    pytest.param("/v1/completions", {**OK, "prompt": ""}, 400, "prompt", id="empty-prompt"),
+    pytest.param("/v1/completions", {**OK, "prompt": [10**9]}, 400, "prompt", id="token-id-out-of-vocab"),
+    pytest.param("/v1/completions", {**OK, "model": "gpt-4"}, 404, "model", id="unknown-model"),
+    pytest.param("/v1/completions", {**OK, "prompt": "x" * (70 << 10)}, 413, None, id="oversized-body"),
+    pytest.param("/v1/chat/completions", {"model": MODEL, "messages": []}, 400, "messages", id="chat-no-messages"),
+    pytest.param("/v1/chat/completions", {"model": MODEL, "messages": [{"content": "x"}]}, 400, "messages.0.role",
+                 id="chat-message-no-role"),
+    pytest.param("/v1/chat/completions", {"model": MODEL, "messages": "hi"}, 400, "messages", id="chat-messages-str"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("path, body, status, param", BAD_INPUT)
+def test_bad_input_is_4xx_with_openai_error(http, path, body, status, param):
+    r = http.post(path, content=body) if isinstance(body, bytes) else http.post(path, json=body)
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    assert error["param"] == param
+    assert http.post("/v1/completions", json=OK).status_code == 200  # still up
+
+
+def test_unknown_route_and_method(http):
+    assert http.get("/v1/nothing").json()["error"]["message"]
+    assert http.get("/v1/completions").status_code == 405
+
+
+@pytest.mark.parametrize("auth", [None, "Bearer wrong", "Basic " + API_KEY], ids=["missing", "wrong", "scheme"])
+@pytest.mark.parametrize("method, path", [("POST", "/v1/completions"), ("GET", "/v1/models"),
+                                          ("GET", "/admin/cluster"), ("POST", "/admin/rebalance")])  # fmt: skip
+def test_auth_required(server, auth, method, path):
+    headers = {"Authorization": auth} if auth else {}
+    r = httpx.request(method, server.base_url + path, json=OK, headers=headers, timeout=30)
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+
+
+def test_health_and_metrics_open(server, http):
+    assert httpx.get(server.base_url + "/health", timeout=30).json()["status"] == "ok"
+    http.post("/v1/completions", json=OK)
+    text = httpx.get(server.base_url + "/metrics", timeout=30).text
+    for name in ("raymoe_requests_total", "raymoe_time_to_first_token_seconds_bucket",
+                 "raymoe_time_per_output_token_seconds_bucket", "raymoe_queue_depth", "raymoe_kv_cache_usage"):  # fmt: skip
+        assert name in text
+
+
+def test_admin(http):
+    status = http.get("/admin/cluster").json()
+    assert status["backend"] == "engine" and status["workers"]
+    for path, body in [("/admin/rebalance", {}), ("/admin/scale", {"deployment": "decode", "num_replicas": 2})]:
+        r = http.post(path, json=body)
+        assert r.status_code == 501 and "backend: cluster" in r.json()["error"]["message"]
+    assert http.post("/admin/scale", json={"deployment": "nope"}).status_code == 400
+
+
+def _engine_stats(http) -> dict:
+    return http.get("/admin/cluster").json()["workers"][0]
+
+
+def _wait_idle(http, timeout_s: float = 60) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        stats = _engine_stats(http)
+        if stats["num_admitted"] == 0 and stats["num_engine_requests"] == 0:
+            return stats
+        time.sleep(0.25)
+    raise AssertionError(f"the engine did not go idle: {stats}")
+
+
+def test_overload_rejects_excess_and_finishes_accepted(server, http):
+    _wait_idle(http)
+    num = MAX_QUEUE_LEN + 16
+    body = {**OK, "max_tokens": 12}
+
+    async def fire():
+        async with httpx.AsyncClient(base_url=server.base_url, timeout=240,
+                                     headers={"Authorization": f"Bearer {API_KEY}"}) as c:  # fmt: skip
+            return await asyncio.gather(*(c.post("/v1/completions", json=body) for _ in range(num)))
+
+    responses = asyncio.run(fire())
+    statuses = [r.status_code for r in responses]
+    accepted = [r for r in responses if r.status_code == 200]
+    rejected = [r for r in responses if r.status_code in (429, 503)]
+    assert len(accepted) + len(rejected) == num, statuses
+    assert rejected and len(accepted) >= MAX_QUEUE_LEN // 2, statuses
+    assert all(r.headers.get("retry-after") for r in rejected)
+    assert all(r.json()["error"]["type"] == "server_overloaded" for r in rejected)
+    assert all(r.json()["usage"]["completion_tokens"] == 12 for r in accepted)
+    assert http.post("/v1/completions", json=OK).status_code == 200
+
+
+def test_disconnect_mid_stream_aborts(server, http):
+    before = _wait_idle(http)
+    url = urlparse(server.base_url)
+    body = (b'{"model": "%s", "prompt": "Tell me everything", "max_tokens": 1500, "temperature": 0, "stream": true}'
+            % MODEL.encode())  # fmt: skip
+    request = (f"POST /v1/completions HTTP/1.1\r\nHost: {url.netloc}\r\nAuthorization: Bearer {API_KEY}\r\n"
+               f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode() + body  # fmt: skip
+    with socket.create_connection((url.hostname, url.port), timeout=60) as sock:
+        sock.sendall(request)
+        received = b""
+        while received.count(b"data: ") < 3:
+            chunk = sock.recv(4096)
+            assert chunk, "the server closed the stream early"
+            received += chunk
+        assert b"200 OK" in received.split(b"\r\n", 1)[0]
+    after = _wait_idle(http, timeout_s=60)  # a 1500-token generation would take minutes: it was aborted
+    assert after["num_aborted"] == before["num_aborted"] + 1
