@@ -74,7 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["plan"]:  # its own parser (raymoe.policies.cli) reads every flag after it
+        args = argparse.Namespace(command="plan", rest=argv[1:], func=_plan)
+    else:
+        args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except RaymoeError as e:
