@@ -66,6 +66,11 @@ class RequestRouter:
         self.poll_timeout_s = poll_timeout_s
         self._rr = itertools.count()
         self.num_resumed = 0
+        self.cancelled: set[str] = set()  # request ids whose caller went away
+
+    def cancel(self, request_id: str) -> None:
+        """Stop a request (its caller is gone); `run` aborts it on its worker and ends it."""
+        self.cancelled.add(request_id)
 
     def run(self, requests: list[WorkRequest]) -> Iterator[RequestOutput]:
         """Yield deltas of every request until all finish."""
@@ -109,6 +114,7 @@ class RequestRouter:
 
     def _stream(self, tracked: dict[str, Tracked]) -> Iterator[RequestOutput]:
         while any(not t.finished for t in tracked.values()):
+            self._drop_cancelled(tracked)
             active: dict = {}
             for rid, t in tracked.items():
                 if not t.finished:
@@ -123,6 +129,16 @@ class RequestRouter:
                     self._submit([tracked[r] for r in rids])
                     continue
                 yield from self._deliver(worker, tracked, deltas)
+
+    def _drop_cancelled(self, tracked: dict[str, Tracked]) -> None:
+        for rid in [r for r, t in tracked.items() if r in self.cancelled and not t.finished]:
+            t = tracked[rid]
+            t.finished = True
+            self.cancelled.discard(rid)
+            try:
+                t.worker.abort.remote([rid])
+            except ACTOR_DEAD:
+                pass
 
     def _deliver(self, worker, tracked: dict[str, Tracked], deltas: dict[str, TokenDelta]):
         stopped = []

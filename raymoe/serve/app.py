@@ -57,15 +57,18 @@ def build_app(config: RaymoeConfig):
     from raymoe.serve.backend import EngineBackend
     from raymoe.serve.ingress import Ingress
 
-    if config.backend != "engine":
-        raise ConfigError("backend: cluster is not served yet (prefill/decode Serve deployments over MoECluster "
-                          "are unfinished); use backend: engine")  # fmt: skip
     model_path, model_name = resolve_model(config)
     data = config.model_dump()
     backend_opts = deployment_options(config.decode)
     # the backend bounds its own queue (max_queue_len); Serve must not hold requests in front of it
     backend_opts["max_ongoing_requests"] = max(backend_opts["max_ongoing_requests"], config.serve.max_queue_len + 8)
-    backend = EngineBackend.options(**backend_opts).bind(data, model_path)
+    if config.backend == "cluster":  # one replica owns the cluster's front; the workers are actors
+        from raymoe.serve.cluster_backend import ClusterBackend
+
+        backend_opts["autoscaling_config"] = {"min_replicas": 1, "initial_replicas": 1, "max_replicas": 1}
+        backend = ClusterBackend.options(**backend_opts).bind(data, model_path)
+    else:
+        backend = EngineBackend.options(**backend_opts).bind(data, model_path)
     return Ingress.options(**deployment_options(config.ingress)).bind(data, model_path, model_name, backend)
 
 

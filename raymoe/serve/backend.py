@@ -4,9 +4,9 @@
 steps the engine in a background thread, with bounded admission. Serve's autoscaler adds replicas
 as their ongoing requests grow (the `decode` deployment settings of the config).
 
-Not built yet: the disaggregated arrangement with separate prefill and decode Serve deployments
-over `MoECluster` (controller, expert shards, KV pool). The ingress only needs `generate`, `info`,
-`stats`, `cluster_status`, `rebalance` and `scale` from a backend, so that one slots in here.
+The disaggregated arrangement is `raymoe.serve.cluster_backend.ClusterBackend` (`backend: cluster`).
+The ingress only needs `generate`, `info`, `stats`, `cluster_status`, `rebalance` and `scale` from a
+backend.
 
 `generate` is a streaming method. Its first item says whether the request was admitted
 (`{"accepted": True}` or `{"error": {"kind", "message"}}`) so the ingress can answer 4xx/503 before

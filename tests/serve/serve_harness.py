@@ -48,9 +48,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(tmp_dir: Path) -> Server:
+def start_server(tmp_dir: Path, config: dict | None = None) -> Server:
     config_path, log_path = tmp_dir / "raymoe.yaml", tmp_dir / "serve.log"
-    config_path.write_text(yaml.safe_dump(CONFIG))
+    config_path.write_text(yaml.safe_dump(CONFIG if config is None else config))
     port = free_port()
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
     env.pop("RAY_ADDRESS", None)
