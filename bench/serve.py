@@ -8,9 +8,10 @@ The load is a mix of long completion prompts and short chats, arriving as a Pois
 generator wait rather than pile up). Reported: time to first token and time per output token
 (p50/p99), throughput, and errors by status.
 
-Only the engine backend (prefill and decode colocated in one deployment) is measured: the
-disaggregated prefill/decode Serve deployments are not built yet, so there is no
-disaggregated-vs-colocated comparison in this run.
+Without `--url` it runs both arrangements in one run, one after the other, with the same load and
+seed: `colocated` (`backend: engine`: one deployment prefills and decodes) and `disaggregated`
+(`backend: cluster`: prefill and decode worker actors, expert shards, KV pool). `--plot PNG` draws
+their latency distributions.
 """
 
 from __future__ import annotations
@@ -86,7 +87,8 @@ async def run_load(url: str, api_key: str | None, rate: float, num_requests: int
     return summarize(results, elapsed, rate, max_concurrency, max_tokens)
 
 
-def summarize(results: list[dict], elapsed: float, rate: float, max_concurrency: int, max_tokens: int) -> dict:
+def summarize(results: list[dict], elapsed: float, rate: float, max_concurrency: int, max_tokens: int,
+              arrangement: str = "") -> dict:  # fmt: skip
     ok = [r for r in results if r["status"] == 200]
     errors: dict[str, int] = {}
     for r in results:
@@ -96,7 +98,7 @@ def summarize(results: list[dict], elapsed: float, rate: float, max_concurrency:
     tpot = [r["tpot_s"] for r in ok if "tpot_s" in r]
     ms = lambda v: None if v is None else round(v * 1000, 2)  # noqa: E731
     return {
-        "arrangement": "colocated (engine backend: one deployment prefills and decodes)",
+        "arrangement": arrangement,
         "rate_rps": rate, "max_concurrency": max_concurrency, "max_tokens": max_tokens,
         "num_requests": len(results), "num_ok": len(ok), "errors": errors, "elapsed_s": round(elapsed, 2),
         "throughput_rps": round(len(ok) / elapsed, 3),
@@ -106,7 +108,7 @@ def summarize(results: list[dict], elapsed: float, rate: float, max_concurrency:
         "by_kind": {k: {"num_ok": sum(r["kind"] == k for r in ok),
                         "ttft_ms_p50": ms(percentile([r["ttft_s"] for r in ok if r["kind"] == k and "ttft_s" in r], 50))}
                     for k in ("long", "chat")},  # fmt: skip
-        "disaggregated": "not measured: prefill/decode Serve deployments are not built yet",
+        "ttft_ms_all": sorted(ms(v) for v in ttft), "tpot_ms_all": sorted(ms(v) for v in tpot),
     }
 
 
@@ -120,25 +122,57 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None, help="also write the JSON here")
+    parser.add_argument("--plot", default=None, help="write a PNG of the latency distributions here")
     args = parser.parse_args(argv)
-    server = None
-    if args.url is None:
-        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "serve"))
-        import serve_harness  # starts `raymoe serve` as a subprocess on a free loopback port
-
-        server = serve_harness.start_server(Path(tempfile.mkdtemp()))
-        args.url, args.api_key = server.base_url, serve_harness.API_KEY
-    try:
-        report = asyncio.run(run_load(args.url, args.api_key, args.rate, args.num_requests, args.max_concurrency,
-                                      args.max_tokens, args.seed))  # fmt: skip
-    finally:
-        if server is not None:
-            serve_harness.stop_server(server)
+    load = (args.rate, args.num_requests, args.max_concurrency, args.max_tokens, args.seed)
+    if args.url is not None:
+        report = {"given_server": asyncio.run(run_load(args.url, args.api_key, *load))}
+    else:
+        report = {name: against_new_server(backend, load) for name, backend in ARRANGEMENTS.items()}
     text = json.dumps(report, indent=2)
     print(text)
     if args.out:
         Path(args.out).write_text(text + "\n")
+    if args.plot:
+        plot(report, args.plot)
     return 0
+
+
+ARRANGEMENTS = {"colocated": "engine", "disaggregated": "cluster"}
+
+
+def against_new_server(backend: str, load: tuple) -> dict:
+    """Start `raymoe serve` with `backend` (a subprocess on a free loopback port), load it, stop it."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "serve"))
+    import serve_harness
+
+    config = {**serve_harness.CONFIG, "backend": backend}
+    server = serve_harness.start_server(Path(tempfile.mkdtemp()), config)
+    try:
+        report = asyncio.run(run_load(server.base_url, serve_harness.API_KEY, *load))
+    finally:
+        serve_harness.stop_server(server)
+    report["arrangement"] = f"backend: {backend}"
+    return report
+
+
+def plot(report: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, key, title in zip(axes, ("ttft_ms_all", "tpot_ms_all"), ("time to first token", "time per output token")):
+        for name, r in report.items():
+            values = r[key]
+            ax.plot(values, [(i + 1) / len(values) for i in range(len(values))], label=name)
+        ax.set_xlabel("ms")
+        ax.set_ylabel("share of requests")
+        ax.set_title(title)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
 
 
 if __name__ == "__main__":
