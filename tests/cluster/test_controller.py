@@ -105,7 +105,6 @@ def path(checkpoint_dir):
 
 @pytest.fixture(scope="module")
 def controller(ray_cluster, path):
-    import ray
 
     namespace = f"raymoe-test-{uuid.uuid4().hex[:8]}"
     handle = get_or_create_controller(path, namespace=namespace, extra_replicas=2)
