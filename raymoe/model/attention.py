@@ -33,20 +33,26 @@ class GQAAttention:
 
     def __call__(self, x: torch.Tensor, batch: paged.AttentionBatch, cache, cos_sin) -> torch.Tensor:
         """x: [T, H] (normed hidden) -> [T, H]; writes this step's K/V into `cache`."""
-        q_size, kv_size = self.heads * self.head_dim, self.kv_heads * self.head_dim
-        q, k, v = self.qkv(x).split([q_size, kv_size, kv_size], dim=-1)
-        if self.qk_norm == "full":  # OLMoE normalises the whole projection
-            q, k = self.q_norm(q), self.k_norm(k)
-        if self.clip_qkv is not None:
-            q, k, v = (t.clamp(-self.clip_qkv, self.clip_qkv) for t in (q, k, v))
-        q = q.view(-1, self.heads, self.head_dim)  # [T, heads, d]
-        k = k.view(-1, self.kv_heads, self.head_dim)
-        v = v.view(-1, self.kv_heads, self.head_dim)
-        if self.qk_norm == "head":  # Qwen3 normalises each head
-            q, k = self.q_norm(q), self.k_norm(k)
-        cos, sin = cos_sin
-        q, k = self.rotary.apply(q, cos, sin), self.rotary.apply(k, cos, sin)
+        qk, v = self._rotated_qk_and_v(x, cos_sin)  # [T, heads + kv_heads, d], [T, kv_heads, d]
+        q, k = qk[:, : self.heads], qk[:, self.heads :]
         paged.write_kv(cache, batch, k, v)
         k_ctx, v_ctx = paged.gather_context(cache[0], batch), paged.gather_context(cache[1], batch)
         out = paged.attend(q, k_ctx, v_ctx, batch, self.scale, self.sliding_window)
         return self.o_proj(out.reshape(out.shape[0], -1))
+
+    def _rotated_qk_and_v(self, x: torch.Tensor, cos_sin) -> tuple[torch.Tensor, torch.Tensor]:
+        """Project, normalise and rotate; q and k rotate together as one [T, heads + kv_heads, d]
+        tensor (fewer small ops per layer than rotating each)."""
+        heads, kv_heads, d = self.heads, self.kv_heads, self.head_dim
+        qkv = self.qkv(x)  # [T, (heads + 2 kv_heads) d]
+        if self.qk_norm == "full":  # OLMoE normalises each whole projection
+            q, k, v = qkv.split([heads * d, kv_heads * d, kv_heads * d], dim=-1)
+            qkv = torch.cat([self.q_norm(q), self.k_norm(k), v], dim=-1)
+        if self.clip_qkv is not None:
+            qkv = qkv.clamp(-self.clip_qkv, self.clip_qkv)
+        qkv = qkv.view(-1, heads + 2 * kv_heads, d)
+        qk, v = qkv[:, : heads + kv_heads], qkv[:, heads + kv_heads :]
+        if self.qk_norm == "head":  # Qwen3 normalises each head
+            qk = torch.cat([self.q_norm(qk[:, :heads]), self.k_norm(qk[:, heads:])], dim=1)
+        cos, sin = cos_sin
+        return self.rotary.apply(qk, cos, sin), v

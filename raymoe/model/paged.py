@@ -58,7 +58,7 @@ class AttentionBatch:
 
     @property
     def is_decode_only(self) -> bool:
-        return all(q == 1 for q in self.query_lens)
+        return self.query_index.shape[1] == 1  # max_q == 1: every sequence decodes one token
 
     @classmethod
     def build(
@@ -128,12 +128,16 @@ def gather_context(cache_part: torch.Tensor, batch: AttentionBatch) -> torch.Ten
 
 def pad_queries(x: torch.Tensor, batch: AttentionBatch) -> torch.Tensor:
     """[T, ...] flat tokens -> [B, max_q, ...] padded with zero rows."""
+    if batch.is_decode_only:  # one token per sequence: nothing to pad
+        return x.unsqueeze(1)
     padded = torch.cat([x, x.new_zeros(1, *x.shape[1:])])
     return padded[batch.query_index]
 
 
 def unpad_queries(x: torch.Tensor, batch: AttentionBatch) -> torch.Tensor:
     """[B, max_q, ...] -> [T, ...] in the flat token order."""
+    if batch.is_decode_only:
+        return x.reshape(-1, *x.shape[2:])
     return x.reshape(-1, *x.shape[2:])[batch.token_index]
 
 
