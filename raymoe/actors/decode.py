@@ -94,7 +94,7 @@ class DecodeWorker(WorkerShell):
         from raymoe.actors.remote_backend import connect_experts, pool_set
         from raymoe.actors.worker_model import build_engine
 
-        self.namespace = namespace
+        self.namespace, self._controller = namespace, None
         self.experts = connect_experts(namespace, model_path)
         engine = build_engine(model_path, config.engine, self.experts, config.num_microbatches)
         self.core = DecodeCore(engine, pool_set(namespace, config))
@@ -126,8 +126,9 @@ class DecodeWorker(WorkerShell):
 
         from raymoe.cluster.controller import CONTROLLER_NAME
 
-        controller = ray.get_actor(CONTROLLER_NAME, namespace=self.namespace)
-        controller.report_load.remote(ray.get_runtime_context().get_actor_id(), self.experts.take_load().tolist())
+        if self._controller is None:
+            self._controller = ray.get_actor(CONTROLLER_NAME, namespace=self.namespace)
+        self._controller.report_load.remote(ray.get_runtime_context().get_actor_id(), self.experts.take_load().tolist())
 
     def submit(self, requests: list[WorkRequest]) -> None:
         with self.lock:

@@ -1,6 +1,6 @@
 """KV pool: KV blocks by key in Ray's object store, one pool per node, capacity in bytes, LRU.
 
-Keys are strings (`raymoe.cluster.kv_transfer.prompt_block_keys`): a full block's hash-chain hex,
+Keys are strings (`raymoe.engine.kv_transfer.prompt_block_keys`): a full block's hash-chain hex,
 `partial:...` for a prompt's partial tail; other kinds of entries (document chunks) get their own
 prefix. Values are opaque to the pool: it counts their bytes and hands out handles to them.
 
@@ -177,7 +177,7 @@ def get_or_create_pool(node_id: str, capacity_bytes: int, namespace: str | None 
 
 
 class KVPoolClient:
-    """Blocks in and out of a pool as tensors (exported blocks: `raymoe.cluster.kv_transfer`).
+    """Blocks in and out of a pool as tensors (exported blocks: `raymoe.engine.kv_transfer`).
 
     Blocks travel as numpy arrays, which a reader on the pool's node gets without a copy. The
     tensors `get_blocks` returns may share the object store's memory: read them (import_blocks

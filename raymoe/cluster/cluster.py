@@ -21,6 +21,7 @@ from raymoe.actors.decode import DecodeWorker
 from raymoe.actors.handoff import WorkRequest
 from raymoe.actors.prefill import PrefillWorker
 from raymoe.cluster.front import RequestRouter
+from raymoe.engine.llm import params_per_prompt
 from raymoe.engine.llm_engine import EngineConfig, RequestOutput
 from raymoe.engine.sampling_params import SamplingParams
 from raymoe.errors import ConfigError
@@ -108,11 +109,7 @@ class MoECluster:
         yield from self.router.run(self._requests([prompt], params))
 
     def _requests(self, prompts, params) -> list[WorkRequest]:
-        if isinstance(params, list):
-            if len(params) != len(prompts):
-                raise ConfigError(f"{len(params)} SamplingParams for {len(prompts)} prompts")
-        else:
-            params = [params or SamplingParams()] * len(prompts)
+        params = params_per_prompt(params, len(prompts))
         return [WorkRequest(f"req-{uuid.uuid4().hex[:12]}", self._encode(p), sp) for p, sp in zip(prompts, params)]
 
     def _encode(self, prompt: str | list[int]) -> list[int]:

@@ -44,7 +44,7 @@ class LLM:
     ) -> list[RequestOutput]:
         """Run every prompt to completion, batched; outputs in prompt order."""
         prompts = _as_prompt_list(prompts)
-        params_list = _as_params_list(params, len(prompts))
+        params_list = params_per_prompt(params, len(prompts))
         request_ids = self._add_all(prompts, params_list)
         results = {rid: None for rid in request_ids}
         while any(r is None or not r.finished for r in results.values()):
@@ -89,7 +89,8 @@ def _as_prompt_list(prompts) -> list[Prompt]:
     return list(prompts)
 
 
-def _as_params_list(params, num_prompts: int) -> list[SamplingParams]:
+def params_per_prompt(params, num_prompts: int) -> list[SamplingParams]:
+    """One SamplingParams (or None: defaults) for all prompts, or a list with one per prompt."""
     if params is None or isinstance(params, SamplingParams):
         return [params or SamplingParams()] * num_prompts
     params = list(params)

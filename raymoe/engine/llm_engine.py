@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from raymoe.engine.block_manager import BlockManager, block_hash
+from raymoe.engine.kv_transfer import block_key, export_blocks, import_blocks
 from raymoe.engine.model_runner import ModelRunner, num_kv_blocks
 from raymoe.engine.sampling_params import SamplingParams
 from raymoe.engine.scheduler import Scheduler
@@ -116,10 +117,8 @@ class LLMEngine:
         """Bring the KV of `token_ids`' leading full blocks from a pool, as cached blocks, so the
         next request with this prefix skips their compute.
 
-        fetch(keys: list[str]) -> list[Tensor | None]: exported blocks (see raymoe.cluster.kv_transfer)
+        fetch(keys: list[str]) -> list[Tensor | None]: exported blocks (see raymoe.engine.kv_transfer)
         by content key, None where the pool misses. Returns the number of prefix blocks now cached."""
-        from raymoe.cluster.kv_transfer import block_key, import_blocks
-
         chain = block_chain(token_ids, self.config.block_size)
         missing = [i for i, (h, toks) in enumerate(chain) if not self.block_manager.is_cached(h, toks)]
         fetched = fetch([block_key(chain[i][0]) for i in missing]) if missing else []
@@ -133,8 +132,6 @@ class LLMEngine:
     def export_prefix(self, token_ids: list[int]) -> tuple[list[str], list]:
         """(keys, exported blocks) of `token_ids`' leading full blocks cached here, in order
         (stops at the first block not cached)."""
-        from raymoe.cluster.kv_transfer import block_key, export_blocks
-
         keys, block_ids = [], []
         for h, tokens in block_chain(token_ids, self.config.block_size):
             if not self.block_manager.is_cached(h, tokens):

@@ -4,7 +4,7 @@ model exactly the same next-token logits; pool keys of a prompt follow the engin
 import pytest
 import torch
 
-from raymoe.cluster.kv_transfer import (
+from raymoe.engine.kv_transfer import (
     KVLayoutError,
     block_key,
     block_nbytes,
