@@ -1,4 +1,4 @@
-"""The `raymoe` command line: `raymoe serve | generate | plan`."""
+"""The `raymoe` command line: `raymoe serve | generate | status | plan`."""
 
 from __future__ import annotations
 
@@ -36,6 +36,18 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _status(args: argparse.Namespace) -> int:
+    import json
+
+    from raymoe.client import Client
+    from raymoe.client.status import format_status
+
+    with Client(args.url, api_key=args.api_key, timeout=30) as client:
+        status = client.cluster().model_dump()
+    print(json.dumps(status, indent=1) if args.json else format_status(status))
+    return 0
+
+
 def _plan(args: argparse.Namespace) -> int:
     from raymoe.policies.cli import plan_main
 
@@ -65,6 +77,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     gen.set_defaults(func=_generate)
+
+    st = sub.add_parser("status", help="a running server's nodes, workers, shards, epoch and scaling decisions")
+    st.add_argument("--url", default="http://127.0.0.1:8000", help="the server's base URL")
+    st.add_argument("--api-key", default=None, help="the server's API key, if it has one")
+    st.add_argument("--json", action="store_true", help="print the raw /admin/cluster document")
+    st.set_defaults(func=_status)
 
     plan = sub.add_parser("plan", help="plan expert placement on a routing trace (see `raymoe plan --help`)",
                           add_help=False)  # fmt: skip

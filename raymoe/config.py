@@ -46,11 +46,20 @@ class EngineSettings(_Frozen):
 
 
 class AutoscalingSettings(_Frozen):
-    """Ray Serve `autoscaling_config`: replicas follow the ongoing requests per replica."""
+    """Ray Serve `autoscaling_config`. The engine backend's replicas follow their ongoing requests;
+    with `backend: cluster`, prefill replicas follow queued prompt tokens and decode replicas follow
+    running sequences and KV blocks in use (raymoe's policy, `raymoe.serve.autoscale`)."""
 
     min_replicas: int = Field(1, ge=0)
     max_replicas: int = Field(1, gt=0)
     target_ongoing_requests: float = Field(8, gt=0, description="queue depth per replica to aim for")
+    target_queued_prompt_tokens: float = Field(2048, gt=0, description="prefill: prompt tokens waiting per replica")
+    target_running_sequences: float = Field(16, gt=0, description="decode: sequences per replica")
+    target_kv_block_fraction: float = Field(0.8, gt=0, le=1, description="decode: share of KV blocks in use")
+    upscale_delay_s: float = Field(5.0, ge=0, description="a scale-up must be wanted this long")
+    downscale_delay_s: float = Field(30.0, ge=0, description="a scale-down must be wanted this long")
+    metrics_interval_s: float = Field(2.0, gt=0, description="how often replicas report their load")
+    look_back_period_s: float = Field(10.0, gt=0, description="load is averaged over this window")
 
     @model_validator(mode="after")
     def _bounds(self):
@@ -68,6 +77,10 @@ class DeploymentSettings(_Frozen):
     resources: dict[str, float] = Field(default_factory=dict, description='custom Ray resources, e.g. {"raymoe_decode": 1}')
     autoscaling: AutoscalingSettings = Field(default_factory=AutoscalingSettings)
     max_ongoing_requests: int = Field(256, gt=0, description="concurrent requests per replica before Serve queues")
+    graceful_shutdown_timeout_s: float = Field(
+        10.0, ge=0, description="a stopping replica finishes its requests this long; the rest resume elsewhere"
+    )
+    health_check_period_s: float = Field(5.0, gt=0, description="how often Serve checks a replica's health")
 
 
 class ServeSettings(_Frozen):

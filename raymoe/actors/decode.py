@@ -74,17 +74,21 @@ class Outbox:
                 buf.finished, buf.finish_reason = d.finished, d.finish_reason
             self.cond.notify_all()
 
-    def take(self, request_ids: list[str], timeout_s: float) -> dict[str, TokenDelta]:
-        """New tokens of any of `request_ids`, waiting up to timeout_s for the first."""
+    def take(self, request_ids: list[str] | None, timeout_s: float) -> dict[str, TokenDelta]:
+        """New tokens of any of `request_ids` (None: of every request), waiting up to timeout_s."""
         deadline = time.monotonic() + timeout_s
         with self.cond:
-            while not any(self.buffers.get(r) and (self.buffers[r].token_ids or self.buffers[r].finished)
-                          for r in request_ids):  # fmt: skip
+            while not any(self._ready(r) for r in (self.buffers if request_ids is None else request_ids)):
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return {}
                 self.cond.wait(left)
-            return {r: self.buffers.pop(r) for r in request_ids if r in self.buffers}
+            wanted = list(self.buffers) if request_ids is None else request_ids
+            return {r: self.buffers.pop(r) for r in wanted if r in self.buffers}
+
+    def _ready(self, request_id: str) -> bool:
+        buf = self.buffers.get(request_id)
+        return buf is not None and bool(buf.token_ids or buf.finished)
 
 
 class DecodeWorker(WorkerShell):
@@ -136,7 +140,8 @@ class DecodeWorker(WorkerShell):
                 self.core.submit(r)
         self.wake.set()
 
-    def poll(self, request_ids: list[str], timeout_s: float = 1.0) -> dict[str, TokenDelta]:
+    def poll(self, request_ids: list[str] | None, timeout_s: float = 1.0) -> dict[str, TokenDelta]:
+        """New tokens of `request_ids` (None: of every request), waiting up to timeout_s for some."""
         return self.outbox.take(request_ids, timeout_s)
 
     def abort(self, request_ids: list[str]) -> None:
@@ -151,7 +156,9 @@ class DecodeWorker(WorkerShell):
         return placement.epoch
 
     def stats(self) -> dict:
-        return {**self.core.stats, "running": len(self.core.engine.requests)}
+        bm = self.core.engine.block_manager
+        return {**self.core.stats, "running": len(self.core.engine.requests),
+                "kv_blocks_used": bm.num_blocks - bm.num_free_blocks, "kv_blocks": bm.num_blocks}  # fmt: skip
 
     def take_timings(self) -> dict:
         """Step and expert round-trip seconds since the last take (for the step breakdown)."""

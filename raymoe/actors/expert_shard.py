@@ -60,6 +60,8 @@ class ExpertShardCore:
         self.weights: dict[ExpertKey, SwiGLU] = {}  # the held experts, unstacked (for restacking)
         self.store = ExpertStore({})
         self.last_compute_s = 0.0  # wall time of the last `run`, for the step breakdown
+        self.rows_served = 0
+        self.first_served_at: float | None = None  # wall clock of the first `run` (elasticity timing)
         self.load(experts)
 
     def load(self, experts: Iterable[ExpertKey]) -> None:
@@ -98,7 +100,13 @@ class ExpertShardCore:
         x = rows.to(self.device, self.dtype)
         out = run_expert_groups(self.store, self.spec.num_experts, layer, x, expert_ids, counts)
         self.last_compute_s = time.perf_counter() - start
+        self.rows_served += rows.shape[0]
+        if self.first_served_at is None:
+            self.first_served_at = time.time()
         return out.to(rows.device, rows.dtype)
+
+    def stats(self) -> dict:
+        return {"experts": len(self.weights), "rows_served": self.rows_served, "first_served_at": self.first_served_at}
 
     def _check(self, key) -> ExpertKey:
         layer, e = int(key[0]), int(key[1])
@@ -146,6 +154,10 @@ class ExpertShard:
 
     def held(self) -> list[ExpertKey]:
         return self.core.held()
+
+    def stats(self) -> dict:
+        """Experts held, rows served, wall clock of the first served row (None: never served)."""
+        return {"node_id": self.ping(), **self.core.stats()}
 
     def run(self, layer: int, rows: torch.Tensor, expert_ids: list[int], counts: list[int]):
         out = self.core.run(layer, rows, expert_ids, counts)

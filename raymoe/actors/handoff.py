@@ -27,6 +27,7 @@ class Handoff:
     first_token: int
     finish_reason: str | None  # "stop" | "length" when the first token ends it
     num_prefix_hit_tokens: int  # prompt tokens whose KV came from a cache (not computed)
+    kv_node_id: str | None = None  # node whose KV pool holds the prompt's blocks
 
 
 @dataclass

@@ -1,8 +1,13 @@
 """KV pool: KV blocks by key in Ray's object store, one pool per node, capacity in bytes, LRU.
 
 Keys are strings (`raymoe.engine.kv_transfer.prompt_block_keys`): a full block's hash-chain hex,
-`partial:...` for a prompt's partial tail; other kinds of entries (document chunks) get their own
-prefix. Values are opaque to the pool: it counts their bytes and hands out handles to them.
+`partial:...` for a prompt's partial tail, `chunk:<digest>` for a document chunk's KV
+(`raymoe.engine.chunks`). Values are opaque to the pool: it counts their bytes and hands out handles.
+
+Eviction (`raymoe.engine.chunk_cache`): every entry has a priority `clock + worth`, set when stored
+or read; the lowest goes first and the clock rises to it. A block's worth is 1, so blocks leave in
+LRU order; a chunk's worth grows with its hits and the share of its tokens a hit saved, so a chunk
+reused often outlives blocks read as recently. Chunk statistics are in `chunk_stats()`.
 
 `KVPoolCore` is the bookkeeping (entries in least-recently-used order, eviction, statistics) over a
 `ValueStore` that decides how values are held: in memory for tests, in Ray's object store in the
@@ -26,6 +31,8 @@ import ray
 import torch
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from raymoe.engine.chunk_cache import ChunkEntry, ChunkTable
+from raymoe.engine.chunks import CHUNK_PREFIX
 from raymoe.errors import ConfigError
 
 
@@ -61,10 +68,12 @@ class RayObjectStore:
 class Entry:
     handle: Any  # what readers get: the value or its ObjectRef
     nbytes: int
+    priority: float = 0.0  # clock + 1 when last stored or read
+    touched: int = 0
 
 
 class KVPoolCore:
-    """Entries by key under a byte budget, least recently used evicted first. Not thread-safe."""
+    """Entries by key under a byte budget, evicted by priority (blocks: LRU). Not thread-safe."""
 
     def __init__(self, capacity_bytes: int, store: ValueStore | None = None):
         if capacity_bytes <= 0:
@@ -75,21 +84,41 @@ class KVPoolCore:
         self.bytes_stored = 0
         self.num_hits = self.num_misses = self.num_evictions = self.num_rejected = 0
         self.bytes_served = 0
+        self.chunks = ChunkTable()  # chunk entries (keys with CHUNK_PREFIX), in the same byte budget
+        self.clock, self.tick = 0.0, 0
 
-    def put(self, key: str, value: Any) -> bool:
+    def put(self, key: str, value: Any, num_tokens: int = 0) -> bool:
         """Store `value` (anything with `.nbytes`: numpy array, tensor) under `key`, replacing an
-        entry of that key; evict least recently used entries to fit. False if the value alone
-        exceeds the capacity (it is not stored)."""
+        entry of that key; evict lowest-priority entries to fit. False if the value alone exceeds
+        the capacity (it is not stored). num_tokens: a chunk's length (chunk keys only)."""
         nbytes = int(value.nbytes)
-        if key in self.entries:
+        if key in self.entries or key in self.chunks.entries:
             self._drop(key)
         if nbytes > self.capacity_bytes:
             self.num_rejected += 1
             return False
-        self.entries[key] = Entry(self.store.put(value), nbytes)
+        self.tick += 1
+        if key.startswith(CHUNK_PREFIX):
+            entry = ChunkEntry(self.store.put(value), nbytes, num_tokens)
+            entry.rescore(self.clock, self.tick)
+            self.chunks.add(key, entry)
+        else:
+            self.entries[key] = Entry(self.store.put(value), nbytes, self.clock + 1.0, self.tick)
         self.bytes_stored += nbytes
         self._evict_to_fit()
         return True
+
+    def put_chunks(self, keys: list[str], values: list[Any], num_tokens: list[int]) -> list[bool]:
+        return [self.put(k, v, n) for k, v, n in zip(keys, values, num_tokens, strict=True)]
+
+    def credit_chunks(self, keys: list[str], saved_tokens: list[int]) -> None:
+        """Prefill tokens each chunk hit saved: statistics, and the chunk's worth."""
+        for key, saved in zip(keys, saved_tokens, strict=True):
+            self.tick += 1
+            self.chunks.credit(key, int(saved), self.clock, self.tick)
+
+    def chunk_stats(self) -> dict[str, int]:
+        return self.chunks.stats()
 
     def put_many(self, keys: list[str], values: list[Any]) -> list[bool]:
         return [self.put(key, value) for key, value in zip(keys, values, strict=True)]
@@ -112,29 +141,39 @@ class KVPoolCore:
             "hit_rate": self.num_hits / lookups if lookups else 0.0,
             "bytes_stored": self.bytes_stored,
             "bytes_served": self.bytes_served,
-            "num_entries": len(self.entries),
+            "num_entries": len(self.entries) + len(self.chunks.entries),
             "evictions": self.num_evictions,
             "rejected": self.num_rejected,
             "capacity_bytes": self.capacity_bytes,
         }
 
-    def _lookup(self, key: str) -> Entry | None:
+    def _lookup(self, key: str) -> Entry | ChunkEntry | None:
+        self.tick += 1
+        if key.startswith(CHUNK_PREFIX):
+            return self.chunks.lookup(key, self.clock, self.tick)
         entry = self.entries.get(key)
         if entry is None:
             self.num_misses += 1
             return None
         self.num_hits += 1
+        entry.priority, entry.touched = self.clock + 1.0, self.tick
         self.entries.move_to_end(key)
         return entry
 
     def _evict_to_fit(self) -> None:
-        # LRU; a reuse-score policy (chunk entries) would choose the victim here instead.
+        """Drop the lowest-priority entries until the budget holds. Blocks' priorities grow in
+        their LRU order, so the least recent block is the only block candidate."""
         while self.bytes_stored > self.capacity_bytes:
-            self._drop(next(iter(self.entries)))
+            candidates = [c for c in (next(iter(self.entries.items()), None), self.chunks.lowest()) if c]
+            key, entry = min(candidates, key=lambda kv: (kv[1].priority, kv[1].touched))
+            self.clock = max(self.clock, entry.priority)
+            self._drop(key)
             self.num_evictions += 1
+            if key.startswith(CHUNK_PREFIX):
+                self.chunks.evictions += 1
 
     def _drop(self, key: str) -> None:
-        entry = self.entries.pop(key)
+        entry = self.chunks.remove(key) if key in self.chunks.entries else self.entries.pop(key)
         self.bytes_stored -= entry.nbytes
         self.store.release(entry.handle)
 
@@ -158,6 +197,15 @@ class KVPool:
 
     def stats(self) -> dict[str, float]:
         return self.core.stats()
+
+    def put_chunks(self, keys: list[str], values: list[Any], num_tokens: list[int]) -> list[bool]:
+        return self.core.put_chunks(keys, values, num_tokens)
+
+    def credit_chunks(self, keys: list[str], saved_tokens: list[int]) -> None:
+        self.core.credit_chunks(keys, saved_tokens)
+
+    def chunk_stats(self) -> dict[str, int]:
+        return self.core.chunk_stats()
 
 
 def pool_name(node_id: str) -> str:
@@ -204,6 +252,20 @@ class KVPoolClient:
 
     def stats(self) -> dict[str, float]:
         return ray.get(self.pool.stats.remote(), timeout=self.timeout_s)
+
+    # ----- chunk entries: this client is a `raymoe.engine.chunks.ChunkStore` -------------------
+    def get_chunks(self, keys: list[str]) -> list[torch.Tensor | None]:
+        return self.get_blocks(keys)
+
+    def put_chunks(self, keys: list[str], values: list[torch.Tensor], num_tokens: list[int]) -> None:
+        arrays = [_to_numpy(t) for t in values]
+        ray.get(self.pool.put_chunks.remote(list(keys), arrays, list(num_tokens)), timeout=self.timeout_s)
+
+    def credit_chunks(self, keys: list[str], saved_tokens: list[int]) -> None:
+        ray.get(self.pool.credit_chunks.remote(list(keys), list(saved_tokens)), timeout=self.timeout_s)
+
+    def chunk_stats(self) -> dict[str, int]:
+        return ray.get(self.pool.chunk_stats.remote(), timeout=self.timeout_s)
 
     def _to_tensor(self, value: np.ndarray | torch.Tensor) -> torch.Tensor:
         if isinstance(value, np.ndarray):

@@ -3,6 +3,10 @@ the KV pool under content keys, and hands back the first token.
 
 A prompt whose leading blocks are already in the pool (a shared prefix) fetches them instead of
 computing them; the count is reported so tests and metrics can see the skipped prefill.
+
+A request with chunk reuse (`SamplingParams.chunk_reuse`) assembles its KV from chunk entries of
+the node's pool (computing and storing the ones missing), then publishes its blocks under the
+request's salt (`raymoe.engine.chunks`); the decode worker imports them as it imports any prefix.
 """
 
 from __future__ import annotations
@@ -12,14 +16,18 @@ import threading
 
 from raymoe.actors.worker_model import WorkerShell
 from raymoe.actors.handoff import Handoff, WorkRequest
+from raymoe.engine.chunks import request_salt
 from raymoe.engine.llm_engine import LLMEngine
 
 
 class PrefillCore:
-    def __init__(self, engine: LLMEngine, pool):
+    def __init__(self, engine: LLMEngine, pool, chunk_store=None):
         """engine: a token-ids engine (see worker_model.build_engine); pool: a KVPoolClient-like
-        object with get_blocks(keys) / put_blocks(keys, tensors) / contains(keys)."""
+        object with get_blocks(keys) / put_blocks(keys, tensors) / contains(keys); chunk_store: where
+        chunk KV lives (`raymoe.engine.chunks.ChunkStore`, e.g. this node's KVPoolClient)."""
         self.engine, self.pool = engine, pool
+        if chunk_store is not None:
+            engine.set_chunk_store(chunk_store)
         self.stats = {"prompts": 0, "prompt_tokens": 0, "prefix_hit_tokens": 0}
 
     def prefill(self, requests: list[WorkRequest]) -> list[Handoff]:
@@ -30,8 +38,10 @@ class PrefillCore:
             for delta in self.engine.step():
                 if delta.request_id in hits and delta.token_ids:
                     first[delta.request_id] = (delta.token_ids[0], delta.finish_reason)
+        block_size = self.engine.config.block_size
         for r in requests:
-            self._publish(r.prompt_token_ids + r.output_token_ids + [first[r.request_id][0]])
+            salt = request_salt(r.prompt_token_ids, r.params.chunk_reuse, block_size)
+            self._publish(r.prompt_token_ids + r.output_token_ids + [first[r.request_id][0]], salt)
         return [Handoff(r.request_id, first[r.request_id][0], self._real_finish(r, first[r.request_id][1]),
                         hits[r.request_id]) for r in requests]  # fmt: skip
 
@@ -55,9 +65,13 @@ class PrefillCore:
         self.stats["prefix_hit_tokens"] += hit_tokens
         return hit_tokens
 
-    def _publish(self, token_ids: list[int]) -> None:
+    def chunk_stats(self) -> dict:
+        """The engine's chunk-reuse counters (raymoe.engine.blend.Blender)."""
+        return dict(self.engine.blender.stats)
+
+    def _publish(self, token_ids: list[int], salt=None) -> None:
         """Put the sequence's computed full blocks into the pool (those it lacks)."""
-        keys, blocks = self.engine.export_prefix(token_ids)
+        keys, blocks = self.engine.export_prefix(token_ids, salt)
         if not keys:
             return
         have = self.pool.contains(keys)
@@ -76,8 +90,9 @@ class PrefillWorker(WorkerShell):
         self.experts = connect_experts(namespace, model_path)
         from raymoe.actors.worker_model import build_engine
 
+        pools = pool_set(namespace, config)
         self.core = PrefillCore(build_engine(model_path, config.engine, self.experts, config.num_microbatches),
-                                pool_set(namespace, config))  # fmt: skip
+                                pools, pools.client(pools.node_id))  # fmt: skip
 
     def prefill(self, requests: list[WorkRequest]) -> list[Handoff]:
         with self.lock:  # one batch of prompts at a time through the engine
@@ -89,4 +104,4 @@ class PrefillWorker(WorkerShell):
         return placement.epoch
 
     def stats(self) -> dict:
-        return dict(self.core.stats)
+        return {**self.core.stats, **self.core.chunk_stats()}

@@ -30,6 +30,11 @@ class WorkerShell:
     def ready(self) -> bool:
         return True
 
+    def pid(self) -> int:
+        import os
+
+        return os.getpid()
+
     def node_id(self) -> str:
         import ray
 

@@ -21,6 +21,14 @@ def sampling_body(model: str, max_tokens, temperature, top_p, seed, stop, stream
     return {**body, **extra}
 
 
+def chunk_fields(chunks, share) -> dict:
+    """The raymoe chunk-cache extension fields: `chunks`, token-id spans of the prompt whose KV the
+    server may reuse at any position; `share` of their tokens recomputed (float, "adaptive", None)."""
+    if chunks is None:
+        return {} if share is None else {"raymoe_chunk_share": share}
+    return {"raymoe_chunks": [list(c) for c in chunks], **({} if share is None else {"raymoe_chunk_share": share})}
+
+
 def is_retryable(error: Exception, method: str) -> bool:
     """Retry only where no work can be repeated: the server refused (429/503) before taking the
     request, or the connection never opened; other failures are retried for GET alone."""

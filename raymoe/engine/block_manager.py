@@ -13,6 +13,9 @@ no KV to share. Shared blocks are never written again: only full blocks are shar
 hit never covers a prompt's last token (logits need at least one token computed), so every write
 lands in a block that its sequence holds alone.
 
+A sequence with a `cache_salt` (chunk-cache reuse, `raymoe.engine.chunks`) mixes the salt into its
+chain from the salt's first block on: its blended KV is shared only with requests of the same salt.
+
 No torch here: this is bookkeeping over ints.
 """
 
@@ -21,8 +24,10 @@ from __future__ import annotations
 import hashlib
 from array import array
 from collections import OrderedDict
+from typing import TYPE_CHECKING, NamedTuple
 
-from raymoe.engine.sequence import Sequence
+if TYPE_CHECKING:
+    from raymoe.engine.sequence import Sequence
 
 
 def block_hash(parent: int | None, token_ids: list[int]) -> int:
@@ -32,6 +37,24 @@ def block_hash(parent: int | None, token_ids: list[int]) -> int:
         h.update(parent.to_bytes(8, "little"))
     h.update(array("q", token_ids).tobytes())
     return int.from_bytes(h.digest(), "little")
+
+
+SALT_MARK = -0x5A17  # the first token of a salt's pseudo-block (no real block has a negative id)
+
+
+class CacheSalt(NamedTuple):
+    """A separate hash namespace from block `start_block` on: blocks whose KV is not the exact
+    prefix KV of their tokens (chunk-cache reuse) are shared only with requests of the same salt."""
+
+    value: int  # in [0, 2**62)
+    start_block: int
+
+
+def chain_parent(parent: int | None, i: int, salt: CacheSalt | None) -> int | None:
+    """The parent hash block i chains to: `parent`, or at the salt's first block `parent` mixed with it."""
+    if salt is None or i != salt.start_block:
+        return parent
+    return block_hash(parent, [SALT_MARK, salt.value])
 
 
 class Block:
@@ -71,7 +94,7 @@ class BlockManager:
         max_blocks = (len(seq) - 1) // self.block_size  # leave the last token to compute
         for i in range(max_blocks):
             tokens = seq.block_tokens(i, self.block_size)
-            parent = block_hash(parent, tokens)
+            parent = block_hash(chain_parent(parent, i, seq.cache_salt), tokens)
             block_id = self.hash_to_block_id.get(parent)
             if block_id is None or self.blocks[block_id].token_ids != tuple(tokens):
                 break
@@ -111,7 +134,7 @@ class BlockManager:
             parent = self.blocks[seq.block_table[i - 1]].hash if i else None
             tokens = seq.block_tokens(i, self.block_size)
             block = self.blocks[seq.block_table[i]]
-            block.hash, block.token_ids = block_hash(parent, tokens), tuple(tokens)
+            block.hash, block.token_ids = block_hash(chain_parent(parent, i, seq.cache_salt), tokens), tuple(tokens)
             self.hash_to_block_id[block.hash] = block.block_id
         seq.num_hashed_blocks = max(seq.num_hashed_blocks, num_full)
 

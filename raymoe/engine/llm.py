@@ -4,18 +4,23 @@
     outs = llm.generate(["Hello", "The sky"], SamplingParams(max_tokens=32))
     for delta in llm.generate_stream("Hello"):           # tokens as they are produced
         print(delta.text, end="")
+    # chunk-cache reuse (RAG): documents' KV computed once, reused at any position
+    llm.generate([["Answer from:", Chunk(doc_a), Chunk(doc_b), "Q?"]], chunk_share=0.15)
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from pathlib import Path
 
+from raymoe.engine.chunk_cache import LocalChunkStore
+from raymoe.engine.chunks import DEFAULT_SHARE, Chunk, build_prompt
 from raymoe.engine.llm_engine import EngineConfig, LLMEngine, RequestOutput
 from raymoe.engine.sampling_params import SamplingParams
 from raymoe.errors import InvalidSamplingParams
 
-Prompt = str | list[int]
+Prompt = str | list[int] | list  # text, token ids, or parts (str / Chunk / token ids) with a Chunk
 
 
 class LLM:
@@ -27,24 +32,31 @@ class LLM:
         block_size: int = 16,
         kv_cache_bytes: int = 256 << 20,
         dtype: str = "float32",
+        chunk_cache_bytes: int = 64 << 20,
     ):
-        """model: a Hugging Face MoE checkpoint folder; None = the built-in model."""
+        """model: a Hugging Face MoE checkpoint folder; None = the built-in model.
+        chunk_cache_bytes: budget of the in-process chunk-KV cache (prompts with Chunk parts)."""
         if model is None:
             from raymoe.model.builtin import builtin_model_path
 
             model = builtin_model_path()
         config = EngineConfig(max_num_seqs, max_num_batched_tokens, block_size, kv_cache_bytes, dtype)
-        self.engine = LLMEngine.from_path(model, config)
+        self.engine = LLMEngine.from_path(model, config, LocalChunkStore(chunk_cache_bytes))
         self.tokenizer = self.engine.tokenizer
 
     def generate(
         self,
         prompts: Prompt | list[Prompt],
         params: SamplingParams | list[SamplingParams] | None = None,
+        chunk_share: float | None = DEFAULT_SHARE,
     ) -> list[RequestOutput]:
-        """Run every prompt to completion, batched; outputs in prompt order."""
+        """Run every prompt to completion, batched; outputs in prompt order.
+
+        A prompt given as parts with `Chunk`s reuses each chunk's cached KV wherever it sits,
+        recomputing `chunk_share` of its tokens (None: adaptive); see raymoe.engine.chunks."""
         prompts = _as_prompt_list(prompts)
         params_list = params_per_prompt(params, len(prompts))
+        prompts, params_list = self._resolve_chunks(prompts, params_list, chunk_share)
         request_ids = self._add_all(prompts, params_list)
         results = {rid: None for rid in request_ids}
         while any(r is None or not r.finished for r in results.values()):
@@ -69,6 +81,19 @@ class LLM:
             if not finished:
                 self.engine.abort(request_id)
 
+    def _resolve_chunks(self, prompts: list, params_list: list[SamplingParams], share: float | None):
+        """Prompts with Chunk parts -> token ids, their params carrying the ChunkReuse."""
+        out_prompts, out_params = [], []
+        for prompt, params in zip(prompts, params_list):
+            if _is_parts(prompt):
+                if self.tokenizer is None:
+                    raise InvalidSamplingParams("prompts with Chunk parts need a tokenizer")
+                prompt, reuse = build_prompt(self.tokenizer.encode, prompt, share)
+                params = dataclasses.replace(params, chunk_reuse=reuse)
+            out_prompts.append(prompt)
+            out_params.append(params)
+        return out_prompts, out_params
+
     def _add_all(self, prompts: list[Prompt], params_list: list[SamplingParams]) -> list[str]:
         """Add every request, or none: a bad prompt aborts the ones already added."""
         request_ids: list[str] = []
@@ -82,9 +107,13 @@ class LLM:
         return request_ids
 
 
+def _is_parts(prompt) -> bool:
+    return isinstance(prompt, (list, tuple)) and any(isinstance(p, Chunk) for p in prompt)
+
+
 def _as_prompt_list(prompts) -> list[Prompt]:
-    """A str or a list of token ids is one prompt; a list of those is many."""
-    if isinstance(prompts, str) or (prompts and all(isinstance(t, int) for t in prompts)):
+    """A str, a list of token ids or a list of parts with a Chunk is one prompt; a list of those is many."""
+    if isinstance(prompts, str) or _is_parts(prompts) or (prompts and all(isinstance(t, int) for t in prompts)):
         return [prompts]
     return list(prompts)
 

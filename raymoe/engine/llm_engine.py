@@ -12,7 +12,9 @@ from pathlib import Path
 
 import torch
 
-from raymoe.engine.block_manager import BlockManager, block_hash
+from raymoe.engine.blend import Blender
+from raymoe.engine.block_manager import BlockManager, CacheSalt, block_hash, chain_parent
+from raymoe.engine.chunks import plan_blend
 from raymoe.engine.kv_transfer import block_key, export_blocks, import_blocks
 from raymoe.engine.model_runner import ModelRunner, num_kv_blocks
 from raymoe.engine.sampling_params import SamplingParams
@@ -58,9 +60,11 @@ class RequestOutput:
 
 
 class LLMEngine:
-    def __init__(self, model, tokenizer=None, config: EngineConfig | None = None):
+    def __init__(self, model, tokenizer=None, config: EngineConfig | None = None, chunk_store=None):
         """model: a loaded `MoEModel`; tokenizer: a `raymoe.model.tokenizer.Tokenizer`, or None
-        for an engine that takes token-id prompts only (its outputs carry no text)."""
+        for an engine that takes token-id prompts only (its outputs carry no text). chunk_store: where
+        chunk KV lives for requests with `SamplingParams.chunk_reuse` (`raymoe.engine.chunks`);
+        None = such requests prefill in full (or import their blended blocks)."""
         self.config = config = config or EngineConfig()
         self.model, self.tokenizer = model, tokenizer
         spec = model.spec
@@ -74,16 +78,18 @@ class LLMEngine:
         self.block_manager = BlockManager(num_blocks, config.block_size)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         self.model_runner = ModelRunner(model, num_blocks, config.block_size)
+        self.blender = Blender(self.model_runner, self.block_manager, config.block_size, chunk_store)
+        self._last_import: tuple[tuple[int, ...], object] | None = None
         self.requests: dict[str, tuple[Sequence, StopChecker]] = {}  # unfinished requests
         self._request_ids = count()
 
     @classmethod
-    def from_path(cls, path: str | Path, config: EngineConfig | None = None) -> "LLMEngine":
+    def from_path(cls, path: str | Path, config: EngineConfig | None = None, chunk_store=None) -> "LLMEngine":
         from raymoe.model.model import load_model
         from raymoe.model.tokenizer import Tokenizer
 
         config = config or EngineConfig()
-        return cls(load_model(path, dtype=config.torch_dtype), Tokenizer.from_dir(path), config)
+        return cls(load_model(path, dtype=config.torch_dtype), Tokenizer.from_dir(path), config, chunk_store)
 
     # ----- requests --------------------------------------------------------------------------
     def add_request(
@@ -104,6 +110,9 @@ class LLMEngine:
         prompt_ids = self._prompt_token_ids(prompt, len(output_token_ids))
         self._check_token_ids(list(output_token_ids))
         seq = Sequence.resumed(prompt_ids, list(output_token_ids), params, request_id)
+        last_import, self._last_import = self._last_import, None
+        if params.chunk_reuse is not None:
+            self._plan_chunks(seq, last_import)
         detokenizer = None
         if self.tokenizer is not None:
             detokenizer = make_detokenizer(self.tokenizer, seq.prompt_token_ids)
@@ -113,13 +122,40 @@ class LLMEngine:
         self.scheduler.add(seq)
         return request_id
 
-    def import_prefix(self, token_ids: list[int], fetch) -> int:
+    def set_chunk_store(self, store) -> None:
+        """Where chunk KV lives (a `raymoe.engine.chunks.ChunkStore`); None turns chunk reuse off."""
+        self.blender.store = store
+
+    def chunk_stats(self) -> dict[str, float]:
+        """Chunk-reuse counters, and `computed_tokens`: prefill + decode tokens computed, a blend's
+        partial layers counted as the equivalent whole tokens."""
+        num_layers = len(self.model.kv_layout())
+        st = dict(self.blender.stats)
+        st["computed_tokens"] = (self.model_runner.num_computed_tokens + st["chunk_prefill_tokens"]
+                                 + st["blend_token_layers"] / num_layers)  # fmt: skip
+        return st
+
+    def _plan_chunks(self, seq: Sequence, last_import) -> None:
+        """Place the request's chunks; its blocks hash under the plan's salt. A worker that imported
+        this prompt's blocks just before (`import_prefix`, as DecodeCore.submit does) imports the
+        salted ones now with the same fetch: the salt comes with the params."""
+        plan = plan_blend(seq.prompt_token_ids, seq.params.chunk_reuse, self.config.block_size)
+        if plan is None:
+            return
+        seq.blend_plan, seq.cache_salt = plan, plan.salt
+        if plan.salt is not None and last_import is not None and last_import[0] == tuple(seq.token_ids):
+            self.import_prefix(seq.token_ids, last_import[1], plan.salt)
+
+    def import_prefix(self, token_ids: list[int], fetch, salt: CacheSalt | None = None) -> int:
         """Bring the KV of `token_ids`' leading full blocks from a pool, as cached blocks, so the
         next request with this prefix skips their compute.
 
         fetch(keys: list[str]) -> list[Tensor | None]: exported blocks (see raymoe.engine.kv_transfer)
-        by content key, None where the pool misses. Returns the number of prefix blocks now cached."""
-        chain = block_chain(token_ids, self.config.block_size)
+        by content key, None where the pool misses. salt: the hash namespace of a chunk-reuse
+        request's blocks (`raymoe.engine.chunks.request_salt`). Returns the number of prefix blocks
+        now cached."""
+        self._last_import = (tuple(token_ids), fetch) if salt is None else None
+        chain = block_chain(token_ids, self.config.block_size, salt)
         missing = [i for i, (h, toks) in enumerate(chain) if not self.block_manager.is_cached(h, toks)]
         fetched = fetch([block_key(chain[i][0]) for i in missing]) if missing else []
         for i, block in zip(missing, fetched):
@@ -129,11 +165,11 @@ class LLMEngine:
             import_blocks(self.model_runner.kv_cache, [block_id], [block])
         return len(chain)
 
-    def export_prefix(self, token_ids: list[int]) -> tuple[list[str], list]:
+    def export_prefix(self, token_ids: list[int], salt: CacheSalt | None = None) -> tuple[list[str], list]:
         """(keys, exported blocks) of `token_ids`' leading full blocks cached here, in order
-        (stops at the first block not cached)."""
+        (stops at the first block not cached); salt as in `import_prefix`."""
         keys, block_ids = [], []
-        for h, tokens in block_chain(token_ids, self.config.block_size):
+        for h, tokens in block_chain(token_ids, self.config.block_size, salt):
             if not self.block_manager.is_cached(h, tokens):
                 break
             keys.append(block_key(h))
@@ -152,7 +188,7 @@ class LLMEngine:
     # ----- one step --------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """Run one batch; return a delta for every request that got a token."""
-        scheduled = self.scheduler.schedule()
+        scheduled = self.blender.run_pending(self.scheduler.schedule())
         token_ids = self.model_runner.run(scheduled)
         sampled = self.scheduler.postprocess(scheduled, token_ids)
         outputs = [self._check_stop(seq) for seq in sampled]
@@ -210,12 +246,12 @@ class LLMEngine:
         return request_id
 
 
-def block_chain(token_ids: list[int], block_size: int) -> list[tuple[int, list[int]]]:
+def block_chain(token_ids: list[int], block_size: int, salt: CacheSalt | None = None) -> list[tuple[int, list[int]]]:
     """(hash, tokens) of each full block that a prefix hit may cover (never the last token)."""
     chain, parent = [], None
     for i in range((len(token_ids) - 1) // block_size):
         tokens = list(token_ids[i * block_size : (i + 1) * block_size])
-        parent = block_hash(parent, tokens)
+        parent = block_hash(chain_parent(parent, i, salt), tokens)
         chain.append((parent, tokens))
     return chain
 

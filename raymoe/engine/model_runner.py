@@ -43,6 +43,7 @@ class ModelRunner:
         self.block_size = block_size
         self.num_blocks = num_blocks
         self.kv_cache = allocate_kv_cache(model.kv_layout(), num_blocks, block_size, model.dtype)
+        self.num_computed_tokens = 0  # tokens run through the model (prefill and decode)
 
     @torch.inference_mode()
     def run(self, scheduled: Scheduled) -> list[int | None]:
@@ -51,6 +52,7 @@ class ModelRunner:
             return []
         input_ids, batch = self.prepare(scheduled)
         hidden = self.model.forward(input_ids, batch, self.kv_cache)  # [T, H]
+        self.num_computed_tokens += batch.num_tokens
         rows = [b for b, (seq, n) in enumerate(scheduled) if seq.num_cached_tokens + n == len(seq)]
         if not rows:
             return [None] * len(scheduled)

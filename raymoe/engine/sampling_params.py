@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from raymoe.engine.chunks import ChunkReuse
 from raymoe.errors import InvalidSamplingParams
 
 
@@ -21,6 +22,9 @@ class SamplingParams:
     stop: tuple[str, ...] = ()  # stop strings; the returned text ends before the first one found
     stop_token_ids: tuple[int, ...] = ()  # token ids that end the request (finish_reason "stop")
     ignore_eos: bool = False  # keep generating past EOS (benchmarks with fixed output lengths)
+    # Reuse cached KV of these prompt spans at any position (approximate; off by default):
+    # a `raymoe.engine.chunks.ChunkReuse`. Not sampling, but it travels with the request everywhere.
+    chunk_reuse: ChunkReuse | None = None
 
     def __post_init__(self):
         _check_number("temperature", self.temperature, ">= 0", lambda v: v >= 0)
@@ -33,6 +37,8 @@ class SamplingParams:
         object.__setattr__(self, "stop_token_ids", _token_ids(self.stop_token_ids))
         if not isinstance(self.ignore_eos, bool):
             raise InvalidSamplingParams(f"ignore_eos must be true or false, got {self.ignore_eos!r}")
+        if self.chunk_reuse is not None and not isinstance(self.chunk_reuse, ChunkReuse):
+            raise InvalidSamplingParams(f"chunk_reuse must be a ChunkReuse or None, got {self.chunk_reuse!r:.80}")
 
     @property
     def is_greedy(self) -> bool:

@@ -38,6 +38,8 @@ class Sequence:
         self.num_hashed_blocks = 0  # leading blocks registered for prefix sharing; BlockManager's
         self.finish_reason: str | None = None  # "stop" | "length" | "abort"
         self.generator = None  # the sampler's RNG for a seeded request, created on first use
+        self.cache_salt = None  # a CacheSalt when chunk-cache reuse makes its KV differ from plain prefill
+        self.blend_plan = None  # a chunks.BlendPlan: cached chunks to place before the normal prefill
 
     @classmethod
     def resumed(

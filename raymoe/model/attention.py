@@ -40,6 +40,16 @@ class GQAAttention:
         out = paged.attend(q, k_ctx, v_ctx, batch, self.scale, self.sliding_window)
         return self.o_proj(out.reshape(out.shape[0], -1))
 
+    def cache_entries(self, x: torch.Tensor, cos_sin) -> tuple[torch.Tensor, torch.Tensor]:
+        """What this layer caches for x [T, H] (normed hidden): keys [T, kv_heads, d] (rotated), values
+        [T, kv_heads, d]; the same numbers `__call__` writes (chunk-cache repair compares them)."""
+        qk, v = self._rotated_qk_and_v(x, cos_sin)
+        return qk[:, self.heads :], v
+
+    def rerotate_keys(self, k: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        """Cached keys [T, kv_heads, d] at positions p -> at p + delta [T]."""
+        return self.rotary.rerotate(k, delta)
+
     def _rotated_qk_and_v(self, x: torch.Tensor, cos_sin) -> tuple[torch.Tensor, torch.Tensor]:
         """Project, normalise and rotate; q and k rotate together as one [T, heads + kv_heads, d]
         tensor (fewer small ops per layer than rotating each)."""

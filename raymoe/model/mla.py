@@ -57,15 +57,25 @@ class MLAAttention:
         m, cos, sin = self.m, *cos_sin
         q = self._query(x).view(-1, self.heads, self.qk_head_dim)  # [T, heads, nope + rope]
         q_nope, q_rot = q.split([m.qk_nope_head_dim, m.qk_rope_head_dim], dim=-1)
-        latent, k_rot = self.kv_a_proj(x).split([m.kv_lora_rank, m.qk_rope_head_dim], dim=-1)
-        latent = self.kv_a_norm(latent)
         q_rot = self.rotary.apply(q_rot, cos, sin)
-        k_rot = self.rotary.apply(k_rot[:, None, :], cos, sin)  # [T, 1, rope]
-        paged.write_kv(cache, batch, torch.cat([latent[:, None, :], k_rot], dim=-1), None)
+        paged.write_kv(cache, batch, self.cache_entries(x, cos_sin)[0], None)
         ctx = paged.gather_context(cache[0], batch)[:, :, 0]  # [B, max_ctx, rank + rope]
         k, v = self._expand(ctx)
         out = paged.attend(torch.cat([q_nope, q_rot], dim=-1), k, v, batch, self.scale)
         return self.o_proj(out.reshape(out.shape[0], -1))
+
+    def cache_entries(self, x: torch.Tensor, cos_sin) -> tuple[torch.Tensor, None]:
+        """What this layer caches for x [T, H]: [T, 1, rank + rope] (normed latent, rotated key); no values."""
+        m, (cos, sin) = self.m, cos_sin
+        latent, k_rot = self.kv_a_proj(x).split([m.kv_lora_rank, m.qk_rope_head_dim], dim=-1)
+        k_rot = self.rotary.apply(k_rot[:, None, :], cos, sin)  # [T, 1, rope]
+        return torch.cat([self.kv_a_norm(latent)[:, None, :], k_rot], dim=-1), None
+
+    def rerotate_keys(self, k: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        """Cached rows [T, 1, rank + rope] at positions p -> at p + delta [T]: the latent does not
+        depend on position, the rotary key part turns."""
+        latent, k_rot = k.split([self.m.kv_lora_rank, self.m.qk_rope_head_dim], dim=-1)
+        return torch.cat([latent, self.rotary.rerotate(k_rot, delta)], dim=-1)
 
     def _expand(self, ctx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """[B, C, rank + rope] latents -> keys [B, C, heads, nope + rope], values [B, C, heads, v]."""

@@ -50,6 +50,7 @@ class AttentionBatch:
     query_index: torch.Tensor  # [B, max_q] index into the T tokens (padded: T, a zero row)
     token_index: torch.Tensor  # [T] position of each token in the flattened [B * max_q] layout
     block_size: int
+    explicit_positions: bool = False  # new tokens at given positions, not the last of each context
     _masks: dict = field(default_factory=dict)  # sliding window (None = full) -> mask
 
     @property
@@ -62,15 +63,28 @@ class AttentionBatch:
 
     @classmethod
     def build(
-        cls, query_lens: list[int], context_lens: list[int], block_tables: list[list[int]], block_size: int
+        cls,
+        query_lens: list[int],
+        context_lens: list[int],
+        block_tables: list[list[int]],
+        block_size: int,
+        positions: list[list[int]] | None = None,
     ) -> "AttentionBatch":
-        """Everything is derived from per-sequence lengths and block tables (vectorised: built every step)."""
+        """Everything is derived from per-sequence lengths and block tables (vectorised: built every step).
+
+        positions: per sequence, the increasing positions (< its context length) of its new tokens
+        when they are not its last `query_lens[b]` tokens (chunk-cache repair recomputes a chosen
+        subset); the mask is then causal by position (a query sees keys at or before its own)."""
         assert len(query_lens) == len(context_lens) == len(block_tables)
         max_q, max_ctx = max(query_lens), max(context_lens)
         max_blocks = (max_ctx + block_size - 1) // block_size
         tables = torch.tensor([t[:max_blocks] + [0] * (max_blocks - len(t[:max_blocks])) for t in block_tables])
         rows = [b for b, q in enumerate(query_lens) for _ in range(q)]  # [T] sequence of each token
-        cols = [c - q + j for q, c in zip(query_lens, context_lens) for j in range(q)]  # [T] its position
+        if positions is None:
+            cols = [c - q + j for q, c in zip(query_lens, context_lens) for j in range(q)]  # [T] its position
+        else:
+            assert [len(p) for p in positions] == list(query_lens), "one position per new token"
+            cols = [p for ps in positions for p in ps]
         rows_t, positions = torch.tensor(rows, dtype=torch.long), torch.tensor(cols, dtype=torch.long)
         firsts = torch.tensor([0] + query_lens[:-1]).cumsum(0)  # [B] flat index of each sequence's first token
         j = torch.arange(max_q)
@@ -85,6 +99,7 @@ class AttentionBatch:
             query_index=query_index,
             token_index=rows_t * max_q + within,
             block_size=block_size,
+            explicit_positions=positions is not None,
         )
 
     def mask(self, sliding_window: int | None = None) -> torch.Tensor:
@@ -99,7 +114,10 @@ class AttentionBatch:
         ctx = torch.tensor(self.context_lens)[:, None, None]
         max_q = self.query_index.shape[1]
         max_ctx = self.block_tables.shape[1] * self.block_size
-        q_pos = ctx - q_lens + torch.arange(max_q)[None, :, None]  # [B, max_q, 1]
+        if self.explicit_positions:  # padded rows get position 0 (they see key 0 only, as below)
+            q_pos = torch.cat([self.positions, self.positions.new_zeros(1)])[self.query_index][:, :, None]
+        else:
+            q_pos = ctx - q_lens + torch.arange(max_q)[None, :, None]  # [B, max_q, 1]
         k_pos = torch.arange(max_ctx)[None, None, :]  # [1, 1, max_ctx]
         mask = k_pos <= q_pos
         if sliding_window is not None:

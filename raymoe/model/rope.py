@@ -73,6 +73,17 @@ class Rotary:
         emb = torch.cat((freqs, freqs), dim=-1)
         return (emb.cos() * self.scale).to(dtype), (emb.sin() * self.scale).to(dtype)
 
+    def rerotate(self, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        """Move keys already rotated by `apply` to other positions: x [T, heads, dim] rotated at
+        positions p, delta [T] -> x rotated at p + delta. Rotations compose, R(p + d) = R(d) R(p),
+        so this rotates by the raw angles d * inv_freq: no attention scale (x carries it already)
+        and the half-split layout whatever `interleaved` (`apply` writes half-split)."""
+        freqs = delta.to(torch.float32)[:, None] * self.inv_freq[None, :]  # [T, dim / 2]
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]  # [T, 1, dim]
+        xf = x.float()
+        x1, x2 = xf[..., : x.shape[-1] // 2], xf[..., x.shape[-1] // 2 :]
+        return (xf * emb.cos() + torch.cat((-x2, x1), dim=-1) * emb.sin()).to(x.dtype)
+
     def apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         if self.interleaved:
             half = cos.shape[-1] // 2

@@ -12,6 +12,7 @@ from fastapi.responses import JSONResponse
 from starlette.requests import Request
 
 from raymoe.config import RaymoeConfig
+from raymoe.errors import ConfigError
 from raymoe.serve.openai_api import ClusterStatus, ScaleRequest
 from raymoe.serve.protocol import APIError, check_api_key
 
@@ -35,8 +36,13 @@ class AdminRoutes:
 
     async def scale(self, req: ScaleRequest) -> JSONResponse:
         self._needs_cluster("scale")
-        await self._call(self.backend.scale.remote(req.deployment, req.num_replicas))
-        return JSONResponse({"ok": True, "message": f"{req.deployment} scaled to {req.num_replicas} replicas"})
+        try:
+            await self._call(self.backend.scale.remote(req.deployment, req.num_replicas))
+        except ConfigError as e:
+            raise APIError(400, str(e), param="num_replicas") from None
+        if req.num_replicas is None:
+            return JSONResponse({"ok": True, "message": f"{req.deployment} follows its autoscaler again"})
+        return JSONResponse({"ok": True, "message": f"{req.deployment} scaling to {req.num_replicas} replicas"})
 
     def _needs_cluster(self, what: str) -> None:
         if self.config.backend != "cluster":

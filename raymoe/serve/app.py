@@ -36,7 +36,8 @@ def resolve_model(config: RaymoeConfig) -> tuple[str, str]:
     return str(path), config.serve.model_name or path.name
 
 
-def deployment_options(settings: DeploymentSettings) -> dict:
+def deployment_options(settings: DeploymentSettings, autoscaling: dict | None = None) -> dict:
+    """Serve options from a deployment's settings (`autoscaling`: a ready autoscaling_config)."""
     auto = settings.autoscaling
     actor = {"num_cpus": settings.num_cpus, "num_gpus": settings.num_gpus}
     if settings.resources:
@@ -44,7 +45,9 @@ def deployment_options(settings: DeploymentSettings) -> dict:
     return {
         "ray_actor_options": actor,
         "max_ongoing_requests": settings.max_ongoing_requests,
-        "autoscaling_config": {
+        "graceful_shutdown_timeout_s": settings.graceful_shutdown_timeout_s,
+        "health_check_period_s": settings.health_check_period_s,
+        "autoscaling_config": autoscaling or {
             "min_replicas": auto.min_replicas,
             "initial_replicas": max(auto.min_replicas, 1),
             "max_replicas": auto.max_replicas,
@@ -54,22 +57,44 @@ def deployment_options(settings: DeploymentSettings) -> dict:
 
 
 def build_app(config: RaymoeConfig):
-    from raymoe.serve.backend import EngineBackend
     from raymoe.serve.ingress import Ingress
 
     model_path, model_name = resolve_model(config)
     data = config.model_dump()
-    backend_opts = deployment_options(config.decode)
-    # the backend bounds its own queue (max_queue_len); Serve must not hold requests in front of it
-    backend_opts["max_ongoing_requests"] = max(backend_opts["max_ongoing_requests"], config.serve.max_queue_len + 8)
-    if config.backend == "cluster":  # one replica owns the cluster's front; the workers are actors
-        from raymoe.serve.cluster_backend import ClusterBackend
-
-        backend_opts["autoscaling_config"] = {"min_replicas": 1, "initial_replicas": 1, "max_replicas": 1}
-        backend = ClusterBackend.options(**backend_opts).bind(data, model_path)
-    else:
-        backend = EngineBackend.options(**backend_opts).bind(data, model_path)
+    backend = _cluster_backend(config, data, model_path) if config.backend == "cluster" else _engine_backend(
+        config, data, model_path)  # fmt: skip
     return Ingress.options(**deployment_options(config.ingress)).bind(data, model_path, model_name, backend)
+
+
+def _engine_backend(config: RaymoeConfig, data: dict, model_path: str):
+    from raymoe.serve.backend import EngineBackend
+
+    opts = deployment_options(config.decode)
+    # the backend bounds its own queue (max_queue_len); Serve must not hold requests in front of it
+    opts["max_ongoing_requests"] = max(opts["max_ongoing_requests"], config.serve.max_queue_len + 8)
+    return EngineBackend.options(**opts).bind(data, model_path)
+
+
+def _cluster_backend(config: RaymoeConfig, data: dict, model_path: str):
+    """Prefill and decode deployments, each autoscaled on its own load; a front over both.
+
+    A worker replica owns a worker actor that reserves the deployment's resources (so the replica
+    itself reserves none); the front is light: one replica, placed like the ingress."""
+    from raymoe.serve.autoscale import autoscaling_config
+    from raymoe.serve.cluster_backend import ClusterBackend
+    from raymoe.serve.workers import DecodeServer, PrefillServer
+
+    workers = {}
+    for name, cls in (("prefill", PrefillServer), ("decode", DecodeServer)):
+        settings = getattr(config, name)
+        opts = deployment_options(settings, autoscaling_config(settings.autoscaling, name))
+        opts["ray_actor_options"] = {"num_cpus": 0}
+        workers[name] = cls.options(**opts).bind(data, model_path)
+    front = deployment_options(config.ingress)
+    front["autoscaling_config"] = {"min_replicas": 1, "initial_replicas": 1, "max_replicas": 1}
+    front["max_ongoing_requests"] = max(front["max_ongoing_requests"], config.serve.max_queue_len + 8)
+    front["ray_actor_options"] = {**front["ray_actor_options"], "num_cpus": 0}  # beside the ingress
+    return ClusterBackend.options(**front).bind(data, model_path, workers["prefill"], workers["decode"])
 
 
 def app_builder(args: dict):
@@ -115,6 +140,10 @@ def stop() -> None:
 
     try:
         serve.shutdown()
+        if ray.is_initialized():
+            from raymoe.serve.cluster_setup import shutdown_cluster
+
+            shutdown_cluster()  # the detached controller, shards and KV pools of backend: cluster
     finally:
         if ray.is_initialized():
             ray.shutdown()

@@ -22,10 +22,14 @@ import logging
 from ray import serve
 
 from raymoe.config import parse_config
+from raymoe.engine.chunk_cache import LocalChunkStore
+from raymoe.engine.chunks import locate_chunks
 from raymoe.engine.llm_engine import LLMEngine, RequestOutput
 from raymoe.engine.sampling_params import SamplingParams
-from raymoe.errors import OverloadedError, RaymoeError, UnsupportedOperationError
+from raymoe.errors import InvalidRequestError, OverloadedError, RaymoeError, UnsupportedOperationError
 from raymoe.serve.engine_loop import EngineLoop
+
+CHUNK_CACHE_BYTES = 64 << 20  # chunk KV of requests with raymoe_chunks (docs/chunks.md)
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +49,8 @@ class EngineBackend:
     def __init__(self, config: dict, model_path: str):
         self.config = parse_config(config)
         self.model_path = model_path
-        self.engine = LLMEngine.from_path(model_path, self.config.engine.to_engine_config())
+        self.engine = LLMEngine.from_path(model_path, self.config.engine.to_engine_config(),
+                                          LocalChunkStore(CHUNK_CACHE_BYTES))  # fmt: skip
         self.loop = EngineLoop(self.engine, self.config.serve.max_queue_len)
 
     def info(self) -> dict:
@@ -60,9 +65,14 @@ class EngineBackend:
 
     async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams):
         try:
+            if params.chunk_reuse is not None:  # before accepting: a bad span is the client's 400
+                locate_chunks(prompt_ids, params.chunk_reuse.chunks)
             queue = self.loop.submit(request_id, prompt_ids, params)
         except OverloadedError as e:
             yield error_item("overloaded", str(e))
+            return
+        except InvalidRequestError as e:
+            yield error_item("invalid", str(e))
             return
         yield {"accepted": True}
         finished = False

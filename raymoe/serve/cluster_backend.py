@@ -1,121 +1,150 @@
-"""`backend: cluster`: the ingress's generation backend over the disaggregated `MoECluster`.
+"""`backend: cluster`: the ingress's generation backend over the prefill and decode deployments.
 
-One Serve replica owns the cluster's front (`MoECluster`: controller, expert shards, per-node KV
-pools, prefill and decode worker actors). Each request runs through `RequestRouter` in a thread
-and its deltas come back over an asyncio queue, with the same streaming contract as the engine
-backend (first item: accepted or an error; then lists of deltas; cancelling aborts the sequence).
+This deployment is the front: it admits requests (bounded), runs each through `ServeFront`
+(prefill deployment -> KV pool -> decode deployment, resumed on another replica when one is lost)
+and streams the deltas back with the same contract as the engine backend (first item: accepted or
+an error; then lists of deltas; cancelling aborts the sequence). It also answers the admin calls:
+cluster status (controller, shards, workers, scaling decisions), rebalance, and scale.
 """
 
 from __future__ import annotations
 
 import asyncio
-import threading
+from pathlib import Path
 
+import ray
 from ray import serve
 
 from raymoe.actors.handoff import WorkRequest
 from raymoe.config import parse_config
 from raymoe.engine.sampling_params import SamplingParams
-from raymoe.errors import UnsupportedOperationError
+from raymoe.errors import ConfigError
+from raymoe.model.spec import load_spec
+from raymoe.serve import autoscale
 from raymoe.serve.backend import delta_dict, error_item
+from raymoe.serve.cluster_front import ServeFront
+from raymoe.serve.cluster_setup import ensure_controller
 
-
-def cluster_config(config):
-    """raymoe.config settings -> raymoe.cluster.cluster.ClusterConfig."""
-    from raymoe.cluster.cluster import ClusterConfig
-
-    c = config.cluster
-    return ClusterConfig(
-        shards_per_node=c.shards_per_node, replicas=c.replicas, num_microbatches=c.num_microbatches,
-        engine=config.engine.to_engine_config(), kv_pool_bytes=c.kv_pool_bytes,
-        placement_policy=c.placement_policy, rebalance_interval_s=c.rebalance_interval_s,
-        namespace="raymoe-serve",
-    )  # fmt: skip
+STATUS_TIMEOUT_S = 10
 
 
 @serve.deployment(name="cluster")
 class ClusterBackend:
-    def __init__(self, config: dict, model_path: str):
-        from raymoe.cluster.cluster import MoECluster
-
+    def __init__(self, config: dict, model_path: str, prefill, decode):
         self.config = parse_config(config)
         self.model_path = model_path
-        self.cluster = MoECluster(model_path, cluster_config(self.config))
+        self.spec = load_spec(model_path)
+        self.controller = ensure_controller(self.config, model_path)
+        self.prefill, self.decode = prefill, decode
+        tokenizer = _load_tokenizer(model_path)
+        eos = tuple(self.spec.eos_token_ids) + tuple(getattr(tokenizer, "eos_token_ids", ()))
+        self.front = ServeFront(prefill, decode, tokenizer, tuple(sorted(set(eos))), self.spec.max_position_embeddings)
         self.max_pending = self.config.serve.max_queue_len
         self.active: set[str] = set()
-        self.lock = threading.Lock()
         self.num_rejected = 0
+        self.num_finished = 0
 
     def info(self) -> dict:
-        spec = self.cluster.spec
-        return {"max_model_len": spec.max_position_embeddings, "vocab_size": spec.vocab_size,
+        return {"max_model_len": self.spec.max_position_embeddings, "vocab_size": self.spec.vocab_size,
                 "model_path": self.model_path, "backend": "cluster"}  # fmt: skip
 
     async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams):
-        with self.lock:
-            if len(self.active) >= self.max_pending:
-                self.num_rejected += 1
-                yield error_item("overloaded", f"{len(self.active)} requests in flight; retry shortly")
-                return
-            self.active.add(request_id)
+        if len(self.active) >= self.max_pending:
+            self.num_rejected += 1
+            yield error_item("overloaded", f"{len(self.active)} requests in flight; retry shortly")
+            return
+        self.active.add(request_id)
         yield {"accepted": True}
-        loop, queue = asyncio.get_running_loop(), asyncio.Queue()
-        request = WorkRequest(request_id, list(prompt_ids), params)
-        thread = threading.Thread(target=self._run, args=(request, loop, queue), daemon=True)
-        thread.start()
-        finished = False
         try:
-            while not finished:
-                item = await queue.get()
-                if isinstance(item, Exception):
-                    yield error_item("invalid" if isinstance(item, ValueError) else "internal", str(item))
-                    return
-                finished = item.finished
-                yield [delta_dict(item)]
-        finally:
-            if not finished:  # the client went away: stop its sequence on the workers
-                self.cluster.router.cancel(request_id)
-            with self.lock:
-                self.active.discard(request_id)
-
-    def _run(self, request: WorkRequest, loop, queue) -> None:
-        try:
-            for delta in self.cluster.router.run([request]):
-                loop.call_soon_threadsafe(queue.put_nowait, delta)
+            async for delta in self.front.run(WorkRequest(request_id, list(prompt_ids), params)):
+                yield [delta_dict(delta)]
+            self.num_finished += 1
         except Exception as e:  # handed to the stream, which answers with an error item
-            loop.call_soon_threadsafe(queue.put_nowait, e)
+            yield error_item("invalid" if isinstance(e, ValueError) else "internal", str(e))
+        finally:
+            self.active.discard(request_id)
 
-    def stats(self) -> dict:
-        import ray
+    # ----- operations --------------------------------------------------------------------------
+    async def health(self) -> dict:
+        """Ready when the controller answers, every shard is alive, and each deployment has a live worker."""
+        status = await asyncio.wait_for(self.controller.status.remote(), STATUS_TIMEOUT_S)
+        _, shards = await asyncio.wait_for(self.controller.placement.remote(), STATUS_TIMEOUT_S)
+        await asyncio.wait_for(asyncio.gather(*[s.ping.remote() for s in shards]), STATUS_TIMEOUT_S)
+        for name, handle in (("prefill", self.prefill), ("decode", self.decode)):
+            await asyncio.wait_for(handle.check_health.remote(), STATUS_TIMEOUT_S)
+        return {"placement_epoch": status["epoch"], "shards": len(shards)}
 
-        load = ray.get(self.cluster.controller.load.remote())
+    async def stats(self) -> dict:
+        load = await self.controller.load.remote()
         return {"num_admitted": len(self.active), "num_engine_requests": len(self.active),
-                "num_rejected": self.num_rejected, "max_queue_len": self.max_pending,
+                "num_rejected": self.num_rejected, "num_finished": self.num_finished,
+                "max_queue_len": self.max_pending, "resumed_sequences": self.front.stats["resumed"],
+                "prefill_retries": self.front.stats["prefill_retries"],
                 "expert_load": [list(map(float, row)) for row in load]}  # fmt: skip
 
-    def cluster_status(self) -> dict:
-        import ray
-
-        placement, _ = ray.get(self.cluster.controller.placement.remote())
-        status = ray.get(self.cluster.controller.status.remote())
-        stats = self.cluster.stats()
-        workers = [{"kind": kind, **s} for kind in ("prefill", "decode") for s in stats[kind]]
+    async def cluster_status(self) -> dict:
+        placement, _ = await self.controller.placement.remote()
+        controller = await self.controller.status.remote()
         return {"backend": "cluster", "model": self.model_path, "placement_epoch": placement.epoch,
-                "nodes": [{"node_id": n["NodeID"], "speed": n["Resources"].get("raymoe_speed", 1.0)}
-                          for n in ray.nodes() if n["Alive"]],
-                "workers": workers, "expert_load": self.stats()["expert_load"], "controller": status,
-                "kv_pools": self.cluster.pool_stats()}  # fmt: skip
+                "nodes": _nodes(), "workers": await self._workers(), "controller": controller,
+                "expert_load": (await self.stats())["expert_load"], "deployments": _deployments(),
+                "front": {"resumed_sequences": self.front.stats["resumed"], "active": len(self.active),
+                          "prefill_retries": self.front.stats["prefill_retries"]},
+                "scaling": {d: autoscale.recent_decisions(d) for d in ("prefill", "decode")}}  # fmt: skip
 
-    def rebalance(self) -> int:
-        import ray
+    async def _workers(self) -> list[dict]:
+        """One stats entry per live replica of each deployment (sampled through the handles)."""
+        workers: dict[str, dict] = {}
+        for handle, count in ((self.prefill, _replicas("prefill")), (self.decode, _replicas("decode"))):
+            for _ in range(max(2 * count, 1)):  # the router spreads calls: sample until each is seen
+                try:
+                    s = await asyncio.wait_for(handle.worker_stats.remote(), STATUS_TIMEOUT_S)
+                except Exception:
+                    continue
+                workers[s["replica"] or s["kind"]] = s
+        return list(workers.values())
 
-        return ray.get(self.cluster.controller.rebalance.remote())
+    async def rebalance(self) -> int:
+        return await self.controller.rebalance.remote()
 
-    def scale(self, *_args, **_kwargs) -> dict:
-        raise UnsupportedOperationError("scaling workers of the cluster backend is not built yet")
+    def scale(self, deployment: str, num_replicas: int | None) -> dict:
+        """Pin a deployment's replica count (None: give it back to the autoscaler)."""
+        bounds = getattr(self.config, deployment).autoscaling
+        if num_replicas is not None and not bounds.min_replicas <= num_replicas <= bounds.max_replicas:
+            raise ConfigError(f"{deployment} may run {bounds.min_replicas}..{bounds.max_replicas} replicas "
+                              f"(config {deployment}.autoscaling); asked for {num_replicas}")  # fmt: skip
+        autoscale.set_override(deployment, num_replicas)
+        return {"deployment": deployment, "num_replicas": num_replicas}
 
-    def __del__(self):
-        cluster = getattr(self, "cluster", None)
-        if cluster is not None:
-            cluster.shutdown()
 
+def _replicas(deployment: str) -> int:
+    return _deployments().get(deployment, {}).get("running", 1)
+
+
+def _deployments() -> dict:
+    """Deployment name -> {status, running, target} from Serve's own status."""
+    try:
+        app = serve.status().applications.get("raymoe")
+    except Exception:
+        return {}
+    if app is None:
+        return {}
+    out = {}
+    for name, d in app.deployments.items():
+        counts = d.replica_states or {}
+        out[name] = {"status": str(d.status.value if hasattr(d.status, "value") else d.status),
+                     "running": int(counts.get("RUNNING", 0)), "replica_states": dict(counts)}  # fmt: skip
+    return out
+
+
+def _nodes() -> list[dict]:
+    return [{"node_id": n["NodeID"], "address": n["NodeManagerAddress"], "speed": n["Resources"].get("raymoe_speed", 1.0)}
+            for n in ray.nodes() if n["Alive"]]  # fmt: skip
+
+
+def _load_tokenizer(path: str):
+    from raymoe.model.tokenizer import Tokenizer
+
+    if not (Path(path) / "tokenizer.json").is_file():
+        return None
+    return Tokenizer.from_dir(path)

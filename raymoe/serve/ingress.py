@@ -160,7 +160,9 @@ class Ingress:
     @app.get("/health")
     async def health(self) -> JSONResponse:
         try:
-            await asyncio.wait_for(self._backend_info(), timeout=10)
+            info = await asyncio.wait_for(self._backend_info(), timeout=10)
+            if info["backend"] == "cluster":  # controller, shards and both worker deployments
+                await asyncio.wait_for(self.backend.health.remote(), timeout=30)
             stats = await asyncio.wait_for(self.backend.stats.remote(), timeout=10)
         except Exception as e:
             return APIError(503, f"not ready: {type(e).__name__}: {e}", "server_unavailable").response()

@@ -31,6 +31,10 @@ class _SamplingFields(BaseModel):
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
     n: StrictInt = Field(1, ge=1, le=1, description="raymoe returns one choice per request")
+    # raymoe extension, chunk-cache reuse (docs/chunks.md): token-id spans of the prompt (documents)
+    # whose KV is reused wherever they sit; a share of their tokens is recomputed ("adaptive": chosen).
+    raymoe_chunks: list[list[StrictInt]] | None = None
+    raymoe_chunk_share: Number | Literal["adaptive"] | None = None
 
 
 class CompletionRequest(_SamplingFields):
@@ -153,7 +157,7 @@ class ClusterStatus(BaseModel):
 
 class ScaleRequest(BaseModel):
     deployment: Literal["prefill", "decode"]
-    num_replicas: StrictInt = Field(ge=0)
+    num_replicas: StrictInt | None = Field(ge=0)  # None: hand the count back to the autoscaler
 
 
 class AdminResult(BaseModel):

@@ -13,8 +13,9 @@ from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
+from raymoe.engine.chunks import DEFAULT_SHARE, ChunkReuse
 from raymoe.engine.sampling_params import SamplingParams
-from raymoe.errors import InvalidSamplingParams
+from raymoe.errors import InvalidRequestError, InvalidSamplingParams
 
 
 class APIError(Exception):
@@ -95,9 +96,25 @@ def sampling_params(req, num_prompt_tokens: int, max_model_len: int, default_max
                        param=param, code="context_length_exceeded")  # fmt: skip
     try:
         return SamplingParams(temperature=float(req.temperature), top_p=float(req.top_p), seed=req.seed,
-                              max_tokens=max_tokens, stop=req.stop or ())  # fmt: skip
+                              max_tokens=max_tokens, stop=req.stop or (), chunk_reuse=chunk_reuse(req))  # fmt: skip
     except InvalidSamplingParams as e:
         raise APIError(400, str(e), param=str(e).split(" ", 1)[0], code="invalid_value") from None
+
+
+def chunk_reuse(req) -> ChunkReuse | None:
+    """The raymoe_chunks / raymoe_chunk_share extension fields as a ChunkReuse (None: not asked)."""
+    chunks, share = getattr(req, "raymoe_chunks", None), getattr(req, "raymoe_chunk_share", None)
+    if chunks is None:
+        if share is not None:
+            raise APIError(400, "raymoe_chunk_share needs raymoe_chunks: the prompt's reusable token spans",
+                           param="raymoe_chunk_share", code="invalid_value")  # fmt: skip
+        return None
+    share = DEFAULT_SHARE if share is None else None if share == "adaptive" else share
+    try:
+        return ChunkReuse(chunks, share)
+    except InvalidRequestError as e:
+        param = "raymoe_chunk_share" if "share" in str(e) else "raymoe_chunks"
+        raise APIError(400, str(e), param=param, code="invalid_value") from None
 
 
 def _is_type_tag(loc_part) -> bool:

@@ -1,5 +1,11 @@
 """`backend: cluster`: the same HTTP API served by the disaggregated cluster (controller, expert
-shards, KV pool, prefill and decode worker actors) gives the one-process engine's greedy text."""
+shards, KV pool, and prefill and decode as separate Serve deployments) gives the one-process
+engine's greedy text, while decode replicas scale with the load and workers crash."""
+
+import os
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
@@ -9,8 +15,18 @@ from raymoe.engine.llm import LLM
 from raymoe.engine.sampling_params import SamplingParams
 from serve_harness import API_KEY, CONFIG, MODEL, start_server, stop_server
 
-CLUSTER_CONFIG = {**CONFIG, "backend": "cluster", "cluster": {"replicas": 1, "kv_pool_bytes": 16 << 20}}
+FAST_SCALING = {"upscale_delay_s": 0, "downscale_delay_s": 3, "metrics_interval_s": 0.5, "look_back_period_s": 2}
+CLUSTER_CONFIG = {
+    **CONFIG,
+    "backend": "cluster",
+    "cluster": {"replicas": 1, "kv_pool_bytes": 16 << 20},
+    "prefill": {"num_cpus": 0, "autoscaling": {"min_replicas": 1, "max_replicas": 1}},
+    "decode": {"num_cpus": 0, "health_check_period_s": 2, "graceful_shutdown_timeout_s": 2,
+               "autoscaling": {"min_replicas": 1, "max_replicas": 2, "target_running_sequences": 2, **FAST_SCALING}},
+}  # fmt: skip
 PROMPTS = ["The quick brown fox", "Once upon a time", "def main():"]
+HEADERS = {"Authorization": f"Bearer {API_KEY}"}
+SCALE_TIMEOUT_S = 120
 
 
 @pytest.fixture(scope="module")
@@ -18,6 +34,36 @@ def server(tmp_path_factory):
     s = start_server(tmp_path_factory.mktemp("cluster-serve"), CLUSTER_CONFIG)
     yield s
     assert stop_server(s) == 0, s.log()
+
+
+@pytest.fixture(scope="module")
+def expected():
+    """prompt -> the one-process engine's greedy text for 40 tokens."""
+    outs = LLM().generate(PROMPTS, SamplingParams(max_tokens=40, temperature=0))
+    return {p: o.text for p, o in zip(PROMPTS, outs)}
+
+
+def status(server) -> dict:
+    return httpx.get(f"{server.base_url}/admin/cluster", headers=HEADERS, timeout=60).json()
+
+
+def decode_replicas(server) -> int:
+    return status(server)["deployments"]["decode"]["running"]
+
+
+def streamed_text(server, prompt: str, max_tokens: int = 40) -> str:
+    client = OpenAI(base_url=f"{server.base_url}/v1", api_key=API_KEY, max_retries=0, timeout=300)
+    stream = client.completions.create(model=MODEL, prompt=prompt, max_tokens=max_tokens, temperature=0, stream=True)
+    return "".join(c.choices[0].text for c in stream if c.choices)
+
+
+def wait_for(predicate, timeout_s: float, what: str):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(1)
+    raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
 
 
 def test_completions_equal_the_one_process_engine(server):
@@ -36,10 +82,68 @@ def test_streaming_and_admin_report_the_cluster(server):
                                             max_tokens=8, temperature=0, stream=True)  # fmt: skip
     chunks = list(stream)
     assert chunks[-1].choices[0].finish_reason == "length"
-    headers = {"Authorization": f"Bearer {API_KEY}"}
-    status = httpx.get(f"{server.base_url}/admin/cluster", headers=headers, timeout=60).json()
-    assert status["backend"] == "cluster"
-    assert {w["kind"] for w in status["workers"]} == {"prefill", "decode"}
-    epoch = status["placement_epoch"]
-    r = httpx.post(f"{server.base_url}/admin/rebalance", headers=headers, timeout=120)
+    s = status(server)
+    assert s["backend"] == "cluster"
+    assert {w["kind"] for w in s["workers"]} == {"prefill", "decode"}
+    assert {"prefill", "decode", "cluster", "ingress"} <= set(s["deployments"])
+    assert all(n["address"] == "127.0.0.1" for n in s["nodes"])
+    epoch = s["placement_epoch"]
+    r = httpx.post(f"{server.base_url}/admin/rebalance", headers=HEADERS, timeout=120)
     assert r.status_code == 200 and r.json()["placement_epoch"] > epoch
+
+
+def test_decode_worker_crash_mid_stream_resumes_exactly(server):
+    prompt, max_tokens = PROMPTS[1], 200  # long enough to be mid-stream when the worker dies
+    expected = LLM().generate([prompt], SamplingParams(max_tokens=max_tokens, temperature=0))[0].text
+    with ThreadPoolExecutor(1) as pool:
+        future = pool.submit(streamed_text, server, prompt, max_tokens)
+        wait_for(lambda: any(w["kind"] == "decode" and w["running"] for w in status(server)["workers"]), 60,
+                 "the sequence to reach a decode worker")  # fmt: skip
+        for w in status(server)["workers"]:
+            if w["kind"] == "decode":
+                os.kill(w["pid"], signal.SIGKILL)  # the worker process dies mid-stream
+        assert future.result(timeout=300) == expected
+    s = status(server)
+    assert s["front"]["resumed_sequences"] >= 1
+    assert any(w["kind"] == "decode" and w["worker_restarts"] >= 1 for w in s["workers"])
+
+
+def test_operator_scale_is_bounded_and_recorded(server):
+    r = httpx.post(f"{server.base_url}/admin/scale", headers=HEADERS, json={"deployment": "prefill", "num_replicas": 3})
+    assert r.status_code == 400 and "1..1" in r.json()["error"]["message"]
+    r = httpx.post(f"{server.base_url}/admin/scale", headers=HEADERS, json={"deployment": "decode", "num_replicas": 2})
+    assert r.status_code == 200, r.text
+    wait_for(lambda: decode_replicas(server) == 2, SCALE_TIMEOUT_S, "two decode replicas")
+    assert any("operator" in d["reason"] and d["to"] == 2 for d in status(server)["scaling"]["decode"])
+    r = httpx.post(f"{server.base_url}/admin/scale", headers=HEADERS, json={"deployment": "decode", "num_replicas": None})
+    assert r.status_code == 200
+    wait_for(lambda: decode_replicas(server) == 1, SCALE_TIMEOUT_S, "the idle decode deployment to scale down")
+
+
+def test_decode_scales_up_under_load_and_back_down(server, expected):
+    """Running sequences over the target add a decode replica; every stream stays exact."""
+    results = []
+    with ThreadPoolExecutor(6) as pool:
+        deadline = time.monotonic() + SCALE_TIMEOUT_S
+        while decode_replicas(server) < 2 and time.monotonic() < deadline:
+            batch = [pool.submit(streamed_text, server, p) for p in PROMPTS * 2]
+            results += [(p, f.result(timeout=300)) for p, f in zip(PROMPTS * 2, batch)]
+    assert decode_replicas(server) == 2
+    assert all(text == expected[p] for p, text in results)
+    up = [d for d in status(server)["scaling"]["decode"] if d["to"] == 2 and "operator" not in d["reason"]]
+    assert up and up[-1]["reason"].startswith(("running_sequences", "kv_block_fraction"))
+    wait_for(lambda: decode_replicas(server) == 1, SCALE_TIMEOUT_S, "decode to scale down after the load")
+    assert status(server)["scaling"]["decode"][-1]["to"] == 1
+
+
+def test_raymoe_status_shows_workers_and_scaling(server):
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "raymoe", "status", "--url", server.base_url, "--api-key", API_KEY]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "placement epoch" in out.stdout and "expert shards" in out.stdout
+    assert "decode" in out.stdout and "recent scaling decisions" in out.stdout
+    denied = subprocess.run(cmd[:-2], capture_output=True, text=True, timeout=120)  # no API key
+    assert denied.returncode == 2 and "API key" in denied.stderr

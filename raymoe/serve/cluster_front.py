@@ -1,0 +1,88 @@
+"""The request path of `backend: cluster` over Serve handles: prefill, hand over, decode, stream.
+
+`ServeFront.run(request)` asks the prefill deployment for the first token (its KV lands in the
+prefill node's pool), then streams the rest from the decode deployment, turning tokens into text
+with stop strings applied (`Tracked`, shared with the actor-based front). A decode stream that
+breaks (its replica died, or was stopped by a scale-down before the sequence ended) is resumed on
+another replica from the tokens already delivered, its prompt KV fetched from the pool: the
+caller never sees a token twice or misses one. A lost prefill is retried the same way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+
+import ray
+
+from raymoe.actors.handoff import Handoff, WorkRequest
+from raymoe.cluster.front import Tracked
+from raymoe.engine.llm_engine import RequestOutput
+from raymoe.errors import RaymoeError
+from raymoe.serve.workers import WorkerLostError
+
+logger = logging.getLogger(__name__)
+LOST = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError, WorkerLostError)
+MAX_ATTEMPTS = 60  # per request, for prefill and for decode resumes each
+RETRY_WAIT_S = 1.0  # Serve or the replica needs a moment to replace a dead worker
+
+
+class RequestLostError(RaymoeError):
+    """A request kept failing over; no healthy replica finished it."""
+
+
+class ServeFront:
+    def __init__(self, prefill, decode, tokenizer, eos_token_ids, max_model_len: int):
+        self.prefill, self.decode = prefill, decode
+        self.tokenizer, self.eos_token_ids, self.max_model_len = tokenizer, eos_token_ids, max_model_len
+        self.stats = {"resumed": 0, "prefill_retries": 0}
+
+    async def run(self, request: WorkRequest) -> AsyncIterator[RequestOutput]:
+        """Yield the request's deltas (text with stop strings applied) until it finishes."""
+        tracked = Tracked(request, self.tokenizer, self.eos_token_ids, self.max_model_len)
+        handoff = await self._prefill(request)
+        request.kv_node_id = handoff.kv_node_id
+        out = tracked.accept([handoff.first_token])
+        out.finished = out.finished or handoff.finish_reason is not None
+        out.finish_reason = out.finish_reason or handoff.finish_reason
+        tracked.finished = out.finished
+        yield out
+        for attempt in range(MAX_ATTEMPTS):
+            if tracked.finished:
+                return
+            if attempt:
+                self.stats["resumed"] += 1
+                await asyncio.sleep(RETRY_WAIT_S)
+            try:
+                async for delta in self._decode(tracked):
+                    yield delta
+            except LOST as e:
+                logger.warning("decode of %s broke (%s); resuming elsewhere", request.request_id, e)
+        if not tracked.finished:
+            raise RequestLostError(f"{request.request_id}: decode failed over {MAX_ATTEMPTS} times")
+
+    async def _prefill(self, request: WorkRequest) -> Handoff:
+        for attempt in range(MAX_ATTEMPTS):
+            try:
+                return await self.prefill.prefill.remote(request)
+            except LOST as e:
+                logger.warning("prefill of %s broke (%s); retrying", request.request_id, e)
+                self.stats["prefill_retries"] += 1
+                await asyncio.sleep(RETRY_WAIT_S)
+        raise RequestLostError(f"{request.request_id}: prefill failed {MAX_ATTEMPTS} times")
+
+    async def _decode(self, tracked: Tracked) -> AsyncIterator[RequestOutput]:
+        """One decode stream from where the request stands; stops it on a stop string."""
+        stream = self.decode.options(stream=True).decode.remote(tracked.resume_request())
+        try:
+            async for delta in stream:
+                out = tracked.accept(delta.token_ids)
+                if delta.finished and not out.finished:  # the worker's limits (e.g. context) ended it
+                    out.finished, out.finish_reason, tracked.finished = True, delta.finish_reason, True
+                if out.token_ids or out.finished:
+                    yield out
+                if tracked.finished:
+                    return
+        finally:
+            stream.cancel()  # a no-op when it ended; else the replica aborts it (stop string, caller gone)

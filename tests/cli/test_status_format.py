@@ -1,0 +1,29 @@
+"""`raymoe status` text from an /admin/cluster document."""
+
+from raymoe.client.status import format_status
+
+DOC = {
+    "backend": "cluster", "model": "/m", "placement_epoch": 3,
+    "nodes": [{"node_id": "aaaaaaaaaaaaaaaa", "address": "127.0.0.1", "speed": 2.0}],
+    "deployments": {"decode": {"status": "HEALTHY", "running": 2}},
+    "workers": [{"kind": "decode", "node_id": "aaaaaaaaaaaaaaaa", "running": 5}],
+    "controller": {"shards": [{"name": "shard-0", "node_id": "aaaaaaaaaaaaaaaa", "num_physical": 64, "speed": 2.0}],
+                   "events": [{"time": 90.0, "kind": "node_joined", "node_id": "bbbb"}]},
+    "scaling": {"decode": [{"time": 95.0, "deployment": "decode", "from": 1, "to": 2,
+                            "reason": "running_sequences 9 over 1 replica(s), target 4 per replica -> 3"}]},
+}  # fmt: skip
+
+
+def test_every_section_is_shown_with_its_reason():
+    text = format_status(DOC, now=100.0)
+    assert "placement epoch: 3" in text
+    assert "aaaaaaaaaaaa  127.0.0.1  speed 2" in text
+    assert "decode   HEALTHY  running 2" in text
+    assert "shard-0" in text and "experts 64" in text
+    assert "5s ago  decode: 1 -> 2  (running_sequences 9" in text
+    assert "10s ago  node_joined  node_id=bbbb" in text
+
+
+def test_engine_backend_document_has_no_cluster_sections():
+    text = format_status({"backend": "engine", "model": "/m", "nodes": [], "workers": []}, now=0.0)
+    assert "expert shards" not in text and "scaling" not in text

@@ -1,0 +1,54 @@
+"""The chunk-cache extension of the OpenAI API (`raymoe_chunks`, `raymoe_chunk_share`): validated into
+the request's ChunkReuse, bad values answered 400 naming the field; through a running server and the
+raymoe SDK, a 100% recompute share returns the plain completion."""
+
+import pytest
+from serve_harness import API_KEY, MODEL
+
+from raymoe.client import Client
+from raymoe.client.errors import BadRequestError
+from raymoe.engine.chunks import DEFAULT_SHARE
+from raymoe.serve.openai_api import CompletionRequest
+from raymoe.serve.protocol import APIError, sampling_params
+
+
+def params_of(**fields):
+    req = CompletionRequest.model_validate({"model": MODEL, "prompt": [1, 2, 3, 4], **fields})
+    return sampling_params(req, 4, 512, 16)
+
+
+def test_extension_fields_become_the_chunk_reuse():
+    assert params_of().chunk_reuse is None  # off by default
+    assert params_of(raymoe_chunks=[[2, 3]]).chunk_reuse.recompute_share == DEFAULT_SHARE
+    reuse = params_of(raymoe_chunks=[[2, 3], [4]], raymoe_chunk_share=0.3).chunk_reuse
+    assert reuse.chunks == ((2, 3), (4,)) and reuse.recompute_share == 0.3
+    assert params_of(raymoe_chunks=[[2]], raymoe_chunk_share="adaptive").chunk_reuse.recompute_share is None
+
+
+@pytest.mark.parametrize(
+    ("fields", "param"),
+    [
+        ({"raymoe_chunks": [[2]], "raymoe_chunk_share": 1.5}, "raymoe_chunk_share"),
+        ({"raymoe_chunks": [[]]}, "raymoe_chunks"),
+        ({"raymoe_chunks": [[-1]]}, "raymoe_chunks"),
+        ({"raymoe_chunk_share": 0.2}, "raymoe_chunk_share"),
+    ],
+)
+def test_bad_extension_values_are_400(fields, param):
+    with pytest.raises(APIError) as e:
+        params_of(**fields)
+    assert e.value.status == 400 and e.value.param == param
+
+
+@pytest.mark.timeout(300)
+def test_sdk_chunks_through_the_server(server):
+    doc = [(7 * i + 3) % 200 + 10 for i in range(40)]
+    prompt = [11, 12] + doc + [13, 14, 15]
+    with Client(server.base_url, api_key=API_KEY, timeout=120, max_retries=0) as client:
+        plain = client.complete(prompt, model=MODEL, max_tokens=8, temperature=0)
+        full = client.complete(prompt, model=MODEL, max_tokens=8, temperature=0, chunks=[doc], chunk_share=1.0)
+        assert full.choices[0].text == plain.choices[0].text
+        reused = client.complete(prompt, model=MODEL, max_tokens=8, temperature=0, chunks=[doc], chunk_share=0.1)
+        assert reused.usage.completion_tokens == 8
+        with pytest.raises(BadRequestError, match="not a sub-span"):
+            client.complete(prompt, model=MODEL, max_tokens=4, chunks=[[1, 2, 3]])
