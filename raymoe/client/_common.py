@@ -21,12 +21,16 @@ def sampling_body(model: str, max_tokens, temperature, top_p, seed, stop, stream
     return {**body, **extra}
 
 
-def chunk_fields(chunks, share) -> dict:
+def chunk_fields(chunks, share, documents=None) -> dict:
     """The raymoe chunk-cache extension fields: `chunks`, token-id spans of the prompt whose KV the
-    server may reuse at any position; `share` of their tokens recomputed (float, "adaptive", None)."""
-    if chunks is None:
-        return {} if share is None else {"raymoe_chunk_share": share}
-    return {"raymoe_chunks": [list(c) for c in chunks], **({} if share is None else {"raymoe_chunk_share": share})}
+    server may reuse at any position, or `documents`, texts placed before the prompt and reused the
+    same way; `share` of their tokens recomputed (float, "adaptive", None: the server's default)."""
+    fields = {} if share is None else {"raymoe_chunk_share": share}
+    if chunks is not None:
+        fields["raymoe_chunks"] = [list(c) for c in chunks]
+    if documents is not None:
+        fields["raymoe_documents"] = list(documents)
+    return fields
 
 
 def is_retryable(error: Exception, method: str) -> bool:

@@ -43,16 +43,18 @@ class Client:
     def complete(self, prompt: str | list[int], model: str | None = None, max_tokens: int | None = None,
                  temperature: float | None = None, top_p: float | None = None, seed: int | None = None,
                  stop: str | list[str] | None = None, chunks: list[list[int]] | None = None,
-                 chunk_share: float | str | None = None, **extra) -> Completion:  # fmt: skip
-        fields = {"prompt": prompt, **common.chunk_fields(chunks, chunk_share), **extra}
+                 chunk_share: float | str | None = None, documents: list[str] | None = None,
+                 **extra) -> Completion:  # fmt: skip
+        fields = {"prompt": prompt, **common.chunk_fields(chunks, chunk_share, documents), **extra}
         body = self._body(model, max_tokens, temperature, top_p, seed, stop, False, fields)
         return Completion.model_validate(self._request("POST", "/v1/completions", body))
 
     def complete_stream(self, prompt: str | list[int], model: str | None = None, max_tokens: int | None = None,
                         temperature: float | None = None, top_p: float | None = None, seed: int | None = None,
                         stop: str | list[str] | None = None, chunks: list[list[int]] | None = None,
-                 chunk_share: float | str | None = None, **extra) -> Iterator[Completion]:  # fmt: skip
-        fields = {"prompt": prompt, **common.chunk_fields(chunks, chunk_share), **extra}
+                 chunk_share: float | str | None = None, documents: list[str] | None = None,
+                 **extra) -> Iterator[Completion]:  # fmt: skip
+        fields = {"prompt": prompt, **common.chunk_fields(chunks, chunk_share, documents), **extra}
         body = self._body(model, max_tokens, temperature, top_p, seed, stop, True, fields)
         for payload in self._stream("/v1/completions", body):
             yield Completion.model_validate(payload)

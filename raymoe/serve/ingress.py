@@ -16,8 +16,11 @@ from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from raymoe.config import parse_config
+from raymoe.engine.chunks import build_prompt, locate_chunks
+from raymoe.errors import InvalidRequestError
 from raymoe.model.tokenizer import ChatTemplateError, Tokenizer
 from raymoe.serve.admin import AdminRoutes
+from raymoe.serve.documents import chat_documents, completion_parts, split_rendered
 from raymoe.serve.generation import Generation
 from raymoe.serve.metrics import ServeMetrics
 from raymoe.serve.openai_api import (
@@ -80,15 +83,36 @@ class Ingress:
             if len(prompt) != 1:
                 raise APIError(400, f"send one prompt per request (got a list of {len(prompt)})", param="prompt")
             prompt = prompt[0]
-        prompt_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        if req.raymoe_documents:
+            if not isinstance(prompt, str):
+                raise APIError(400, "raymoe_documents needs the prompt as text", param="raymoe_documents")
+            prompt_ids = self._with_documents(req, completion_parts(prompt, req.raymoe_documents), True)
+        else:
+            prompt_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         return await self._generate(req, prompt_ids, chat=False, echo=prompt if req.echo else "")
+
+    def _with_documents(self, req, parts: list, special: bool) -> list[int]:
+        """Prompt ids from parts (each tokenized alone); the documents become req.raymoe_chunks."""
+        if req.raymoe_chunks is not None:
+            raise APIError(400, "send documents or raymoe_chunks, not both", param="raymoe_chunks")
+        encode = lambda text, add: self.tokenizer.encode(text, add_special_tokens=add and special)  # noqa: E731
+        try:
+            ids, reuse = build_prompt(encode, parts)
+        except InvalidRequestError as e:
+            raise APIError(400, str(e), param="raymoe_documents") from None
+        if reuse is not None:
+            req.raymoe_chunks = [list(c) for c in reuse.chunks]
+        return ids
 
     async def _chat(self, request: Request):
         req = await self._parse(request, ChatCompletionRequest)
-        messages = [m.model_dump(exclude_none=True) for m in req.messages]
         try:
+            messages, documents = chat_documents([m.model_dump(exclude_none=True) for m in req.messages])
             text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-        except ChatTemplateError as e:
+            if documents:
+                return await self._generate(req, self._with_documents(req, split_rendered(text, documents), False),
+                                            chat=True)  # fmt: skip
+        except (ChatTemplateError, InvalidRequestError) as e:
             raise APIError(400, str(e), param="messages") from None
         return await self._generate(req, self.tokenizer.encode(text, add_special_tokens=False), chat=True)
 
@@ -109,6 +133,11 @@ class Ingress:
         if any(not 0 <= t < vocab for t in prompt_ids):
             raise APIError(400, f"prompt token ids must be in [0, {vocab})", param="prompt")
         params = sampling_params(req, len(prompt_ids), info["max_model_len"], self.config.serve.default_max_tokens)
+        if params.chunk_reuse is not None:  # every backend: a span not in the prompt is the client's 400
+            try:
+                locate_chunks(prompt_ids, params.chunk_reuse.chunks)
+            except InvalidRequestError as e:
+                raise APIError(400, str(e), param="raymoe_chunks") from None
         request_id = new_id("chatcmpl" if chat else "cmpl")
         stream = await self._admit(request_id, prompt_ids, params)
         self.metrics.prompt_tokens.inc(len(prompt_ids))

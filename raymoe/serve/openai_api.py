@@ -40,6 +40,8 @@ class _SamplingFields(BaseModel):
 class CompletionRequest(_SamplingFields):
     prompt: StrictStr | list[StrictInt] | list[StrictStr]
     echo: StrictBool = False
+    # raymoe extension: documents placed before the prompt, each a reusable chunk (docs/chunks.md)
+    raymoe_documents: list[StrictStr] | None = None
 
 
 class ChatMessage(BaseModel):

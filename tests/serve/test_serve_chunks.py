@@ -52,3 +52,37 @@ def test_sdk_chunks_through_the_server(server):
         assert reused.usage.completion_tokens == 8
         with pytest.raises(BadRequestError, match="not a sub-span"):
             client.complete(prompt, model=MODEL, max_tokens=4, chunks=[[1, 2, 3]])
+
+
+@pytest.mark.timeout(300)
+def test_documents_as_text_through_the_server(server):
+    """raymoe_documents: each document tokenized alone before the prompt; a 100% share equals the
+    plain completion of those same token ids, and chat document parts are accepted the same way."""
+    from raymoe.engine.chunks import Chunk, build_prompt
+    from raymoe.model.builtin import builtin_model_path
+    from raymoe.model.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_dir(builtin_model_path())
+    docs = ["Ray schedules tasks and actors across a cluster of machines.", "Experts are feed-forward layers."]
+    ids, reuse = build_prompt(lambda t, add: tok.encode(t, add_special_tokens=add), [Chunk(d) for d in docs] + [" Q:"])
+    assert reuse is not None and len(reuse.chunks) == 2
+    with Client(server.base_url, api_key=API_KEY, timeout=120, max_retries=0) as client:
+        plain = client.complete(ids, model=MODEL, max_tokens=8, temperature=0)
+        full = client.complete(" Q:", model=MODEL, max_tokens=8, temperature=0, documents=docs, chunk_share=1.0)
+        assert full.choices[0].text == plain.choices[0].text
+        assert full.usage.prompt_tokens == len(ids)
+        parts = [{"type": "text", "text": docs[0], "raymoe_document": True}, {"type": "text", "text": "Summarize."}]
+        chat = client.chat([{"role": "user", "content": parts}], model=MODEL, max_tokens=4, temperature=0)
+        assert chat.usage.completion_tokens == 4
+        with pytest.raises(BadRequestError, match="needs the prompt as text"):
+            client.complete([1, 2], model=MODEL, max_tokens=4, documents=docs)
+
+
+def test_rendered_chat_is_cut_at_each_document():
+    from raymoe.engine.chunks import Chunk
+    from raymoe.serve.documents import chat_documents, split_rendered
+
+    parts = [{"type": "text", "text": "DOC A", "raymoe_document": True}, {"type": "text", "text": "question"}]
+    flat, docs = chat_documents([{"role": "system", "content": "be brief"}, {"role": "user", "content": parts}])
+    assert docs == ["DOC A"] and flat[1]["content"] == "DOC A\n\nquestion" and flat[0]["content"] == "be brief"
+    assert split_rendered("<u>DOC A\n\nquestion</u>", docs) == ["<u>", Chunk("DOC A"), "\n\nquestion</u>"]
