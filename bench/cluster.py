@@ -24,14 +24,14 @@ from pathlib import Path
 
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # loopback only, before Ray starts
 
-import ray  # noqa: E402
-import torch  # noqa: E402
+import ray
+import torch
 
-from raymoe.cluster.cluster import ClusterConfig, MoECluster  # noqa: E402
-from raymoe.engine.llm_engine import EngineConfig, LLMEngine  # noqa: E402
-from raymoe.engine.sampling_params import SamplingParams  # noqa: E402
-from raymoe.model.builtin import builtin_model_path  # noqa: E402
-from raymoe.model.model import load_model  # noqa: E402
+from raymoe.cluster.cluster import ClusterConfig, MoECluster
+from raymoe.engine.llm_engine import EngineConfig, LLMEngine
+from raymoe.engine.sampling_params import SamplingParams
+from raymoe.model.builtin import builtin_model_path
+from raymoe.model.model import load_model
 
 ENGINE = EngineConfig(max_num_seqs=32, max_num_batched_tokens=512)
 

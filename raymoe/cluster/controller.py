@@ -7,10 +7,13 @@ with `get_or_create_controller`). Applying a placement is two-phase, so no step 
       which switches at its next step; their answers are the acks;
   (c) replicas no longer placed are freed (workers that acked route no rows to them; a straggler's
       stale slice is refused with ExpertNotHeldError and re-routed by the worker).
+Nodes joining and leaving (`NodeSync`, node_sync.py) change the set of shards the same way.
+Every placement change is recorded in `events` (kind, node, reason, epoch), shown by `status()`.
 """
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 from collections import deque
@@ -21,16 +24,21 @@ import torch
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from raymoe.actors.expert_shard import ExpertShard
+from raymoe.cluster.membership import serving_topology
+from raymoe.cluster.node_sync import NodeSync
 from raymoe.cluster.placement import Placement, contiguous_placement, speed_weighted_placement
 from raymoe.cluster.topology import Topology
 from raymoe.errors import ConfigError
 from raymoe.model.spec import load_spec
 
 CONTROLLER_NAME = "raymoe-controller"
+HEAD_RESOURCE = "node:__internal_head__"  # Ray gives it to the head node only
 CALL_TIMEOUT_S = 120.0
+EVENTS_KEPT = 200  # the most recent placement changes `status()` shows
+DEFAULT_NODE_WATCH_S = 2.0  # how often the controller reads Ray's node table
 
 
-class Controller:
+class Controller(NodeSync):
     """Expert shards (`shards_per_node` on every live node) and the placement they carry out."""
 
     def __init__(
@@ -53,10 +61,16 @@ class Controller:
         self.extra_replicas, self.load_window_s = extra_replicas, load_window_s
         self.policy = _checked_policy(policy)
         self.rebalances: list[dict] = []  # when and why the placement changed
-        self.topology = Topology.from_ray()
+        self.events: deque = deque(maxlen=EVENTS_KEPT)  # node and placement changes, with reasons
+        self.shards_per_node = shards_per_node
+        self._drained: set[str] = set()  # nodes the operator asked to drain
+        self._membership = threading.Lock()  # one node sync at a time
+        self.topology = serving_topology(ray.nodes())  # the serving nodes, refreshed on every change
+        self._members = self.topology  # the nodes placement last accounted for (NodeSync's baseline)
         nodes = shard_nodes(self.topology, shards_per_node, num_shards)
+        self._names = itertools.count(len(nodes))  # numbers of shards started later
         self._state = threading.Lock()  # guards placement, handles, held, workers, load
-        self._applying = threading.Lock()  # one apply at a time
+        self._applying = threading.RLock()  # one placement change at a time (plan and apply under it)
         self._target: Placement | None = None  # the placement being applied, while it is
         self._placement = contiguous_placement(
             self.spec.moe_layer_ids,
@@ -77,18 +91,30 @@ class Controller:
             return self._placement, list(self._handles)
 
     def shard_speeds(self) -> list[float]:
-        return [self.topology.speed(n) if self.topology.is_alive(n) else 1.0 for n in self._placement.shard_nodes]
+        return [self._speed(n) for n in self._placement.shard_nodes]
+
+    def _speed(self, node_id: str) -> float:
+        return self.topology.speed(node_id) if self.topology.is_alive(node_id) else 1.0
 
     def status(self) -> dict:
         p, _ = self.placement()
         return {
             "epoch": p.epoch,
             "shards": [
-                {"name": name, "node_id": node, "num_physical": p.num_physical(s), "speed": self.shard_speeds()[s]}
+                {"name": name, "node_id": node, "num_physical": p.num_physical(s), "speed": self._speed(node)}
                 for s, (name, node) in enumerate(zip(p.shard_names, p.shard_nodes))
             ],
+            "nodes": [{"node_id": n.node_id, "address": n.address, "speed": n.speed} for n in self.topology.nodes],
+            "drained": sorted(self._drained),
             "workers": sorted(self._workers),
+            "events": list(self.events),  # recent scaling and placement decisions, oldest first
         }
+
+    def _event(self, kind: str, node_id: str | None, reason: str, epoch: int, **extra) -> dict:
+        """Record a decision: kind is node_joined, node_left, rebalance or shard_recreated."""
+        event = {"time": time.time(), "kind": kind, "node_id": node_id, "reason": reason, "epoch": epoch, **extra}
+        self.events.append(event)
+        return event
 
     def register_worker(self, worker_id: str, handle) -> Placement:
         """A worker that wants placement updates (`handle.set_placement.remote(placement, handles)`)."""
@@ -122,26 +148,33 @@ class Controller:
         return total
 
     # --- placement changes -------------------------------------------------------------------------
-    def rebalance(self, extra_replicas: int | None = None, policy: str | None = None) -> int:
+    def rebalance(self, extra_replicas: int | None = None, policy: str | None = None, reason: str = "requested") -> int:
         """A new placement from the windowed load, applied; returns its epoch.
 
         policy: a `raymoe.policies.registry.PolicyName` (the controller's own by default); None
         and no default: the built-in speed-weighted greedy (hot experts replicated, fast shards fuller)."""
-        extra = self.extra_replicas if extra_replicas is None else extra_replicas
-        current, _ = self.placement()
         policy = policy or self.policy
+        with self._applying:  # planned over the shards it is applied to
+            current, _ = self.placement()
+            new = self.plan(current, extra_replicas, policy)
+            self.rebalances.append({"time": time.time(), "policy": policy or "speed_weighted", "reason": reason})
+            epoch = self.apply(new)
+        self._event("rebalance", None, f"{reason} ({policy or 'speed_weighted'})", epoch)
+        return epoch
+
+    def plan(self, current: Placement, extra_replicas: int | None = None, policy: str | None = None) -> Placement:
+        """A placement over `current`'s shards from the windowed load and the shards' node speeds."""
+        extra = self.extra_replicas if extra_replicas is None else extra_replicas
+        speeds = [self._speed(n) for n in current.shard_nodes]
         if policy is not None:
             from raymoe.cluster.policy_bridge import plan_placement
 
-            speeds = {n: s for n, s in zip(current.shard_nodes, self.shard_speeds())}
-            new = plan_placement(policy, self.load(), self.spec.moe_layer_ids, current, speeds, extra)
-        else:
-            new = speed_weighted_placement(
-                self.load(), self.spec.moe_layer_ids, current.shard_nodes, self.shard_speeds(),
-                extra_replicas=extra, current=current,
-            )  # fmt: skip
-        self.rebalances.append({"time": time.time(), "policy": policy or "speed_weighted", "reason": "requested"})
-        return self.apply(new)
+            by_node = dict(zip(current.shard_nodes, speeds))
+            return plan_placement(policy, self.load(), self.spec.moe_layer_ids, current, by_node, extra)
+        return speed_weighted_placement(
+            self.load(), self.spec.moe_layer_ids, current.shard_nodes, speeds,
+            extra_replicas=extra, current=current, shard_names=current.shard_names,
+        )  # fmt: skip
 
     def apply(self, new: Placement) -> int:
         """Two-phase switch to `new` (same shards); returns its epoch."""
@@ -165,25 +198,60 @@ class Controller:
             self._free_unplaced()
             return self._placement.epoch
 
+    def reshape(self, new: Placement, keep: list[int], retire: list[int]) -> int:
+        """Two-phase switch to `new`, whose shards are the current shards `keep` (in order) then new
+        ones (started here on their nodes, holding their experts before anything is published);
+        shards `retire` are stopped once every worker has acked. Returns the new epoch."""
+        new.check_covers(self.spec.moe_layer_ids, self.spec.num_experts)
+        with self._applying:
+            with self._state:
+                old_held = list(self._held)
+            added = list(range(len(keep), new.num_shards))
+            spawned = [self._spawn(new.shard_nodes[s], new.experts_on(s)) for s in added]
+            gain = [sorted(set(new.experts_on(i)) - old_held[s]) for i, s in enumerate(keep)]
+            try:
+                self._call([h.ping.remote() for h in spawned])  # their constructors loaded the weights
+                self._call([self._handles[s].load.remote(g) for s, g in zip(keep, gain) if g])
+            except Exception:
+                for h in spawned:
+                    ray.kill(h)
+                raise
+            with self._state:  # by index: a shard re-created meanwhile keeps its index
+                retired = [self._handles[s] for s in retire]
+                self._handles = [self._handles[s] for s in keep] + spawned
+                self._held = [self._held[s] | set(g) for s, g in zip(keep, gain)] + [
+                    set(new.experts_on(s)) for s in added
+                ]
+                self._placement = new.with_epoch(self._placement.epoch + 1)
+            self._publish(wait=True)
+            self._free_unplaced()
+            for handle in retired:
+                ray.kill(handle)
+            return self._placement.epoch
+
     def shard_failed(self, shard: int) -> tuple[Placement, list]:
         """A worker saw `shard` die: re-create it (on its node if alive, else the fastest live node)
         with its experts reloaded from the checkpoint; publish epoch + 1. Idempotent."""
         with self._state:
+            if shard >= len(self._handles):  # an index from before the shards changed: take the new ones
+                return self._placement, list(self._handles)
             handle = self._handles[shard]
         if _is_alive(handle):
             return self.placement()
         with self._state:
             if self._handles[shard] is handle:
                 self._recreate(shard)
+                node, epoch = self._placement.shard_nodes[shard], self._placement.epoch
+                self._event("shard_recreated", node, f"{self._placement.shard_names[shard]} died", epoch)
         self._publish(wait=False)
         return self.placement()
 
     # --- internals ---------------------------------------------------------------------------------
     def _recreate(self, shard: int) -> None:
-        self.topology = Topology.from_ray()
+        serving = serving_topology(ray.nodes(), self._drained)
         node = self._placement.shard_nodes[shard]
-        if not self.topology.is_alive(node):
-            node = self.topology.fastest_first()[0].node_id
+        if not serving.is_alive(node):
+            node = serving.fastest_first()[0].node_id
         experts = set(self._placement.experts_on(shard))
         if self._target is not None:
             experts |= set(self._target.experts_on(shard))  # mid-apply: it must hold both epochs' set
@@ -304,10 +372,35 @@ class ControllerActor:
         while True:
             time.sleep(interval_s)
             if self.core.load().sum() > 0:  # nothing served: nothing to learn from
-                self.core.rebalance()
+                try:
+                    self.core.rebalance(reason=f"every {interval_s:g} s")
+                except Exception as e:  # noqa: BLE001 (a shard died mid-apply: the next round retries)
+                    self.core.sync_failed(e)
 
     def shard_failed(self, shard: int):
         return self.core.shard_failed(shard)
+
+    def sync_nodes(self) -> list[dict]:
+        return self.core.sync_nodes()
+
+    def drain_node(self, node_id: str) -> list[dict]:
+        return self.core.drain_node(node_id)
+
+    def start_node_watch(self, interval_s: float = DEFAULT_NODE_WATCH_S) -> bool:
+        """Read Ray's node table every `interval_s` seconds and follow nodes joining and leaving
+        (`Controller.sync_nodes`); idempotent."""
+        if getattr(self, "_node_watch", None) is None:
+            self._node_watch = threading.Thread(target=self._watch_nodes, args=(interval_s,), daemon=True)
+            self._node_watch.start()
+        return True
+
+    def _watch_nodes(self, interval_s: float) -> None:
+        while True:
+            time.sleep(interval_s)
+            try:
+                self.core.sync_nodes()
+            except Exception as e:  # noqa: BLE001 (e.g. a joining node died mid-load: the next look retries)
+                self.core.sync_failed(e)
 
 
 def get_or_create_controller(
@@ -316,14 +409,18 @@ def get_or_create_controller(
     namespace: str = "raymoe",
     name: str = CONTROLLER_NAME,
     timeout_s: float = CALL_TIMEOUT_S,
+    node_watch_s: float | None = DEFAULT_NODE_WATCH_S,
     **options,
 ):
     """The named, detached controller of `namespace`, started if absent (options go to `Controller`;
-    an existing controller keeps the options it was started with)."""
+    an existing controller keeps the options it was started with). node_watch_s: how often it
+    reads Ray's node table to follow nodes joining and leaving (None: only on `sync_nodes` calls)."""
     handle = ControllerActor.options(
-        name=name, namespace=namespace, lifetime="detached", get_if_exists=True
-    ).remote(str(model_path), options)
+        name=name, namespace=namespace, lifetime="detached", get_if_exists=True, resources={HEAD_RESOURCE: 0.001}
+    ).remote(str(model_path), options)  # on the head node: it outlives any worker node
     ray.get(handle.ready.remote(), timeout=timeout_s)
+    if node_watch_s:
+        ray.get(handle.start_node_watch.remote(node_watch_s), timeout=timeout_s)
     return handle
 
 

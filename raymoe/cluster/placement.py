@@ -5,14 +5,15 @@ A logical expert is `(layer, expert)`; each copy of it on a shard is a physical 
 the placement's versions (a new placement is published with epoch + 1).
 
 Builders here are plain: `contiguous_placement` (blocks of experts sized by shard weight, replicas
-on the following shards) and `speed_weighted_placement` (replicate hot experts, then pack physical
-experts greedily onto the shard that finishes them first given its speed).
+on the following shards), `speed_weighted_placement` (replicate hot experts, then pack physical
+experts greedily onto the shard that finishes them first given its speed) and `reshard` (the same
+experts over a changed set of shards, as nodes join and leave).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from typing import Sequence
 
 import numpy as np
 
@@ -61,7 +62,7 @@ class Placement:
     def num_physical(self, shard: int) -> int:
         return sum(shard in shards for shards in self.expert_to_shards.values())
 
-    def with_epoch(self, epoch: int) -> "Placement":
+    def with_epoch(self, epoch: int) -> Placement:
         return replace(self, epoch=epoch)
 
     def check_covers(self, moe_layers: Sequence[int], num_experts: int) -> None:
@@ -160,8 +161,40 @@ def speed_weighted_placement(
     mapping: dict[ExpertKey, tuple[int, ...]] = {}
     for layer in moe_layers:
         counts = replica_counts(load[layer].astype(float), extra_replicas, len(speeds))
-        held = [set(current.shards_for(layer, e)) for e in range(num_experts)] if current else None
+        held = [set(current.expert_to_shards.get((layer, e), ())) for e in range(num_experts)] if current else None
         for e, shards in enumerate(pack_layer(load[layer].astype(float), counts, speeds, held)):
             mapping[(layer, e)] = shards
     names = tuple(shard_names or (current.shard_names if current else (f"shard-{s}" for s in range(len(speeds)))))
     return Placement(epoch, names, tuple(shard_nodes), mapping)
+
+
+def reshard(
+    current: Placement,
+    keep: Sequence[int],
+    new_nodes: Sequence[str],
+    new_names: Sequence[str],
+    shard_speeds: Sequence[float],
+) -> Placement:
+    """`current` over shards `keep` (old indices, in order) then one new, empty shard per `new_nodes`.
+
+    Every expert keeps its replicas on kept shards. An expert left with none (all its shards gone)
+    goes to the shard with the fewest physical experts of that layer per unit of speed (it is
+    reloaded there from the checkpoint). shard_speeds: one per shard of the result. Epoch unchanged."""
+    nodes = [current.shard_nodes[s] for s in keep] + list(new_nodes)
+    names = [current.shard_names[s] for s in keep] + list(new_names)
+    speeds = np.asarray(shard_speeds, dtype=float)
+    if len(speeds) != len(nodes) or (speeds <= 0).any():
+        raise PlacementError(f"need one positive speed per shard, got {list(shard_speeds)} for {len(nodes)}")
+    index = {old: new for new, old in enumerate(keep)}
+    mapping: dict[ExpertKey, tuple[int, ...]] = {}
+    for key, shards in current.expert_to_shards.items():
+        mapping[key] = tuple(index[s] for s in shards if s in index)
+    for layer in sorted({layer for layer, _ in mapping}):
+        held = np.zeros(len(nodes))
+        for (lay, _), shards in mapping.items():
+            if lay == layer:
+                held[list(shards)] += 1
+        for key in sorted(k for k, shards in mapping.items() if k[0] == layer and not shards):
+            s = int(np.argmin((held + 1) / speeds))  # first on ties: deterministic
+            mapping[key], held[s] = (s,), held[s] + 1
+    return Placement(current.epoch, tuple(names), tuple(nodes), mapping)

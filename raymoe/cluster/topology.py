@@ -29,7 +29,7 @@ class Topology:
         self._by_id = {n.node_id: n for n in self.nodes}
 
     @classmethod
-    def from_ray_nodes(cls, ray_nodes: list[dict]) -> "Topology":
+    def from_ray_nodes(cls, ray_nodes: list[dict]) -> Topology:
         """From `ray.nodes()` dicts; dead nodes are left out."""
         nodes = []
         for n in ray_nodes:
@@ -48,7 +48,7 @@ class Topology:
         return cls(nodes)
 
     @classmethod
-    def from_ray(cls) -> "Topology":
+    def from_ray(cls) -> Topology:
         """Read the connected Ray cluster's node table (imports ray only here)."""
         import ray
 

@@ -30,7 +30,7 @@ def greedy(model, experts, prompts: list[list[int]], num_tokens: int, on_step=No
     for step in range(num_tokens):
         lens = [len(c) for c in chunk]
         ctx = [d + n for d, n in zip(done, lens)]
-        hidden = model.forward(torch.tensor(sum(chunk, [])), AttentionBatch.build(lens, ctx, tables, BLOCK), cache,
+        hidden = model.forward(torch.tensor([t for c in chunk for t in c]), AttentionBatch.build(lens, ctx, tables, BLOCK), cache,
                                experts=experts)  # fmt: skip
         ends = torch.tensor(lens).cumsum(0) - 1
         next_ids = model.compute_logits(hidden[ends]).argmax(-1).tolist()
@@ -122,6 +122,7 @@ def remote_from(controller, model) -> RemoteExperts:
     import ray
 
     placement, handles = ray.get(controller.placement.remote(), timeout=60)
+
     def on_shard_failure(shard):
         return ray.get(controller.shard_failed.remote(shard), timeout=120)
 
@@ -176,7 +177,10 @@ def test_rebalance_replicates_hot_experts_on_fast_node(controller, model):
     epoch = ray.get(controller.rebalance.remote(), timeout=120)
     placement, _ = ray.get(controller.placement.remote(), timeout=60)
     assert placement.epoch == epoch and all(len(placement.shards_for(l, 5)) == 3 for l in model.spec.moe_layer_ids)
-    speeds = {s["name"]: s["speed"] for s in ray.get(controller.status.remote(), timeout=60)["shards"]}
+    status = ray.get(controller.status.remote(), timeout=60)
+    assert status["events"][-1] | {"time": 0} == {"time": 0, "kind": "rebalance", "node_id": None,
+                                                  "reason": "requested (speed_weighted)", "epoch": epoch}  # fmt: skip
+    speeds = {s["name"]: s["speed"] for s in status["shards"]}
     fast = next(i for i, n in enumerate(placement.shard_names) if speeds[n] == 2)
     assert placement.num_physical(fast) == max(placement.num_physical(s) for s in range(placement.num_shards))
     remote = remote_from(controller, model)
@@ -224,6 +228,8 @@ def test_killed_shard_is_recreated_by_controller(controller, model):
     assert new_handles[2]._actor_id != handles[2]._actor_id
     assert placement.shard_nodes == current.shard_nodes  # the node is alive: re-created there
     assert sorted(map(tuple, ray.get(new_handles[2].held.remote(), timeout=60))) == placement.experts_on(2)
+    event = ray.get(controller.status.remote(), timeout=60)["events"][-1]
+    assert (event["kind"], event["node_id"], event["epoch"]) == ("shard_recreated", current.shard_nodes[2], epoch + 1)
 
 
 def _dies(handle, within_s: float = 30.0) -> bool:
