@@ -103,6 +103,7 @@ class ClusterSettings(_Frozen):
     kv_pool_bytes: int = Field(256 << 20, gt=0, description="KV pool per node")
     placement_policy: PolicyName = "replication"
     rebalance_interval_s: float = Field(60.0, gt=0)
+    node_watch_s: float | None = Field(2.0, gt=0, description="how often the controller reads Ray's node table")
 
 
 class RaymoeConfig(_Frozen):

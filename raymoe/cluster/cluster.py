@@ -48,6 +48,7 @@ class ClusterConfig:
     namespace: str = "raymoe"
     placement_policy: PolicyName | None = None  # None: the controller's built-in speed-weighted greedy
     rebalance_interval_s: float | None = None  # re-plan from the reported load this often (None: on demand)
+    node_watch_s: float | None = 2.0  # follow nodes joining and leaving (None: only on sync_nodes calls)
 
     def __post_init__(self):
         for name in ("shards_per_node", "replicas", "num_prefill_workers", "num_decode_workers", "num_microbatches"):
@@ -72,7 +73,7 @@ class MoECluster:
         self.controller = get_or_create_controller(
             self.model_path, namespace=c.namespace, dtype=c.engine.dtype,
             shards_per_node=c.shards_per_node, num_shards=c.num_shards, replicas=c.replicas,
-            policy=c.placement_policy,
+            policy=c.placement_policy, node_watch_s=c.node_watch_s,
         )  # fmt: skip
         if c.rebalance_interval_s:
             ray.get(self.controller.start_schedule.remote(c.rebalance_interval_s))

@@ -37,7 +37,7 @@ def ensure_controller(config: RaymoeConfig, model_path: str):
     c = cluster_config(config)
     controller = get_or_create_controller(
         model_path, namespace=NAMESPACE, dtype=c.engine.dtype, shards_per_node=c.shards_per_node,
-        replicas=c.replicas, policy=c.placement_policy,
+        replicas=c.replicas, policy=c.placement_policy, node_watch_s=config.cluster.node_watch_s,
     )  # fmt: skip
     if c.rebalance_interval_s:
         ray.get(controller.start_schedule.remote(c.rebalance_interval_s))

@@ -4,6 +4,7 @@ engine's greedy text, while decode replicas scale with the load and workers cras
 
 import os
 import signal
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -20,7 +21,8 @@ CLUSTER_CONFIG = {
     **CONFIG,
     "backend": "cluster",
     "cluster": {"replicas": 1, "kv_pool_bytes": 16 << 20},
-    "prefill": {"num_cpus": 0, "autoscaling": {"min_replicas": 1, "max_replicas": 1}},
+    "prefill": {"num_cpus": 0, "graceful_shutdown_timeout_s": 2,
+                "autoscaling": {"min_replicas": 1, "max_replicas": 2, "target_queued_prompt_tokens": 1, **FAST_SCALING}},
     "decode": {"num_cpus": 0, "health_check_period_s": 2, "graceful_shutdown_timeout_s": 2,
                "autoscaling": {"min_replicas": 1, "max_replicas": 2, "target_running_sequences": 2, **FAST_SCALING}},
 }  # fmt: skip
@@ -47,8 +49,12 @@ def status(server) -> dict:
     return httpx.get(f"{server.base_url}/admin/cluster", headers=HEADERS, timeout=60).json()
 
 
+def replicas(server, deployment: str = "decode") -> int:
+    return status(server)["deployments"][deployment]["running"]
+
+
 def decode_replicas(server) -> int:
-    return status(server)["deployments"]["decode"]["running"]
+    return replicas(server, "decode")
 
 
 def streamed_text(server, prompt: str, max_tokens: int = 40) -> str:
@@ -110,7 +116,7 @@ def test_decode_worker_crash_mid_stream_resumes_exactly(server):
 
 def test_operator_scale_is_bounded_and_recorded(server):
     r = httpx.post(f"{server.base_url}/admin/scale", headers=HEADERS, json={"deployment": "prefill", "num_replicas": 3})
-    assert r.status_code == 400 and "1..1" in r.json()["error"]["message"]
+    assert r.status_code == 400 and "1..2" in r.json()["error"]["message"]
     r = httpx.post(f"{server.base_url}/admin/scale", headers=HEADERS, json={"deployment": "decode", "num_replicas": 2})
     assert r.status_code == 200, r.text
     wait_for(lambda: decode_replicas(server) == 2, SCALE_TIMEOUT_S, "two decode replicas")
@@ -120,20 +126,38 @@ def test_operator_scale_is_bounded_and_recorded(server):
     wait_for(lambda: decode_replicas(server) == 1, SCALE_TIMEOUT_S, "the idle decode deployment to scale down")
 
 
-def test_decode_scales_up_under_load_and_back_down(server, expected):
-    """Running sequences over the target add a decode replica; every stream stays exact."""
-    results = []
+def test_prefill_and_decode_scale_up_under_load_and_back_down(server):
+    """Queued prompt tokens add a prefill replica, running sequences a decode replica; every stream
+    stays exact; both scale back down when the load ends; the decisions are logged with reasons."""
+    prompts = [p * 40 for p in PROMPTS]  # long prompts: prefill has a backlog to report
+    want = {p: o.text for p, o in zip(prompts, LLM().generate(prompts, SamplingParams(max_tokens=16, temperature=0)))}
+    most, stop = {"prefill": 1, "decode": 1}, threading.Event()
+
+    def watch():  # the largest replica count each deployment reached while the load ran
+        while not stop.wait(1):
+            for name, d in status(server)["deployments"].items():
+                most[name] = max(most.get(name, 0), d["running"])
+
+    results, watcher = [], threading.Thread(target=watch, daemon=True)
+    watcher.start()
     with ThreadPoolExecutor(6) as pool:
         deadline = time.monotonic() + SCALE_TIMEOUT_S
-        while decode_replicas(server) < 2 and time.monotonic() < deadline:
-            batch = [pool.submit(streamed_text, server, p) for p in PROMPTS * 2]
-            results += [(p, f.result(timeout=300)) for p, f in zip(PROMPTS * 2, batch)]
-    assert decode_replicas(server) == 2
-    assert all(text == expected[p] for p, text in results)
-    up = [d for d in status(server)["scaling"]["decode"] if d["to"] == 2 and "operator" not in d["reason"]]
-    assert up and up[-1]["reason"].startswith(("running_sequences", "kv_block_fraction"))
-    wait_for(lambda: decode_replicas(server) == 1, SCALE_TIMEOUT_S, "decode to scale down after the load")
-    assert status(server)["scaling"]["decode"][-1]["to"] == 1
+        while min(most["prefill"], most["decode"]) < 2 and time.monotonic() < deadline:
+            batch = [pool.submit(streamed_text, server, p, 16) for p in prompts * 2]
+            results += [(p, f.result(timeout=300)) for p, f in zip(prompts * 2, batch)]
+    stop.set()
+    watcher.join()
+    assert most["prefill"] == 2 and most["decode"] == 2, (most, status(server)["scaling"])
+    assert all(text == want[p] for p, text in results)
+    log = status(server)["scaling"]
+    for deployment, signals in (("prefill", ("queued_prompt_tokens",)), ("decode", ("running_sequences",
+                                                                                    "kv_block_fraction"))):
+        up = [d for d in log[deployment] if d["to"] == 2 and "operator" not in d["reason"]]
+        assert up and up[-1]["reason"].startswith(signals), log[deployment]
+    wait_for(lambda: replicas(server, "prefill") == 1 and replicas(server, "decode") == 1, SCALE_TIMEOUT_S,
+             "both deployments to scale down after the load")  # fmt: skip
+    log = status(server)["scaling"]
+    assert log["prefill"][-1]["to"] == 1 and log["decode"][-1]["to"] == 1
 
 
 def test_raymoe_status_shows_workers_and_scaling(server):
