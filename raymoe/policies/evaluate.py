@@ -21,7 +21,12 @@ from raymoe.policies.plan import Plan
 from raymoe.policies.registry import get_policy
 from raymoe.policies.replan import align, incremental_plan
 from raymoe.policies.stats import Calibration
-from raymoe.policies.token_placement import RequestPlacer, node_affinity, warmup_profiles
+from raymoe.policies.token_placement import (
+    RequestPlacer,
+    RequestProfile,
+    node_affinity,
+    request_profiles,
+)
 from raymoe.policies.topology import Topology
 from raymoe.policies.traces import Trace, decode_batches
 
@@ -43,11 +48,13 @@ class Replay:
 def replay(trace: Trace, policy: str, topology: Topology, *, calibration: Trace | None = None,
            batch_size: int = 128, num_steps: int | None = None, seed: int = 0,
            replan_every: int | None = None, warmup_tokens: int = 8, cap_slack: float = 0.1,
-           options: dict | None = None) -> Replay:
+           request_profile: RequestProfile = "history", options: dict | None = None) -> Replay:
     """Serve `trace` under `policy`, planned from `calibration` (default: the trace itself).
 
     replan_every: re-plan every that many steps from the steps just served (what a
     controller sees), as the policy's spec says (full or incremental).
+    request_profile: what token placement predicts a request's experts from, its routing
+    so far ("history") or its first `warmup_tokens` tokens only ("warmup").
     """
     spec, options = get_policy(policy), options or {}
     calib = Calibration.from_trace(calibration if calibration is not None else trace)
@@ -55,7 +62,8 @@ def replay(trace: Trace, policy: str, topology: Topology, *, calibration: Trace 
     plans = [spec.build(calib, topology, **options)]
     plan_of_step = np.zeros(batches.num_steps, dtype=np.int64)
     replicas = plans[-1].replicas_on_node(topology.num_nodes)  # [L, E, N]
-    profiles = warmup_profiles(trace, batches, warmup_tokens) if spec.is_token_placement else None
+    profiles = (request_profiles(trace, batches, request_profile, warmup_tokens)
+                if spec.is_token_placement else None)
     placer = RequestPlacer(batches, topology.speed_array, warmup_tokens, cap_slack)
     token_node, records = np.empty_like(batches.request), []
     num_migrations, demand = 0, 0.0  # demand: [L, E, N] pairs by token node, this window
@@ -81,7 +89,7 @@ def replay(trace: Trace, policy: str, topology: Topology, *, calibration: Trace 
 
 
 def _affinity_fn(profiles, replicas):
-    return lambda requests, _step: node_affinity(profiles[requests], replicas)
+    return lambda requests, step: node_affinity(profiles(requests, step), replicas)
 
 
 def _replan(spec, current, batches, window, demand, topology, options, placer):

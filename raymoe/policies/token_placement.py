@@ -1,15 +1,18 @@
 """Speculative token placement: run each request on the node that holds most of its experts.
 
-A request's experts are predicted from its first decode tokens (`warmup_tokens` of them,
-run on the least-loaded node meanwhile) or from a token-to-expert affinity table; the
-request then moves to the node with the highest predicted share of its token-expert pairs
-that still has room under a per-node cap. Lossless: a wrong guess only costs a remote
-dispatch.
+A request runs its first decode tokens (`warmup_tokens` of them) on the least-loaded node;
+then its experts are predicted from its own routing so far and it moves to the node with
+the highest predicted share of its token-expert pairs that still has room under a per-node
+cap. Two predictors of a request's experts:
+  history: every token the request has decoded so far (what a router has seen of it);
+      when running requests are re-seated after a re-plan, the longer history is used.
+  warmup: its first `warmup_tokens` tokens only, frozen.
+Lossless: a wrong guess only costs a remote dispatch.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Literal
 
 import numpy as np
 
@@ -18,6 +21,9 @@ from raymoe.policies.traces import DecodeBatches, Trace
 
 # (request ids `[n]`, step) -> share of each request's predicted pairs held per node `[n, nodes]`
 AffinityFn = Callable[[np.ndarray, int], np.ndarray]
+# (request ids `[n]`, step) -> predicted expert counts `[n, layers, experts]`
+ProfileFn = Callable[[np.ndarray, int], np.ndarray]
+RequestProfile = Literal["history", "warmup"]
 
 
 def warmup_profiles(trace: Trace, batches: DecodeBatches, warmup_tokens: int) -> np.ndarray:
@@ -26,6 +32,37 @@ def warmup_profiles(trace: Trace, batches: DecodeBatches, warmup_tokens: int) ->
         [expert_load(s.experts[:warmup_tokens], trace.num_experts) for s in trace.sequences]
     )
     return by_sequence[batches.request_sequence]
+
+
+def history_profiles(trace: Trace, batches: DecodeBatches) -> ProfileFn:
+    """Each request's expert counts `[n, layers, experts]` over the tokens it decoded
+    before `step` (positions `0 .. position - 1`; a request that joined the replay part-way
+    decoded those earlier, so a router has seen them too). Requests must run at `step`."""
+    sequences = [s.experts for s in trace.sequences]
+
+    def profiles(requests: np.ndarray, step: int) -> np.ndarray:
+        position = np.full(len(batches.request_sequence), -1, dtype=np.int64)
+        position[batches.request[step]] = batches.position[step]
+        seen = position[requests]
+        if (seen < 0).any():
+            raise ValueError(f"requests {requests[seen < 0].tolist()} do not run at step {step}")
+        out = np.zeros((len(requests), trace.num_layers, trace.num_experts))
+        for i, (s, p) in enumerate(zip(batches.request_sequence[requests], seen)):
+            out[i] = expert_load(sequences[s][:p], trace.num_experts)
+        return out
+
+    return profiles
+
+
+def request_profiles(trace: Trace, batches: DecodeBatches, kind: RequestProfile,
+                     warmup_tokens: int) -> ProfileFn:
+    """The predictor of each request's experts that token placement uses (module doc)."""
+    if kind == "history":
+        return history_profiles(trace, batches)
+    if kind == "warmup":
+        table = warmup_profiles(trace, batches, warmup_tokens)
+        return lambda requests, _step: table[requests]
+    raise ValueError(f"unknown request profile {kind!r}: choose history or warmup")
 
 
 def node_affinity(profiles: np.ndarray, replicas: np.ndarray) -> np.ndarray:
