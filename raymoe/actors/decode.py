@@ -10,8 +10,8 @@ from __future__ import annotations
 import threading
 import time
 
-from raymoe.actors.worker_model import WorkerShell
 from raymoe.actors.handoff import TokenDelta, WorkRequest
+from raymoe.actors.worker_model import WorkerShell, die
 from raymoe.engine.llm_engine import LLMEngine
 
 LOAD_REPORT_S = 1.0  # how often a decode worker sends its expert load to the controller
@@ -116,13 +116,19 @@ class DecodeWorker(WorkerShell):
                 if idle:
                     self.wake.clear()
                 else:
-                    deltas = self.core.step()
+                    deltas = self._step()
             if not idle:
                 self.outbox.add(deltas)
                 unreported = True
             if unreported and (idle or time.monotonic() - last_report > LOAD_REPORT_S):
                 last_report, unreported = time.monotonic(), False
                 self._report_load()
+
+    def _step(self) -> dict[str, TokenDelta]:
+        try:
+            return self.core.step()
+        except Exception as e:  # noqa: BLE001 (crash-only: see worker_model.die)
+            die(f"decode step failed: {e!r}")
 
     def _report_load(self) -> None:
         """Per-expert token counts to the controller (its replication policy's input)."""

@@ -14,8 +14,11 @@ from __future__ import annotations
 import dataclasses
 import threading
 
-from raymoe.actors.worker_model import WorkerShell
+import ray
+
 from raymoe.actors.handoff import Handoff, WorkRequest
+from raymoe.actors.worker_model import WorkerShell, die
+from raymoe.cluster.dispatch import ShardFailureError
 from raymoe.engine.chunks import request_salt
 from raymoe.engine.llm_engine import LLMEngine
 
@@ -96,7 +99,10 @@ class PrefillWorker(WorkerShell):
 
     def prefill(self, requests: list[WorkRequest]) -> list[Handoff]:
         with self.lock:  # one batch of prompts at a time through the engine
-            return self.core.prefill(requests)
+            try:
+                return self.core.prefill(requests)
+            except (ShardFailureError, ray.exceptions.RayError) as e:  # crash-only: see worker_model.die
+                die(f"prefill failed: {e!r}")
 
     def set_placement(self, placement, handles) -> int:
         with self.lock:  # between prefills: a step boundary

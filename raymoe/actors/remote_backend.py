@@ -49,7 +49,7 @@ class PoolSet:
         if missing and source_node_id and source_node_id != self.node_id:
             try:
                 found = self.client(source_node_id).get_blocks([keys[i] for i in missing])
-            except ray.exceptions.RayActorError:  # that node is gone: recompute instead
+            except ray.exceptions.RayError:  # that node (or its pool) is gone: recompute instead
                 found = [None] * len(missing)
             for i, b in zip(missing, found):
                 blocks[i] = b

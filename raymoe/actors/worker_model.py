@@ -3,11 +3,17 @@ an experts backend, optional microbatch pipelining, and a KV pool to share promp
 
 from __future__ import annotations
 
+import logging
+import os
+import traceback
+
 import torch
 
 from raymoe.cluster.pipeline import PipelinedModel
 from raymoe.engine.llm_engine import EngineConfig, LLMEngine
 from raymoe.model.model import load_model
+
+logger = logging.getLogger(__name__)
 
 
 def build_engine(model_path: str, config: EngineConfig, experts, num_microbatches: int = 1) -> LLMEngine:
@@ -17,6 +23,14 @@ def build_engine(model_path: str, config: EngineConfig, experts, num_microbatche
     model.experts = experts
     runner_model = PipelinedModel(model, num_microbatches) if num_microbatches > 1 else model
     return LLMEngine(runner_model, None, config)
+
+
+def die(reason: str) -> None:
+    """Crash-only: a worker whose engine step failed (its expert shards could not be replaced) has
+    an engine in an unknown state; it exits, and its sequences resume on a fresh worker (the
+    owner sees the actor die: `RequestRouter`, or the Serve replica that restarts it)."""
+    logger.error("worker exiting: %s\n%s", reason, traceback.format_exc())
+    os._exit(1)
 
 
 class WorkerShell:
@@ -31,8 +45,6 @@ class WorkerShell:
         return True
 
     def pid(self) -> int:
-        import os
-
         return os.getpid()
 
     def node_id(self) -> str:

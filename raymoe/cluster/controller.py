@@ -28,7 +28,7 @@ from raymoe.cluster.membership import serving_topology
 from raymoe.cluster.node_sync import NodeSync
 from raymoe.cluster.placement import Placement, contiguous_placement, speed_weighted_placement
 from raymoe.cluster.topology import Topology
-from raymoe.errors import ConfigError
+from raymoe.errors import ConfigError, RaymoeError
 from raymoe.model.spec import load_spec
 
 CONTROLLER_NAME = "raymoe-controller"
@@ -248,20 +248,30 @@ class Controller(NodeSync):
 
     # --- internals ---------------------------------------------------------------------------------
     def _recreate(self, shard: int) -> None:
-        serving = serving_topology(ray.nodes(), self._drained)
-        node = self._placement.shard_nodes[shard]
-        if not serving.is_alive(node):
-            node = serving.fastest_first()[0].node_id
         experts = set(self._placement.experts_on(shard))
         if self._target is not None:
             experts |= set(self._target.experts_on(shard))  # mid-apply: it must hold both epochs' set
-        handle = self._spawn(node, sorted(experts))
-        ray.get(handle.ping.remote(), timeout=CALL_TIMEOUT_S)
+        node, handle = self._spawn_somewhere(self._placement.shard_nodes[shard], sorted(experts))
         nodes = list(self._placement.shard_nodes)
         nodes[shard] = node
         self._handles[shard], self._held[shard] = handle, experts
         self._placement = Placement(self._placement.epoch + 1, self._placement.shard_names, tuple(nodes),
                                     self._placement.expert_to_shards)  # fmt: skip
+
+    def _spawn_somewhere(self, preferred: str, experts: list) -> tuple[str, object]:
+        """A ready shard holding `experts`: on `preferred` if it serves, else the fastest serving
+        node. A node that dies under the new shard (Ray may not know yet) is skipped for the next."""
+        serving = serving_topology(ray.nodes(), self._drained)
+        others = [n.node_id for n in serving.fastest_first() if n.node_id != preferred]
+        candidates = ([preferred] if serving.is_alive(preferred) else []) + others
+        for node in candidates:
+            handle = self._spawn(node, experts)
+            try:
+                ray.get(handle.ping.remote(), timeout=CALL_TIMEOUT_S)
+                return node, handle
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+                ray.kill(handle)
+        raise ShardStartError(f"no serving node could start a shard (tried {len(candidates)})")
 
     def _spawn(self, node_id: str, experts: list):
         strategy = NodeAffinitySchedulingStrategy(node_id, soft=False)
@@ -293,6 +303,10 @@ class Controller(NodeSync):
     @staticmethod
     def _call(refs: list) -> list:
         return ray.get(refs, timeout=CALL_TIMEOUT_S)
+
+
+class ShardStartError(RaymoeError):
+    """No live node could take a re-created expert shard."""
 
 
 def _checked_policy(policy: str | None) -> str | None:

@@ -14,16 +14,19 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 
-import ray
-
 from raymoe.actors.handoff import Handoff, WorkRequest
 from raymoe.cluster.front import Tracked
 from raymoe.engine.llm_engine import RequestOutput
-from raymoe.errors import RaymoeError
-from raymoe.serve.workers import WorkerLostError
+from raymoe.errors import InvalidRequestError, RaymoeError
 
 logger = logging.getLogger(__name__)
-LOST = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError, WorkerLostError)
+CLIENT_ERRORS = (InvalidRequestError, ValueError)  # the request's own fault: retrying cannot help
+
+
+def retryable(error: Exception) -> bool:
+    """A lost replica or worker, a node gone under a call, a shard being replaced: anything but
+    the request's own fault. Resuming is idempotent (delivered tokens are tracked), so it is safe."""
+    return not isinstance(error, CLIENT_ERRORS)
 MAX_ATTEMPTS = 60  # per request, for prefill and for decode resumes each
 RETRY_WAIT_S = 1.0  # Serve or the replica needs a moment to replace a dead worker
 
@@ -57,8 +60,10 @@ class ServeFront:
             try:
                 async for delta in self._decode(tracked):
                     yield delta
-            except LOST as e:
-                logger.warning("decode of %s broke (%s); resuming elsewhere", request.request_id, e)
+            except Exception as e:
+                if not retryable(e):
+                    raise
+                logger.warning("decode of %s broke (%r); resuming elsewhere", request.request_id, e)
         if not tracked.finished:
             raise RequestLostError(f"{request.request_id}: decode failed over {MAX_ATTEMPTS} times")
 
@@ -66,8 +71,10 @@ class ServeFront:
         for attempt in range(MAX_ATTEMPTS):
             try:
                 return await self.prefill.prefill.remote(request)
-            except LOST as e:
-                logger.warning("prefill of %s broke (%s); retrying", request.request_id, e)
+            except Exception as e:
+                if not retryable(e):
+                    raise
+                logger.warning("prefill of %s broke (%r); retrying", request.request_id, e)
                 self.stats["prefill_retries"] += 1
                 await asyncio.sleep(RETRY_WAIT_S)
         raise RequestLostError(f"{request.request_id}: prefill failed {MAX_ATTEMPTS} times")
