@@ -61,7 +61,8 @@ def free_port() -> int:
 
 # ----- load ----------------------------------------------------------------------------------
 def one_request(base_url: str, prompt: str, max_tokens: int, expected: str) -> dict:
-    body = {"model": MODEL, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True}
+    body = {"model": MODEL, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}}  # fmt: skip
     record = {"sent": time.time(), "prompt": prompt, "first": None, "end": None, "tokens": 0, "error": None}
     text = ""
     try:
