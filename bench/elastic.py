@@ -253,6 +253,25 @@ def timeline(records: list[dict], t0: float, bucket_s: float) -> list[dict]:
     return rows
 
 
+def phases(records: list[dict], events: list[dict], t0: float) -> dict:
+    """Per phase (between the marks): output tokens/s, p99 TTFT and TPOT of the requests ending in it."""
+    at = {e["kind"]: e["t"] for e in events}
+    bounds = {"steady": (0.0, at["node_join"]), "after_join": (at["node_join"], at["graceful_leave"]),
+              "after_leave": (at["graceful_leave"], at["crash"]), "after_crash": (at["crash"], at["load_done"])}  # fmt: skip
+    out = {}
+    for name, (lo, hi) in bounds.items():
+        inside = [r for r in records if r["end"] and lo <= r["end"] - t0 < hi]
+        tpot = [(r["end"] - r["first"]) / (r["tokens"] - 1) for r in inside if r["tokens"] > 1]
+        out[name] = {"seconds": round(hi - lo, 1), "requests": len(inside),
+                     "tokens_per_s": round(sum(r["tokens"] for r in inside) / max(hi - lo, 1e-9), 1),
+                     "p99_ttft_s": percentile([r["first"] - r["sent"] for r in inside], 99),
+                     "p99_tpot_s": percentile(tpot, 99)}  # fmt: skip
+    ends = sorted(r["end"] - t0 for r in records if r["end"] and r["end"] - t0 >= at["crash"])
+    gaps = [b - a for a, b in zip([at["crash"]] + ends, ends)]
+    out["after_crash"]["longest_gap_without_completions_s"] = round(max(gaps, default=0.0), 1)
+    return out
+
+
 def report(records, events, t0, join_to_first_expert_s, status, addresses) -> dict:
     failed = [r for r in records if r["error"]]
     mismatched = [r for r in records if not r["error"] and not r.get("match")]
@@ -261,7 +280,7 @@ def report(records, events, t0, join_to_first_expert_s, status, addresses) -> di
         "failures": [{"sent_t": round(r["sent"] - t0, 1), "error": r["error"][:300]} for r in failed][:10],
         "mismatched_prompts": [r["prompt"] for r in mismatched][:10],
         "join_to_first_expert_s": join_to_first_expert_s, "events": events, "node_addresses": sorted(addresses),
-        "timeline": timeline(records, t0, bucket_s=2.0),
+        "phases": phases(records, events, t0), "timeline": timeline(records, t0, bucket_s=2.0),
         "scaling": status.get("scaling"), "controller": status.get("controller"),
         "resumed_sequences": (status.get("front") or {}).get("resumed_sequences"),
     }  # fmt: skip

@@ -3,7 +3,9 @@
 Each signal has a per-replica target. Counted signals (queued prompt tokens, running sequences)
 are summed over replicas and divided by their target; fraction signals (`*_fraction`, e.g. the
 share of KV blocks in use) are averaged over replicas and scale the current count. The most
-demanding signal decides, and the reason names it:
+demanding signal decides, and the reason names it. Scaling down goes only as far as leaves the
+remaining replicas at most 80% of their target, so a load that sits near a boundary does not make
+the count flap:
 
     desired_replicas({"queued_prompt_tokens": 5000.0}, {"queued_prompt_tokens": 2048.0}, current=1)
     -> ScalingDecision(num_replicas=3, reason="queued_prompt_tokens 5000 over 1 replica(s) ...")
@@ -13,6 +15,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+
+
+DOWNSCALE_FILL = 0.8  # scale down only to a count that the load fills at most this much (of target)
 
 
 @dataclass(frozen=True)
@@ -44,6 +49,9 @@ def desired_replicas(
     name = max(demands, key=lambda n: demands[n])
     wanted = math.ceil(demands[name] - 1e-9)
     shown = f"{measured[name]:.2f}" if name.endswith("_fraction") else f"{measured[name]:.0f}"
-    return ScalingDecision(
-        wanted, f"{name} {shown} over {current} replica(s), target {targets[name]:g} per replica -> {wanted}"
-    )
+    reason = f"{name} {shown} over {current} replica(s), target {targets[name]:g} per replica -> {wanted}"
+    if wanted < current:  # hysteresis: the smaller count must leave headroom, or the count flaps
+        kept = min(current, math.ceil(demands[name] / DOWNSCALE_FILL - 1e-9))
+        if kept > wanted:
+            return ScalingDecision(kept, f"{reason}, kept at {kept}: fewer would run over {DOWNSCALE_FILL:.0%} of target")
+    return ScalingDecision(wanted, reason)

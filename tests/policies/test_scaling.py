@@ -34,3 +34,14 @@ def test_override_and_missing_signals():
 def test_bad_target_is_rejected():
     with pytest.raises(ValueError, match="target for running_sequences"):
         signal_demand("running_sequences", 1.0, 0.0, 1)
+
+
+@pytest.mark.parametrize(
+    "sequences, current, expected",
+    [(3.7, 2, 2), (3.2, 2, 1), (2.0, 3, 1), (9.0, 3, 3)],
+    ids=["near-boundary-kept", "under-80pct-down", "idle-down", "full-kept"],
+)
+def test_scale_down_leaves_headroom(sequences, current, expected):
+    decision = desired_replicas({"running_sequences": sequences}, {"running_sequences": 4.0}, current)
+    assert decision.num_replicas == expected
+    assert ("kept at" in decision.reason) == (expected == current and sequences / 4.0 <= current - 1)
