@@ -75,12 +75,12 @@ class ClusterBackend:
         return {"placement_epoch": status["epoch"], "shards": len(shards)}
 
     async def stats(self) -> dict:
-        load = await self.controller.load.remote()
+        load, controller = await asyncio.gather(self.controller.load.remote(), self.controller.status.remote())
         return {"num_admitted": len(self.active), "num_engine_requests": len(self.active),
                 "num_rejected": self.num_rejected, "num_finished": self.num_finished,
                 "max_queue_len": self.max_pending, "resumed_sequences": self.front.stats["resumed"],
                 "prefill_retries": self.front.stats["prefill_retries"],
-                "expert_load": [list(map(float, row)) for row in load]}  # fmt: skip
+                "expert_load": [list(map(float, row)) for row in load], **_cluster_counts(controller)}  # fmt: skip
 
     async def cluster_status(self) -> dict:
         placement, _ = await self.controller.placement.remote()
@@ -115,6 +115,18 @@ class ClusterBackend:
                               f"(config {deployment}.autoscaling); asked for {num_replicas}")  # fmt: skip
         autoscale.set_override(deployment, num_replicas)
         return {"deployment": deployment, "num_replicas": num_replicas}
+
+
+def _cluster_counts(controller: dict) -> dict:
+    """What /metrics shows of the cluster: nodes, shards, epoch, replicas, decisions and events."""
+    events: dict[str, int] = {}
+    for e in controller.get("events", []):
+        events[e["kind"]] = events.get(e["kind"], 0) + 1
+    return {"nodes": len(_nodes()), "expert_shards": len(controller.get("shards", [])),
+            "placement_epoch": controller.get("epoch", 0),
+            "replicas": {name: d["running"] for name, d in _deployments().items()},
+            "scaling_decisions": {d: len(autoscale.recent_decisions(d)) for d in ("prefill", "decode")},
+            "controller_events": events}  # fmt: skip
 
 
 def _replicas(deployment: str) -> int:

@@ -31,6 +31,7 @@ class ServeMetrics:
         self.local_activation = Gauge("raymoe_local_activation_rate",
                                       "share of token-expert pairs served on the token's own node", registry=r)  # fmt: skip
         self.expert_load = Gauge("raymoe_expert_load", "recent tokens per expert", ["layer", "expert"], registry=r)
+        self.cluster = ClusterGauges(r)
 
     def observe_request(self, route: str, status: int) -> None:
         self.requests.labels(route=route, status=str(status)).inc()
@@ -55,6 +56,35 @@ class ServeMetrics:
         for layer, row in enumerate(stats.get("expert_load") or []):
             for expert, load in enumerate(row):
                 self.expert_load.labels(layer=str(layer), expert=str(expert)).set(load)
+        if "placement_epoch" in stats:  # backend: cluster
+            self.cluster.update(stats)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class ClusterGauges:
+    """backend: cluster: nodes, shards, epoch, replicas, and counts of scaling decisions, controller
+    events and resumed sequences (the same facts /admin/cluster and `raymoe status` show)."""
+
+    def __init__(self, r: CollectorRegistry):
+        self.nodes = Gauge("raymoe_nodes", "live Ray nodes", registry=r)
+        self.shards = Gauge("raymoe_expert_shards", "expert shards", registry=r)
+        self.epoch = Gauge("raymoe_placement_epoch", "the expert placement's epoch", registry=r)
+        self.replicas = Gauge("raymoe_replicas", "running replicas per deployment", ["deployment"], registry=r)
+        self.decisions = Gauge("raymoe_scaling_decisions", "scaling decisions logged (recent window)",
+                               ["deployment"], registry=r)  # fmt: skip
+        self.events = Gauge("raymoe_controller_events", "controller events kept, by kind", ["kind"], registry=r)
+        self.resumed = Gauge("raymoe_resumed_sequences", "sequences resumed on another worker", registry=r)
+
+    def update(self, stats: dict) -> None:
+        self.nodes.set(stats.get("nodes", 0))
+        self.shards.set(stats.get("expert_shards", 0))
+        self.epoch.set(stats["placement_epoch"])
+        self.resumed.set(stats.get("resumed_sequences", 0))
+        for name, count in stats.get("replicas", {}).items():
+            self.replicas.labels(deployment=name).set(count)
+        for name, count in stats.get("scaling_decisions", {}).items():
+            self.decisions.labels(deployment=name).set(count)
+        for kind, count in stats.get("controller_events", {}).items():
+            self.events.labels(kind=kind).set(count)

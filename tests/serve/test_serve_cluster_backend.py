@@ -160,6 +160,13 @@ def test_prefill_and_decode_scale_up_under_load_and_back_down(server):
     assert log["prefill"][-1]["to"] == 1 and log["decode"][-1]["to"] == 1
 
 
+def test_metrics_show_the_cluster(server):
+    text = httpx.get(f"{server.base_url}/metrics", timeout=60).text
+    for name in ("raymoe_nodes 1.0", "raymoe_expert_shards 1.0", 'raymoe_replicas{deployment="decode"}',
+                 'raymoe_scaling_decisions{deployment="decode"}', "raymoe_resumed_sequences", "raymoe_placement_epoch"):
+        assert name in text, name  # fmt: skip
+
+
 def test_raymoe_status_shows_workers_and_scaling(server):
     import subprocess
     import sys
