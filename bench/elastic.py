@@ -316,14 +316,14 @@ def plot(result: dict, path: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--smoke", action="store_true", help="short phases (about two minutes in all)")
+    parser.add_argument("--smoke", action="store_true", help="8 s phases (about two minutes in all)")
     parser.add_argument("--phase-s", type=float, default=None, help="seconds of load in each phase")
     parser.add_argument("--rate", type=float, default=2.0, help="requests per second (Poisson)")
     parser.add_argument("--max-tokens", type=int, default=24)
     parser.add_argument("--out", default=None, help="also write the JSON here")
     parser.add_argument("--plot", default=None, help="PNG of throughput and p99 latencies over time")
     args = parser.parse_args(argv)
-    phase_s = args.phase_s or (12.0 if args.smoke else 30.0)
+    phase_s = args.phase_s or (8.0 if args.smoke else 30.0)
     result = run(phase_s, args.rate, args.max_tokens)
     text = json.dumps(result, indent=1)
     print(text)
