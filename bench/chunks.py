@@ -1,7 +1,14 @@
 """Chunk-cache reuse on a RAG-style workload: full recompute, prefix caching only, and chunk reuse
 (CacheBlend-style selective recompute) at several recompute shares, in one run.
 
-    python bench/chunks.py [--repeats 3] [--queries 12] [--out bench/out/chunks.json] [--plot docs/img/chunks.png]
+    python bench/chunks.py [--workload docqa|corpus] [--repeats 3] [--queries 12] [--out bench/out/chunks.json] [--plot docs/img/chunks.png]
+
+`--workload docqa` (the default): document question answering in the built-in model's format
+(raymoe/model/docqa.py, held-out names and values): a pool of one-paragraph documents about
+different people, each query 2 to 8 of them in random order and a question about one person;
+greedy until the answer's newline (at most 12 tokens); each system's answers are also scored
+against the true value (`answer_exact_match`: the reply is exactly ' <value>\n').
+`--workload corpus`: the older workload described next.
 
 A pool of documents (slices of the built-in model's corpus, each tokenized alone); each query joins
 `--docs-per-query` of them in random order between an instruction and a question. Every system
@@ -29,8 +36,9 @@ from raymoe.engine.chunks import ChunkReuse
 from raymoe.engine.llm_engine import EngineConfig, LLMEngine
 from raymoe.engine.sampling_params import SamplingParams
 
-SHARES = (0.05, 0.15, 0.30)
+SHARES = (0.0, 0.15, 0.30)  # 0: reuse the chunks' KV as computed alone, no repair
 NEW_TOKENS = 32
+QA_MAX_TOKENS = 12
 INSTRUCTION = "Use the documents below to answer the question.\n"
 CONFIG = EngineConfig(max_num_seqs=4, max_num_batched_tokens=1024, block_size=16, kv_cache_bytes=64 << 20)
 
@@ -55,6 +63,30 @@ def workload(tokenizer, num_docs: int, doc_tokens: int, num_queries: int, per_qu
     return docs, queries
 
 
+def docqa_workload(tokenizer, num_docs: int, num_queries: int, seed: int):
+    """(documents, queries, answers): held-out document-QA; a query is (token ids, chunk spans)."""
+    from raymoe.model.docqa import ATTRIBUTES, HELDOUT, CorpusGenerator
+
+    gen, rng = CorpusGenerator(seed, HELDOUT), random.Random(seed)
+    people: dict[str, dict[str, str]] = {}
+    while len(people) < num_docs:
+        name = gen.name()
+        if name not in people:
+            people[name] = {a: gen.value(a) for a in rng.sample(ATTRIBUTES, rng.randint(2, 6))}
+    names = list(people)
+    docs = [tokenizer.encode(gen.document(n, people[n]) + "\n", add_special_tokens=False) for n in names]
+    queries, answers = [], []
+    for _ in range(num_queries):
+        picked = rng.sample(range(num_docs), rng.randint(2, min(8, num_docs)))
+        target = names[rng.choice(picked)]
+        attribute = rng.choice(sorted(people[target]))
+        question = f"Question: What is the {attribute} of {target}?\nAnswer:"
+        prompt = [t for d in picked for t in docs[d]] + tokenizer.encode(question, add_special_tokens=False)
+        queries.append((prompt, tuple(tuple(docs[d]) for d in picked)))
+        answers.append(" " + people[target][attribute] + "\n")
+    return docs, queries, answers
+
+
 class LogitTap:
     """Records the logits rows the model computes (the first token's distribution)."""
 
@@ -70,9 +102,13 @@ class LogitTap:
         model.compute_logits = tapped
 
 
-def run_query(engine: LLMEngine, tap: LogitTap, prompt, reuse) -> dict:
-    """One greedy request alone on the engine: TTFT, prefill tokens computed, tokens, first logits."""
-    params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True, chunk_reuse=reuse)
+def run_query(engine: LLMEngine, tap: LogitTap, prompt, reuse, answer_mode: bool = False) -> dict:
+    """One greedy request alone on the engine: TTFT, prefill tokens computed, tokens, first logits.
+    answer_mode: up to 12 tokens, ending at end of text (document QA); else NEW_TOKENS, ignoring it."""
+    if answer_mode:
+        params = SamplingParams(temperature=0, max_tokens=QA_MAX_TOKENS, chunk_reuse=reuse)
+    else:
+        params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True, chunk_reuse=reuse)
     before = engine.chunk_stats()["computed_tokens"]
     tap.rows.clear()
     start = time.perf_counter()
@@ -96,14 +132,14 @@ def fresh_engine(model, store) -> LLMEngine:
     return engine
 
 
-def run_system(model, tap, queries, share, kind: str, store) -> list[dict]:
+def run_system(model, tap, queries, share, kind: str, store, answer_mode: bool) -> list[dict]:
     """All queries in order on a fresh engine; full recompute drops the prefix cache between them."""
     engine, out = fresh_engine(model, store), []
     for prompt, docs in queries:
         if kind == "full":
             engine.block_manager.hash_to_block_id.clear()
         reuse = ChunkReuse(docs, share) if kind == "chunks" else None
-        out.append(run_query(engine, tap, prompt, reuse))
+        out.append(run_query(engine, tap, prompt, reuse, answer_mode))
     return out
 
 
@@ -116,23 +152,27 @@ def precompute(model, tap, store, docs) -> float:
 
 
 def agreement(runs: list[dict], reference: list[dict]) -> dict:
+    """token_agreement: mean share of the reference's greedy tokens matched before the first
+    difference; all_tokens_agree: share of queries whose tokens all equal the reference's."""
     prefix, exact, kls = [], 0, []
     for got, ref in zip(runs, reference):
-        same = next((i for i, (a, b) in enumerate(zip(got["tokens"], ref["tokens"])) if a != b), NEW_TOKENS)
-        prefix.append(same / NEW_TOKENS)
-        exact += same == NEW_TOKENS
+        n = len(ref["tokens"])
+        same = next((i for i, (a, b) in enumerate(zip(got["tokens"], ref["tokens"])) if a != b), min(n, len(got["tokens"])))
+        prefix.append(same / n)
+        exact += got["tokens"] == ref["tokens"]
         p, q = torch.log_softmax(ref["logits"], -1), torch.log_softmax(got["logits"], -1)
         kls.append(float((p.exp() * (p - q)).sum()))
-    return {"token_agreement": statistics.mean(prefix), "exact_32_share": exact / len(runs),
+    return {"token_agreement": statistics.mean(prefix), "all_tokens_agree": exact / len(runs),
             "first_token_kl": statistics.mean(kls)}  # fmt: skip
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default=None, help="checkpoint folder (default: the built-in model)")
+    ap.add_argument("--workload", choices=("docqa", "corpus"), default="docqa")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--queries", type=int, default=12)
-    ap.add_argument("--docs", type=int, default=8)
+    ap.add_argument("--docs", type=int, default=16)
     ap.add_argument("--doc-tokens", type=int, default=96)
     ap.add_argument("--docs-per-query", type=int, default=4)
     ap.add_argument("--out", default="bench/out/chunks.json")
@@ -146,7 +186,11 @@ def main() -> None:
     path = args.model or builtin_model_path()
     model, tokenizer = load_model(path), Tokenizer.from_dir(path)
     tap = LogitTap(model)
-    docs, queries = workload(tokenizer, args.docs, args.doc_tokens, args.queries, args.docs_per_query, 0)
+    answer_mode = args.workload == "docqa"
+    if answer_mode:
+        docs, queries, answers = docqa_workload(tokenizer, args.docs, args.queries, 0)
+    else:
+        docs, queries = workload(tokenizer, args.docs, args.doc_tokens, args.queries, args.docs_per_query, 0)
     store = LocalChunkStore(256 << 20)
     chunk_tokens = precompute(model, tap, store, docs)
     systems = [("full recompute", "full", None), ("prefix caching", "prefix", None)]
@@ -154,7 +198,7 @@ def main() -> None:
     systems += [("chunk reuse adaptive", "chunks", None)]
     results, reference = {}, None
     for name, kind, share in systems:
-        repeats = [run_system(model, tap, queries, share, kind, store) for _ in range(args.repeats)]
+        repeats = [run_system(model, tap, queries, share, kind, store, answer_mode) for _ in range(args.repeats)]
         first = repeats[0]
         reference = reference or first
         ttft = [statistics.median(r[i]["ttft_s"] for r in repeats) for i in range(len(queries))]
@@ -163,11 +207,16 @@ def main() -> None:
             "ttft_ms": 1000 * statistics.mean(ttft),
             **agreement(first, reference),
         }
+        if answer_mode:
+            replies = [tokenizer.decode(q["tokens"]) for q in first]
+            results[name]["answer_exact_match"] = statistics.mean(r == a for r, a in zip(replies, answers))
     full = results["full recompute"]["prefill_tokens_per_query"]
     for r in results.values():
         r["compute_saved"] = 1 - r["prefill_tokens_per_query"] / full
-    setup = {"documents": args.docs, "doc_tokens": args.doc_tokens, "queries": args.queries,
-             "docs_per_query": args.docs_per_query, "new_tokens": NEW_TOKENS,
+    setup = {"workload": args.workload, "documents": args.docs, "queries": args.queries,
+             "doc_tokens": statistics.mean(map(len, docs)) if answer_mode else args.doc_tokens,
+             "docs_per_query": "2-8" if answer_mode else args.docs_per_query,
+             "new_tokens": f"until end of text, at most {QA_MAX_TOKENS}" if answer_mode else NEW_TOKENS,
              "prompt_tokens_mean": statistics.mean(len(p) for p, _ in queries)}  # fmt: skip
     report = {
         "model": str(path) if args.model else "builtin",

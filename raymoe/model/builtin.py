@@ -127,13 +127,13 @@ def train_tokenizer() -> Tokenizer:
     return tokenizer
 
 
-def model_config(vocab_size: int, bos_token_id: int, eos_token_id: int) -> dict:
-    """config.json, with the fields transformers writes for Qwen3-MoE."""
+def model_config(vocab_size: int, bos_token_id: int, eos_token_id: int, architecture: dict = ARCHITECTURE) -> dict:
+    """config.json, with the fields transformers writes for Qwen3-MoE; `architecture` gives the shape."""
     return {
         "architectures": ["Qwen3MoeForCausalLM"],
         "model_type": "qwen3_moe",
         "vocab_size": vocab_size,
-        **ARCHITECTURE,
+        **architecture,
         "hidden_act": "silu",
         "attention_bias": False,
         "attention_dropout": 0.0,

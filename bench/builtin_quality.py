@@ -1,0 +1,178 @@
+"""Quality of the built-in model, measured with raymoe's own model code and one-process engine.
+
+    python bench/builtin_quality.py [--qa 200] [--out bench/out/builtin_quality.json]
+
+- Prose: perplexity on the held-out tenth of `builtin_corpus.txt` (paragraphs training never saw),
+  against a bigram baseline counted on the training paragraphs with the same tokenizer
+  (interpolated with unigrams; the mixing weight that is best on the held-out text, so the
+  baseline's figure is, if anything, flattering).
+- Document QA: prompts in the issue-12 format with 2 to 8 documents whose names and values come
+  from the held-out pools of `raymoe/model/docqa.py` (the training text never contains them),
+  greedy decoding in `raymoe.LLM`; exact match = the reply is the value and a newline. Prompts
+  end `Answer:` and, separately, `Answer: ` (the reply then has no leading space).
+- Routing: each layer's share of top-k expert picks per task type (prose, document QA, numbers)
+  and the total-variation distance between task types' shares (0: same experts, 1: disjoint).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+from raymoe.engine.llm import LLM
+from raymoe.engine.sampling_params import SamplingParams
+from raymoe.model.builtin import EOS_TOKEN, builtin_model_path
+from raymoe.model.docqa import HELDOUT, TRAIN, CorpusGenerator, prose_split
+from raymoe.model.paged import AttentionBatch, allocate_kv_cache
+
+BLOCK = 16
+
+
+def prefill_logits(model, ids: list[int]) -> torch.Tensor:
+    """Logits of every position of one sequence, [L, V], through the paged cache in one chunk."""
+    blocks = -(-len(ids) // BLOCK)
+    cache = allocate_kv_cache(model.kv_layout(), blocks, BLOCK, torch.float32)
+    batch = AttentionBatch.build([len(ids)], [len(ids)], [list(range(blocks))], BLOCK)
+    return model.compute_logits(model.forward(torch.tensor(ids), batch, cache))
+
+
+def model_nll(model, seqs: list[list[int]]) -> tuple[float, int]:
+    """(summed NLL in nats, tokens scored) of each sequence's tokens after its first."""
+    total, count = 0.0, 0
+    for ids in seqs:
+        logp = torch.log_softmax(prefill_logits(model, ids), -1)
+        total -= float(logp[:-1].gather(1, torch.tensor(ids[1:])[:, None]).sum())
+        count += len(ids) - 1
+    return total, count
+
+
+def bigram_nll(train: list[list[int]], test: list[list[int]], vocab: int) -> tuple[float, float]:
+    """(perplexity, mixing weight) of the best interpolated bigram on `test`."""
+    uni, bi = Counter(), Counter()
+    for ids in train:
+        uni.update(ids)
+        bi.update(zip(ids, ids[1:]))
+    ctx = Counter()
+    for (a, _), n in bi.items():
+        ctx[a] += n
+    total = sum(uni.values())
+    pairs = [(a, b) for ids in test for a, b in zip(ids, ids[1:])]
+    best = None
+    for lam in (0.5, 0.6, 0.7, 0.8, 0.9, 0.95):
+        nll = 0.0
+        for a, b in pairs:
+            p_uni = (uni[b] + 0.5) / (total + 0.5 * vocab)
+            p_bi = bi[(a, b)] / ctx[a] if ctx[a] else 0.0
+            nll -= math.log(lam * p_bi + (1 - lam) * p_uni)
+        ppl = math.exp(nll / len(pairs))
+        best = min(best or (ppl, lam), (ppl, lam))
+    return best
+
+
+def prose_report(model, tok, eos: int) -> dict:
+    train, heldout = prose_split()
+    enc = [[eos, *tok.encode(p, add_special_tokens=False)] for p in heldout]
+    nll, n = model_nll(model, enc)
+    train_ids = [[eos, *tok.encode(p, add_special_tokens=False)] for p in train]
+    gen = CorpusGenerator(0, TRAIN)  # the grammar prose training also saw (same seed as the script)
+    train_ids += [[eos, *tok.encode(gen.prose_paragraph(), add_special_tokens=False)] for _ in range(2000)]
+    ppl_bigram, lam = bigram_nll(train_ids, enc, tok.vocab_size)
+    return {"heldout_paragraphs": len(enc), "heldout_tokens": n, "model_perplexity": math.exp(nll / n),
+            "bigram_perplexity": ppl_bigram, "bigram_mixing_weight": lam}  # fmt: skip
+
+
+def qa_report(llm: LLM, n: int, seed: int) -> dict:
+    gen = CorpusGenerator(seed, HELDOUT)
+    examples = [gen.qa() for _ in range(n)]
+    params = SamplingParams(max_tokens=16, temperature=0)
+    out = {}
+    for label, suffix, lead in (("prompt_ends_colon", "", " "), ("prompt_ends_colon_space", " ", "")):
+        replies = [o.text for o in llm.generate([e.prompt + suffix for e in examples], params)]
+        exact = [r == lead + e.answer + "\n" for r, e in zip(replies, examples)]
+        first_line = [r.split("\n")[0].strip() == e.answer for r, e in zip(replies, examples)]
+        by_docs = {}
+        for e, ok in zip(examples, exact):
+            by_docs.setdefault(e.num_docs, []).append(ok)
+        out[label] = {
+            "exact_match": statistics.mean(exact),
+            "first_line_match": statistics.mean(first_line),
+            "exact_match_by_num_docs": {k: statistics.mean(v) for k, v in sorted(by_docs.items())},
+            "failures": [{"answer": e.answer, "reply": r} for r, e, ok in zip(replies, examples, exact) if not ok][:5],
+        }
+    out["questions"] = n
+    return out
+
+
+class RouteTap:
+    """Counts each layer's top-k expert picks while installed on a model."""
+
+    def __init__(self, model):
+        self.counts: list[Counter] = [Counter() for _ in model.layers]
+        for i, layer in enumerate(model.layers):
+            layer.ffn.route = self._wrap(layer.ffn.route, i)
+
+    def _wrap(self, route, i):
+        def tapped(x):
+            ids, weights = route(x)
+            self.counts[i].update(ids.flatten().tolist())
+            return ids, weights
+
+        return tapped
+
+    def shares(self, num_experts: int) -> list[list[float]]:
+        return [[c[e] / max(1, sum(c.values())) for e in range(num_experts)] for c in self.counts]
+
+
+def routing_report(model, tok, eos: int, seed: int) -> dict:
+    gen = CorpusGenerator(seed, HELDOUT)
+    texts = {
+        "prose": prose_split()[1],
+        "document_qa": [gen.qa().prompt for _ in range(20)],
+        "numbers": [gen.numbers() for _ in range(60)],
+    }
+    shares = {}
+    for task, items in texts.items():
+        tap = RouteTap(model)
+        for text in items:
+            prefill_logits(model, [eos, *tok.encode(text, add_special_tokens=False)])
+        shares[task] = tap.shares(model.spec.num_experts)
+        for layer in model.layers:  # uninstall: the bound method comes back
+            del layer.ffn.route
+    tasks = list(shares)
+    tv = {f"{a} vs {b}": [0.5 * sum(abs(x - y) for x, y in zip(sa, sb)) for sa, sb in zip(shares[a], shares[b])]
+          for i, a in enumerate(tasks) for b in tasks[i + 1 :]}  # fmt: skip
+    return {"expert_share_by_task": shares, "total_variation_by_layer": tv}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--qa", type=int, default=200, help="held-out document-QA questions")
+    ap.add_argument("--seed", type=int, default=1234)
+    ap.add_argument("--model", default=None, help="checkpoint folder (default: the built-in model)")
+    ap.add_argument("--out", default="bench/out/builtin_quality.json")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    path = args.model or builtin_model_path()
+    llm = LLM(model=path)
+    model, tok = llm.engine.model, llm.tokenizer
+    eos = tok.token_to_id(EOS_TOKEN)
+    report = {
+        "model": str(path) if args.model else "builtin",
+        "prose": prose_report(model, tok, eos),
+        "document_qa": qa_report(llm, args.qa, args.seed),
+        "routing": routing_report(model, tok, eos, args.seed),
+    }
+    text = json.dumps(report, indent=2)
+    print(text)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
