@@ -25,6 +25,10 @@ class PipelinedModel:
         self.spec, self.dtype = model.spec, model.dtype
         self.attention_seconds = 0.0  # time in attention + router, for the step breakdown
 
+    @property
+    def tally(self):
+        return self.model.tally
+
     def kv_layout(self):
         return self.model.kv_layout()
 
@@ -46,17 +50,17 @@ class PipelinedModel:
                 hs[i] = _settle(hs[i], pending[i])
                 start = time.perf_counter()
                 hs[i], x = layer.attention_part(hs[i], mb, cache, rope[i])
-                pending[i] = _launch(layer, x, experts)
+                pending[i] = _launch(layer, x, experts, mb)
                 self.attention_seconds += time.perf_counter() - start
         hs = [_settle(h, p) for h, p in zip(hs, pending)]
         return self.model.norm(torch.cat(hs))
 
 
-def _launch(layer, x: torch.Tensor, experts):
-    """Start the layer's FFN for x [T_i, H]; a dense layer runs at once."""
+def _launch(layer, x: torch.Tensor, experts, batch: AttentionBatch):
+    """Start the layer's FFN for x [T_i, H] (microbatch `batch`); a dense layer runs at once."""
     if not layer.is_moe:
         return ("done", layer.ffn(x))
-    ids, weights = layer.ffn.route(x)
+    ids, weights = layer.ffn.route(x, batch)
     return ("moe", layer.ffn, x, experts.run_async(layer.ffn.layer, x, ids, weights))
 
 
@@ -83,6 +87,8 @@ def split_batch(batch: AttentionBatch, m: int) -> list[tuple[int, int, Attention
     for lo, hi in zip(bounds, bounds[1:]):
         q = batch.query_lens[lo:hi]
         mb = AttentionBatch.build(q, batch.context_lens[lo:hi], tables[lo:hi], batch.block_size)
+        if batch.sequence_tags is not None:
+            mb.sequence_tags = batch.sequence_tags[token : token + sum(q)]
         parts.append((token, token + sum(q), mb))
         token += sum(q)
     return parts

@@ -51,7 +51,12 @@ class ModelRunner:
         if not scheduled:
             return []
         input_ids, batch = self.prepare(scheduled)
+        tally = getattr(self.model, "tally", None)  # a RoutingTally, on workers that report routing
+        if tally is not None:
+            tally.begin_step()
         hidden = self.model.forward(input_ids, batch, self.kv_cache)  # [T, H]
+        if tally is not None:
+            tally.end_step([seq.request_id for seq, _ in scheduled], batch.query_lens)
         self.num_computed_tokens += batch.num_tokens
         rows = [b for b, (seq, n) in enumerate(scheduled) if seq.num_cached_tokens + n == len(seq)]
         if not rows:
@@ -76,6 +81,7 @@ class ModelRunner:
             context_lens=[seq.num_cached_tokens + n for seq, n in scheduled],
             block_tables=[seq.block_table for seq, _ in scheduled],
             block_size=self.block_size,
+            tags=[seq.prompt_token_ids[0] for seq, _ in scheduled],
         )
         return torch.tensor(input_ids, dtype=torch.long), batch
 

@@ -19,17 +19,23 @@ from raymoe.model.experts import ExpertBackend, ExpertStore, LocalExperts
 from raymoe.model.layers import Linear, RMSNorm, SwiGLU
 from raymoe.model.mla import MLAAttention
 from raymoe.model.paged import AttentionBatch
+from raymoe.model.replay import RoutingReplay
+from raymoe.model.tally import RoutingTally
 from raymoe.model.rope import Rotary
 from raymoe.model.router import sigmoid_grouped_topk, softmax_topk
 from raymoe.model.spec import ModelSpec, load_spec
 
 
 class MoEBlock:
-    """Router + routed experts (through a backend) + optional shared expert."""
+    """Router + routed experts (through a backend) + optional shared expert. With a routing
+    replay (`raymoe.model.replay`), the router picks the recorded experts and weights instead."""
 
-    def __init__(self, spec: ModelSpec, ckpt: Checkpoint, layer: int, dtype: torch.dtype):
+    def __init__(self, spec: ModelSpec, ckpt: Checkpoint, layer: int, dtype: torch.dtype,
+                 replay: RoutingReplay | None = None):  # fmt: skip
         p = f"model.layers.{layer}.block_sparse_moe" if spec.family == "mixtral" else f"model.layers.{layer}.mlp"
-        self.layer, self.spec = layer, spec
+        self.layer, self.spec, self.replay = layer, spec, replay
+        self.moe_index = spec.moe_layer_ids.index(layer)
+        self.tally = None  # a RoutingTally that records each step's choices, when set
         self.gate = Linear.load(ckpt, f"{p}.gate", dtype)  # [E, H]
         self.correction_bias = ckpt.get_optional(f"{p}.gate.e_score_correction_bias", torch.float32)
         self.shared, self.shared_gate = None, None
@@ -39,9 +45,19 @@ class MoEBlock:
         if spec.shared_expert_gate:
             self.shared_gate = Linear.load(ckpt, f"{p}.shared_expert_gate", dtype)
 
-    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x: [T, H] -> topk_ids [T, K], topk_weights [T, K]."""
+    def route(self, x: torch.Tensor, batch: AttentionBatch | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: [T, H] -> topk_ids [T, K], topk_weights [T, K]. batch: the step's metadata (a replay
+        reads each token's sequence tag and position from it)."""
+        ids, weights = self._choose(x, batch)
+        if self.tally is not None:
+            self.tally.add(self.moe_index, ids)
+        return ids, weights
+
+    def _choose(self, x: torch.Tensor, batch: AttentionBatch | None) -> tuple[torch.Tensor, torch.Tensor]:
         s = self.spec
+        if self.replay is not None:
+            ids, weights = self.replay.route(self.moe_index, batch.sequence_tags, batch.positions)
+            return ids, weights.to(x.dtype)
         if s.router == "sigmoid_grouped":
             logits = F.linear(x.float(), self.gate.weight.float())
             bias = self.correction_bias if self.correction_bias is not None else logits.new_zeros(s.num_experts)
@@ -50,8 +66,8 @@ class MoEBlock:
             )
         return softmax_topk(self.gate(x), s.top_k, s.norm_topk_prob)
 
-    def __call__(self, x: torch.Tensor, experts: ExpertBackend) -> torch.Tensor:
-        ids, weights = self.route(x)
+    def __call__(self, x: torch.Tensor, experts: ExpertBackend, batch: AttentionBatch | None = None) -> torch.Tensor:
+        ids, weights = self.route(x, batch)
         return self.finish(x, experts.run(self.layer, x, ids, weights))
 
     def finish(self, x: torch.Tensor, routed: torch.Tensor) -> torch.Tensor:
@@ -65,26 +81,27 @@ class MoEBlock:
 
 
 class DecoderLayer:
-    def __init__(self, spec: ModelSpec, ckpt: Checkpoint, layer: int, dtype: torch.dtype, rotary: Rotary):
+    def __init__(self, spec: ModelSpec, ckpt: Checkpoint, layer: int, dtype: torch.dtype, rotary: Rotary,
+                 replay: RoutingReplay | None = None):  # fmt: skip
         p, eps = f"model.layers.{layer}", spec.rms_norm_eps
         attention_cls = MLAAttention if spec.mla is not None else GQAAttention
         self.attn = attention_cls(spec, ckpt, layer, dtype, rotary)
         self.input_norm = RMSNorm(ckpt.get(f"{p}.input_layernorm.weight", dtype), eps)
         self.post_norm = RMSNorm(ckpt.get(f"{p}.post_attention_layernorm.weight", dtype), eps)
         self.is_moe = spec.moe_layers[layer]
-        self.ffn = MoEBlock(spec, ckpt, layer, dtype) if self.is_moe else SwiGLU.load(ckpt, f"{p}.mlp", dtype)
+        self.ffn = MoEBlock(spec, ckpt, layer, dtype, replay) if self.is_moe else SwiGLU.load(ckpt, f"{p}.mlp", dtype)
 
     def attention_part(self, h: torch.Tensor, batch: AttentionBatch, cache, cos_sin):
         """h: [T, H] residual stream -> (residual after attention [T, H], its post-norm [T, H])."""
         h = h + self.attn(self.input_norm(h), batch, cache, cos_sin)
         return h, self.post_norm(h)
 
-    def ffn_part(self, x: torch.Tensor, experts: ExpertBackend) -> torch.Tensor:
-        return self.ffn(x, experts) if self.is_moe else self.ffn(x)
+    def ffn_part(self, x: torch.Tensor, experts: ExpertBackend, batch: AttentionBatch | None = None) -> torch.Tensor:
+        return self.ffn(x, experts, batch) if self.is_moe else self.ffn(x)
 
     def __call__(self, h, batch, cache, cos_sin, experts: ExpertBackend) -> torch.Tensor:
         h, x = self.attention_part(h, batch, cache, cos_sin)
-        return h + self.ffn_part(x, experts)
+        return h + self.ffn_part(x, experts, batch)
 
 
 class MoEModel:
@@ -92,13 +109,23 @@ class MoEModel:
         self.spec, self.dtype = spec, dtype
         self.embed = ckpt.get("model.embed_tokens.weight", dtype)  # [V, H]
         self.rotary = _rotary(spec)
-        self.layers = [DecoderLayer(spec, ckpt, i, dtype, self.rotary) for i in range(spec.num_layers)]
+        self.replay = _replay(spec)
+        self.layers = [DecoderLayer(spec, ckpt, i, dtype, self.rotary, self.replay) for i in range(spec.num_layers)]
         self.norm = RMSNorm(ckpt.get("model.norm.weight", dtype), spec.rms_norm_eps)
         tied = spec.tie_word_embeddings or not ckpt.has("lm_head.weight")
         self.lm_head = self.embed if tied else ckpt.get("lm_head.weight", dtype)  # [V, H]
         self.experts: ExpertBackend | None = None
+        self.tally = None  # a RoutingTally recording each request's routing, when set (record_routing)
         if load_experts:
             self.experts = LocalExperts(ExpertStore.load(ckpt, spec, dtype), spec.num_experts)
+
+    def record_routing(self) -> RoutingTally:
+        """Start recording each request's routing (per request `[moe layers, experts]` counts)."""
+        self.tally = RoutingTally(len(self.spec.moe_layer_ids), self.spec.num_experts)
+        for layer in self.layers:
+            if layer.is_moe:
+                layer.ffn.tally = self.tally
+        return self.tally
 
     def kv_layout(self) -> list[tuple[int, int, int]]:
         """Per layer (kv_heads, k_dim, v_dim) of the paged cache."""
@@ -124,6 +151,14 @@ class MoEModel:
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [N, H] -> logits [N, V] float32."""
         return F.linear(hidden, self.lm_head).float()
+
+
+def _replay(spec: ModelSpec) -> RoutingReplay | None:
+    if spec.routing_replay is None:
+        return None
+    replay = RoutingReplay.from_dir(spec.routing_replay)
+    replay.check_model(len(spec.moe_layer_ids), spec.num_experts, spec.top_k)
+    return replay
 
 
 def _rotary(spec: ModelSpec) -> Rotary:

@@ -51,6 +51,7 @@ class AttentionBatch:
     token_index: torch.Tensor  # [T] position of each token in the flattened [B * max_q] layout
     block_size: int
     explicit_positions: bool = False  # new tokens at given positions, not the last of each context
+    sequence_tags: torch.Tensor | None = None  # [T] each token's sequence tag (routing replay's key)
     _masks: dict = field(default_factory=dict)  # sliding window (None = full) -> mask
 
     @property
@@ -69,12 +70,14 @@ class AttentionBatch:
         block_tables: list[list[int]],
         block_size: int,
         positions: list[list[int]] | None = None,
+        tags: list[int] | None = None,
     ) -> "AttentionBatch":
         """Everything is derived from per-sequence lengths and block tables (vectorised: built every step).
 
         positions: per sequence, the increasing positions (< its context length) of its new tokens
         when they are not its last `query_lens[b]` tokens (chunk-cache repair recomputes a chosen
-        subset); the mask is then causal by position (a query sees keys at or before its own)."""
+        subset); the mask is then causal by position (a query sees keys at or before its own).
+        tags: per sequence, its tag (the first token id of its prompt), for routing replay."""
         assert len(query_lens) == len(context_lens) == len(block_tables)
         max_q, max_ctx = max(query_lens), max(context_lens)
         max_blocks = (max_ctx + block_size - 1) // block_size
@@ -100,6 +103,7 @@ class AttentionBatch:
             token_index=rows_t * max_q + within,
             block_size=block_size,
             explicit_positions=positions is not None,
+            sequence_tags=None if tags is None else torch.tensor(tags, dtype=torch.long)[rows_t],
         )
 
     def mask(self, sliding_window: int | None = None) -> torch.Tensor:

@@ -70,6 +70,7 @@ class ModelSpec:
     mla: MLASpec | None = None
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
+    routing_replay: str | None = None  # a trace folder whose routing the routers replay (model/replay.py)
 
     @property
     def moe_layer_ids(self) -> list[int]:
@@ -149,6 +150,7 @@ def _common(cfg: dict, family: str) -> dict:
         top_k=cfg["num_experts_per_tok"],
         bos_token_id=cfg.get("bos_token_id"),
         eos_token_ids=_eos(cfg),
+        routing_replay=cfg.get("raymoe_routing_replay"),
     )
 
 

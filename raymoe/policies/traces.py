@@ -23,6 +23,7 @@ class TraceError(RaymoeError, ValueError):
 class SequenceTrace:
     experts: np.ndarray  # [tokens, layers, k] int64, router-score order
     token_ids: np.ndarray  # [tokens] generated token ids
+    weights: np.ndarray | None = None  # [tokens, layers, k] float32 router weights, if recorded
 
     @property
     def num_tokens(self) -> int:
@@ -58,7 +59,11 @@ def load_sequence(path: Path) -> SequenceTrace:
     if len(order) % layers:
         raise TraceError(f"{path}: {len(order)} rows is not a whole number of {layers} layers")
     token_ids = data["token_id"][order][::layers]
-    return SequenceTrace(experts.reshape(-1, layers, experts.shape[1]), token_ids)
+    shape = (-1, layers, experts.shape[1])
+    weights = None
+    if "router_weights" in data.files:
+        weights = data["router_weights"][order].astype(np.float32).reshape(shape)
+    return SequenceTrace(experts.reshape(shape), token_ids, weights)
 
 
 def load_trace(directory: str | Path, num_experts: int | None = None) -> Trace:
