@@ -40,6 +40,8 @@ class DecodeCore:
         for out in self.engine.step():
             deltas[out.request_id] = TokenDelta(list(out.token_ids), out.finished, out.finish_reason)
             self.stats["tokens"] += len(out.token_ids)
+        if self.tally is not None:
+            self.tally.keep_only(self.engine.requests)
         self.stats["steps"] += 1
         if is_decode:  # a pure decode step: the one the breakdown is about
             t = self.timings
@@ -52,8 +54,29 @@ class DecodeCore:
         timings, self.timings = self.timings, dict(TIMINGS)
         return timings
 
+    @property
+    def tally(self):
+        return getattr(self.engine.model, "tally", None)
+
+    def routing(self, request_ids: list[str]) -> dict:
+        """request id -> `[moe layers, experts]` pairs it routed here so far (running ones)."""
+        counts = self.tally.counts if self.tally is not None else {}
+        return {r: counts[r].copy() for r in request_ids if r in counts}
+
     def abort(self, request_id: str) -> None:
         self.engine.abort(request_id)
+
+    def release(self, request_id: str) -> bool:
+        """Put a running sequence's computed KV blocks into this node's pool and drop it (it moves
+        to another worker, which imports them). False when it is not running here."""
+        if request_id not in self.engine.requests:
+            return False
+        seq, _ = self.engine.requests[request_id]
+        keys, blocks = self.engine.export_prefix(seq.token_ids)
+        if keys:
+            self.pool.put_blocks(keys, blocks)
+        self.engine.abort(request_id)
+        return True
 
     def has_work(self) -> bool:
         return self.engine.has_unfinished()
@@ -155,6 +178,16 @@ class DecodeWorker(WorkerShell):
             for rid in request_ids:
                 self.core.abort(rid)
 
+    def release(self, request_ids: list[str]) -> dict[str, str]:
+        """Hand running sequences over to another worker: their KV goes to this node's pool.
+        Returns request id -> this node's id for those released (finished ones are not)."""
+        with self.lock:
+            released = [r for r in request_ids if self.core.release(r)]
+        with self.outbox.cond:
+            for rid in released:
+                self.outbox.buffers.pop(rid, None)  # undelivered tokens: the new worker recomputes them
+        return {rid: self.core.pool.node_id for rid in released}
+
     def set_placement(self, placement, handles) -> int:
         """Takes effect at the next step boundary: the lock waits out a running step."""
         with self.lock:
@@ -165,6 +198,11 @@ class DecodeWorker(WorkerShell):
         bm = self.core.engine.block_manager
         return {**self.core.stats, "running": len(self.core.engine.requests),
                 "kv_blocks_used": bm.num_blocks - bm.num_free_blocks, "kv_blocks": bm.num_blocks}  # fmt: skip
+
+    def routing(self, request_ids: list[str]) -> dict:
+        """Each running request's routing on this worker so far (for re-seating on drift)."""
+        with self.lock:
+            return self.core.routing(request_ids)
 
     def take_timings(self) -> dict:
         """Step and expert round-trip seconds since the last take (for the step breakdown)."""

@@ -28,6 +28,7 @@ class Handoff:
     finish_reason: str | None  # "stop" | "length" when the first token ends it
     num_prefix_hit_tokens: int  # prompt tokens whose KV came from a cache (not computed)
     kv_node_id: str | None = None  # node whose KV pool holds the prompt's blocks
+    routing: object = None  # numpy [moe layers, experts]: the prompt's token-expert pairs (seating)
 
 
 @dataclass

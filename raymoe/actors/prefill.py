@@ -45,8 +45,10 @@ class PrefillCore:
         for r in requests:
             salt = request_salt(r.prompt_token_ids, r.params.chunk_reuse, block_size)
             self._publish(r.prompt_token_ids + r.output_token_ids + [first[r.request_id][0]], salt)
+        tally = self.engine.model.tally
         return [Handoff(r.request_id, first[r.request_id][0], self._real_finish(r, first[r.request_id][1]),
-                        hits[r.request_id]) for r in requests]  # fmt: skip
+                        hits[r.request_id], routing=tally.pop(r.request_id) if tally else None)
+                for r in requests]  # fmt: skip
 
     def _real_finish(self, r: WorkRequest, reason: str | None) -> str | None:
         """The engine stopped every request at one token; only some are really done."""

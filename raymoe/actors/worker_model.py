@@ -21,6 +21,7 @@ def build_engine(model_path: str, config: EngineConfig, experts, num_microbatche
     torch.set_num_threads(1)  # many actors share few cores
     model = load_model(model_path, dtype=config.torch_dtype, load_experts=False)
     model.experts = experts
+    model.record_routing()  # each request's routing: the prompt's seats it, the rest is reported
     runner_model = PipelinedModel(model, num_microbatches) if num_microbatches > 1 else model
     return LLMEngine(runner_model, None, config)
 

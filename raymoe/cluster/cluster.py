@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from raymoe.actors.decode import DecodeWorker
 from raymoe.actors.handoff import WorkRequest
@@ -49,6 +50,10 @@ class ClusterConfig:
     placement_policy: PolicyName | None = None  # None: the controller's built-in speed-weighted greedy
     rebalance_interval_s: float | None = None  # re-plan from the reported load this often (None: on demand)
     node_watch_s: float | None = 2.0  # follow nodes joining and leaving (None: only on sync_nodes calls)
+    # seat requests by their predicted experts (None: when the placement policy is a token-placement one)
+    token_placement: bool | None = None
+    reseat_every_s: float | None = None  # move running requests whose routing drifted, this often
+    decode_nodes: tuple[str, ...] | None = None  # one decode worker pinned on each of these node ids
 
     def __post_init__(self):
         for name in ("shards_per_node", "replicas", "num_prefill_workers", "num_decode_workers", "num_microbatches"):
@@ -78,18 +83,36 @@ class MoECluster:
         if c.rebalance_interval_s:
             ray.get(self.controller.start_schedule.remote(c.rebalance_interval_s))
         self.prefill = [self._start(PrefillWorker, c.prefill_resources) for _ in range(c.num_prefill_workers)]
-        self.decode = [self._start(DecodeWorker, c.decode_resources) for _ in range(c.num_decode_workers)]
+        if c.decode_nodes:
+            self.decode = [self._start(DecodeWorker, c.decode_resources, node) for node in c.decode_nodes]
+        else:
+            self.decode = [self._start(DecodeWorker, c.decode_resources) for _ in range(c.num_decode_workers)]
         ray.get([w.ready.remote() for w in self.prefill + self.decode], timeout=READY_TIMEOUT_S)
         self.prefill_nodes = ray.get([w.node_id.remote() for w in self.prefill])
+        self.decode_nodes = ray.get([w.node_id.remote() for w in self.decode])
         eos = tuple(self.spec.eos_token_ids) + tuple(getattr(self.tokenizer, "eos_token_ids", ()))
         max_len = self.spec.max_position_embeddings
         self.router = RequestRouter(list(zip(self.prefill, self.prefill_nodes)), self.decode, self.tokenizer,
-                                    tuple(sorted(set(eos))), max_len)  # fmt: skip
+                                    tuple(sorted(set(eos))), max_len, seating=self._seating(),
+                                    decode_nodes=self.decode_nodes, reseat_every_s=c.reseat_every_s)  # fmt: skip
 
-    def _start(self, cls, resources: dict | None):
+    def _seating(self):
+        """Speculative token placement at the front, if on (see ClusterConfig.token_placement)."""
+        from raymoe.cluster.seating import Seating
+        from raymoe.policies.registry import REGISTRY
+
+        c = self.config
+        on = c.token_placement
+        if on is None:
+            on = c.placement_policy is not None and REGISTRY[c.placement_policy].is_token_placement
+        return Seating(self.controller, self.spec.moe_layer_ids, self.spec.num_experts) if on else None
+
+    def _start(self, cls, resources: dict | None, node_id: str | None = None):
+        strategy = NodeAffinitySchedulingStrategy(node_id, soft=False) if node_id else None
         actor = ray.remote(cls).options(
-            num_cpus=self.config.worker_num_cpus, resources=resources or {}, max_concurrency=8, max_restarts=0
-        )
+            num_cpus=self.config.worker_num_cpus, resources=resources or {}, max_concurrency=8, max_restarts=0,
+            scheduling_strategy=strategy,
+        )  # fmt: skip
         return actor.remote(self.model_path, self.config, self.config.namespace)
 
     # ----- requests ----------------------------------------------------------------------------
@@ -139,6 +162,7 @@ class MoECluster:
             "prefill": ray.get([w.stats.remote() for w in self.prefill]),
             "decode": ray.get([w.stats.remote() for w in self.router.decode]),
             "resumed_sequences": self.router.num_resumed,
+            "reseated_sequences": self.router.num_reseated,
         }
 
     def shutdown(self) -> None:

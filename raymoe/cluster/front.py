@@ -5,11 +5,18 @@ worker, hands each first token to a decode worker, long-polls the decode workers
 them into text with stop strings applied (aborting the remote sequence on a stop string), and
 resumes the sequences of a decode worker that died on another one, from the tokens already
 delivered: the caller never sees a token twice or misses one.
+
+With a `Seating` (speculative token placement), a new request goes to the decode worker whose node
+holds most of its prompt's experts, under a per-worker cap; every `reseat_every_s` the running
+requests whose routing drifted are moved when the gain beats the move (`Seating.reseat`): the old
+worker puts the sequence's KV blocks into its node's pool and drops it, the new one resumes it
+from the tokens delivered, importing that KV (exact: the same tokens, the same KV).
 """
 
 from __future__ import annotations
 
 import itertools
+import time
 from collections.abc import Iterator
 
 import ray
@@ -37,6 +44,7 @@ class Tracked:
         self.stop = StopChecker(request.params, eos_token_ids, max_model_len, detok)
         self.finished = False
         self.worker = None
+        self.routing = None  # numpy [moe layers, experts]: the prompt's routing, from the prefill
 
     def accept(self, token_ids: list[int]) -> RequestOutput:
         """Take tokens from a worker; returns the delta for the caller (stops applied here too)."""
@@ -59,13 +67,17 @@ class Tracked:
 
 class RequestRouter:
     def __init__(self, prefill_workers: list, decode_workers: list, tokenizer, eos_token_ids, max_model_len: int,
-                 poll_timeout_s: float = 0.5):  # fmt: skip
+                 poll_timeout_s: float = 0.5, seating=None, decode_nodes: list[str] | None = None,
+                 reseat_every_s: float | None = None):  # fmt: skip
         self.prefill = list(prefill_workers)  # (handle, node_id)
         self.decode = list(decode_workers)  # handles
+        self.decode_nodes = list(decode_nodes) if decode_nodes is not None else [None] * len(self.decode)
+        self.seating, self.reseat_every_s = seating, reseat_every_s  # a raymoe.cluster.seating.Seating
+        self.seat_of: dict[str, object] = {}  # request id -> the decode worker running it
         self.tokenizer, self.eos_token_ids, self.max_model_len = tokenizer, eos_token_ids, max_model_len
         self.poll_timeout_s = poll_timeout_s
         self._rr = itertools.count()
-        self.num_resumed = 0
+        self.num_resumed, self.num_reseated = 0, 0
         self.cancelled: set[str] = set()  # request ids whose caller went away
 
     def cancel(self, request_id: str) -> None:
@@ -77,6 +89,7 @@ class RequestRouter:
         tracked = {r.request_id: Tracked(r, self.tokenizer, self.eos_token_ids, self.max_model_len) for r in requests}
         for handoff in self._prefill(requests):
             t = tracked[handoff.request_id]
+            t.routing = handoff.routing
             out = t.accept([handoff.first_token])
             out.finished = out.finished or handoff.finish_reason is not None
             out.finish_reason = out.finish_reason or handoff.finish_reason
@@ -91,10 +104,10 @@ class RequestRouter:
             r.kv_node_id = node_id  # where its prompt KV will be pooled
         return ray.get(handle.prefill.remote(requests))
 
-    def _submit(self, items: list[Tracked]) -> None:
+    def _submit(self, items: list[Tracked], workers: list | None = None) -> None:
         by_worker: dict = {}
-        for t in items:
-            t.worker = self._pick_decode()
+        for t, worker in zip(items, workers or self._pick_decode(items)):
+            t.worker = self.seat_of[t.request.request_id] = worker
             by_worker.setdefault(t.worker, []).append(t.resume_request())
         for worker, reqs in by_worker.items():
             try:
@@ -103,18 +116,74 @@ class RequestRouter:
                 self._drop(worker)
                 self._submit([t for t in items if t.worker is worker])
 
-    def _pick_decode(self):
+    def _pick_decode(self, items: list[Tracked]) -> list:
         if not self.decode:
             raise NoWorkerError("no live decode worker: the cluster needs at least one")
-        return self.decode[next(self._rr) % len(self.decode)]
+        if self.seating is None:
+            return [self.decode[next(self._rr) % len(self.decode)] for _ in items]
+        seats = self.seating.seat([t.routing for t in items], self.decode_nodes, self._running())
+        return [self.decode[w] for w in seats]
+
+    def _running(self) -> list[int]:
+        """Requests each decode worker runs for this router now."""
+        running = {id(w): 0 for w in self.decode}
+        for worker in self.seat_of.values():
+            if id(worker) in running:
+                running[id(worker)] += 1
+        return [running[id(w)] for w in self.decode]
 
     def _drop(self, worker) -> None:
         if worker in self.decode:
-            self.decode.remove(worker)
+            i = self.decode.index(worker)
+            del self.decode[i], self.decode_nodes[i]
+
+    def _finish(self, t: Tracked) -> None:
+        t.finished = True
+        self.seat_of.pop(t.request.request_id, None)
+
+    def _reseat(self, tracked: dict[str, Tracked]) -> None:
+        """Move running requests whose routing so far favours another worker's node."""
+        running = [t for t in tracked.values() if not t.finished and t.routing is not None]
+        by_worker: dict = {}
+        for t in running:
+            by_worker.setdefault(t.worker, []).append(t)
+        items, routings = [], []
+        for worker, ts in by_worker.items():
+            try:
+                seen = ray.get(worker.routing.remote([t.request.request_id for t in ts]))
+            except ACTOR_DEAD:
+                continue  # the poll loop resumes its requests
+            for t in ts:
+                items.append(t)
+                routings.append(t.routing + seen.get(t.request.request_id, 0))
+        if not items or len(self.decode) < 2:
+            return
+        seats = [self.decode.index(t.worker) for t in items]
+        moves = self.seating.reseat(routings, seats, self.decode_nodes, self._running())
+        for t, target in zip(items, moves):
+            if target is not None:
+                self._move(t, self.decode[target])
+
+    def _move(self, t: Tracked, target) -> None:
+        """The old worker pools the sequence's KV and drops it; the target resumes it."""
+        rid = t.request.request_id
+        try:
+            released = ray.get(t.worker.release.remote([rid]))
+        except ACTOR_DEAD:
+            return
+        if rid not in released:  # it finished meanwhile: its last tokens are in the outbox
+            return
+        t.request.kv_node_id = released[rid]
+        self.num_reseated += 1
+        self._submit([t], [target])
 
     def _stream(self, tracked: dict[str, Tracked]) -> Iterator[RequestOutput]:
+        last_reseat = time.monotonic()
         while any(not t.finished for t in tracked.values()):
             self._drop_cancelled(tracked)
+            if self.seating is not None and self.reseat_every_s and time.monotonic() - last_reseat > self.reseat_every_s:
+                self._reseat(tracked)
+                last_reseat = time.monotonic()
             active: dict = {}
             for rid, t in tracked.items():
                 if not t.finished:
@@ -133,7 +202,7 @@ class RequestRouter:
     def _drop_cancelled(self, tracked: dict[str, Tracked]) -> None:
         for rid in [r for r, t in tracked.items() if r in self.cancelled and not t.finished]:
             t = tracked[rid]
-            t.finished = True
+            self._finish(t)
             self.cancelled.discard(rid)
             try:
                 t.worker.abort.remote([rid])
@@ -144,11 +213,15 @@ class RequestRouter:
         stopped = []
         for rid, delta in deltas.items():
             t = tracked[rid]
+            if t.worker is not worker:  # moved meanwhile: its tokens come from the new worker
+                continue
             out = t.accept(delta.token_ids)
             if delta.finished and not out.finished:  # the worker's limits (e.g. context) ended it
                 out.finished, out.finish_reason, t.finished = True, delta.finish_reason, True
             elif out.finished and not delta.finished:
                 stopped.append(rid)  # a stop string: the worker does not know text
+            if t.finished:
+                self._finish(t)
             if out.token_ids or out.finished:
                 yield out
         if stopped:

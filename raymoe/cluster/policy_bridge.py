@@ -34,6 +34,12 @@ def plan_placement(policy: PolicyName, load: np.ndarray, moe_layers: list[int], 
     topology, nodes = policy_topology(current, node_speeds, layer_load.shape[1], extra_replicas)
     calibration = Calibration(layer_load, np.zeros((0,) + layer_load.shape))
     plan = REGISTRY[policy].build(calibration, topology)
+    return placement_from_plan(plan, moe_layers, current, nodes)
+
+
+def placement_from_plan(plan, moe_layers: list[int], current: Placement, nodes: list[str]) -> Placement:
+    """A policy's plan (node i = `nodes[i]`) over `current`'s shards: each node's physical experts
+    dealt round robin over its shards (epoch unchanged; the controller bumps it when it applies)."""
     shards_of = {n: [s for s, sn in enumerate(current.shard_nodes) if sn == n] for n in nodes}
     expert_to_shards: dict = {}
     for i, layer in enumerate(moe_layers):

@@ -182,3 +182,29 @@ def _best_node(state: _Placement, scores: np.ndarray, request: int) -> int:
     if not has_room.any():
         return state.least_loaded()
     return int(np.argmax(np.where(has_room, scores, -np.inf)))
+
+
+def seat_requests(affinity: np.ndarray, count: np.ndarray, caps: np.ndarray,
+                  speeds: np.ndarray | None = None) -> np.ndarray:
+    """Seats for new requests, as a live router places them: each on the worker with the highest
+    affinity that is under its cap; the most decided request chooses first; when every worker is
+    full, the least loaded (by speed). affinity: `[requests, workers]` (`node_affinity` through
+    each worker's node); count: `[workers]` requests already seated (updated in place);
+    caps: `[workers]`. Returns `[requests]` worker indices."""
+    speeds = np.ones(len(count)) if speeds is None else np.asarray(speeds, dtype=np.float64)
+    state = _Placement(len(affinity), np.asarray(caps), speeds)
+    state.count = count
+    for i in _decided_first(affinity):
+        state.put(int(i), _best_node(state, affinity[i], int(i)), is_final=True)
+    return state.node.copy()
+
+
+def reseat_target(affinity: np.ndarray, seat: int, count: np.ndarray, caps: np.ndarray,
+                  min_gain: float) -> int | None:
+    """The worker a running request should move to, or None: moving costs a KV transfer, so it
+    moves only when its predicted local share gains more than `min_gain` on a worker with room.
+    affinity: `[workers]` its share of predicted pairs per worker; count, caps: `[workers]`."""
+    has_room = count < caps
+    has_room[seat] = True
+    best = int(np.argmax(np.where(has_room, affinity, -np.inf)))
+    return best if best != seat and affinity[best] - affinity[seat] > min_gain else None

@@ -116,3 +116,24 @@ def test_request_profile_leaves_routing_blind_policies_alone():
         a = evaluate(tiny_trace(), policy, Topology(2, 6), request_profile="history", **kwargs)
         b = evaluate(tiny_trace(), policy, Topology(2, 6), request_profile="warmup", **kwargs)
         assert a == b
+
+
+def test_seat_requests_most_decided_first_under_caps():
+    from raymoe.policies.token_placement import seat_requests
+
+    affinity = np.array([[0.6, 0.4], [0.9, 0.1], [0.5, 0.5], [0.2, 0.8]])
+    count = np.array([1, 0])
+    seats = seat_requests(affinity, count, caps=np.array([2, 3]))
+    # request 1 (margin 0.8) takes worker 0's last seat; request 0 then finds it full
+    assert seats.tolist() == [1, 0, 1, 1]
+    assert count.tolist() == [2, 3]
+    assert seat_requests(np.array([[1.0, 0.0]]), count, np.array([2, 3])).tolist() == [0]  # all full
+
+
+def test_reseat_target_needs_gain_and_room():
+    from raymoe.policies.token_placement import reseat_target
+
+    count, caps = np.array([2, 1, 2]), np.array([2, 2, 2])
+    assert reseat_target(np.array([0.3, 0.6, 0.9]), 0, count, caps, 0.1) == 1  # worker 2 is full
+    assert reseat_target(np.array([0.3, 0.35, 0.9]), 0, count, caps, 0.1) is None  # gain too small
+    assert reseat_target(np.array([0.7, 0.6, 0.1]), 0, count, caps, 0.0) is None  # already best
