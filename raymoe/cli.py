@@ -1,4 +1,4 @@
-"""The `raymoe` command line: `raymoe serve | generate | status | plan`."""
+"""The `raymoe` command line: `raymoe serve | generate | status | plan | replay`."""
 
 from __future__ import annotations
 
@@ -54,6 +54,12 @@ def _plan(args: argparse.Namespace) -> int:
     return plan_main(args.rest) or 0
 
 
+def _replay(args: argparse.Namespace) -> int:
+    from raymoe.replay_run import replay_main
+
+    return replay_main(args.rest) or 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="raymoe", description="Elastic Mixture-of-Experts serving on Ray.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -88,6 +94,11 @@ def build_parser() -> argparse.ArgumentParser:
                           add_help=False)  # fmt: skip
     plan.add_argument("rest", nargs=argparse.REMAINDER)
     plan.set_defaults(func=_plan)
+
+    rep = sub.add_parser("replay", help="replay a routing trace through a live local cluster and measure placement "
+                         "(see `raymoe replay --help`)", add_help=False)  # fmt: skip
+    rep.add_argument("rest", nargs=argparse.REMAINDER)
+    rep.set_defaults(func=_replay)
     return parser
 
 
@@ -95,6 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["plan"]:  # its own parser (raymoe.policies.cli) reads every flag after it
         args = argparse.Namespace(command="plan", rest=argv[1:], func=_plan)
+    elif argv[:1] == ["replay"]:  # likewise (raymoe.replay_run)
+        args = argparse.Namespace(command="replay", rest=argv[1:], func=_replay)
     else:
         args = build_parser().parse_args(argv)
     try:

@@ -17,6 +17,7 @@ class WorkRequest:
     params: SamplingParams
     output_token_ids: list[int] = field(default_factory=list)
     kv_node_id: str | None = None  # node whose KV pool holds this request's prompt blocks
+    routing: object = None  # numpy [moe layers, experts]: its routing seen so far (decode router's seat)
 
 
 @dataclass

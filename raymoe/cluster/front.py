@@ -62,7 +62,8 @@ class Tracked:
 
     def resume_request(self) -> WorkRequest:
         r = self.request
-        return WorkRequest(r.request_id, r.prompt_token_ids, r.params, self.seq.output_token_ids, r.kv_node_id)
+        return WorkRequest(r.request_id, r.prompt_token_ids, r.params, self.seq.output_token_ids, r.kv_node_id,
+                           self.routing)  # fmt: skip
 
 
 class RequestRouter:

@@ -20,16 +20,18 @@ RESEAT_GAIN = 0.15  # a running request moves when its local share would rise by
 
 
 def held_on_nodes(placement: Placement, moe_layers: list[int], num_experts: int, nodes: list[str]) -> np.ndarray:
-    """`[moe layers, experts, nodes]` 1 where a node holds a replica of the expert (on any shard)."""
-    index = {n: i for i, n in enumerate(nodes)}
-    held = np.zeros((len(moe_layers), num_experts, len(nodes)), dtype=np.int64)
+    """`[moe layers, experts, nodes]` 1 where a node holds a replica of the expert (on any shard);
+    `nodes` may repeat (two workers on one node)."""
+    unique = list(dict.fromkeys(nodes))
+    index = {n: i for i, n in enumerate(unique)}
+    held = np.zeros((len(moe_layers), num_experts, len(unique)), dtype=np.int64)
     for i, layer in enumerate(moe_layers):
         for e in range(num_experts):
             for s in placement.expert_to_shards.get((layer, e), ()):
                 n = index.get(placement.shard_nodes[s])
                 if n is not None:
                     held[i, e, n] = 1
-    return held
+    return held[:, :, [index[n] for n in nodes]]
 
 
 class Seating:

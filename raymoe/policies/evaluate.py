@@ -28,7 +28,7 @@ from raymoe.policies.token_placement import (
     request_profiles,
 )
 from raymoe.policies.topology import Topology
-from raymoe.policies.traces import Trace, decode_batches
+from raymoe.policies.traces import DecodeBatches, Trace, decode_batches
 
 
 @dataclass
@@ -48,18 +48,22 @@ class Replay:
 def replay(trace: Trace, policy: str, topology: Topology, *, calibration: Trace | None = None,
            batch_size: int = 128, num_steps: int | None = None, seed: int = 0,
            replan_every: int | None = None, warmup_tokens: int = 8, cap_slack: float = 0.1,
-           request_profile: RequestProfile = "history", options: dict | None = None) -> Replay:
+           request_profile: RequestProfile = "history", options: dict | None = None,
+           batches: DecodeBatches | None = None, plan: Plan | None = None) -> Replay:
     """Serve `trace` under `policy`, planned from `calibration` (default: the trace itself).
 
     replan_every: re-plan every that many steps from the steps just served (what a
     controller sees), as the policy's spec says (full or incremental).
     request_profile: what token placement predicts a request's experts from, its routing
     so far ("history") or its first `warmup_tokens` tokens only ("warmup").
+    batches: the decode steps to serve (default: `decode_batches` of the trace, steady state);
+    plan: the plan to start from (default: the policy's, from the calibration).
     """
     spec, options = get_policy(policy), options or {}
     calib = Calibration.from_trace(calibration if calibration is not None else trace)
-    batches = decode_batches(trace, batch_size, num_steps, seed)
-    plans = [spec.build(calib, topology, **options)]
+    if batches is None:
+        batches = decode_batches(trace, batch_size, num_steps, seed)
+    plans = [plan if plan is not None else spec.build(calib, topology, **options)]
     plan_of_step = np.zeros(batches.num_steps, dtype=np.int64)
     replicas = plans[-1].replicas_on_node(topology.num_nodes)  # [L, E, N]
     profiles = (request_profiles(trace, batches, request_profile, warmup_tokens)

@@ -143,6 +143,18 @@ def decode_batches(trace: Trace, batch_size: int, num_steps: int | None = None,
     return DecodeBatches(experts, request, position, request_sequence)
 
 
+def request_batches(trace: Trace, sequence: np.ndarray, start: int, num_steps: int) -> DecodeBatches:
+    """`len(sequence)` requests admitted together, request r replaying trace sequence
+    `sequence[r]`, each decoding `num_steps` tokens from position `start` (as `raymoe replay`
+    serves them). Past a sequence's end its tokens wrap around, as routing replay does."""
+    sequence = np.asarray(sequence, dtype=np.int64)
+    position = np.broadcast_to(start + np.arange(num_steps)[:, None], (num_steps, len(sequence)))
+    experts = np.stack([[trace.sequences[s].experts[p % trace.sequences[s].num_tokens]
+                         for s, p in zip(sequence, row)] for row in position])  # fmt: skip
+    request = np.broadcast_to(np.arange(len(sequence)), position.shape)
+    return DecodeBatches(experts, request.copy(), position.copy(), sequence)
+
+
 class _RequestQueue:
     def __init__(self, num_sequences: int, rng: np.random.Generator):
         self.num_sequences, self.rng, self.issued, self._pending = num_sequences, rng, [], []

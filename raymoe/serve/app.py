@@ -80,8 +80,12 @@ def _cluster_backend(config: RaymoeConfig, data: dict, model_path: str):
 
     A worker replica owns a worker actor that reserves the deployment's resources (so the replica
     itself reserves none); the front is light: one replica, placed like the ingress."""
+    from ray.serve.config import RequestRouterConfig
+
+    from raymoe.policies.registry import REGISTRY
     from raymoe.serve.autoscale import autoscaling_config
     from raymoe.serve.cluster_backend import ClusterBackend
+    from raymoe.serve.cluster_setup import NAMESPACE
     from raymoe.serve.workers import DecodeServer, PrefillServer
 
     workers = {}
@@ -89,6 +93,10 @@ def _cluster_backend(config: RaymoeConfig, data: dict, model_path: str):
         settings = getattr(config, name)
         opts = deployment_options(settings, autoscaling_config(settings.autoscaling, name))
         opts["ray_actor_options"] = {"num_cpus": 0}
+        if name == "decode" and REGISTRY[config.cluster.placement_policy].is_token_placement:
+            opts["request_router_config"] = RequestRouterConfig(
+                request_router_class="raymoe.serve.expert_router:ExpertAffinityRouter",
+                request_router_kwargs={"namespace": NAMESPACE})  # fmt: skip
         workers[name] = cls.options(**opts).bind(data, model_path)
     front = deployment_options(config.ingress)
     front["autoscaling_config"] = {"min_replicas": 1, "initial_replicas": 1, "max_replicas": 1}

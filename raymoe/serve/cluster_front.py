@@ -46,6 +46,7 @@ class ServeFront:
         tracked = Tracked(request, self.tokenizer, self.eos_token_ids, self.max_model_len)
         handoff = await self._prefill(request)
         request.kv_node_id = handoff.kv_node_id
+        tracked.routing = handoff.routing  # the decode router seats it by its prompt's experts
         out = tracked.accept([handoff.first_token])
         out.finished = out.finished or handoff.finish_reason is not None
         out.finish_reason = out.finish_reason or handoff.finish_reason
