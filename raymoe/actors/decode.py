@@ -162,6 +162,10 @@ class DecodeWorker(WorkerShell):
         if self._controller is None:
             self._controller = ray.get_actor(CONTROLLER_NAME, namespace=self.namespace)
         self._controller.report_load.remote(ray.get_runtime_context().get_actor_id(), self.experts.take_load().tolist())
+        with self.lock:
+            routing = self.core.routing(list(self.core.engine.requests))
+        if routing:  # the running requests' profiles, for the grouping policies
+            self._controller.report_requests.remote(ray.get_runtime_context().get_node_id(), routing)
 
     def submit(self, requests: list[WorkRequest]) -> None:
         with self.lock:

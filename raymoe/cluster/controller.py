@@ -84,6 +84,7 @@ class Controller(NodeSync):
         ray.get([h.ping.remote() for h in self._handles], timeout=CALL_TIMEOUT_S)
         self._workers: dict[str, object] = {}
         self._reports: deque = deque()  # (time, worker id, [layers, experts] counts)
+        self._requests: dict[str, tuple] = {}  # request id -> (time, node id, [moe layers, experts] pairs)
 
     # --- state -----------------------------------------------------------------------------------
     def placement(self) -> tuple[Placement, list]:
@@ -136,6 +137,28 @@ class Controller(NodeSync):
         with self._state:
             self._reports.append((time.monotonic(), worker_id, counts))
 
+    def report_requests(self, node_id: str, routing: dict) -> None:
+        """routing: request id -> `[moe layers, experts]` pairs each running request routed so far on
+        a worker of `node_id` (the grouping policies' request profiles; the latest report wins)."""
+        now = time.monotonic()
+        with self._state:
+            for rid, counts in routing.items():
+                self._requests[rid] = (now, node_id, np.asarray(counts, dtype=np.float64))
+
+    def request_profiles(self) -> tuple[np.ndarray, list[str]]:
+        """(`[requests, moe layers, experts]` per-token expert shares, node of each) of the requests
+        reported within the window."""
+        with self._state:
+            horizon = time.monotonic() - self.load_window_s
+            self._requests = {r: v for r, v in self._requests.items() if v[0] >= horizon}
+            entries = [v for v in self._requests.values() if v[2].sum() > 0]
+        shape = (0, len(self.spec.moe_layer_ids), self.spec.num_experts)
+        if not entries:
+            return np.zeros(shape), []
+        pairs_per_token = self.spec.top_k * len(self.spec.moe_layer_ids)  # as sequence_profiles: per token
+        profiles = np.stack([c * pairs_per_token / c.sum() for _, _, c in entries])
+        return profiles, [n for _, n, _ in entries]
+
     def load(self) -> np.ndarray:
         """[layers, experts] token-expert pairs reported within the sliding window."""
         total = np.zeros((self.spec.num_layers, self.spec.num_experts), dtype=np.int64)
@@ -170,7 +193,9 @@ class Controller(NodeSync):
             from raymoe.cluster.policy_bridge import plan_placement
 
             by_node = dict(zip(current.shard_nodes, speeds))
-            return plan_placement(policy, self.load(), self.spec.moe_layer_ids, current, by_node, extra)
+            profiles, nodes = self.request_profiles()
+            return plan_placement(policy, self.load(), self.spec.moe_layer_ids, current, by_node, extra,
+                                  profiles, nodes)  # fmt: skip
         return speed_weighted_placement(
             self.load(), self.spec.moe_layer_ids, current.shard_nodes, speeds,
             extra_replicas=extra, current=current, shard_names=current.shard_names,
@@ -368,6 +393,9 @@ class ControllerActor:
 
     def load(self) -> list:
         return self.core.load().tolist()
+
+    def report_requests(self, node_id: str, routing: dict) -> None:
+        self.core.report_requests(node_id, routing)
 
     def apply(self, placement: Placement) -> int:
         return self.core.apply(placement)

@@ -27,14 +27,30 @@ def policy_topology(current: Placement, node_speeds: dict[str, float], num_exper
 
 
 def plan_placement(policy: PolicyName, load: np.ndarray, moe_layers: list[int], current: Placement,
-                   node_speeds: dict[str, float], extra_replicas: int) -> Placement:  # fmt: skip
+                   node_speeds: dict[str, float], extra_replicas: int, profiles: np.ndarray | None = None,
+                   request_nodes: list[str] | None = None) -> Placement:  # fmt: skip
     """load: `[layers, experts]` (model layer ids as rows) -> the next Placement (epoch unchanged;
-    the controller bumps it when it applies)."""
+    the controller bumps it when it applies). profiles: `[requests, moe layers, experts]` the live
+    requests' routing (per-token expert shares), request_nodes: the node each runs on; the grouping
+    policies cluster them (regrouping starts from where they run)."""
     layer_load = np.asarray(load, dtype=np.float64)[moe_layers]  # [moe layers, experts]
     topology, nodes = policy_topology(current, node_speeds, layer_load.shape[1], extra_replicas)
-    calibration = Calibration(layer_load, np.zeros((0,) + layer_load.shape))
+    calibration = request_calibration(layer_load, profiles, request_nodes, nodes)
     plan = REGISTRY[policy].build(calibration, topology)
     return placement_from_plan(plan, moe_layers, current, nodes)
+
+
+def request_calibration(load: np.ndarray, profiles: np.ndarray | None, request_nodes: list[str] | None,
+                        nodes: list[str]) -> Calibration:
+    """The policies' input from live statistics: load `[moe layers, experts]`, the requests'
+    profiles, and each request's node index (None unless every request runs on a planned node)."""
+    if profiles is None or len(profiles) == 0:
+        return Calibration(load, np.zeros((0,) + load.shape))
+    calibration = Calibration(load, np.asarray(profiles, dtype=np.float64))
+    index = {n: i for i, n in enumerate(nodes)}
+    if request_nodes is not None and all(n in index for n in request_nodes):
+        calibration.request_node = np.array([index[n] for n in request_nodes], dtype=np.int64)
+    return calibration
 
 
 def placement_from_plan(plan, moe_layers: list[int], current: Placement, nodes: list[str]) -> Placement:

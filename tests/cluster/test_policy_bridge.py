@@ -35,3 +35,25 @@ def test_unknown_policy_is_a_config_error():
 
     with pytest.raises(ConfigError, match="unknown"):
         _checked_policy("fastest")
+
+
+def test_grouping_places_live_requests_experts_on_their_node():
+    """Live request profiles reach the grouping policies: two kinds of request, one on each node,
+    each using one half of the experts; each node ends up holding its requests' half."""
+    from raymoe.cluster.policy_bridge import request_calibration
+    from raymoe.cluster.seating import held_on_nodes
+    from raymoe.policies.token_placement import node_affinity
+
+    profiles = np.zeros((8, 2, 8))
+    profiles[:4, :, :4], profiles[4:, :, 4:] = 0.5, 0.5
+    nodes = ["a"] * 4 + ["b"] * 4
+    assert request_calibration(np.ones((2, 8)), profiles, nodes, ["a", "b"]).request_node.tolist() == [0] * 4 + [1] * 4
+    assert request_calibration(np.ones((2, 8)), profiles, ["a"] * 7 + ["gone"], ["a", "b"]).request_node is None
+    load = profiles.sum(0)
+    p = plan_placement("regrouping", load, [0, 1], current(), {"a": 1, "b": 1}, 0, profiles, nodes)
+    p.check_covers([0, 1], 8)
+    affinity = node_affinity(profiles, held_on_nodes(p, [0, 1], 8, ["a", "b"]))
+    blind = plan_placement("regrouping", load, [0, 1], current(), {"a": 1, "b": 1}, 0)
+    blind_affinity = node_affinity(profiles, held_on_nodes(blind, [0, 1], 8, ["a", "b"]))
+    own = affinity[np.arange(8), [0] * 4 + [1] * 4]
+    assert own.mean() > 0.9 > blind_affinity[np.arange(8), [0] * 4 + [1] * 4].mean()
