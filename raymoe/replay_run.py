@@ -27,6 +27,8 @@ import numpy as np
 from raymoe.errors import ConfigError, RaymoeError
 
 PROMPT_TOKENS = 16  # recorded tokens each prompt replays (its routing predicts the request's experts)
+REPLAN_AFTER_TOKENS = 6  # re-planning policies re-plan from live requests after this many tokens each
+LOAD_REPORT_S = 1.0  # as raymoe.actors.decode.LOAD_REPORT_S
 
 
 class _Parser(argparse.ArgumentParser):
@@ -175,13 +177,37 @@ def serve(model: Path, args, topology, calibration, spec, prompts: list[list[int
         params = SamplingParams(temperature=0, max_tokens=args.max_tokens, ignore_eos=True)
         ray.get([w.take_timings.remote() for w in cluster.decode])
         start = time.perf_counter()
-        outputs = [o.token_ids for o in cluster.generate(prompts, params)]
+        replan = REPLAN_AFTER_TOKENS if spec.replan == "regroup" else None
+        extra = topology.num_nodes * topology.slots_per_node - cluster.spec.num_experts
+        outputs = generate(cluster, prompts, params, replan, args.policy, extra)
         wall = time.perf_counter() - start
         timings = ray.get([w.take_timings.remote() for w in cluster.decode])
         measured = measure(cluster, timings, wall, shard_nodes)
     finally:
         cluster.shutdown()
     return {**measured, "plan": plan, "plan_nodes": len(shard_nodes), "outputs": outputs}
+
+
+def generate(cluster, prompts, params, replan_after: int | None, policy: str, extra_replicas: int) -> list:
+    """Every request's token ids. With `replan_after`: once every request has that many tokens
+    (its decode routing reported), the controller re-plans from the live request profiles (two
+    phases) and the front re-seats the running requests whose experts moved."""
+    requests = cluster._requests(prompts, params)
+    got = {r.request_id: [] for r in requests}
+    for delta in cluster.router.run(requests):
+        got[delta.request_id].extend(delta.token_ids)
+        if replan_after and min(len(t) for t in got.values()) >= replan_after:
+            replan_after = None
+            time.sleep(2 * LOAD_REPORT_S)  # the workers' next routing reports reach the controller
+            ray_get(cluster.controller.rebalance.remote(extra_replicas, policy))
+            cluster.router.request_reseat()
+    return [got[r.request_id] for r in requests]
+
+
+def ray_get(ref):
+    import ray
+
+    return ray.get(ref)
 
 
 def measure(cluster, timings: list[dict], wall_s: float, nodes: list[str]) -> dict:
@@ -202,7 +228,9 @@ def predicted_local_rate(trace, args, topology, plan, spec, sequences: np.ndarra
     from raymoe.policies.traces import request_batches
 
     batches = request_batches(trace, sequences, PROMPT_TOKENS, args.max_tokens - 1)
-    result = replay(trace, args.policy, topology, batches=batches, plan=plan, warmup_tokens=PROMPT_TOKENS)
+    replan = REPLAN_AFTER_TOKENS if spec.replan == "regroup" else None
+    result = replay(trace, args.policy, topology, batches=batches, plan=plan, warmup_tokens=PROMPT_TOKENS,
+                    replan_every=replan)  # fmt: skip
     return summarize(result, topology)["local_activation_rate"]
 
 

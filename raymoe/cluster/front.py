@@ -79,7 +79,12 @@ class RequestRouter:
         self.poll_timeout_s = poll_timeout_s
         self._rr = itertools.count()
         self.num_resumed, self.num_reseated = 0, 0
+        self._reseat_requested = False
         self.cancelled: set[str] = set()  # request ids whose caller went away
+
+    def request_reseat(self) -> None:
+        """Re-seat the running requests at the next poll round (e.g. after a new placement)."""
+        self._reseat_requested = True
 
     def cancel(self, request_id: str) -> None:
         """Stop a request (its caller is gone); `run` aborts it on its worker and ends it."""
@@ -182,7 +187,9 @@ class RequestRouter:
         last_reseat = time.monotonic()
         while any(not t.finished for t in tracked.values()):
             self._drop_cancelled(tracked)
-            if self.seating is not None and self.reseat_every_s and time.monotonic() - last_reseat > self.reseat_every_s:
+            is_due = self.reseat_every_s and time.monotonic() - last_reseat > self.reseat_every_s
+            if self.seating is not None and (is_due or self._reseat_requested):
+                self._reseat_requested = False
                 self._reseat(tracked)
                 last_reseat = time.monotonic()
             active: dict = {}

@@ -16,7 +16,7 @@ from raymoe.cluster.placement import Placement
 from raymoe.policies.token_placement import node_affinity, node_caps, reseat_target, seat_requests
 
 CAP_SLACK = 0.1  # a worker may take this much more than its share of the running requests
-RESEAT_GAIN = 0.15  # a running request moves when its local share would rise by more than this
+RESEAT_GAIN = 0.05  # a running request moves when its local share would rise by more than this
 
 
 def held_on_nodes(placement: Placement, moe_layers: list[int], num_experts: int, nodes: list[str]) -> np.ndarray:
