@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
+from raymoe import __version__, logs
+from raymoe.cli_format import DefaultsHelpFormatter
 from raymoe.errors import RaymoeError
+from raymoe.extras import missing_extra_message
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -61,10 +67,19 @@ def _replay(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="raymoe", description="Elastic Mixture-of-Experts serving on Ray.")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--log-level", choices=LOG_LEVELS, default=argparse.SUPPRESS,
+                        help="what raymoe logs to stderr (default: info)")
+    parser = argparse.ArgumentParser(prog="raymoe", description="Elastic Mixture-of-Experts serving on Ray.",
+                                     formatter_class=DefaultsHelpFormatter, parents=[common])  # fmt: skip
+    parser.set_defaults(log_level="info")
+    parser.add_argument("--version", action="version", version=f"raymoe {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    srv = sub.add_parser("serve", help="serve the model over OpenAI-compatible HTTP on Ray Serve")
+    def add(name: str, **kwargs) -> argparse.ArgumentParser:
+        return sub.add_parser(name, formatter_class=DefaultsHelpFormatter, parents=[common], **kwargs)
+
+    srv = add("serve", help="serve the model over OpenAI-compatible HTTP on Ray Serve")
     srv.add_argument("--model", default=None, help="Hugging Face MoE checkpoint folder (default: built-in model)")
     srv.add_argument("--config", default=None, help="raymoe YAML config (the same file the manifests embed)")
     srv.add_argument("--host", default=None, help="address to bind (default 127.0.0.1, or the config's)")
@@ -73,18 +88,21 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--address", default=None, help="join this Ray cluster (e.g. auto) instead of starting one")
     srv.set_defaults(func=_serve)
 
-    gen = sub.add_parser("generate", help="generate text from a prompt, streamed to stdout")
+    gen = add("generate", help="generate text from a prompt, streamed to stdout (greedy unless --temperature > 0)",
+              description="Generate text from a prompt, streamed to stdout. The command line decodes greedily "
+                          "by default (--temperature 0); raymoe.SamplingParams and the HTTP API default to "
+                          "temperature 1.0, as OpenAI's.")  # fmt: skip
     gen.add_argument("prompt")
     gen.add_argument("--model", default=None, help="Hugging Face MoE checkpoint folder (default: built-in model)")
-    gen.add_argument("--max-tokens", type=int, default=64)
-    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    gen.add_argument("--top-p", type=float, default=1.0)
-    gen.add_argument("--top-k", type=int, default=-1)
-    gen.add_argument("--seed", type=int, default=None)
-    gen.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    gen.add_argument("--max-tokens", type=int, default=64, help="tokens to generate at most")
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy; > 0 samples")
+    gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: keep this share of probability")
+    gen.add_argument("--top-k", type=int, default=-1, help="sample among the k likeliest tokens; -1 = all")
+    gen.add_argument("--seed", type=int, default=None, help="random seed for sampling")
+    gen.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="weights' dtype")
     gen.set_defaults(func=_generate)
 
-    st = sub.add_parser("status", help="a running server's nodes, workers, shards, epoch and scaling decisions")
+    st = add("status", help="a running server's nodes, workers, shards, epoch and scaling decisions")
     st.add_argument("--url", default="http://127.0.0.1:8000", help="the server's base URL")
     st.add_argument("--api-key", default=None, help="the server's API key, if it has one")
     st.add_argument("--json", action="store_true", help="print the raw /admin/cluster document")
@@ -105,15 +123,23 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["plan"]:  # its own parser (raymoe.policies.cli) reads every flag after it
-        args = argparse.Namespace(command="plan", rest=argv[1:], func=_plan)
+        args = argparse.Namespace(command="plan", rest=argv[1:], func=_plan, log_level="warning")
     elif argv[:1] == ["replay"]:  # likewise (raymoe.replay_run)
-        args = argparse.Namespace(command="replay", rest=argv[1:], func=_replay)
+        args = argparse.Namespace(command="replay", rest=argv[1:], func=_replay, log_level="info")
     else:
         args = build_parser().parse_args(argv)
+    logs.configure(args.log_level)
+    os.environ[logs.LEVEL_ENV] = args.log_level  # Ray actors started from here log at it too
     try:
         return args.func(args)
     except RaymoeError as e:
         print(f"raymoe {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as e:
+        message = missing_extra_message(e)
+        if message is None:
+            raise
+        print(f"raymoe {args.command}: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

@@ -15,6 +15,7 @@ import ray
 import torch
 
 from raymoe.errors import ConfigError, RaymoeError
+from raymoe.logs import configure_actor, progress
 from raymoe.model.checkpoint import Checkpoint
 from raymoe.model.experts import ExpertStore, LayerExperts, TokenGroups, expert_prefix
 from raymoe.model.layers import SwiGLU
@@ -67,7 +68,7 @@ class ExpertShardCore:
     def load(self, experts: Iterable[ExpertKey]) -> None:
         """Add experts (already held ones are skipped): reads only their tensors."""
         new = [self._check(key) for key in experts if tuple(key) not in self.weights]
-        for layer, e in new:
+        for layer, e in progress(new, "expert shard: loading experts", unit="expert") if new else ():
             prefix, names = expert_prefix(self.spec, layer, e)
             w = SwiGLU.load(self.ckpt, prefix, self.dtype, names)
             self.weights[(layer, e)] = SwiGLU(w.gate_up.to(self.device), w.down.to(self.device))
@@ -139,6 +140,7 @@ class ExpertShard:
 
     def __init__(self, model_path: str, experts: list[ExpertKey], dtype: str = "float32", device: str = "cpu"):
         torch.set_num_threads(1)  # shards share the node's cores with workers and other shards
+        configure_actor()
         self.core = ExpertShardCore(model_path, experts, dtype, device)
 
     def ping(self) -> str:

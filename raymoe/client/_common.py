@@ -10,14 +10,20 @@ from raymoe.client.errors import APIError, RateLimitError, ServiceUnavailableErr
 MAX_BACKOFF_S = 10.0
 
 
+def base_url(url: str) -> str:
+    """The server's root: "http://host:8000" and the OpenAI-style "http://host:8000/v1" both work."""
+    url = url.rstrip("/")
+    return url[: -len("/v1")] if url.endswith("/v1") else url
+
+
 def sampling_body(model: str, max_tokens, temperature, top_p, seed, stop, stream: bool, extra: dict) -> dict:
     body: dict[str, Any] = {"model": model, "stream": stream}
     for key, value in (("max_tokens", max_tokens), ("temperature", temperature), ("top_p", top_p),
                        ("seed", seed), ("stop", stop)):  # fmt: skip
         if value is not None:
             body[key] = value
-    if stream:
-        body["stream_options"] = {"include_usage": True}
+    # as the openai client: a stream ends with a usage chunk (no choices) only when asked, with
+    # stream_options={"include_usage": True}
     return {**body, **extra}
 
 

@@ -24,7 +24,7 @@ class AsyncClient:
     def __init__(self, base_url: str = "http://127.0.0.1:8000", api_key: str | None = None, timeout: float = 60.0,
                  max_retries: int = 2):  # fmt: skip
         self.max_retries = max_retries
-        self._http = httpx.AsyncClient(base_url=base_url.rstrip("/"), headers=common.headers(api_key), timeout=timeout)
+        self._http = httpx.AsyncClient(base_url=common.base_url(base_url), headers=common.headers(api_key), timeout=timeout)
         self._model: str | None = None
 
     async def close(self) -> None:

@@ -1,9 +1,13 @@
 """`Client`: the blocking SDK.
 
-    client = Client("http://127.0.0.1:8000", api_key=None)
+    client = Client("http://127.0.0.1:8000", api_key=None)     # or ".../v1", as the openai client takes
     out = client.complete("The sky is", max_tokens=16, temperature=0)
+    print("".join(c.choices[0].text for c in client.complete_stream("The sky is", max_tokens=16)))
     for chunk in client.chat_stream([{"role": "user", "content": "Hi"}]):
         print(chunk.choices[0].delta.content or "", end="")
+
+Streams carry choices only; pass stream_options={"include_usage": True} for a last chunk with the
+token counts and no choices (as OpenAI's API).
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ class Client:
     def __init__(self, base_url: str = "http://127.0.0.1:8000", api_key: str | None = None, timeout: float = 60.0,
                  max_retries: int = 2):  # fmt: skip
         self.max_retries = max_retries
-        self._http = httpx.Client(base_url=base_url.rstrip("/"), headers=common.headers(api_key), timeout=timeout)
+        self._http = httpx.Client(base_url=common.base_url(base_url), headers=common.headers(api_key), timeout=timeout)
         self._model: str | None = None
 
     def close(self) -> None:

@@ -14,6 +14,7 @@ Every placement change is recorded in `events` (kind, node, reason, epoch), show
 from __future__ import annotations
 
 import itertools
+import logging
 import threading
 import time
 from collections import deque
@@ -29,7 +30,10 @@ from raymoe.cluster.node_sync import NodeSync
 from raymoe.cluster.placement import Placement, contiguous_placement, speed_weighted_placement
 from raymoe.cluster.topology import Topology
 from raymoe.errors import ConfigError, RaymoeError
+from raymoe.logs import configure_actor
 from raymoe.model.spec import load_spec
+
+logger = logging.getLogger(__name__)
 
 CONTROLLER_NAME = "raymoe-controller"
 HEAD_RESOURCE = "node:__internal_head__"  # Ray gives it to the head node only
@@ -213,7 +217,9 @@ class Controller(NodeSync):
                 new.check_covers(self.spec.moe_layer_ids, self.spec.num_experts)
                 self._target, handles = new, list(self._handles)
                 gain = [sorted(set(new.experts_on(s)) - self._held[s]) for s in range(len(handles))]
+            started = _log_move(self._placement.epoch + 1, gain)
             self._call([h.load.remote(g) for h, g in zip(handles, gain) if g])
+            _log_moved(self._placement.epoch + 1, started)
             with self._state:
                 for s, g in enumerate(gain):
                     self._held[s] |= set(g)
@@ -234,6 +240,7 @@ class Controller(NodeSync):
             added = list(range(len(keep), new.num_shards))
             spawned = [self._spawn(new.shard_nodes[s], new.experts_on(s)) for s in added]
             gain = [sorted(set(new.experts_on(i)) - old_held[s]) for i, s in enumerate(keep)]
+            started = _log_move(self._placement.epoch + 1, gain + [new.experts_on(s) for s in added])
             try:
                 self._call([h.ping.remote() for h in spawned])  # their constructors loaded the weights
                 self._call([self._handles[s].load.remote(g) for s, g in zip(keep, gain) if g])
@@ -241,6 +248,7 @@ class Controller(NodeSync):
                 for h in spawned:
                     ray.kill(h)
                 raise
+            _log_moved(self._placement.epoch + 1, started)
             with self._state:  # by index: a shard re-created meanwhile keeps its index
                 retired = [self._handles[s] for s in retire]
                 self._handles = [self._handles[s] for s in keep] + spawned
@@ -334,6 +342,20 @@ class ShardStartError(RaymoeError):
     """No live node could take a re-created expert shard."""
 
 
+def _log_move(epoch: int, gains: list[list]) -> float | None:
+    """Log the expert weights a placement change loads; its start time (None: nothing moves)."""
+    moved = sum(len(g) for g in gains)
+    if not moved:
+        return None
+    logger.info("placement epoch %d: loading %d experts onto %d shards", epoch, moved, sum(1 for g in gains if g))
+    return time.perf_counter()
+
+
+def _log_moved(epoch: int, started: float | None) -> None:
+    if started is not None:
+        logger.info("placement epoch %d: experts loaded in %.1f s", epoch, time.perf_counter() - started)
+
+
 def _checked_policy(policy: str | None) -> str | None:
     if policy is None:
         return None
@@ -371,6 +393,7 @@ class ControllerActor:
 
     def __init__(self, model_path: str, options: dict):
         torch.set_num_threads(1)
+        configure_actor()
         self.core = Controller(model_path, **options)
 
     def ready(self) -> int:

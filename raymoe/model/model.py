@@ -8,11 +8,14 @@ interleave microbatches between the two.
 
 from __future__ import annotations
 
+import logging
+import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from raymoe.logs import progress
 from raymoe.model.attention import GQAAttention
 from raymoe.model.checkpoint import Checkpoint
 from raymoe.model.experts import ExpertBackend, ExpertStore, LocalExperts
@@ -24,6 +27,8 @@ from raymoe.model.tally import RoutingTally
 from raymoe.model.rope import Rotary
 from raymoe.model.router import sigmoid_grouped_topk, softmax_topk
 from raymoe.model.spec import ModelSpec, load_spec
+
+logger = logging.getLogger(__name__)
 
 
 class MoEBlock:
@@ -110,7 +115,8 @@ class MoEModel:
         self.embed = ckpt.get("model.embed_tokens.weight", dtype)  # [V, H]
         self.rotary = _rotary(spec)
         self.replay = _replay(spec)
-        self.layers = [DecoderLayer(spec, ckpt, i, dtype, self.rotary, self.replay) for i in range(spec.num_layers)]
+        layers = progress(range(spec.num_layers), f"loading {ckpt.path.name}", unit="layer")
+        self.layers = [DecoderLayer(spec, ckpt, i, dtype, self.rotary, self.replay) for i in layers]
         self.norm = RMSNorm(ckpt.get("model.norm.weight", dtype), spec.rms_norm_eps)
         tied = spec.tie_word_embeddings or not ckpt.has("lm_head.weight")
         self.lm_head = self.embed if tied else ckpt.get("lm_head.weight", dtype)  # [V, H]
@@ -173,4 +179,9 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, load_expert
     """Load a Hugging Face MoE checkpoint folder. `load_experts=False` skips the routed experts
     (a worker whose experts live on shards reads none of their bytes)."""
     spec = load_spec(path)
-    return MoEModel(spec, Checkpoint(path), dtype, load_experts)
+    start = time.perf_counter()
+    logger.info("loading %s (%s, %d layers, %s%s)", path, spec.family, spec.num_layers,
+                str(dtype).removeprefix("torch."), "" if load_experts else ", no routed experts")  # fmt: skip
+    model = MoEModel(spec, Checkpoint(path), dtype, load_experts)
+    logger.info("loaded %s in %.1f s", Path(path).name, time.perf_counter() - start)
+    return model

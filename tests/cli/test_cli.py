@@ -2,16 +2,17 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
+from raymoe import __version__
+from raymoe.cli import build_parser, main
+from raymoe.data import SAMPLE_TRACE
 from raymoe.engine.llm import LLM
 from raymoe.engine.sampling_params import SamplingParams
-
-TRACES = Path(__file__).resolve().parents[2].parent / "shared" / "traces" / "olmoe-1b-7b"
 
 
 def run(*args, env=None):
@@ -41,17 +42,43 @@ def test_generate_bad_input_is_a_clear_error(args, message):
     assert message in proc.stderr and "Traceback" not in proc.stderr
 
 
-@pytest.mark.skipif(not TRACES.is_dir(), reason="../shared absent")
-def test_plan_prints_a_plan_and_its_metrics():
-    proc = run("plan", "--trace", str(TRACES / "coding"), "--nodes", "4", "--slots-per-node", "20")
+def test_plan_prints_a_summary_and_with_json_the_object(capsys):
+    """The shipped sample trace, a domain folder of it, and its parent folder (followed, said on stderr)."""
+    proc = run("plan", "--nodes", "4", "--slots-per-node", "20", "--speeds", "1,1,2,2")
     assert proc.returncode == 0, proc.stderr
-    out = json.loads(proc.stdout)
-    assert out and isinstance(out, dict)
+    assert "olmoe-1b-7b-sample: 16 sequences" in proc.stdout and "local activations" in proc.stdout
+    assert not proc.stdout.lstrip().startswith("{")
+    assert main(["plan", "--trace", str(SAMPLE_TRACE / "coding"), "--nodes", "4", "--slots-per-node", "20",
+                 "--json"]) == 0  # fmt: skip
+    out = json.loads(capsys.readouterr().out)
+    assert out["topology"] == {"num_nodes": 4, "slots_per_node": 20, "speeds": [1.0] * 4}
+    assert out["metrics"]["trace"] == "coding" and len(out["plan"]["phy2log"]) == 16
+    assert main(["plan", "--trace", str(SAMPLE_TRACE.parent), "--nodes", "2", "--slots-per-node", "40", "--json",
+                 "--no-plan"]) == 0  # fmt: skip
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["metrics"]["trace"] == SAMPLE_TRACE.name
+    assert f"reading {SAMPLE_TRACE}" in captured.err
 
 
-@pytest.mark.skipif(not TRACES.is_dir(), reason="../shared absent")
-def test_plan_rejects_a_node_of_speed_zero():
-    proc = run("plan", "--trace", str(TRACES / "coding"), "--nodes", "4", "--slots-per-node", "20",
-               "--speeds", "0,1,1,1")  # fmt: skip
-    assert proc.returncode == 2
-    assert "speed" in proc.stderr and "Traceback" not in proc.stderr
+def test_plan_rejects_a_node_of_speed_zero_and_an_empty_folder(tmp_path, capsys):
+    assert main(["plan", "--nodes", "4", "--slots-per-node", "20", "--speeds", "0,1,1,1"]) == 2
+    assert "speed" in capsys.readouterr().err
+    assert main(["plan", "--trace", str(tmp_path), "--nodes", "4", "--slots-per-node", "20"]) == 2
+    assert "holds no sequence_*.npz files, nor folders of them" in capsys.readouterr().err
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0 and capsys.readouterr().out.strip() == f"raymoe {__version__}"
+
+
+def test_help_shows_defaults_and_says_greedy():
+    help_text = " ".join(build_parser()._subparsers._group_actions[0].choices["generate"].format_help().split())
+    for flag, default in (("--max-tokens", "64"), ("--temperature", "0.0"), ("--top-p", "1.0"), ("--top-k", "-1"),
+                          ("--log-level", "info")):  # fmt: skip
+        assert re.search(rf"{flag} \S+ .*?\(default: {re.escape(default)}\)", help_text), flag
+    assert "greedily by default" in help_text
+    from raymoe.policies.cli import build_parser as plan_parser
+
+    assert "--policy NAME placement policy, one of: contiguous" in " ".join(plan_parser().format_help().split())

@@ -26,9 +26,26 @@ def client(server):
 def test_sync_complete_and_stream(client):
     out = client.complete("The sky is", max_tokens=4, temperature=0)  # model picked from /v1/models
     assert isinstance(out, Completion) and out.model == MODEL and out.usage.completion_tokens == 4
-    chunks = list(client.complete_stream("The sky is", max_tokens=4, temperature=0))
+    # as with the openai client: every chunk has a choice unless usage is asked for
+    text = "".join(c.choices[0].text for c in client.complete_stream("The sky is", max_tokens=4, temperature=0))
+    assert text == out.choices[0].text
+    chunks = list(client.complete_stream("The sky is", max_tokens=4, temperature=0,
+                                         stream_options={"include_usage": True}))  # fmt: skip
     assert "".join(c.choices[0].text for c in chunks if c.choices) == out.choices[0].text
-    assert chunks[-1].usage.completion_tokens == 4
+    assert chunks[-1].usage.completion_tokens == 4 and not chunks[-1].choices
+
+
+@pytest.mark.parametrize("suffix", ["", "/v1/"])
+def test_base_url_with_or_without_v1(server, suffix):
+    with Client(server.base_url + suffix, api_key=API_KEY, timeout=120, max_retries=0) as c:
+        assert c.models().data[0].id == MODEL
+        chat = c.chat_stream([{"role": "user", "content": "Hi"}], max_tokens=2, temperature=0)
+        assert isinstance("".join(ch.choices[0].delta.content or "" for ch in chat), str)
+
+
+def test_base_url_normalisation():
+    assert _common.base_url("http://h:8000/v1/") == _common.base_url("http://h:8000") == "http://h:8000"
+    assert _common.base_url("http://h/raymoe/v1") == "http://h/raymoe"
 
 
 def test_sync_chat_and_stream(client):
@@ -42,10 +59,10 @@ def test_sync_chat_and_stream(client):
 
 def test_async_client(server):
     async def run():
-        async with AsyncClient(server.base_url, api_key=API_KEY, timeout=120) as c:
+        async with AsyncClient(f"{server.base_url}/v1", api_key=API_KEY, timeout=120) as c:  # openai-style URL
             whole = await c.complete("Numbers:", max_tokens=4, temperature=0)
             text = "".join([ch.choices[0].text async for ch in c.complete_stream("Numbers:", max_tokens=4,
-                                                                                 temperature=0) if ch.choices])  # fmt: skip
+                                                                                 temperature=0)])  # fmt: skip
             chat = await c.chat([{"role": "user", "content": "Hi"}], max_tokens=3, temperature=0)
             streamed = [ch async for ch in c.chat_stream([{"role": "user", "content": "Hi"}], max_tokens=3,
                                                          temperature=0)]  # fmt: skip

@@ -18,7 +18,7 @@ def trace_dir(tmp_path):
 def test_plan_prints_plan_and_metrics(tmp_path, capsys):
     folder = trace_dir(tmp_path)
     assert plan_main(["--trace", str(folder), "--nodes", "2", "--slots-per-node", "5",
-                      "--speeds", "1,2", "--batch-size", "4"]) == 0
+                      "--speeds", "1,2", "--batch-size", "4", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["topology"] == {"num_nodes": 2, "slots_per_node": 5, "speeds": [1.0, 2.0]}
     assert len(out["plan"]["phy2log"]) == 2 and len(out["plan"]["phy2log"][0]) == 10
@@ -36,6 +36,6 @@ def test_runs_as_module(tmp_path):
     folder = trace_dir(tmp_path)
     out = subprocess.run(
         [sys.executable, "-m", "raymoe.policies.cli", "--trace", str(folder), "--nodes", "2",
-         "--slots-per-node", "4", "--policy", "contiguous", "--no-plan", "--batch-size", "2"],
+         "--slots-per-node", "4", "--policy", "contiguous", "--no-plan", "--batch-size", "2", "--json"],
         cwd=REPO, capture_output=True, text=True, check=True)
     assert json.loads(out.stdout)["metrics"]["policy"] == "contiguous"
