@@ -72,7 +72,9 @@ class AutoscalingSettings(_Frozen):
 
 
 class DeploymentSettings(_Frozen):
-    num_cpus: float = Field(1.0, ge=0, description="CPUs each replica reserves")
+    num_cpus: float | None = Field(
+        None, ge=0, description="CPUs each replica reserves; null: 0.5 for the ingress, and for prefill and decode "
+        "the cluster's CPUs less the ingress's, shared by their max_replicas, at most 1 (raymoe.serve.resources)")
     num_gpus: float = Field(0.0, ge=0)
     resources: dict[str, float] = Field(default_factory=dict, description='custom Ray resources, e.g. {"raymoe_decode": 1}')
     autoscaling: AutoscalingSettings = Field(default_factory=AutoscalingSettings)
@@ -111,7 +113,7 @@ class RaymoeConfig(_Frozen):
     backend: BackendName = "engine"
     engine: EngineSettings = Field(default_factory=EngineSettings)
     serve: ServeSettings = Field(default_factory=ServeSettings)
-    ingress: DeploymentSettings = Field(default_factory=lambda: DeploymentSettings(num_cpus=0.5))
+    ingress: DeploymentSettings = Field(default_factory=DeploymentSettings)
     prefill: DeploymentSettings = Field(default_factory=DeploymentSettings)
     decode: DeploymentSettings = Field(default_factory=DeploymentSettings)
     cluster: ClusterSettings = Field(default_factory=ClusterSettings)

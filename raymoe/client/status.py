@@ -11,8 +11,11 @@ def format_status(status: dict, now: float | None = None) -> str:
     """The admin cluster document -> lines a person reads: nodes, deployments, workers, shards,
     placement epoch, and the latest scaling decisions and controller events with their reasons."""
     now = time.time() if now is None else now
-    lines = [f"backend: {status.get('backend')}   model: {status.get('model')}   "
-             f"placement epoch: {status.get('placement_epoch')}"]  # fmt: skip
+    epoch = status.get("placement_epoch")
+    placement = f"placement epoch: {epoch}" if epoch is not None else "placement: none (one engine holds every expert)"
+    lines = [f"backend: {status.get('backend')}   model: {status.get('model')}   {placement}"]
+    if status.get("model_path") and status["model_path"] != status.get("model"):
+        lines.append(f"model path: {status['model_path']}")
     lines.append(f"nodes ({len(status.get('nodes', []))}):")
     lines += [f"  {n['node_id'][:12]}  {n.get('address', '')}  speed {n.get('speed', 1.0):g}" for n in status.get("nodes", [])]
     deployments = status.get("deployments") or {}
@@ -21,8 +24,7 @@ def format_status(status: dict, now: float | None = None) -> str:
         lines += [f"  {name:<8} {d.get('status', '')}  running {d.get('running', 0)}" for name, d in deployments.items()]
     lines.append(f"workers ({len(status.get('workers', []))}):")
     for w in status.get("workers", []):
-        busy = f"running {w['running']}" if "running" in w else f"prompts {w.get('prompts', 0)}"
-        lines.append(f"  {w.get('kind', '?'):<8} node {str(w.get('node_id', ''))[:12]}  {busy}")
+        lines.append(f"  {w.get('kind', '?'):<8} node {str(w.get('node_id', ''))[:12]}  {_busy(w)}")
     shards = (status.get("controller") or {}).get("shards", [])
     if shards:
         lines.append(f"expert shards ({len(shards)}):")
@@ -40,6 +42,17 @@ def format_status(status: dict, now: float | None = None) -> str:
             what = " ".join(f"{k}={v}" for k, v in e.items() if k not in ("time", "kind"))
             lines.append(f"  {_ago(now, e.get('time', now))}  {e.get('kind')}  {what}")
     return "\n".join(lines)
+
+
+def _busy(worker: dict) -> str:
+    """What a worker is doing: an engine's running and finished requests, a decode worker's running
+    sequences, a prefill worker's prompts."""
+    if worker.get("kind") == "engine":
+        return (f"running {worker.get('num_running', 0)}  finished {worker.get('num_finished', 0)}  "
+                f"rejected {worker.get('num_rejected', 0)}  generated tokens {worker.get('num_generated_tokens', 0)}")
+    if "running" in worker:
+        return f"running {worker['running']}"
+    return f"prompts {worker.get('prompts', 0)}"
 
 
 def _ago(now: float, then: float) -> str:

@@ -20,12 +20,13 @@ ADMIN_TIMEOUT_S = 30
 
 
 class AdminRoutes:
-    def __init__(self, backend, config: RaymoeConfig):
-        self.backend, self.config = backend, config
+    def __init__(self, backend, config: RaymoeConfig, model_name: str):
+        self.backend, self.config, self.model_name = backend, config, model_name
 
     async def cluster(self, request: Request) -> JSONResponse:
         check_api_key(request, self.config.serve.api_key)
         status = await self._call(self.backend.cluster_status.remote())
+        status = {**status, "model": self.model_name, "model_path": status["model"]}  # the name /v1/models shows
         return JSONResponse(ClusterStatus.model_validate(status).model_dump())
 
     async def rebalance(self, request: Request) -> JSONResponse:

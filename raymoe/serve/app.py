@@ -18,6 +18,7 @@ from pathlib import Path
 
 from raymoe.config import DeploymentSettings, RaymoeConfig, load_config, parse_config
 from raymoe.errors import ConfigError
+from raymoe.serve.resources import asks, check_fits, sized_config
 
 logger = logging.getLogger(__name__)
 APP_NAME = "raymoe"
@@ -59,6 +60,7 @@ def deployment_options(settings: DeploymentSettings, autoscaling: dict | None = 
 def build_app(config: RaymoeConfig):
     from raymoe.serve.ingress import Ingress
 
+    config = sized(config)
     model_path, model_name = resolve_model(config)
     data = config.model_dump()
     backend = _cluster_backend(config, data, model_path) if config.backend == "cluster" else _engine_backend(
@@ -105,6 +107,17 @@ def _cluster_backend(config: RaymoeConfig, data: dict, model_path: str):
     return ClusterBackend.options(**front).bind(data, model_path, workers["prefill"], workers["decode"])
 
 
+def sized(config: RaymoeConfig) -> RaymoeConfig:
+    """`config` with CPUs left null sized to the Ray cluster (raymoe.serve.resources), logged."""
+    import ray
+
+    cpus = ray.cluster_resources().get("CPU") if ray.is_initialized() else None
+    out = sized_config(config, cpus)
+    logger.info("CPUs per replica: %s (the cluster has %s CPUs)", ", ".join(
+        f"{a.deployment} {a.per_replica.get('CPU', 0):g}" for a in asks(out)), "unknown" if cpus is None else f"{cpus:g}")
+    return out
+
+
 def app_builder(args: dict):
     """Serve's application builder (serveConfigV2 `import_path`): args {config_path} or {config: {...}}."""
     if "config_path" in args:
@@ -122,6 +135,8 @@ def start(config: RaymoeConfig, address: str | None = None) -> None:
     if not ray.is_initialized():
         # "local": always a fresh cluster of our own, never one another program left running
         ray.init(address=address or "local", namespace="raymoe", include_dashboard=False, log_to_driver=False)
+    if address is None:  # our own cluster: its resources are all there will be
+        check_fits(asks(sized(config)), [n["Resources"] for n in ray.nodes() if n["Alive"]])
     serve.start(http_options={"host": config.serve.host, "port": config.serve.port})
     serve.run(build_app(config), name=APP_NAME, route_prefix="/", blocking=False)
     _wait_ready(APP_NAME, READY_TIMEOUT_S)

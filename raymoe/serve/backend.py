@@ -27,6 +27,7 @@ from raymoe.engine.chunks import locate_chunks
 from raymoe.engine.llm_engine import LLMEngine, RequestOutput
 from raymoe.engine.sampling_params import SamplingParams
 from raymoe.errors import InvalidRequestError, OverloadedError, RaymoeError, UnsupportedOperationError
+from raymoe.serve import ray_state
 from raymoe.serve.engine_loop import EngineLoop
 
 CHUNK_CACHE_BYTES = 64 << 20  # chunk KV of requests with raymoe_chunks (docs/chunks.md)
@@ -102,16 +103,20 @@ class EngineBackend:
             "num_generated_tokens": s.num_generated_tokens, "step_time_s": s.step_time_s,
             "max_queue_len": self.loop.max_pending, "num_kv_blocks": bm.num_blocks,
             "num_free_kv_blocks": bm.num_free_blocks, "num_engine_requests": len(self.engine.requests),
+            "backend": "engine", "nodes": len(ray_state.live_nodes()),
+            "replicas": {name: d["running"] for name, d in ray_state.deployments().items()},
         }  # fmt: skip
 
     def cluster_status(self) -> dict:
+        """The nodes, the app's deployments, and this replica (an engine holds every expert: no placement)."""
         import ray
 
         ctx = ray.get_runtime_context()
         return {
             "backend": "engine", "model": self.model_path, "placement_epoch": None, "expert_load": None,
-            "nodes": [{"node_id": ctx.get_node_id(), "speed": 1.0}],
-            "workers": [{"kind": "engine", "actor_id": ctx.get_actor_id(), **self.stats()}],
+            "nodes": ray_state.live_nodes(), "deployments": ray_state.deployments(),
+            "workers": [{"kind": "engine", "node_id": ctx.get_node_id(), "actor_id": ctx.get_actor_id(),
+                         **self.stats()}],
         }  # fmt: skip
 
     def rebalance(self) -> dict:

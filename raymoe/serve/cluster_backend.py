@@ -24,6 +24,8 @@ from raymoe.serve import autoscale
 from raymoe.serve.backend import delta_dict, error_item
 from raymoe.serve.cluster_front import ServeFront
 from raymoe.serve.cluster_setup import ensure_controller
+from raymoe.serve.ray_state import deployments as _deployments
+from raymoe.serve.ray_state import live_nodes as _nodes
 
 STATUS_TIMEOUT_S = 10
 
@@ -76,7 +78,7 @@ class ClusterBackend:
 
     async def stats(self) -> dict:
         load, controller = await asyncio.gather(self.controller.load.remote(), self.controller.status.remote())
-        return {"num_admitted": len(self.active), "num_engine_requests": len(self.active),
+        return {"backend": "cluster", "num_admitted": len(self.active), "num_engine_requests": len(self.active),
                 "num_rejected": self.num_rejected, "num_finished": self.num_finished,
                 "max_queue_len": self.max_pending, "resumed_sequences": self.front.stats["resumed"],
                 "prefill_retries": self.front.stats["prefill_retries"],
@@ -131,27 +133,6 @@ def _cluster_counts(controller: dict) -> dict:
 
 def _replicas(deployment: str) -> int:
     return _deployments().get(deployment, {}).get("running", 1)
-
-
-def _deployments() -> dict:
-    """Deployment name -> {status, running, target} from Serve's own status."""
-    try:
-        app = serve.status().applications.get("raymoe")
-    except Exception:
-        return {}
-    if app is None:
-        return {}
-    out = {}
-    for name, d in app.deployments.items():
-        counts = d.replica_states or {}
-        out[name] = {"status": str(d.status.value if hasattr(d.status, "value") else d.status),
-                     "running": int(counts.get("RUNNING", 0)), "replica_states": dict(counts)}  # fmt: skip
-    return out
-
-
-def _nodes() -> list[dict]:
-    return [{"node_id": n["NodeID"], "address": n["NodeManagerAddress"], "speed": n["Resources"].get("raymoe_speed", 1.0)}
-            for n in ray.nodes() if n["Alive"]]  # fmt: skip
 
 
 def _load_tokenizer(path: str):

@@ -56,8 +56,8 @@ class Ingress:
         self.backend = backend
         self.tokenizer = Tokenizer.from_dir(model_path)
         self.model_name = model_name
-        self.metrics = ServeMetrics()
-        self.admin = AdminRoutes(backend, self.config)
+        self.metrics = ServeMetrics(model_name)
+        self.admin = AdminRoutes(backend, self.config, model_name)
         self._info: dict | None = None
 
     # ----- OpenAI routes ---------------------------------------------------------------------

@@ -12,8 +12,10 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 
 
 
 class ServeMetrics:
-    def __init__(self):
+    def __init__(self, model_name: str = ""):
         r = self.registry = CollectorRegistry()
+        self.model_name = model_name
+        self.info = Gauge("raymoe_info", "what this server runs (always 1)", ["model", "backend"], registry=r)
         self.requests = Counter("raymoe_requests", "HTTP requests by route and status code", ["route", "status"], registry=r)
         self.prompt_tokens = Counter("raymoe_prompt_tokens", "prompt tokens of admitted requests", registry=r)
         self.generated_tokens = Counter("raymoe_generated_tokens", "tokens generated", registry=r)
@@ -27,6 +29,7 @@ class ServeMetrics:
         self.queue_depth = Gauge("raymoe_queue_depth", "requests admitted by the backend, not finished", registry=r)
         self.running = Gauge("raymoe_running_requests", "requests in the engine (batch or waiting)", registry=r)
         self.rejected = Gauge("raymoe_rejected_requests", "requests turned away by full queues (backend total)", registry=r)
+        self.finished = Gauge("raymoe_finished_requests", "requests the backend finished (backend total)", registry=r)
         self.kv_usage = Gauge("raymoe_kv_cache_usage", "share of KV blocks in use", registry=r)
         self.local_activation = Gauge("raymoe_local_activation_rate",
                                       "share of token-expert pairs served on the token's own node", registry=r)  # fmt: skip
@@ -49,6 +52,9 @@ class ServeMetrics:
         self.queue_depth.set(stats.get("num_admitted", 0))
         self.running.set(stats.get("num_engine_requests", 0))
         self.rejected.set(stats.get("num_rejected", 0))
+        self.finished.set(stats.get("num_finished", 0))
+        if "backend" in stats:
+            self.info.labels(model=self.model_name, backend=stats["backend"]).set(1)
         if stats.get("num_kv_blocks"):
             self.kv_usage.set(1 - stats["num_free_kv_blocks"] / stats["num_kv_blocks"])
         # one process holds every expert: every activation is local
@@ -56,16 +62,16 @@ class ServeMetrics:
         for layer, row in enumerate(stats.get("expert_load") or []):
             for expert, load in enumerate(row):
                 self.expert_load.labels(layer=str(layer), expert=str(expert)).set(load)
-        if "placement_epoch" in stats:  # backend: cluster
-            self.cluster.update(stats)
+        self.cluster.update(stats)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
 
 class ClusterGauges:
-    """backend: cluster: nodes, shards, epoch, replicas, and counts of scaling decisions, controller
-    events and resumed sequences (the same facts /admin/cluster and `raymoe status` show)."""
+    """Nodes and replicas per deployment (both backends); with backend: cluster also shards, epoch,
+    and counts of scaling decisions, controller events and resumed sequences (the same facts
+    /admin/cluster and `raymoe status` show)."""
 
     def __init__(self, r: CollectorRegistry):
         self.nodes = Gauge("raymoe_nodes", "live Ray nodes", registry=r)
@@ -78,12 +84,15 @@ class ClusterGauges:
         self.resumed = Gauge("raymoe_resumed_sequences", "sequences resumed on another worker", registry=r)
 
     def update(self, stats: dict) -> None:
+        """Both backends report nodes and replicas; the rest is backend: cluster's."""
         self.nodes.set(stats.get("nodes", 0))
+        for name, count in stats.get("replicas", {}).items():
+            self.replicas.labels(deployment=name).set(count)
+        if "placement_epoch" not in stats:  # the engine backend: no shards, no placement
+            return
         self.shards.set(stats.get("expert_shards", 0))
         self.epoch.set(stats["placement_epoch"])
         self.resumed.set(stats.get("resumed_sequences", 0))
-        for name, count in stats.get("replicas", {}).items():
-            self.replicas.labels(deployment=name).set(count)
         for name, count in stats.get("scaling_decisions", {}).items():
             self.decisions.labels(deployment=name).set(count)
         for kind, count in stats.get("controller_events", {}).items():

@@ -27,3 +27,14 @@ def test_every_section_is_shown_with_its_reason():
 def test_engine_backend_document_has_no_cluster_sections():
     text = format_status({"backend": "engine", "model": "/m", "nodes": [], "workers": []}, now=0.0)
     assert "expert shards" not in text and "scaling" not in text
+
+
+def test_engine_backend_says_what_runs():
+    doc = {"backend": "engine", "model": "raymoe-builtin-moe", "model_path": "/cache/builtin-v1", "placement_epoch": None,
+           "nodes": [{"node_id": "aaaaaaaaaaaaaaaa", "address": "127.0.0.1", "speed": 1.0}],
+           "workers": [{"kind": "engine", "node_id": "aaaaaaaaaaaaaaaa", "num_running": 2, "num_finished": 17,
+                        "num_rejected": 0, "num_generated_tokens": 300}]}  # fmt: skip
+    text = format_status(doc, now=0.0)
+    assert "model: raymoe-builtin-moe" in text and "model path: /cache/builtin-v1" in text
+    assert "placement epoch: None" not in text and "placement: none" in text
+    assert "engine   node aaaaaaaaaaaa  running 2  finished 17" in text and "prompts" not in text

@@ -48,11 +48,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(tmp_dir: Path, config: dict | None = None) -> Server:
+def start_server(tmp_dir: Path, config: dict | None = None, env: dict | None = None) -> Server:
+    """env: more environment, e.g. RAY_OVERRIDE_RESOURCES='{"CPU": 2}' for a 2-CPU local Ray."""
     config_path, log_path = tmp_dir / "raymoe.yaml", tmp_dir / "serve.log"
     config_path.write_text(yaml.safe_dump(CONFIG if config is None else config))
     port = free_port()
-    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", **(env or {})}
     env.pop("RAY_ADDRESS", None)
     cmd = [sys.executable, "-m", "raymoe", "serve", "--config", str(config_path), "--port", str(port),
            "--api-key", API_KEY]  # fmt: skip

@@ -17,13 +17,16 @@ from raymoe.engine.sampling_params import SamplingParams
 from serve_harness import API_KEY, CONFIG, MODEL, start_server, stop_server
 
 FAST_SCALING = {"upscale_delay_s": 0, "downscale_delay_s": 3, "metrics_interval_s": 0.5, "look_back_period_s": 2}
+# prefill and decode CPUs are left unset: sized from the 2-CPU local Ray (raymoe.serve.resources), so
+# both deployments at two replicas fit beside each other (the issue a 2-core laptop hit)
+TWO_CPUS = {"RAY_OVERRIDE_RESOURCES": '{"CPU": 2}'}
 CLUSTER_CONFIG = {
     **CONFIG,
     "backend": "cluster",
     "cluster": {"replicas": 1, "kv_pool_bytes": 16 << 20},
-    "prefill": {"num_cpus": 0, "graceful_shutdown_timeout_s": 2,
+    "prefill": {"graceful_shutdown_timeout_s": 2,
                 "autoscaling": {"min_replicas": 1, "max_replicas": 2, "target_queued_prompt_tokens": 1, **FAST_SCALING}},
-    "decode": {"num_cpus": 0, "health_check_period_s": 2, "graceful_shutdown_timeout_s": 2,
+    "decode": {"health_check_period_s": 2, "graceful_shutdown_timeout_s": 2,
                "autoscaling": {"min_replicas": 1, "max_replicas": 2, "target_running_sequences": 2, **FAST_SCALING}},
 }  # fmt: skip
 PROMPTS = ["The quick brown fox", "Once upon a time", "def main():"]
@@ -33,7 +36,7 @@ SCALE_TIMEOUT_S = 120
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    s = start_server(tmp_path_factory.mktemp("cluster-serve"), CLUSTER_CONFIG)
+    s = start_server(tmp_path_factory.mktemp("cluster-serve"), CLUSTER_CONFIG, env=TWO_CPUS)
     yield s
     assert stop_server(s) == 0, s.log()
 

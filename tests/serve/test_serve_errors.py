@@ -1,6 +1,7 @@
 """Bad input, auth, overload and disconnects: 4xx/503 with OpenAI-style bodies; the server stays up."""
 
 import asyncio
+import re
 import socket
 import time
 from urllib.parse import urlparse
@@ -77,8 +78,16 @@ def test_health_and_metrics_open(server, http):
 
 
 def test_admin(http):
+    http.post("/v1/completions", json=OK)
     status = http.get("/admin/cluster").json()
-    assert status["backend"] == "engine" and status["workers"]
+    assert status["backend"] == "engine" and status["model"] == MODEL and status["workers"]
+    assert status["workers"][0]["num_finished"] >= 1 and len(status["nodes"]) == 1
+    assert status["deployments"]["engine"]["running"] == 1
+    text = httpx.get(http.base_url.join("/metrics"), timeout=30).text
+    for line in ("raymoe_nodes 1.0", 'raymoe_replicas{deployment="engine"} 1.0',
+                 f'raymoe_info{{backend="engine",model="{MODEL}"}} 1.0'):  # fmt: skip
+        assert line in text, line
+    assert float(re.search(r"^raymoe_finished_requests (\S+)", text, re.M).group(1)) >= 1
     for path, body in [("/admin/rebalance", {}), ("/admin/scale", {"deployment": "decode", "num_replicas": 2})]:
         r = http.post(path, json=body)
         assert r.status_code == 501 and "backend: cluster" in r.json()["error"]["message"]
