@@ -3,6 +3,8 @@ config it embeds validates against `raymoe.config`. Broken copies must fail."""
 
 import copy
 import functools
+import re
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -166,3 +168,57 @@ def test_broken_embedded_config_fails(change):
         config[key] = {**config.get(key, {}), **value} if isinstance(value, dict) else value
     with pytest.raises(ConfigError):
         parse_config(config)
+
+
+# ----- the image the manifests run, and the volumes they read -------------------------------------
+DOCKERFILE = ROOT / "docker" / "Dockerfile"
+DEPLOY_DOC = ROOT / "docs" / "deploy.md"
+
+
+def built_tags(text: str) -> set[str]:
+    """The image tags `docker build ... -t TAG` commands in `text` produce."""
+    return set(re.findall(r"docker build [^\n]*-t (\S+)", text))
+
+
+def container_images(resource: dict) -> set[str]:
+    return {c["image"] for spec in pod_specs(resource) for c in spec["containers"]}
+
+
+def test_manifests_run_the_images_the_dockerfile_builds():
+    tags = built_tags(DOCKERFILE.read_text())
+    assert tags and tags == built_tags(DEPLOY_DOC.read_text()), "docs/deploy.md builds other tags than the Dockerfile"
+    for path in MANIFESTS:
+        images = container_images(ray_resource(load_docs(path)))
+        assert images <= tags, f"{path.name} runs {images - tags}, which docker/Dockerfile does not build"
+    version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    assert all(tag.rsplit(":", 1)[1].startswith(f"{version}-") for tag in tags)
+
+
+def test_dockerfile_ray_version_is_the_pinned_one():
+    ray_pin = re.search(r"^ray==(\S+)", (ROOT / "constraints.txt").read_text(), re.M).group(1)
+    assert f"ARG RAY_VERSION={ray_pin}" in DOCKERFILE.read_text()
+    for path in MANIFESTS:
+        resource = ray_resource(load_docs(path))
+        assert resource["spec"].get("rayClusterConfig", resource["spec"])["rayVersion"] == ray_pin
+
+
+def test_every_pod_sees_the_model_folder_from_the_defined_claim():
+    docs = load_docs(ROOT / "manifests" / "rayservice-gpu-heterogeneous.yaml")
+    model = Path(embedded_config(docs)["model"])
+    storage = load_docs(ROOT / "manifests" / "storage" / "raymoe-models.yaml")
+    (claim,) = [d for d in storage if d["kind"] == "PersistentVolumeClaim"]
+    (job,) = [d for d in storage if d["kind"] == "Job"]
+    assert str(model) in " ".join(job["spec"]["template"]["spec"]["containers"][0]["args"])
+    for spec in pod_specs(ray_resource(docs)):  # the head's too: Serve's build step reads the folder there
+        claims = {v["name"]: v["persistentVolumeClaim"]["claimName"] for v in spec["volumes"] if "persistentVolumeClaim" in v}
+        mounts = {m["name"]: m["mountPath"] for m in spec["containers"][0]["volumeMounts"]}
+        assert any(claims.get(n) == claim["metadata"]["name"] and model.is_relative_to(p) for n, p in mounts.items())
+
+
+def test_bench_manifest_runs_files_the_image_holds():
+    text = (ROOT / "manifests" / "raycluster-bench.yaml").read_text()
+    workdir = re.search(r"^WORKDIR (\S+)", DOCKERFILE.read_text(), re.M).group(1)
+    assert re.search(r"^COPY .*\. \.$", DOCKERFILE.read_text(), re.M), "the image keeps the source tree"
+    assert f"cd {workdir} &&" in text
+    for script in re.findall(r"python (bench/\S+\.py)", text):
+        assert (ROOT / script).is_file(), script
