@@ -22,6 +22,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
 
+from raymoe.logs import progress  # noqa: E402
 from raymoe.policies import Topology, evaluate, load_domains  # noqa: E402
 from raymoe.policies.prediction import predictor_recall  # noqa: E402
 from raymoe.sim import CLUSTERS, DEEPSEEK_V3, OLMOE_1B_7B, lift_trace, simulate  # noqa: E402
@@ -134,7 +135,7 @@ def main(argv=None):
                 "recall": lambda: recall(domains, pairs),
                 "simulator": lambda: simulator(domains, pairs)}
     records, start = [], time.time()
-    for name in args.sections.split(","):
+    for name in progress(args.sections.split(","), "bench/policies.py sections", unit="section"):
         for record in sections[name]():
             record["trace"] = "olmoe-1b-7b"
             print(json.dumps(record), flush=True)

@@ -27,6 +27,8 @@ from pathlib import Path
 
 import httpx
 
+from raymoe.logs import progress
+
 LONG_PROMPT = " ".join(["The history of distributed systems is a history of trade-offs between latency,"
                         " throughput and consistency."] * 12)  # fmt: skip
 SHORT_CHATS = ["Hi!", "What is a mixture of experts?", "Name three colours.", "Say something short."]
@@ -74,9 +76,13 @@ async def run_load(url: str, api_key: str | None, rate: float, num_requests: int
     async with httpx.AsyncClient(base_url=url, headers=headers, timeout=300) as client:
         model = (await client.get("/v1/models")).json()["data"][0]["id"]
 
+        bar = progress(None, "bench/serve.py requests", total=num_requests, unit="req")
+
         async def guarded():
             async with limit:
-                return await one_request(client, model, rng, max_tokens)
+                result = await one_request(client, model, rng, max_tokens)
+            bar.update(1)
+            return result
 
         start, tasks = time.perf_counter(), []
         for _ in range(num_requests):
@@ -84,6 +90,7 @@ async def run_load(url: str, api_key: str | None, rate: float, num_requests: int
             await asyncio.sleep(rng.expovariate(rate))
         results = await asyncio.gather(*tasks)
         elapsed = time.perf_counter() - start
+        bar.close()
     return summarize(results, elapsed, rate, max_concurrency, max_tokens)
 
 

@@ -33,8 +33,8 @@ def configure_actor() -> None:
         configure(os.environ.get(LEVEL_ENV, "info"))
 
 
-def progress(items: Iterable, desc: str, total: int | None = None, unit: str = "it") -> Iterable:
-    """`items`, drawing a progress bar where someone can see it."""
+def progress(items: Iterable | None, desc: str, total: int | None = None, unit: str = "it"):
+    """`items`, drawing a progress bar where someone can see it (items None: a bar to `update(n)`)."""
     if _in_ray_worker():
         from ray.experimental.tqdm_ray import tqdm as ray_tqdm
 

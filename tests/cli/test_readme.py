@@ -2,6 +2,8 @@
 the set-up command installs what every shown command needs, and every `raymoe ...` line parses."""
 
 import re
+import subprocess
+import sys
 import shlex
 import tomllib
 from pathlib import Path
@@ -66,3 +68,15 @@ def test_every_raymoe_command_parses(command):
         plan_parser().parse_args(argv[1:])
     else:
         build_parser().parse_args(argv)
+
+
+def test_a_missing_extra_is_one_line_naming_it(monkeypatch, capsys):
+    from raymoe.cli import main
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if Ray were not installed
+    assert main(["serve", "--port", "1", "--log-level", "warning"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "'ray' is missing" in err and "'.[serve]'" in err and "raymoe[serve]" in err
+    proc = subprocess.run([sys.executable, "-c", "import sys; sys.modules['ray'] = None; import raymoe.cluster"],
+                          capture_output=True, text=True, cwd=ROOT)  # fmt: skip
+    assert "ModuleNotFoundError: the Python package 'ray' is missing; it comes with raymoe's 'serve' extra" in proc.stderr
