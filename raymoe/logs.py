@@ -14,6 +14,7 @@ from collections.abc import Iterable
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 LEVEL_ENV = "RAYMOE_LOG_LEVEL"  # the level Ray actors log at (default: info)
+MIN_BAR = 16  # shorter loops draw no progress bar
 
 
 def configure(level: str = "info") -> None:
@@ -34,14 +35,28 @@ def configure_actor() -> None:
 
 
 def progress(items: Iterable | None, desc: str, total: int | None = None, unit: str = "it"):
-    """`items`, drawing a progress bar where someone can see it (items None: a bar to `update(n)`)."""
+    """`items`, drawing a progress bar where someone can see it (items None: a bar to `update(n)`).
+    Fewer than MIN_BAR items get no bar."""
+    if total is None and hasattr(items, "__len__"):
+        total = len(items)
+    if items is not None and total is not None and total < MIN_BAR:
+        return items
     if _in_ray_worker():
         from ray.experimental.tqdm_ray import tqdm as ray_tqdm
 
-        return ray_tqdm(items, desc=desc, total=total)
+        bar = ray_tqdm(items, desc=desc, total=total, unit=unit)
+        return bar if items is None else _closing(bar)
     from tqdm import tqdm
 
     return tqdm(items, desc=desc, total=total, unit=unit, disable=None, leave=False, file=sys.stderr)
+
+
+def _closing(bar):
+    """Iterate a Ray progress bar, closing it at the end (Ray's does not close itself)."""
+    try:
+        yield from bar
+    finally:
+        bar.close()
 
 
 def _in_ray_worker() -> bool:

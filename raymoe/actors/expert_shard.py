@@ -68,7 +68,7 @@ class ExpertShardCore:
     def load(self, experts: Iterable[ExpertKey]) -> None:
         """Add experts (already held ones are skipped): reads only their tensors."""
         new = [self._check(key) for key in experts if tuple(key) not in self.weights]
-        for layer, e in progress(new, "expert shard: loading experts", unit="expert") if new else ():
+        for layer, e in progress(new, "expert shard: loading experts", unit="expert"):
             prefix, names = expert_prefix(self.spec, layer, e)
             w = SwiGLU.load(self.ckpt, prefix, self.dtype, names)
             self.weights[(layer, e)] = SwiGLU(w.gate_up.to(self.device), w.down.to(self.device))

@@ -15,6 +15,7 @@ from typing import Iterable, Protocol
 import torch
 import torch.nn.functional as F
 
+from raymoe.logs import progress
 from raymoe.model.checkpoint import Checkpoint
 from raymoe.model.layers import SwiGLU
 from raymoe.model.spec import ModelSpec
@@ -114,7 +115,8 @@ class ExpertStore:
         if which is None:
             which = [(layer, e) for layer in spec.moe_layer_ids for e in range(spec.num_experts)]
         by_layer: dict[int, dict[int, SwiGLU]] = {}
-        for layer, e in which:
+        which = list(which)
+        for layer, e in progress(which, f"loading experts of {ckpt.path.name}", unit="expert"):
             prefix, names = expert_prefix(spec, layer, e)
             by_layer.setdefault(layer, {})[e] = SwiGLU.load(ckpt, prefix, dtype, names)
         return cls({layer: LayerExperts.stack(experts) for layer, experts in by_layer.items()})
