@@ -24,6 +24,7 @@ def test_generate_streams_the_engines_greedy_text(checkpoint_dir):
     """With a real tokenizer folder: the built-in model (created on first use)."""
     proc = run("generate", "The quick brown fox", "--max-tokens", "12")
     assert proc.returncode == 0, proc.stderr
+    assert "INFO raymoe.model.model: loaded" in proc.stderr  # --log-level info by default: loading is not silent
     expected = LLM().generate(["The quick brown fox"], SamplingParams(max_tokens=12, temperature=0))[0].text
     assert proc.stdout == expected + "\n"
 
