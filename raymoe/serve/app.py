@@ -18,7 +18,7 @@ from pathlib import Path
 
 from raymoe.config import DeploymentSettings, RaymoeConfig, load_config, parse_config
 from raymoe.errors import ConfigError
-from raymoe.serve.resources import asks, check_fits, sized_config
+from raymoe.serve.resources import ResourcesUnavailableError, asks, check_fits, sized_config
 
 logger = logging.getLogger(__name__)
 APP_NAME = "raymoe"
@@ -135,11 +135,30 @@ def start(config: RaymoeConfig, address: str | None = None) -> None:
     if not ray.is_initialized():
         # "local": always a fresh cluster of our own, never one another program left running
         ray.init(address=address or "local", namespace="raymoe", include_dashboard=False, log_to_driver=False)
-    if address is None:  # our own cluster: its resources are all there will be
-        check_fits(asks(sized(config)), [n["Resources"] for n in ray.nodes() if n["Alive"]])
+    nodes = [n["Resources"] for n in ray.nodes() if n["Alive"]]
+    try:
+        check_fits(asks(sized_config(config, ray.cluster_resources().get("CPU"))), nodes)
+    except ResourcesUnavailableError as e:
+        if address is None:  # our own cluster: its resources are all there will be
+            raise
+        logger.warning("%s; waiting in case the cluster grows (an autoscaler adds nodes)", e)
+    started = time.monotonic()
+    logger.info("deploying the %s backend (the model loads in the replicas; their logs: %s/logs/serve)",
+                config.backend, _session_dir())  # fmt: skip
     serve.start(http_options={"host": config.serve.host, "port": config.serve.port})
     serve.run(build_app(config), name=APP_NAME, route_prefix="/", blocking=False)
     _wait_ready(APP_NAME, READY_TIMEOUT_S)
+    logger.info("ready in %.0f s", time.monotonic() - started)
+
+
+def _session_dir() -> str:
+    """This Ray session's folder (its logs/ holds every worker's and replica's log)."""
+    try:
+        from ray._private.worker import _global_node
+
+        return _global_node.get_session_dir_path()
+    except Exception:  # a private API: fall back to Ray's default link
+        return "/tmp/ray/session_latest"
 
 
 def _wait_ready(name: str, timeout_s: float) -> None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-import ray
 from ray import serve
 
 from raymoe.actors.handoff import WorkRequest
