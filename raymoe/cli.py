@@ -122,10 +122,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["plan"]:  # its own parser (raymoe.policies.cli) reads every flag after it
-        args = argparse.Namespace(command="plan", rest=argv[1:], func=_plan, log_level="warning")
-    elif argv[:1] == ["replay"]:  # likewise (raymoe.replay_run)
-        args = argparse.Namespace(command="replay", rest=argv[1:], func=_replay, log_level="info")
+    if argv[:1] in (["plan"], ["replay"]):  # their own parsers read every flag after them, but --log-level
+        level = argparse.ArgumentParser(add_help=False)
+        level.add_argument("--log-level", choices=LOG_LEVELS, default="warning" if argv[0] == "plan" else "info")
+        known, rest = level.parse_known_args(argv[1:])
+        func = _plan if argv[0] == "plan" else _replay
+        args = argparse.Namespace(command=argv[0], rest=rest, func=func, log_level=known.log_level)
     else:
         args = build_parser().parse_args(argv)
     logs.configure(args.log_level)
