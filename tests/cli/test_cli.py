@@ -50,7 +50,7 @@ def test_plan_prints_a_summary_and_with_json_the_object(capsys):
     assert "olmoe-1b-7b-sample: 16 sequences" in proc.stdout and "local activations" in proc.stdout
     assert not proc.stdout.lstrip().startswith("{")
     assert main(["plan", "--trace", str(SAMPLE_TRACE / "coding"), "--nodes", "4", "--slots-per-node", "20",
-                 "--json"]) == 0  # fmt: skip
+                 "--json", "--log-level", "debug"]) == 0  # fmt: skip
     out = json.loads(capsys.readouterr().out)
     assert out["topology"] == {"num_nodes": 4, "slots_per_node": 20, "speeds": [1.0] * 4}
     assert out["metrics"]["trace"] == "coding" and len(out["plan"]["phy2log"]) == 16
