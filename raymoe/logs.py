@@ -17,9 +17,21 @@ LEVEL_ENV = "RAYMOE_LOG_LEVEL"  # the level Ray actors log at (default: info)
 MIN_BAR = 16  # shorter loops draw no progress bar
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is at the time (a test's captured stderr, then the real one)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
+
+
 def configure(level: str = "info") -> None:
     """Send the `raymoe` loggers' records at `level` and above to stderr, with time and source."""
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _StderrHandler()
     handler.setFormatter(logging.Formatter(FORMAT, "%H:%M:%S"))
     root = logging.getLogger("raymoe")
     root.handlers[:] = [handler]
