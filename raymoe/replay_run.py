@@ -27,7 +27,7 @@ import numpy as np
 from raymoe.errors import ConfigError, RaymoeError
 
 PROMPT_TOKENS = 16  # recorded tokens each prompt replays (its routing predicts the request's experts)
-REPLAN_AFTER_TOKENS = 6  # re-planning policies re-plan from live requests after this many tokens each
+REPLAN_EVERY_TOKENS = 6  # re-planning policies re-plan from live requests every this many tokens
 LOAD_REPORT_S = 1.0  # as raymoe.actors.decode.LOAD_REPORT_S
 
 
@@ -99,13 +99,13 @@ def run(args) -> dict:
             live = serve(model, args, topology, calibration, spec, prompts)
         expected = one_process(model, prompts, args.max_tokens)
     sequences = np.arange(args.requests) % len(trace.sequences)
-    plan_local = predicted_local_rate(trace, args, topology, live.pop("plan"), spec, sequences)
+    predicted = predicted_figures(trace, args, topology, live.pop("plan"), spec, sequences)
     outputs = live.pop("outputs")
     return {
         "policy": args.policy, "trace": trace.name, "calibration": calibration.name,
         "nodes": topology.num_nodes, "slots_per_node": topology.slots_per_node,
         "requests": args.requests, "max_tokens": args.max_tokens, **live,
-        "plan_local_activation_rate": plan_local,
+        **predicted,
         "identical_to_one_process": outputs == expected,
     }  # fmt: skip
 
@@ -177,31 +177,34 @@ def serve(model: Path, args, topology, calibration, spec, prompts: list[list[int
         params = SamplingParams(temperature=0, max_tokens=args.max_tokens, ignore_eos=True)
         ray.get([w.take_timings.remote() for w in cluster.decode])
         start = time.perf_counter()
-        replan = REPLAN_AFTER_TOKENS if spec.replan == "regroup" else None
+        replan = REPLAN_EVERY_TOKENS if spec.replan == "regroup" else None
         extra = topology.num_nodes * topology.slots_per_node - cluster.spec.num_experts
-        outputs = generate(cluster, prompts, params, replan, args.policy, extra)
+        outputs, replans = generate(cluster, prompts, params, replan, args.policy, extra)
         wall = time.perf_counter() - start
         timings = ray.get([w.take_timings.remote() for w in cluster.decode])
-        measured = measure(cluster, timings, wall, shard_nodes)
+        measured = {**measure(cluster, timings, wall, shard_nodes), "replans": replans}
     finally:
         cluster.shutdown()
     return {**measured, "plan": plan, "plan_nodes": len(shard_nodes), "outputs": outputs}
 
 
-def generate(cluster, prompts, params, replan_after: int | None, policy: str, extra_replicas: int) -> list:
-    """Every request's token ids. With `replan_after`: once every request has that many tokens
-    (its decode routing reported), the controller re-plans from the live request profiles (two
-    phases) and the front re-seats the running requests whose experts moved."""
+def generate(cluster, prompts, params, replan_every: int | None, policy: str, extra_replicas: int) -> tuple:
+    """(every request's token ids, re-plans made). With `replan_every`: each time every running
+    request has that many more tokens, the controller re-plans from the live request profiles the
+    workers reported (two phases) and the front re-seats the running requests whose experts moved."""
     requests = cluster._requests(prompts, params)
     got = {r.request_id: [] for r in requests}
+    next_replan, replans = replan_every, 0
     for delta in cluster.router.run(requests):
         got[delta.request_id].extend(delta.token_ids)
-        if replan_after and min(len(t) for t in got.values()) >= replan_after:
-            replan_after = None
+        running = [len(t) for t in got.values() if len(t) < params.max_tokens]
+        if next_replan and running and min(running) >= next_replan:
+            next_replan += replan_every
             time.sleep(2 * LOAD_REPORT_S)  # the workers' next routing reports reach the controller
             ray_get(cluster.controller.rebalance.remote(extra_replicas, policy))
             cluster.router.request_reseat()
-    return [got[r.request_id] for r in requests]
+            replans += 1
+    return [got[r.request_id] for r in requests], replans
 
 
 def ray_get(ref):
@@ -221,17 +224,19 @@ def measure(cluster, timings: list[dict], wall_s: float, nodes: list[str]) -> di
     }
 
 
-def predicted_local_rate(trace, args, topology, plan, spec, sequences: np.ndarray) -> float:
+def predicted_figures(trace, args, topology, plan, spec, sequences: np.ndarray) -> dict:
     """What `raymoe.policies.evaluate` predicts for the same requests (all admitted at once,
-    seated from their prompt's routing), the same plan and topology: local activation rate."""
+    seated from their prompt's routing, re-planned as live), the same plan and topology."""
     from raymoe.policies.evaluate import replay, summarize
     from raymoe.policies.traces import request_batches
 
     batches = request_batches(trace, sequences, PROMPT_TOKENS, args.max_tokens - 1)
-    replan = REPLAN_AFTER_TOKENS if spec.replan == "regroup" else None
+    replan = REPLAN_EVERY_TOKENS if spec.replan == "regroup" else None
     result = replay(trace, args.policy, topology, batches=batches, plan=plan, warmup_tokens=PROMPT_TOKENS,
                     replan_every=replan)  # fmt: skip
-    return summarize(result, topology)["local_activation_rate"]
+    s = summarize(result, topology)
+    return {"plan_local_activation_rate": s["local_activation_rate"], "plan_max_over_mean": s["max_over_mean"],
+            "plan_requests_migrated": s["requests_migrated"]}  # fmt: skip
 
 
 def one_process(model: Path, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:

@@ -13,7 +13,7 @@ import numpy as np
 import ray
 
 from raymoe.cluster.placement import Placement
-from raymoe.policies.token_placement import node_affinity, node_caps, reseat_target, seat_requests
+from raymoe.policies.token_placement import node_affinity, node_caps, reseat_requests, seat_requests
 
 CAP_SLACK = 0.1  # a worker may take this much more than its share of the running requests
 RESEAT_GAIN = 0.05  # a running request moves when its local share would rise by more than this
@@ -69,16 +69,10 @@ class Seating:
     def reseat(self, routings: list[np.ndarray], seats: list[int], worker_nodes: list[str],
                running: list[int]) -> list[int | None]:
         """For running requests (their routing so far, current seat): the worker each should move
-        to, or None to stay."""
-        count = np.array(running, dtype=np.int64)
-        caps = node_caps(int(count.sum()), np.ones(len(worker_nodes)), self.cap_slack)
-        affinity = self.affinity(routings, worker_nodes)
-        moves: list[int | None] = []
-        for a, seat in zip(affinity, seats):
-            target = reseat_target(a, seat, count, caps, self.reseat_gain)
-            if target is not None:
-                count[seat] -= 1
-                count[target] += 1
-                self.num_reseated += 1
-            moves.append(target)
+        to, or None to stay (`reseat_requests`: all choose afresh under the caps; a move must gain
+        more than `reseat_gain` of predicted local share)."""
+        caps = node_caps(int(sum(running)), np.ones(len(worker_nodes)), self.cap_slack)
+        new = reseat_requests(self.affinity(routings, worker_nodes), np.array(seats), caps, self.reseat_gain)
+        moves = [int(n) if n != s else None for n, s in zip(new, seats)]
+        self.num_reseated += sum(m is not None for m in moves)
         return moves

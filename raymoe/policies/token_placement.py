@@ -199,12 +199,14 @@ def seat_requests(affinity: np.ndarray, count: np.ndarray, caps: np.ndarray,
     return state.node.copy()
 
 
-def reseat_target(affinity: np.ndarray, seat: int, count: np.ndarray, caps: np.ndarray,
-                  min_gain: float) -> int | None:
-    """The worker a running request should move to, or None: moving costs a KV transfer, so it
-    moves only when its predicted local share gains more than `min_gain` on a worker with room.
-    affinity: `[workers]` its share of predicted pairs per worker; count, caps: `[workers]`."""
-    has_room = count < caps
-    has_room[seat] = True
-    best = int(np.argmax(np.where(has_room, affinity, -np.inf)))
-    return best if best != seat and affinity[best] - affinity[seat] > min_gain else None
+def reseat_requests(affinity: np.ndarray, seats: np.ndarray, caps: np.ndarray,
+                    min_gain: float) -> np.ndarray:
+    """New seats for running requests after a new plan, as `RequestPlacer.reseat` does: all choose
+    afresh under the caps, most decided first; a request keeps its seat unless the new one raises
+    its predicted local share by more than `min_gain` (a move costs a KV transfer).
+    affinity: `[requests, workers]`; seats: `[requests]`; caps: `[workers]`. Returns `[requests]`."""
+    seats = np.asarray(seats, dtype=np.int64)
+    fresh = seat_requests(affinity, np.zeros(affinity.shape[1], dtype=np.int64), caps)
+    rows = np.arange(len(seats))
+    gain = affinity[rows, fresh] - affinity[rows, seats]
+    return np.where(gain > min_gain, fresh, seats)

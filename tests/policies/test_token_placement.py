@@ -130,10 +130,12 @@ def test_seat_requests_most_decided_first_under_caps():
     assert seat_requests(np.array([[1.0, 0.0]]), count, np.array([2, 3])).tolist() == [0]  # all full
 
 
-def test_reseat_target_needs_gain_and_room():
-    from raymoe.policies.token_placement import reseat_target
+def test_reseat_requests_swaps_under_caps_when_the_gain_beats_the_move():
+    from raymoe.policies.token_placement import reseat_requests
 
-    count, caps = np.array([2, 1, 2]), np.array([2, 2, 2])
-    assert reseat_target(np.array([0.3, 0.6, 0.9]), 0, count, caps, 0.1) == 1  # worker 2 is full
-    assert reseat_target(np.array([0.3, 0.35, 0.9]), 0, count, caps, 0.1) is None  # gain too small
-    assert reseat_target(np.array([0.7, 0.6, 0.1]), 0, count, caps, 0.0) is None  # already best
+    # both workers full (cap 1): the two requests sit on each other's best worker and swap
+    affinity = np.array([[0.2, 0.8], [0.9, 0.1]])
+    assert reseat_requests(affinity, np.array([0, 1]), np.array([1, 1]), 0.1).tolist() == [1, 0]
+    # gains 0.6 and 0.8 against 0.7: request 0 stays, request 1 moves (caps are soft here)
+    assert reseat_requests(affinity, np.array([0, 1]), np.array([1, 1]), 0.7).tolist() == [0, 0]
+    assert reseat_requests(affinity, np.array([1, 0]), np.array([1, 1]), 0.0).tolist() == [1, 0]  # already best
