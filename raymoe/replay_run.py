@@ -176,13 +176,15 @@ def serve(model: Path, args, topology, calibration, spec, prompts: list[list[int
                                                                     shard_nodes)))  # fmt: skip
         params = SamplingParams(temperature=0, max_tokens=args.max_tokens, ignore_eos=True)
         ray.get([w.take_timings.remote() for w in cluster.decode])
+        before = dispatch_counts(cluster)
         start = time.perf_counter()
         replan = REPLAN_EVERY_TOKENS if spec.replan == "regroup" else None
         extra = topology.num_nodes * topology.slots_per_node - cluster.spec.num_experts
         outputs, replans = generate(cluster, prompts, params, replan, args.policy, extra)
         wall = time.perf_counter() - start
         timings = ray.get([w.take_timings.remote() for w in cluster.decode])
-        measured = {**measure(cluster, timings, wall, shard_nodes), "replans": replans}
+        counts = [_minus(a, b) for a, b in zip(dispatch_counts(cluster), before)]
+        measured = {**measure(cluster, timings, wall, counts), "replans": replans}
     finally:
         cluster.shutdown()
     return {**measured, "plan": plan, "plan_nodes": len(shard_nodes), "outputs": outputs}
@@ -213,14 +215,42 @@ def ray_get(ref):
     return ray.get(ref)
 
 
-def measure(cluster, timings: list[dict], wall_s: float, nodes: list[str]) -> dict:
-    """The live figures from the decode workers' timings (and, with co-location, dispatch counts)."""
+COUNTS = ("pairs", "token_layers", "rows_local", "rows_process", "rows_node")
+
+
+def dispatch_counts(cluster) -> list[dict]:
+    """Each decode worker's cumulative dispatch counts (`raymoe.cluster.dispatch.DispatchCounts`)."""
+    import ray
+
+    stats = ray.get([w.stats.remote() for w in cluster.decode])
+    return [{"node_id": s["dispatch"]["node_id"], **{k: s["dispatch"][k] for k in COUNTS}} for s in stats]
+
+
+def _minus(after: dict, before: dict) -> dict:
+    return {"node_id": after["node_id"], **{k: after[k] - before[k] for k in COUNTS}}
+
+
+def measure(cluster, timings: list[dict], wall_s: float, counts: list[dict]) -> dict:
+    """The live figures: decode workers' dispatch counts over the run (where every routed row went)
+    and decode throughput. max_over_mean: the busiest node's routed pairs over the mean (the
+    request side of the load, whole run)."""
     tokens = sum(t["decode_tokens"] for t in timings)
+    total = {k: sum(c[k] for c in counts) for k in COUNTS}
+    per_token = total["token_layers"] / max(1, len(cluster.spec.moe_layer_ids))
+    pairs = np.array([c["pairs"] for c in counts], dtype=np.float64)
     return {
+        "local_activation_rate": round(1.0 - total["rows_node"] / max(1, total["pairs"]), 4),
+        "rows_crossing_process_per_token": round(total["rows_process"] / max(per_token, 1), 3),
+        "rows_crossing_node_per_token": round(total["rows_node"] / max(per_token, 1), 3),
+        "rows_in_process_per_token": round(total["rows_local"] / max(per_token, 1), 3),
+        "max_over_mean": round(float(pairs.max() / pairs.mean()), 4) if pairs.mean() > 0 else None,
         "decode_tokens_per_s": round(tokens / wall_s, 2) if wall_s > 0 else 0.0,
         "decode_tokens": tokens,
         "wall_s": round(wall_s, 2),
         "reseated_sequences": cluster.router.num_reseated,
+        "per_node": [{"node_id": c["node_id"][:12],
+                      "local_activation_rate": round(1.0 - c["rows_node"] / c["pairs"], 4) if c["pairs"] else None}
+                     for c in counts],  # fmt: skip
     }
 
 
