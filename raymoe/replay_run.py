@@ -7,7 +7,7 @@ Starts a local Ray cluster of N nodes (or joins --address), a model of the trace
 routers replay the trace (`raymoe.model.replay`), one expert shard and one decode worker per node,
 and applies the policy's plan (from --calibration, default the trace). Request r replays trace
 sequence r mod S: its prompt is the sequence's first tokens (their routing seats it), then it
-decodes T tokens; all R arrive at once. Prints one JSON object: what the live dispatch measured,
+decodes T tokens; all R arrive at once. Prints (one JSON object with --json) what the live dispatch measured,
 what `raymoe.policies.evaluate` predicts for the same requests, plan and topology, and whether every
 output equals the one-process engine's.
 """
@@ -50,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--requests", type=int, default=32, help="concurrent requests (default 32)")
     p.add_argument("--max-tokens", type=int, default=32, help="tokens each request generates (default 32)")
     p.add_argument("--address", default=None, help="join this Ray cluster instead of starting one")
-    p.add_argument("--json", action="store_true", help="print the JSON object only (no progress lines)")
+    p.add_argument("--json", action="store_true", help="print one JSON object (default: a readable summary)")
     return p
 
 
@@ -64,8 +64,13 @@ def replay_main(argv: list[str] | None = None) -> int:
     except RaymoeError as e:
         print(f"raymoe replay: error: {e}", file=sys.stderr)
         return 2
-    json.dump(result, sys.stdout)
-    sys.stdout.write("\n")
+    if args.json:
+        json.dump(result, sys.stdout)
+        sys.stdout.write("\n")
+    else:
+        width = max(map(len, result))
+        for key, value in result.items():
+            print(f"{key:<{width}}  {json.dumps(value)}")
     return 0
 
 
