@@ -253,10 +253,19 @@ def measure(cluster, timings: list[dict], wall_s: float, counts: list[dict]) -> 
         "decode_tokens": tokens,
         "wall_s": round(wall_s, 2),
         "reseated_sequences": cluster.router.num_reseated,
+        "step_breakdown_ms": step_breakdown_ms(timings),
         "per_node": [{"node_id": c["node_id"][:12],
                       "local_activation_rate": round(1.0 - c["rows_node"] / c["pairs"], 4) if c["pairs"] else None}
                      for c in counts],  # fmt: skip
     }
+
+
+def step_breakdown_ms(timings: list[dict]) -> dict:
+    """Mean decode step of the decode workers, ms by component (what `raymoe.sim` models)."""
+    steps = sum(t["decode_steps"] for t in timings)
+    keys = ("decode_step_s", "dispatch_s", "expert_s", "local_expert_s", "combine_s")
+    return {k.replace("_s", "_ms").replace("decode_step", "step"): round(1e3 * sum(t.get(k, 0.0) for t in timings)
+            / max(steps, 1), 2) for k in keys}  # fmt: skip
 
 
 def predicted_figures(trace, args, topology, plan, spec, sequences: np.ndarray) -> dict:
