@@ -227,8 +227,8 @@ def dispatch_counts(cluster) -> list[dict]:
     """Each decode worker's cumulative dispatch counts (`raymoe.cluster.dispatch.DispatchCounts`)."""
     import ray
 
-    stats = ray.get([w.stats.remote() for w in cluster.decode])
-    return [{"node_id": s["dispatch"]["node_id"], **{k: s["dispatch"][k] for k in COUNTS}} for s in stats]
+    stats = [s.get("dispatch", {}) for s in ray.get([w.stats.remote() for w in cluster.decode])]
+    return [{"node_id": s.get("node_id", ""), **{k: s.get(k, 0) for k in COUNTS}} for s in stats]
 
 
 def _minus(after: dict, before: dict) -> dict:
@@ -244,7 +244,7 @@ def measure(cluster, timings: list[dict], wall_s: float, counts: list[dict]) -> 
     per_token = total["token_layers"] / max(1, len(cluster.spec.moe_layer_ids))
     pairs = np.array([c["pairs"] for c in counts], dtype=np.float64)
     return {
-        "local_activation_rate": round(1.0 - total["rows_node"] / max(1, total["pairs"]), 4),
+        "local_activation_rate": round(1.0 - total["rows_node"] / total["pairs"], 4) if total["pairs"] else None,
         "rows_crossing_process_per_token": round(total["rows_process"] / max(per_token, 1), 3),
         "rows_crossing_node_per_token": round(total["rows_node"] / max(per_token, 1), 3),
         "rows_in_process_per_token": round(total["rows_local"] / max(per_token, 1), 3),
