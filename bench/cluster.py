@@ -27,7 +27,8 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # loopback only
 import ray
 import torch
 
-from raymoe.cluster.cluster import ClusterConfig, MoECluster
+from raymoe.actors.cluster import MoECluster
+from raymoe.cluster.cluster import ClusterConfig
 from raymoe.engine.llm_engine import EngineConfig, LLMEngine
 from raymoe.engine.sampling_params import SamplingParams
 from raymoe.model.builtin import builtin_model_path

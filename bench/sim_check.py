@@ -39,7 +39,8 @@ import ray
 import torch
 from cluster import ENGINE, median_dicts, on_cluster, workload
 
-from raymoe.cluster.cluster import ClusterConfig, MoECluster
+from raymoe.actors.cluster import MoECluster
+from raymoe.cluster.cluster import ClusterConfig
 from raymoe.engine.sampling_params import SamplingParams
 from raymoe.model.builtin import builtin_model_path
 from raymoe.model.spec import load_spec

@@ -154,7 +154,8 @@ def serve(model: Path, args, topology, calibration, spec, prompts: list[list[int
     """Run the requests through a live cluster under the policy's plan; the measured figures."""
     import ray
 
-    from raymoe.cluster.cluster import ClusterConfig, MoECluster
+    from raymoe.actors.cluster import MoECluster
+    from raymoe.cluster.cluster import ClusterConfig
     from raymoe.cluster.policy_bridge import placement_from_plan
     from raymoe.cluster.topology import SPEED_RESOURCE
     from raymoe.engine.llm_engine import EngineConfig

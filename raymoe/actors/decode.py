@@ -10,7 +10,7 @@ from __future__ import annotations
 import threading
 import time
 
-from raymoe.actors.handoff import TokenDelta, WorkRequest
+from raymoe.cluster.handoff import TokenDelta, WorkRequest
 from raymoe.actors.worker_model import WorkerShell, die
 from raymoe.engine.llm_engine import LLMEngine
 
@@ -122,7 +122,7 @@ class DecodeWorker(WorkerShell):
         from raymoe.actors.worker_model import build_engine
 
         self.namespace, self._controller = namespace, None
-        self.experts = connect_experts(namespace, model_path)
+        self.experts = connect_experts(namespace, model_path, config.colocate_experts, config.engine.dtype)
         engine = build_engine(model_path, config.engine, self.experts, config.num_microbatches)
         self.core = DecodeCore(engine, pool_set(namespace, config))
         self.outbox = Outbox()
@@ -154,14 +154,16 @@ class DecodeWorker(WorkerShell):
             die(f"decode step failed: {e!r}")
 
     def _report_load(self) -> None:
-        """Per-expert token counts to the controller (its replication policy's input)."""
+        """Per-expert token counts (its replication policy's input) and where rows went
+        (`RemoteExperts.count_summary`) to the controller."""
         import ray
 
         from raymoe.cluster.controller import CONTROLLER_NAME
 
         if self._controller is None:
             self._controller = ray.get_actor(CONTROLLER_NAME, namespace=self.namespace)
-        self._controller.report_load.remote(ray.get_runtime_context().get_actor_id(), self.experts.take_load().tolist())
+        worker_id = ray.get_runtime_context().get_actor_id()
+        self._controller.report_load.remote(worker_id, self.experts.take_load().tolist(), self.experts.count_summary())
         with self.lock:
             routing = self.core.routing(list(self.core.engine.requests))
         if routing:  # the running requests' profiles, for the grouping policies
@@ -201,7 +203,8 @@ class DecodeWorker(WorkerShell):
     def stats(self) -> dict:
         bm = self.core.engine.block_manager
         return {**self.core.stats, "running": len(self.core.engine.requests),
-                "kv_blocks_used": bm.num_blocks - bm.num_free_blocks, "kv_blocks": bm.num_blocks}  # fmt: skip
+                "kv_blocks_used": bm.num_blocks - bm.num_free_blocks, "kv_blocks": bm.num_blocks,
+                "dispatch": self.experts.count_summary()}  # fmt: skip
 
     def routing(self, request_ids: list[str]) -> dict:
         """Each running request's routing on this worker so far (for re-seating on drift)."""

@@ -2,8 +2,11 @@
 it is sent.
 
 `ExpertShardCore` is the plain class (tests build it without Ray); `ExpertShard` is the thin Ray
-actor over it. A shard reads from the checkpoint only the tensors of the experts it holds. Placement
-changes come as `load` (phase 1: add the new replicas) and `free` (after the old epoch drained).
+actor over it, and a worker's co-located experts are one too (`raymoe.cluster.dispatch`). A holder
+reads from the checkpoint only the tensors of the experts it holds, once per node: on CPU its
+weights are views into the node's shared expert files (`raymoe.model.expert_file`), so a shard and
+a worker on one node holding the same experts share one copy. Placement changes come as `load`
+(phase 1: add the new replicas) and `free` (after the old epoch drained).
 """
 
 from __future__ import annotations
@@ -14,18 +17,16 @@ from typing import Iterable
 import ray
 import torch
 
-from raymoe.errors import ConfigError, RaymoeError
+from raymoe.cluster.transport import ExpertNotHeldError, from_wire, split_like
+from raymoe.errors import ConfigError
 from raymoe.logs import configure_actor, progress
 from raymoe.model.checkpoint import Checkpoint
+from raymoe.model.expert_file import LayerFile, open_layer_file
 from raymoe.model.experts import ExpertStore, LayerExperts, TokenGroups, expert_prefix
 from raymoe.model.layers import SwiGLU
 from raymoe.model.spec import load_spec
 
 ExpertKey = tuple[int, int]  # (layer, logical expert)
-
-
-class ExpertNotHeldError(RaymoeError):
-    """A shard was sent rows for an expert it does not hold (a stale placement: re-route)."""
 
 
 def run_expert_groups(
@@ -51,14 +52,16 @@ def run_expert_groups(
 
 
 class ExpertShardCore:
-    """The experts one shard holds, loadable and freeable one (layer, expert) at a time."""
+    """The experts one holder keeps, loadable and freeable one (layer, expert) at a time."""
 
     def __init__(self, model_path: str, experts: Iterable[ExpertKey], dtype: str = "float32", device: str = "cpu"):
+        self.model_path = model_path
         self.spec = load_spec(model_path)
         self.ckpt = Checkpoint(model_path)
         self.dtype = _torch_dtype(dtype)
         self.device = torch.device(device)
-        self.weights: dict[ExpertKey, SwiGLU] = {}  # the held experts, unstacked (for restacking)
+        self.experts: set[ExpertKey] = set()  # the held experts
+        self.files: dict[int, LayerFile] = {}  # layer -> the node's shared file of its experts
         self.store = ExpertStore({})
         self.last_compute_s = 0.0  # wall time of the last `run`, for the step breakdown
         self.rows_served = 0
@@ -66,29 +69,30 @@ class ExpertShardCore:
         self.load(experts)
 
     def load(self, experts: Iterable[ExpertKey]) -> None:
-        """Add experts (already held ones are skipped): reads only their tensors."""
-        new = [self._check(key) for key in experts if tuple(key) not in self.weights]
+        """Add experts (already held ones are skipped): reads only their tensors, and only if no
+        process on this node has yet."""
+        new = sorted({self._check(key) for key in experts} - self.experts)
         for layer, e in progress(new, "expert shard: loading experts", unit="expert"):
-            prefix, names = expert_prefix(self.spec, layer, e)
-            w = SwiGLU.load(self.ckpt, prefix, self.dtype, names)
-            self.weights[(layer, e)] = SwiGLU(w.gate_up.to(self.device), w.down.to(self.device))
+            self._file(layer).fill([e], lambda e: self._read(layer, e))
+        self.experts.update(new)
         self._restack({layer for layer, _ in new})
 
     def free(self, experts: Iterable[ExpertKey]) -> None:
-        """Drop experts (ones not held are ignored)."""
-        gone = [tuple(key) for key in experts if tuple(key) in self.weights]
-        for key in gone:
-            del self.weights[key]
+        """Drop experts (ones not held are ignored); the node's file keeps them for other holders."""
+        gone = {tuple(key) for key in experts} & self.experts
+        self.experts -= gone
         self._restack({layer for layer, _ in gone})
 
     def held(self) -> list[ExpertKey]:
-        return sorted(self.weights)
+        return sorted(self.experts)
 
     def holds(self, layer: int, expert: int) -> bool:
-        return (layer, expert) in self.weights
+        return (layer, expert) in self.experts
 
     def nbytes(self) -> int:
-        return self.store.nbytes()
+        """Bytes of the held experts' weights (mapped from the node's files on CPU, not private)."""
+        s = self.spec
+        return len(self.experts) * 3 * s.hidden_size * s.moe_intermediate_size * self.dtype.itemsize
 
     def run(self, layer: int, rows: torch.Tensor, expert_ids: list[int], counts: list[int]) -> torch.Tensor:
         """rows [N, H] in contiguous groups (`expert_ids` order, `counts` rows each) -> outputs [N, H]."""
@@ -107,7 +111,7 @@ class ExpertShardCore:
         return out.to(rows.device, rows.dtype)
 
     def stats(self) -> dict:
-        return {"experts": len(self.weights), "rows_served": self.rows_served, "first_served_at": self.first_served_at}
+        return {"experts": len(self.experts), "rows_served": self.rows_served, "first_served_at": self.first_served_at}
 
     def _check(self, key) -> ExpertKey:
         layer, e = int(key[0]), int(key[1])
@@ -118,13 +122,30 @@ class ExpertShardCore:
             )
         return layer, e
 
+    def _file(self, layer: int) -> LayerFile:
+        if layer not in self.files:
+            s = self.spec
+            self.files[layer] = open_layer_file(self.model_path, layer, s.num_experts, s.hidden_size,
+                                                s.moe_intermediate_size, self.dtype)  # fmt: skip
+        return self.files[layer]
+
+    def _read(self, layer: int, expert: int) -> SwiGLU:
+        prefix, names = expert_prefix(self.spec, layer, expert)
+        return SwiGLU.load(self.ckpt, prefix, self.dtype, names)
+
     def _restack(self, layers: set[int]) -> None:
+        """Each layer's held experts as one `LayerExperts` over the contiguous span [lo, hi] of the
+        file that covers them: views, no copy on CPU (rows only ever go to held experts)."""
         for layer in layers:
-            experts = {e: w for (lay, e), w in self.weights.items() if lay == layer}
-            if experts:
-                self.store.layers[layer] = LayerExperts.stack(experts)
-            else:
+            ids = sorted(e for lay, e in self.experts if lay == layer)
+            if not ids:
                 self.store.layers.pop(layer, None)
+                continue
+            f, lo, hi = self.files[layer], ids[0], ids[-1] + 1
+            gate_up, down = f.gate_up_t[lo:hi], f.down_t[lo:hi]
+            if self.device.type != "cpu":  # on a device the holder keeps its own copy
+                gate_up, down = gate_up.to(self.device), down.to(self.device)
+            self.store.layers[layer] = LayerExperts(list(range(lo, hi)), gate_up, down)
 
 
 def _torch_dtype(name: str) -> torch.dtype:
@@ -148,11 +169,11 @@ class ExpertShard:
 
     def load(self, experts: list[ExpertKey]) -> int:
         self.core.load(experts)
-        return len(self.core.weights)
+        return len(self.core.experts)
 
     def free(self, experts: list[ExpertKey]) -> int:
         self.core.free(experts)
-        return len(self.core.weights)
+        return len(self.core.experts)
 
     def held(self) -> list[ExpertKey]:
         return self.core.held()
@@ -168,8 +189,6 @@ class ExpertShard:
     def run_wire(self, layer: int, expert_ids: list[int], counts: list[int], dtype: str, *chunks):
         """`run` for `ActorCallTransport`: rows as uint8 chunks in, outputs as chunks of the same
         row counts out, then the compute seconds (the caller sets num_returns = chunks + 1)."""
-        from raymoe.cluster.transport import from_wire, split_like
-
         out = self.core.run(layer, from_wire(dtype, list(chunks)), expert_ids, counts)
         return (*split_like(out, [len(c) for c in chunks]), self.core.last_compute_s)
 

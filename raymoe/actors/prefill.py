@@ -16,7 +16,7 @@ import threading
 
 import ray
 
-from raymoe.actors.handoff import Handoff, WorkRequest
+from raymoe.cluster.handoff import Handoff, WorkRequest
 from raymoe.actors.worker_model import WorkerShell, die
 from raymoe.cluster.dispatch import ShardFailureError
 from raymoe.engine.chunks import request_salt
@@ -92,7 +92,7 @@ class PrefillWorker(WorkerShell):
         from raymoe.actors.remote_backend import connect_experts, pool_set
 
         self.lock = threading.Lock()
-        self.experts = connect_experts(namespace, model_path)
+        self.experts = connect_experts(namespace, model_path, config.colocate_experts, config.engine.dtype)
         from raymoe.actors.worker_model import build_engine
 
         pools = pool_set(namespace, config)
@@ -112,4 +112,4 @@ class PrefillWorker(WorkerShell):
         return placement.epoch
 
     def stats(self) -> dict:
-        return {**self.core.stats, **self.core.chunk_stats()}
+        return {**self.core.stats, **self.core.chunk_stats(), "dispatch": self.experts.count_summary()}

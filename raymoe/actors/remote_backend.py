@@ -8,9 +8,12 @@ from raymoe.actors.kv_pool import KVPoolClient, get_or_create_pool
 from raymoe.model.spec import load_spec
 
 
-def connect_experts(namespace: str, model_path: str):
+def connect_experts(namespace: str, model_path: str, colocate: bool = True, dtype: str = "float32"):
     """A RemoteExperts backend on the controller's current placement; the worker registers for
-    placement updates (applied at its next step boundary)."""
+    placement updates (applied at its next step boundary). colocate: the worker runs the experts
+    placed on its own node in its own process (an `ExpertShardCore`, weights shared with the
+    node's shards through one mapping, see `raymoe.model.expert_file`)."""
+    from raymoe.actors.expert_shard import ExpertShardCore
     from raymoe.cluster.controller import CONTROLLER_NAME
     from raymoe.cluster.dispatch import RemoteExperts
 
@@ -21,7 +24,9 @@ def connect_experts(namespace: str, model_path: str):
     def on_shard_failure(shard_index: int):
         return ray.get(controller.shard_failed.remote(shard_index))
 
-    experts = RemoteExperts(placement, handles, spec.num_layers, spec.num_experts, on_shard_failure=on_shard_failure)
+    local = ExpertShardCore(model_path, [], dtype) if colocate else None
+    experts = RemoteExperts(placement, handles, spec.num_layers, spec.num_experts, on_shard_failure=on_shard_failure,
+                            local=local, num_moe_layers=len(spec.moe_layer_ids))  # fmt: skip
     context = ray.get_runtime_context()
     ray.get(controller.register_worker.remote(context.get_actor_id(), context.current_actor))
     return experts

@@ -1,4 +1,4 @@
-"""The disaggregated cluster on Ray (`raymoe.cluster.cluster.MoECluster`); needs the `serve` (or
+"""The disaggregated cluster on Ray (`raymoe.actors.cluster.MoECluster`); needs the `serve` (or
 `cluster`) extra, and says so in one line when Ray is missing."""
 
 try:

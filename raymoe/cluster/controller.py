@@ -1,7 +1,9 @@
 """The controller: owns the topology, the expert shards, the placement and its epoch, and the load.
 
-`Controller` is the plain core; `ControllerActor` the named, detached Ray actor over it (reach it
-with `get_or_create_controller`). Applying a placement is two-phase, so no step fails or stalls:
+`Controller` is the core (it calls Ray, but is handed the expert-shard actor class rather than
+importing it); `raymoe.actors.controller.ControllerActor` is the named, detached Ray actor over it
+(reach it with `get_or_create_controller` there). Applying a placement is two-phase, so no step
+fails or stalls:
   (a) shards load the replicas they gain (the old placement still routes meanwhile);
   (b) the placement is published with epoch + 1 to every registered worker (`set_placement`),
       which switches at its next step; their answers are the acks;
@@ -18,19 +20,18 @@ import logging
 import threading
 import time
 from collections import deque
+from dataclasses import fields
 
 import numpy as np
 import ray
-import torch
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from raymoe.actors.expert_shard import ExpertShard
+from raymoe.cluster.dispatch import DispatchCounts
 from raymoe.cluster.membership import serving_topology
 from raymoe.cluster.node_sync import NodeSync
 from raymoe.cluster.placement import Placement, contiguous_placement, speed_weighted_placement
 from raymoe.cluster.topology import Topology
 from raymoe.errors import ConfigError, RaymoeError
-from raymoe.logs import configure_actor
 from raymoe.model.spec import load_spec
 
 logger = logging.getLogger(__name__)
@@ -48,6 +49,7 @@ class Controller(NodeSync):
     def __init__(
         self,
         model_path: str,
+        shard_actor,
         *,
         dtype: str = "float32",
         shards_per_node: int = 1,
@@ -61,6 +63,7 @@ class Controller(NodeSync):
         if shards_per_node < 1:
             raise ConfigError(f"shards_per_node={shards_per_node}; use 1 or more")
         self.model_path, self.dtype, self.shard_num_cpus = str(model_path), dtype, shard_num_cpus
+        self.shard_actor = shard_actor  # the Ray actor class of expert shards (`raymoe.actors.expert_shard`)
         self.spec = load_spec(model_path)
         self.extra_replicas, self.load_window_s = extra_replicas, load_window_s
         self.policy = _checked_policy(policy)
@@ -89,6 +92,7 @@ class Controller(NodeSync):
         self._workers: dict[str, object] = {}
         self._reports: deque = deque()  # (time, worker id, [layers, experts] counts)
         self._requests: dict[str, tuple] = {}  # request id -> (time, node id, [moe layers, experts] pairs)
+        self._dispatch: dict[str, dict] = {}  # worker id -> its last dispatch counts (cumulative)
 
     # --- state -----------------------------------------------------------------------------------
     def placement(self) -> tuple[Placement, list]:
@@ -112,6 +116,7 @@ class Controller(NodeSync):
             "nodes": [{"node_id": n.node_id, "address": n.address, "speed": n.speed} for n in self.topology.nodes],
             "drained": sorted(self._drained),
             "workers": sorted(self._workers),
+            "dispatch": self.dispatch_by_node(),
             "events": list(self.events),  # recent scaling and placement decisions, oldest first
         }
 
@@ -131,15 +136,30 @@ class Controller(NodeSync):
         with self._state:
             self._workers.pop(worker_id, None)
 
+    def dispatch_by_node(self) -> dict[str, dict]:
+        """node id -> where its workers' routed rows went, summed over the workers that reported:
+        rows run in process, crossing a process, crossing a node, per token, local activation rate."""
+        totals: dict[str, DispatchCounts] = {}
+        with self._state:
+            reports = list(self._dispatch.values())
+        for r in reports:
+            t = totals.setdefault(r["node_id"], DispatchCounts())
+            for name in fields(DispatchCounts):
+                setattr(t, name.name, getattr(t, name.name) + r[name.name])
+        return {node: t.summary(len(self.spec.moe_layer_ids)) for node, t in totals.items()}
+
     # --- load --------------------------------------------------------------------------------------
-    def report_load(self, worker_id: str, counts) -> None:
-        """counts [layers, experts]: token-expert pairs the worker routed since its last report."""
+    def report_load(self, worker_id: str, counts, dispatch: dict | None = None) -> None:
+        """counts [layers, experts]: token-expert pairs the worker routed since its last report;
+        dispatch: its `RemoteExperts.count_summary()` (cumulative: where its rows went)."""
         counts = np.asarray(counts, dtype=np.int64)
         if counts.shape != (self.spec.num_layers, self.spec.num_experts):
             raise ConfigError(f"load shape {counts.shape}; expected [layers, experts] = "
                               f"{(self.spec.num_layers, self.spec.num_experts)}")  # fmt: skip
         with self._state:
             self._reports.append((time.monotonic(), worker_id, counts))
+            if dispatch is not None:
+                self._dispatch[worker_id] = dispatch
 
     def report_requests(self, node_id: str, routing: dict) -> None:
         """routing: request id -> `[moe layers, experts]` pairs each running request routed so far on
@@ -308,7 +328,7 @@ class Controller(NodeSync):
 
     def _spawn(self, node_id: str, experts: list):
         strategy = NodeAffinitySchedulingStrategy(node_id, soft=False)
-        return ExpertShard.options(num_cpus=self.shard_num_cpus, scheduling_strategy=strategy).remote(
+        return self.shard_actor.options(num_cpus=self.shard_num_cpus, scheduling_strategy=strategy).remote(
             self.model_path, experts, self.dtype
         )
 
@@ -385,121 +405,3 @@ def _is_alive(handle) -> bool:
         return True
     except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
         return False
-
-
-@ray.remote(num_cpus=0, max_concurrency=8)
-class ControllerActor:
-    """Thin Ray shell over `Controller` (threaded: a worker's shard_failed may arrive mid-apply)."""
-
-    def __init__(self, model_path: str, options: dict):
-        torch.set_num_threads(1)
-        configure_actor()
-        self.core = Controller(model_path, **options)
-
-    def ready(self) -> int:
-        return self.core.placement()[0].epoch
-
-    def placement(self):
-        return self.core.placement()
-
-    def status(self) -> dict:
-        return self.core.status()
-
-    def register_worker(self, worker_id: str, handle):
-        return self.core.register_worker(worker_id, handle)
-
-    def unregister_worker(self, worker_id: str) -> None:
-        self.core.unregister_worker(worker_id)
-
-    def report_load(self, worker_id: str, counts) -> None:
-        self.core.report_load(worker_id, counts)
-
-    def load(self) -> list:
-        return self.core.load().tolist()
-
-    def report_requests(self, node_id: str, routing: dict) -> None:
-        self.core.report_requests(node_id, routing)
-
-    def apply(self, placement: Placement) -> int:
-        return self.core.apply(placement)
-
-    def rebalance(self, extra_replicas: int | None = None, policy: str | None = None) -> int:
-        return self.core.rebalance(extra_replicas, policy)
-
-    def start_schedule(self, interval_s: float) -> bool:
-        """Rebalance every `interval_s` seconds from the load the workers report (idempotent)."""
-        if getattr(self, "_schedule", None) is None:
-            self._schedule = threading.Thread(target=self._rebalance_every, args=(interval_s,), daemon=True)
-            self._schedule.start()
-        return True
-
-    def _rebalance_every(self, interval_s: float) -> None:
-        while True:
-            time.sleep(interval_s)
-            if self.core.load().sum() > 0:  # nothing served: nothing to learn from
-                try:
-                    self.core.rebalance(reason=f"every {interval_s:g} s")
-                except Exception as e:  # noqa: BLE001 (a shard died mid-apply: the next round retries)
-                    self.core.sync_failed(e)
-
-    def shard_failed(self, shard: int):
-        return self.core.shard_failed(shard)
-
-    def sync_nodes(self) -> list[dict]:
-        return self.core.sync_nodes()
-
-    def drain_node(self, node_id: str) -> list[dict]:
-        return self.core.drain_node(node_id)
-
-    def start_node_watch(self, interval_s: float = DEFAULT_NODE_WATCH_S) -> bool:
-        """Read Ray's node table every `interval_s` seconds and follow nodes joining and leaving
-        (`Controller.sync_nodes`); idempotent."""
-        if getattr(self, "_node_watch", None) is None:
-            self._node_watch = threading.Thread(target=self._watch_nodes, args=(interval_s,), daemon=True)
-            self._node_watch.start()
-        return True
-
-    def _watch_nodes(self, interval_s: float) -> None:
-        while True:
-            time.sleep(interval_s)
-            try:
-                self.core.sync_nodes()
-            except Exception as e:  # noqa: BLE001 (e.g. a joining node died mid-load: the next look retries)
-                self.core.sync_failed(e)
-
-
-def get_or_create_controller(
-    model_path: str,
-    *,
-    namespace: str = "raymoe",
-    name: str = CONTROLLER_NAME,
-    timeout_s: float = CALL_TIMEOUT_S,
-    node_watch_s: float | None = DEFAULT_NODE_WATCH_S,
-    **options,
-):
-    """The named, detached controller of `namespace`, started if absent (options go to `Controller`;
-    an existing controller keeps the options it was started with). node_watch_s: how often it
-    reads Ray's node table to follow nodes joining and leaving (None: only on `sync_nodes` calls)."""
-    handle = ControllerActor.options(
-        name=name, namespace=namespace, lifetime="detached", get_if_exists=True, resources={HEAD_RESOURCE: 0.001}
-    ).remote(str(model_path), options)  # on the head node: it outlives any worker node
-    ray.get(handle.ready.remote(), timeout=timeout_s)
-    if node_watch_s:
-        ray.get(handle.start_node_watch.remote(node_watch_s), timeout=timeout_s)
-    return handle
-
-
-def shutdown_controller(namespace: str = "raymoe", name: str = CONTROLLER_NAME, timeout_s: float = 30.0) -> bool:
-    """Kill the namespace's controller and its shards; False when there was none."""
-    try:
-        handle = ray.get_actor(name, namespace=namespace)
-    except ValueError:
-        return False
-    try:
-        _, shards = ray.get(handle.placement.remote(), timeout=timeout_s)
-    except ray.exceptions.RayError:
-        shards = []  # shards are owned by the controller: they die with it anyway
-    ray.kill(handle)
-    for shard in shards:
-        ray.kill(shard)
-    return True

@@ -1,10 +1,14 @@
-"""Expert-parallel dispatch: an `ExpertBackend` whose routed experts run on expert shards.
+"""Expert-parallel dispatch: an `ExpertBackend` whose routed experts run on expert shards, or in
+the caller's own process when they are co-located there.
 
-Per MoE layer: `group_tokens` sorts the T*K (token, expert) pairs by expert (P sorted rows); each
-expert's rows go to replicas of it (`assign_rows`: a shard on the caller's node first, then rows
-balanced across replicas); each shard gets one slice (its rows, grouped by ascending expert) through
-a `Transport`; the outputs land back in sorted-row order and `combine` sums them per token exactly
-as `LocalExperts` does, so any placement computes the same numbers.
+Per MoE layer: `group_tokens` sorts the T*K (token, expert) pairs by expert (P sorted rows). The
+rows of experts the caller co-hosts (`local`: the experts placed on its own node, see
+`RemoteExperts`) run in its process with no transport, after the other rows are sent so the two
+overlap. Every other expert's rows go to replicas of it (`assign_rows`: a shard on the caller's
+node first, then rows balanced across replicas); each shard gets one slice (its rows, grouped by
+ascending expert) through a `Transport`; the outputs land back in sorted-row order and `combine`
+sums them per token exactly as `LocalExperts` does, so any placement computes the same numbers.
+`DispatchCounts` counts where the rows went: in process, to another process, to another node.
 
 Faults: a dead shard's slice is resent to another replica; an expert with no live replica asks
 `on_shard_failure(shard) -> (placement, handles)` (the controller re-creates the shard) and retries.
@@ -15,20 +19,29 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass
-from typing import Callable
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from typing import Callable, Protocol
 
 import numpy as np
 import torch
 
-from raymoe.actors.expert_shard import ExpertNotHeldError
-from raymoe.cluster.placement import Placement, PlacementError
-from raymoe.cluster.transport import DEFAULT_TIMEOUT_S, ActorCallTransport, Sent, ShardOutput, Transport
+from raymoe.cluster.placement import ExpertKey, Placement, PlacementError
+from raymoe.cluster.transport import (
+    DEFAULT_TIMEOUT_S,
+    ActorCallTransport,
+    ExpertNotHeldError,
+    Sent,
+    ShardOutput,
+    Transport,
+)
 from raymoe.errors import RaymoeError
 from raymoe.model.experts import TokenGroups, combine, group_tokens
 
 Piece = tuple[int, int, int]  # (expert, offset into that expert's rows, rows)
+LOCAL = -1  # the shard index of rows run in the caller's own process
 ShardFailureCallback = Callable[[int], tuple[Placement, list]]
+TIMES = {"dispatch_s": 0.0, "expert_s": 0.0, "local_expert_s": 0.0, "combine_s": 0.0, "calls": 0}
 
 
 class ShardFailureError(RaymoeError):
@@ -94,13 +107,59 @@ class Slice:
         return dict(zip(self.expert_ids, self.index.split(self.counts)))
 
 
+class LocalHolder(Protocol):
+    """The experts a worker co-hosts (`raymoe.actors.expert_shard.ExpertShardCore` is one)."""
+
+    def holds(self, layer: int, expert: int) -> bool: ...
+    def held(self) -> list[ExpertKey]: ...
+    def load(self, experts: Iterable[ExpertKey]) -> None: ...
+    def free(self, experts: Iterable[ExpertKey]) -> None: ...
+    def run(self, layer: int, rows: torch.Tensor, expert_ids: list[int], counts: list[int]) -> torch.Tensor: ...
+
+
+@dataclass
+class DispatchCounts:
+    """Where routed rows (token-expert pairs) went, cumulative. A token is counted once per forward
+    (token_layers / MoE layers); resent rows (a shard died) count again."""
+
+    pairs: int = 0  # token-expert pairs routed
+    token_layers: int = 0  # tokens summed over MoE layer calls
+    rows_local: int = 0  # run in this process, no transport
+    rows_process: int = 0  # sent to another process (this node or another)
+    rows_node: int = 0  # sent to another node
+
+    def summary(self, num_moe_layers: int) -> dict:
+        """The counts plus local activation rate (share of pairs served on the token's node) and
+        rows crossing a process / a node per token."""
+        tokens = self.token_layers / max(1, num_moe_layers)
+        return {
+            **asdict(self),
+            "tokens": tokens,
+            "local_activation_rate": 1.0 - self.rows_node / self.pairs if self.pairs else None,
+            "rows_crossing_process_per_token": self.rows_process / tokens if tokens else None,
+            "rows_crossing_node_per_token": self.rows_node / tokens if tokens else None,
+        }
+
+
+def node_experts(placement: Placement, node_id: str | None) -> set[ExpertKey]:
+    """The experts `placement` puts on `node_id` (on any of its shards)."""
+    on_node = {s for s, node in enumerate(placement.shard_nodes) if node == node_id}
+    return {key for key, shards in placement.expert_to_shards.items() if on_node.intersection(shards)}
+
+
 def actor_key(handle) -> object:
     key = getattr(handle, "_actor_id", None)
     return key if key is not None else id(handle)
 
 
 class RemoteExperts:
-    """ExpertBackend over expert shards. Also counts tokens per (layer, expert) and times each call."""
+    """ExpertBackend over expert shards. Also counts tokens per (layer, expert), where rows went
+    (`counts`) and times each call.
+
+    local: the caller's co-hosted experts. It is kept holding exactly the experts the placement
+    puts on the caller's node: new ones load when a placement is handed over (`set_placement`,
+    before the worker acks it), dropped ones are freed when the placement switches. Rows of an
+    expert it holds never reach the transport."""
 
     def __init__(
         self,
@@ -114,18 +173,23 @@ class RemoteExperts:
         on_shard_failure: ShardFailureCallback | None = None,
         max_retries: int = 3,
         timeout_s: float = DEFAULT_TIMEOUT_S,
+        local: LocalHolder | None = None,
+        num_moe_layers: int | None = None,
     ):
-        self.num_experts = num_experts
+        self.num_experts, self.local = num_experts, local
+        self.num_moe_layers = num_moe_layers or num_layers
+        self.counts = DispatchCounts()
         self.transport = transport or ActorCallTransport(handles)
         self.node_id = node_id if node_id is not None else _current_node_id()
         self.on_shard_failure = on_shard_failure
         self.max_retries, self.timeout_s = max_retries, timeout_s
         self.dead: set = set()  # actor keys of shards seen dead
         self.load = np.zeros((num_layers, num_experts), dtype=np.int64)  # [layers, experts] pairs routed
-        self.times = {"dispatch_s": 0.0, "expert_s": 0.0, "combine_s": 0.0, "calls": 0}
+        self.times = dict(TIMES)
         self._lock = threading.Lock()
         self._next: tuple[Placement, list] | None = None
         self.placement, self.handles = placement, []
+        self._load_local(placement)
         self._use(placement, handles)
 
     @property
@@ -136,6 +200,7 @@ class RemoteExperts:
         """Switch to `placement` at the next call (call it at a step boundary)."""
         if len(handles) != placement.num_shards:
             raise PlacementError(f"{len(handles)} shard handles for a placement of {placement.num_shards} shards")
+        self._load_local(placement)
         with self._lock:
             self._next = (placement, list(handles))
 
@@ -148,6 +213,8 @@ class RemoteExperts:
         start = time.perf_counter()
         groups = group_tokens(topk_ids, topk_weights, self.num_experts)
         self.load[layer] += np.asarray(groups.counts, dtype=np.int64)
+        self.counts.pairs += topk_ids.numel()
+        self.counts.token_layers += x.shape[0]
         rows = x[groups.token_of_row]  # [P, H] sorted by expert
         expert_rows = {e: torch.arange(a, b) for e, a, b in groups.expert_ranges()}
         inflight = self._send(layer, rows, expert_rows)
@@ -160,15 +227,26 @@ class RemoteExperts:
 
     def take_timings(self) -> dict:
         """Seconds spent in dispatch (send + wait minus shard compute), expert compute (the slowest
-        shard of each round trip), combine; and the number of calls; since the last take."""
-        times, self.times = self.times, {"dispatch_s": 0.0, "expert_s": 0.0, "combine_s": 0.0, "calls": 0}
+        shard of each round trip), co-located expert compute (in this process), combine; and the
+        number of calls; since the last take."""
+        times, self.times = self.times, dict(TIMES)
         return times
+
+    def count_summary(self) -> dict:
+        """`DispatchCounts.summary` since this backend started, with this process's node."""
+        return {"node_id": self.node_id, **self.counts.summary(self.num_moe_layers)}
 
     def _use(self, placement: Placement, handles: list) -> None:
         if len(handles) != placement.num_shards:
             raise PlacementError(f"{len(handles)} shard handles for a placement of {placement.num_shards} shards")
         self.placement, self.handles = placement, list(handles)
         self.transport.set_handles(self.handles)
+        if self.local is not None:
+            self.local.free(set(self.local.held()) - node_experts(placement, self.node_id))
+
+    def _load_local(self, placement: Placement) -> None:
+        if self.local is not None:
+            self.local.load(sorted(node_experts(placement, self.node_id) - set(self.local.held())))
 
     def _switch(self) -> None:
         with self._lock:
@@ -176,17 +254,35 @@ class RemoteExperts:
         if pending is not None and pending[0].epoch >= self.placement.epoch:  # never back to an older one
             self._use(*pending)
 
-    def _send(self, layer: int, rows: torch.Tensor, expert_rows: dict[int, torch.Tensor]) -> list[tuple[Slice, Sent]]:
+    def _send(self, layer: int, rows: torch.Tensor, expert_rows: dict[int, torch.Tensor]) -> list:
+        """Send the remote slices, then run the local one here: -> [(Slice, Sent | ShardOutput)]."""
         slices = self._route(layer, expert_rows)
-        return [(s, self.transport.send(s.shard, layer, rows[s.index], s.expert_ids, s.counts)) for s in slices]
+        sent: list = []
+        for s in slices:
+            if s.shard != LOCAL:
+                sent.append((s, self.transport.send(s.shard, layer, rows[s.index], s.expert_ids, s.counts)))
+                self.counts.rows_process += len(s.index)
+                self.counts.rows_node += len(s.index) * (self.placement.shard_nodes[s.shard] != self.node_id)
+        for s in slices:
+            if s.shard == LOCAL:
+                start = time.perf_counter()
+                out = self.local.run(layer, rows[s.index], s.expert_ids, s.counts)
+                sent.append((s, ShardOutput(out, 0.0)))
+                self.counts.rows_local += len(s.index)
+                self.times["local_expert_s"] += time.perf_counter() - start
+        return sent
 
     def _route(self, layer: int, expert_rows: dict[int, torch.Tensor]) -> list[Slice]:
         counts = {e: len(ix) for e, ix in expert_rows.items()}
         for _ in range(self.max_retries + 1):
             self._switch()
+            here = {e: n for e, n in counts.items() if self.local is not None and self.local.holds(layer, e)}
+            elsewhere = {e: n for e, n in counts.items() if e not in here}
             dead = {s for s, h in enumerate(self.handles) if actor_key(h) in self.dead}
             try:
-                assignment = assign_rows(self.placement, layer, counts, self.node_id, dead)
+                assignment = assign_rows(self.placement, layer, elsewhere, self.node_id, dead)
+                if here:
+                    assignment[LOCAL] = [(e, 0, n) for e, n in sorted(here.items())]
                 break
             except NoLiveReplicaError as e:
                 self._replace(e)
@@ -197,7 +293,7 @@ class RemoteExperts:
     def _slice(self, shard: int, pieces: list[Piece], expert_rows: dict[int, torch.Tensor]) -> Slice:
         index = torch.cat([expert_rows[e][offset : offset + n] for e, offset, n in pieces])
         ids, counts = [e for e, _, _ in pieces], [n for _, _, n in pieces]
-        return Slice(shard, actor_key(self.handles[shard]), index, ids, counts)
+        return Slice(shard, None if shard == LOCAL else actor_key(self.handles[shard]), index, ids, counts)
 
     def _replace(self, error: NoLiveReplicaError) -> None:
         if self.on_shard_failure is None:
@@ -213,7 +309,7 @@ class RemoteExperts:
 
     def _record(self, dispatch_s: float, expert_s: float, combine_s: float) -> None:
         t = self.times
-        t["dispatch_s"] += dispatch_s
+        t["dispatch_s"] += max(0.0, dispatch_s)
         t["expert_s"] += expert_s
         t["combine_s"] += combine_s
         t["calls"] += 1
@@ -225,15 +321,17 @@ class PendingExperts:
     def __init__(self, owner: RemoteExperts, layer: int, rows, groups: TokenGroups, num_tokens: int, inflight, send_s):
         self.owner, self.layer, self.rows, self.groups = owner, layer, rows, groups
         self.num_tokens, self.inflight, self.send_s = num_tokens, inflight, send_s
+        self.local_s = owner.times["local_expert_s"]  # to tell this call's local compute from its wait
         self._out: torch.Tensor | None = None
 
     def result(self) -> torch.Tensor:
         if self._out is None:
             start = time.perf_counter()
+            local_s = self.owner.times["local_expert_s"] - self.local_s  # before _gather: a resend may run some
             rows_out, compute_s = self._gather()
             mid = time.perf_counter()
             self._out = combine(rows_out, self.groups, self.num_tokens)
-            wait_s = mid - start + self.send_s
+            wait_s = mid - start + self.send_s - local_s
             self.owner._record(wait_s - compute_s, compute_s, time.perf_counter() - mid)
         return self._out
 
@@ -241,8 +339,12 @@ class PendingExperts:
         """Wait for every slice, resending failed ones; -> rows_out [P, H], shard compute seconds."""
         owner, out, compute_s = self.owner, torch.empty_like(self.rows), 0.0
         for attempt in range(owner.max_retries + 1):
-            slices, sent = zip(*self.inflight) if self.inflight else ((), ())
+            done = [(s, r) for s, r in self.inflight if isinstance(r, ShardOutput)]  # run in this process
+            remote = [(s, r) for s, r in self.inflight if not isinstance(r, ShardOutput)]
+            slices, sent = [s for s, _ in remote], [r for _, r in remote]
             replies = owner.transport.wait(list(sent), owner.timeout_s) if sent else []
+            for s, r in done:
+                out[s.index] = r.rows
             failed = []
             for s, reply in zip(slices, replies):
                 if isinstance(reply, ShardOutput):

@@ -21,7 +21,7 @@ from collections.abc import Iterator
 
 import ray
 
-from raymoe.actors.handoff import Handoff, TokenDelta, WorkRequest
+from raymoe.cluster.handoff import Handoff, TokenDelta, WorkRequest
 from raymoe.engine.llm_engine import RequestOutput, make_detokenizer
 from raymoe.engine.sequence import Sequence
 from raymoe.engine.stop import StopChecker

@@ -37,6 +37,10 @@ class ShardTimeoutError(RaymoeError, TimeoutError):
     """An expert shard did not answer in time; check the shard's node (`ray status`) and logs."""
 
 
+class ExpertNotHeldError(RaymoeError):
+    """A shard was sent rows for an expert it does not hold (a stale placement: re-route)."""
+
+
 class ShardOutput(NamedTuple):
     rows: torch.Tensor  # [N, H] expert outputs, in the order the rows were sent
     compute_s: float  # the shard's own compute time for them

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from ray import serve
 
-from raymoe.actors.handoff import WorkRequest
+from raymoe.cluster.handoff import WorkRequest
 from raymoe.config import parse_config
 from raymoe.engine.sampling_params import SamplingParams
 from raymoe.errors import ConfigError

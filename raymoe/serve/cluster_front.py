@@ -14,7 +14,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 
-from raymoe.actors.handoff import Handoff, WorkRequest
+from raymoe.cluster.handoff import Handoff, WorkRequest
 from raymoe.cluster.front import Tracked
 from raymoe.engine.llm_engine import RequestOutput
 from raymoe.errors import InvalidRequestError, RaymoeError

@@ -32,7 +32,7 @@ def cluster_config(config: RaymoeConfig):
 
 def ensure_controller(config: RaymoeConfig, model_path: str):
     """The namespace's controller (and its expert shards), started if absent; its handle."""
-    from raymoe.cluster.controller import get_or_create_controller
+    from raymoe.actors.controller import get_or_create_controller
 
     c = cluster_config(config)
     controller = get_or_create_controller(
@@ -60,7 +60,7 @@ def start_worker(cls, config: RaymoeConfig, model_path: str, settings: Deploymen
 def shutdown_cluster() -> None:
     """Stop the controller, its shards and the per-node KV pools of the serving namespace."""
     from raymoe.actors.kv_pool import pool_name
-    from raymoe.cluster.controller import shutdown_controller
+    from raymoe.actors.controller import shutdown_controller
 
     shutdown_controller(NAMESPACE)
     for node in ray.nodes():

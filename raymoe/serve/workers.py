@@ -23,7 +23,7 @@ import ray
 from ray import serve
 
 from raymoe.actors.decode import DecodeWorker
-from raymoe.actors.handoff import Handoff, TokenDelta, WorkRequest
+from raymoe.cluster.handoff import Handoff, TokenDelta, WorkRequest
 from raymoe.actors.prefill import PrefillWorker
 from raymoe.config import parse_config
 from raymoe.errors import RaymoeError

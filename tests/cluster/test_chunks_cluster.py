@@ -6,7 +6,8 @@ the pool counts the chunk hits and saved tokens, and a plain request stays exact
 import pytest
 from checkpoints import engine_greedy
 
-from raymoe.cluster.cluster import ClusterConfig, MoECluster
+from raymoe.actors.cluster import MoECluster
+from raymoe.cluster.cluster import ClusterConfig
 from raymoe.engine.chunk_cache import LocalChunkStore
 from raymoe.engine.chunks import ChunkReuse
 from raymoe.engine.llm_engine import EngineConfig, LLMEngine

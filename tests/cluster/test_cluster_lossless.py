@@ -8,7 +8,8 @@ import pytest
 import ray
 
 from checkpoints import assert_same_greedy, engine_greedy, load_reference, reference_greedy
-from raymoe.cluster.cluster import ClusterConfig, MoECluster
+from raymoe.actors.cluster import MoECluster
+from raymoe.cluster.cluster import ClusterConfig
 from raymoe.engine.llm_engine import EngineConfig
 from raymoe.engine.sampling_params import SamplingParams
 

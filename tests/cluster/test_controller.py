@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from raymoe.cluster.controller import CONTROLLER_NAME, get_or_create_controller, shutdown_controller
+from raymoe.actors.controller import get_or_create_controller, shutdown_controller
+from raymoe.cluster.controller import CONTROLLER_NAME
 from raymoe.cluster.dispatch import RemoteExperts
 from raymoe.cluster.placement import contiguous_placement
 from raymoe.cluster.topology import Topology

@@ -13,7 +13,14 @@ import pytest
 import torch
 
 from raymoe.actors.expert_shard import ExpertNotHeldError, ExpertShardCore
-from raymoe.cluster.dispatch import NoLiveReplicaError, RemoteExperts, ShardFailureError, assign_rows, split_rows
+from raymoe.cluster.dispatch import (
+    NoLiveReplicaError,
+    RemoteExperts,
+    ShardFailureError,
+    assign_rows,
+    node_experts,
+    split_rows,
+)
 from raymoe.cluster.placement import (
     Placement,
     PlacementError,
@@ -33,6 +40,7 @@ from raymoe.cluster.transport import (
     to_wire,
 )
 from raymoe.errors import ConfigError
+from raymoe.model.expert_file import CACHE_ENV
 from raymoe.model.model import load_model
 from raymoe.model.paged import AttentionBatch, allocate_kv_cache
 
@@ -181,6 +189,19 @@ def test_core_load_free_held(mixtral_path):
         core.load([(0, 8)])
 
 
+def test_holders_on_a_node_share_one_mapping(mixtral_path, tmp_path, monkeypatch):
+    """Two holders of overlapping experts (a worker and a shard on one node) map one file: a
+    change through one shows through the other, so the weights exist once."""
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path))
+    a = ExpertShardCore(mixtral_path, [(0, e) for e in range(4)])
+    b = ExpertShardCore(mixtral_path, [(0, e) for e in range(2, 8)])
+    assert len(list(tmp_path.iterdir())) == 1  # one file for layer 0
+    expert2_in_b = b.store.layers[0].gate_up_t[0]  # b's stack starts at expert 2
+    before = expert2_in_b.clone()
+    a.store.layers[0].gate_up_t[2].add_(1.0)
+    assert torch.equal(expert2_in_b, before + 1.0)
+
+
 # ---------------------------------------------------------------------------------- dispatch, no Ray
 class FakeShard:
     def __init__(self, core):
@@ -252,6 +273,46 @@ def test_remote_experts_in_process_recreates_without_replica(mixtral_path):
     shards[0].alive = False
     with pytest.raises(ShardFailureError, match="on_shard_failure"):
         run_steps(model, remote, prompts, fed)
+
+
+class CountingTransport(InProcessTransport):
+    """Also counts the rows that reached the transport, per shard."""
+
+    def __init__(self):
+        super().__init__()
+        self.rows: dict[int, int] = {}
+
+    def send(self, shard_index, layer, rows, expert_ids, counts):
+        self.rows[shard_index] = self.rows.get(shard_index, 0) + rows.shape[0]
+        return super().send(shard_index, layer, rows, expert_ids, counts)
+
+
+def test_colocated_rows_never_reach_the_transport(mixtral_path):
+    """Shards 0, 1 on node a (the worker's), shard 2 on b: the worker runs a's experts itself."""
+    model = load_model(mixtral_path)
+    spec = model.spec
+    placement = contiguous_placement(spec.moe_layer_ids, 8, ["a", "a", "b"])
+    shards, transport = fake_shards(mixtral_path, placement), CountingTransport()
+    local = ExpertShardCore(mixtral_path, [])
+    remote = RemoteExperts(placement, shards, spec.num_layers, 8, transport=transport, node_id="a", local=local,
+                           num_moe_layers=len(spec.moe_layer_ids))  # fmt: skip
+    assert set(local.held()) == node_experts(placement, "a") == set(placement.experts_on(0) + placement.experts_on(1))
+    prompts, fed = random_tokens(5, 9, 4), random_tokens(6, 3, 3)
+    expected = run_steps(model, None, prompts, fed)
+    assert (run_steps(model, remote, prompts, fed) - expected).abs().max() <= TOL
+    load = expected_load(model, prompts, fed)
+    on_b = sum(int(load[lay, e]) for lay, e in placement.experts_on(2))
+    assert set(transport.rows) == {2} and transport.rows[2] == on_b  # nothing for a's experts was sent
+    c = remote.count_summary()
+    assert (c["rows_local"], c["rows_process"], c["rows_node"], c["pairs"]) == (load.sum() - on_b, on_b, on_b, load.sum())
+    tokens = sum(map(len, prompts)) + sum(map(len, fed))
+    assert c["tokens"] == tokens and c["rows_crossing_node_per_token"] == on_b / tokens
+    assert c["local_activation_rate"] == 1 - on_b / load.sum()
+
+    moved = contiguous_placement(spec.moe_layer_ids, 8, ["b", "a", "b"], epoch=1)  # a keeps only shard 1's
+    remote.set_placement(moved, fake_shards(mixtral_path, moved))
+    assert (run_steps(model, remote, prompts, fed) - expected).abs().max() <= TOL
+    assert set(local.held()) == node_experts(moved, "a") == set(moved.experts_on(1))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

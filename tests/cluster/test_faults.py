@@ -2,10 +2,13 @@
 run, none lost or repeated: a dead decode worker's sequences resume on another from the KV pool
 and the tokens already delivered; a dead expert shard is routed around (replica) or re-created."""
 
+import time
+
 import pytest
 import ray
 
-from raymoe.cluster.cluster import ClusterConfig, MoECluster
+from raymoe.actors.cluster import MoECluster
+from raymoe.cluster.cluster import ClusterConfig
 from raymoe.engine.llm_engine import EngineConfig
 from raymoe.engine.sampling_params import SamplingParams
 
@@ -28,6 +31,28 @@ def cluster(ray_cluster, checkpoint_dir):
 @pytest.fixture(scope="module")
 def undisturbed(cluster):
     return [o.token_ids for o in cluster.generate(PROMPTS, PARAMS)]
+
+
+def test_colocated_rows_never_reach_the_transport(cluster, undisturbed):
+    """Every node holds a shard, so every worker co-hosts its node's experts: those rows run in
+    the worker's process, and the shards ran exactly the rows the workers counted as sent."""
+    workers = cluster.prefill + cluster.router.decode
+    counts = [s["dispatch"] for s in ray.get([w.stats.remote() for w in workers])]
+    assert all(c["rows_local"] > 0 and c["rows_local"] + c["rows_process"] == c["pairs"] for c in counts)
+    assert sum(c["rows_local"] for c in counts) > sum(c["rows_process"] for c in counts)
+    _, shards = ray.get(cluster.controller.placement.remote())
+    served = sum(s["rows_served"] for s in ray.get([h.stats.remote() for h in shards]))
+    assert served == sum(c["rows_process"] for c in counts)
+    decoders = [c for c in counts[len(cluster.prefill):] if c["pairs"]]
+    deadline = time.monotonic() + 30
+    while True:  # the decode workers report to the controller when they go idle
+        by_node = ray.get(cluster.controller.status.remote())["dispatch"]
+        if sum(n["rows_local"] for n in by_node.values()) == sum(c["rows_local"] for c in decoders):
+            break
+        assert time.monotonic() < deadline, (by_node, decoders)
+        time.sleep(0.2)
+    assert set(by_node) == {c["node_id"] for c in decoders}
+    assert all(0 < n["local_activation_rate"] <= 1 and n["tokens"] > 0 for n in by_node.values())
 
 
 def test_dead_decode_worker_sequences_resume(cluster, undisturbed):

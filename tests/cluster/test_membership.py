@@ -13,7 +13,8 @@ import time
 import pytest
 from checkpoints import engine_greedy
 
-from raymoe.cluster.cluster import ClusterConfig, MoECluster
+from raymoe.actors.cluster import MoECluster
+from raymoe.cluster.cluster import ClusterConfig
 from raymoe.engine.llm_engine import EngineConfig
 from raymoe.engine.sampling_params import SamplingParams
 

@@ -8,7 +8,7 @@ import torch
 from test_chunks import BLOCK, CONFIG, IN_ORDER, PROMPT, greedy, run
 
 from raymoe.actors.decode import DecodeCore
-from raymoe.actors.handoff import WorkRequest
+from raymoe.cluster.handoff import WorkRequest
 from raymoe.actors.kv_pool import InMemoryStore, KVPoolCore
 from raymoe.actors.prefill import PrefillCore
 from raymoe.engine.chunk_cache import LocalChunkStore
