@@ -2,15 +2,19 @@
 
     python bench/cluster.py [--repeats 3] [--batch 16] [--out bench/out/cluster.json]
 
-Prints one JSON object. Runs in one process on a local Ray cluster (loopback only):
+Prints one JSON object. Runs in one process on a 1-node local Ray cluster (loopback only):
 - baseline `one_process`: raymoe's engine with every expert in-process;
-- `cluster_2_shards_mb1` and `cluster_2_shards_mb2`: one prefill and one decode worker, 2 expert
-  shards, microbatches 1 and 2.
+- `cluster_colocated`: one prefill and one decode worker, 2 expert shards, all on the one node, so
+  the decode worker co-hosts every expert (runs them in its own process); its repeats alternate
+  with the baseline's, so both see the same machine;
+- `cluster_2_shards_mb1` and `cluster_2_shards_mb2`: the same with co-location off (every row
+  crosses to a shard), microbatches 1 and 2.
 Workload: `--batch` greedy requests of 32 prompt tokens and `--new-tokens` outputs (ignore_eos).
 Figures are from pure decode steps only (every running sequence decoding): decode tokens/s and
 ms per step, split into attention (+ router, sampling, everything local), dispatch (the worker
-waiting on the transport beyond the shards' compute), expert compute and combine. Medians over
-repeats. `hidden_dispatch_share` = 1 - exposed round trip (mb2) / exposed round trip (mb1).
+waiting on the transport beyond the shards' compute), expert compute on shards, expert compute in
+the worker (`local_expert`) and combine; and where the decode worker's rows went (`dispatch`:
+rows crossing a process / a node per token, local activation rate). Medians over repeats. `hidden_dispatch_share` = 1 - exposed round trip (mb2) / exposed round trip (mb1).
 """
 
 from __future__ import annotations
@@ -64,7 +68,7 @@ def on_cluster(cluster: MoECluster, prompts, params) -> dict:
     cluster.generate(prompts, params)
     t = ray.get(worker.take_timings.remote())
     steps, total = t["decode_steps"], t["decode_step_s"]
-    remote = {k: t[k] for k in ("dispatch_s", "expert_s", "combine_s")}
+    remote = {k: t[k] for k in ("dispatch_s", "expert_s", "local_expert_s", "combine_s")}
     # expert timings of a few non-decode steps (handoff tails) are included: scale to decode steps
     return {
         "decode_tokens_per_s": t["decode_tokens"] / total,
@@ -74,7 +78,19 @@ def on_cluster(cluster: MoECluster, prompts, params) -> dict:
             **{k.replace("_s", ""): 1000 * v / steps for k, v in remote.items()},
         },
         "exposed_round_trip_ms_per_step": 1000 * (remote["dispatch_s"] + remote["expert_s"]) / steps,
+        "dispatch": {k: v for k, v in ray.get(worker.stats.remote())["dispatch"].items() if k.startswith(("rows_c", "local"))},
     }
+
+
+def start(model_path, prompts, **options) -> MoECluster:
+    cluster = MoECluster(model_path, ClusterConfig(engine=ENGINE, **options))
+    cluster.generate(prompts[:2], SamplingParams(max_tokens=4, ignore_eos=True))  # warm-up
+    return cluster
+
+
+def median_ratio(runs: list[dict], baseline: list[dict]) -> float:
+    """Median over repeats of tokens/s ratios of runs made side by side."""
+    return statistics.median(r["decode_tokens_per_s"] / b["decode_tokens_per_s"] for r, b in zip(runs, baseline))
 
 
 def median_dicts(runs: list[dict]) -> dict:
@@ -96,16 +112,22 @@ def main() -> None:
     prompts, params = workload(args.batch, args.new_tokens)
     ray.init(num_cpus=8, include_dashboard=False)
     report = {"config": vars(args) | {"model": "builtin", "engine": ENGINE.__dict__}}
-    report["one_process"] = median_dicts([one_process(model_path, prompts, params) for _ in range(args.repeats)])
+    cluster = start(model_path, prompts, num_shards=2, namespace="bench-colocated")
+    base, colocated = [], []
+    for _ in range(args.repeats):  # alternating: both see the same machine
+        base.append(one_process(model_path, prompts, params))
+        colocated.append(on_cluster(cluster, prompts, params))
+    cluster.shutdown()
+    report["one_process"], report["cluster_colocated"] = median_dicts(base), median_dicts(colocated)
     for m in (1, 2):
-        config = ClusterConfig(engine=ENGINE, num_shards=2, num_microbatches=m, namespace=f"bench-mb{m}")
-        cluster = MoECluster(model_path, config)
-        cluster.generate(prompts[:2], SamplingParams(max_tokens=4, ignore_eos=True))  # warm-up
+        cluster = start(model_path, prompts, num_shards=2, num_microbatches=m, colocate_experts=False,
+                        namespace=f"bench-mb{m}")  # fmt: skip
         report[f"cluster_2_shards_mb{m}"] = median_dicts([on_cluster(cluster, prompts, params)
                                                          for _ in range(args.repeats)])  # fmt: skip
         cluster.shutdown()
     mb1, mb2 = report["cluster_2_shards_mb1"], report["cluster_2_shards_mb2"]
     report["ratios"] = {
+        "colocated_vs_one_process_tokens_per_s": median_ratio(colocated, base),
         "cluster_mb1_vs_one_process_tokens_per_s": mb1["decode_tokens_per_s"] / report["one_process"]["decode_tokens_per_s"],
         "mb2_vs_mb1_tokens_per_s": mb2["decode_tokens_per_s"] / mb1["decode_tokens_per_s"],
         "hidden_dispatch_share": 1 - mb2["exposed_round_trip_ms_per_step"] / mb1["exposed_round_trip_ms_per_step"],

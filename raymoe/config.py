@@ -102,6 +102,7 @@ class ClusterSettings(_Frozen):
     shards_per_node: int = Field(1, gt=0)
     replicas: int = Field(1, gt=0, description="copies of every expert; >1 routes around a dead shard")
     num_microbatches: int = Field(1, gt=0)
+    colocate_experts: bool = Field(True, description="workers run the experts placed on their own node in process")
     kv_pool_bytes: int = Field(256 << 20, gt=0, description="KV pool per node")
     placement_policy: PolicyName = "replication"
     rebalance_interval_s: float = Field(60.0, gt=0)

@@ -9,7 +9,8 @@ RECENT = 5
 
 def format_status(status: dict, now: float | None = None) -> str:
     """The admin cluster document -> lines a person reads: nodes, deployments, workers, shards,
-    placement epoch, and the latest scaling decisions and controller events with their reasons."""
+    placement epoch, where expert rows went per node, and the latest scaling decisions and
+    controller events with their reasons."""
     now = time.time() if now is None else now
     epoch = status.get("placement_epoch")
     placement = f"placement epoch: {epoch}" if epoch is not None else "placement: none (one engine holds every expert)"
@@ -30,6 +31,13 @@ def format_status(status: dict, now: float | None = None) -> str:
         lines.append(f"expert shards ({len(shards)}):")
         lines += [f"  {s['name']:<10} node {s['node_id'][:12]}  experts {s['num_physical']}  speed {s['speed']:g}"
                   for s in shards]  # fmt: skip
+    dispatch = (status.get("controller") or {}).get("dispatch", {})
+    if dispatch:
+        lines.append("expert rows per node (decode workers; per token):")
+        for node, d in dispatch.items():
+            lines.append(f"  {node[:12]}  local activation {_num(d.get('local_activation_rate'))}  "
+                         f"crossing process {_num(d.get('rows_crossing_process_per_token'))}  "
+                         f"crossing node {_num(d.get('rows_crossing_node_per_token'))}")  # fmt: skip
     decisions = [d for entries in (status.get("scaling") or {}).values() for d in entries]
     if decisions:
         lines.append("recent scaling decisions:")
@@ -53,6 +61,10 @@ def _busy(worker: dict) -> str:
     if "running" in worker:
         return f"running {worker['running']}"
     return f"prompts {worker.get('prompts', 0)}"
+
+
+def _num(value) -> str:
+    return "-" if value is None else f"{value:.3f}"
 
 
 def _ago(now: float, then: float) -> str:

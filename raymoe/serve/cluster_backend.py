@@ -127,7 +127,7 @@ def _cluster_counts(controller: dict) -> dict:
             "placement_epoch": controller.get("epoch", 0),
             "replicas": {name: d["running"] for name, d in _deployments().items()},
             "scaling_decisions": {d: len(autoscale.recent_decisions(d)) for d in ("prefill", "decode")},
-            "controller_events": events}  # fmt: skip
+            "controller_events": events, "dispatch": controller.get("dispatch", {})}  # fmt: skip
 
 
 def _replicas(deployment: str) -> int:

@@ -82,6 +82,11 @@ class ClusterGauges:
                                ["deployment"], registry=r)  # fmt: skip
         self.events = Gauge("raymoe_controller_events", "controller events kept, by kind", ["kind"], registry=r)
         self.resumed = Gauge("raymoe_resumed_sequences", "sequences resumed on another worker", registry=r)
+        per_node = [("local_activation_rate", "share of token-expert pairs served on the token's node"),
+                    ("rows_crossing_process_per_token", "expert rows sent to another process, per token"),
+                    ("rows_crossing_node_per_token", "expert rows sent to another node, per token")]  # fmt: skip
+        self.dispatch = {k: Gauge(f"raymoe_node_{k}", f"{doc} (decode workers of the node)", ["node"], registry=r)
+                         for k, doc in per_node}  # fmt: skip
 
     def update(self, stats: dict) -> None:
         """Both backends report nodes and replicas; the rest is backend: cluster's."""
@@ -97,3 +102,7 @@ class ClusterGauges:
             self.decisions.labels(deployment=name).set(count)
         for kind, count in stats.get("controller_events", {}).items():
             self.events.labels(kind=kind).set(count)
+        for node, counts in stats.get("dispatch", {}).items():
+            for key, gauge in self.dispatch.items():
+                if counts.get(key) is not None:
+                    gauge.labels(node=node).set(counts[key])

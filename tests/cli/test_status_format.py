@@ -8,7 +8,9 @@ DOC = {
     "deployments": {"decode": {"status": "HEALTHY", "running": 2}},
     "workers": [{"kind": "decode", "node_id": "aaaaaaaaaaaaaaaa", "running": 5}],
     "controller": {"shards": [{"name": "shard-0", "node_id": "aaaaaaaaaaaaaaaa", "num_physical": 64, "speed": 2.0}],
-                   "events": [{"time": 90.0, "kind": "node_joined", "node_id": "bbbb"}]},
+                   "events": [{"time": 90.0, "kind": "node_joined", "node_id": "bbbb"}],
+                   "dispatch": {"aaaaaaaaaaaaaaaa": {"local_activation_rate": 0.5, "rows_crossing_process_per_token": 4.0,
+                                                     "rows_crossing_node_per_token": 2.0}}},
     "scaling": {"decode": [{"time": 95.0, "deployment": "decode", "from": 1, "to": 2,
                             "reason": "running_sequences 9 over 1 replica(s), target 4 per replica -> 3"}]},
 }  # fmt: skip
@@ -22,6 +24,7 @@ def test_every_section_is_shown_with_its_reason():
     assert "shard-0" in text and "experts 64" in text
     assert "5s ago  decode: 1 -> 2  (running_sequences 9" in text
     assert "10s ago  node_joined  node_id=bbbb" in text
+    assert "aaaaaaaaaaaa  local activation 0.500  crossing process 4.000  crossing node 2.000" in text
 
 
 def test_engine_backend_document_has_no_cluster_sections():

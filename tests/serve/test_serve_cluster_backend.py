@@ -166,7 +166,8 @@ def test_prefill_and_decode_scale_up_under_load_and_back_down(server):
 def test_metrics_show_the_cluster(server):
     text = httpx.get(f"{server.base_url}/metrics", timeout=60).text
     for name in ("raymoe_nodes 1.0", "raymoe_expert_shards 1.0", 'raymoe_replicas{deployment="decode"}',
-                 'raymoe_scaling_decisions{deployment="decode"}', "raymoe_resumed_sequences", "raymoe_placement_epoch"):
+                 'raymoe_scaling_decisions{deployment="decode"}', "raymoe_resumed_sequences", "raymoe_placement_epoch",
+                 'raymoe_node_local_activation_rate{node="', 'raymoe_node_rows_crossing_process_per_token{node="'):
         assert name in text, name  # fmt: skip
 
 
