@@ -13,6 +13,8 @@ from raymoe.extras import missing_extra_message
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
+API_KEY_ENV = "RAYMOE_API_KEY"
+
 
 def _generate(args: argparse.Namespace) -> int:
     from raymoe.engine.llm import LLM
@@ -36,10 +38,28 @@ def _serve(args: argparse.Namespace) -> int:
     data = load_config(args.config).model_dump()
     if args.model is not None:
         data["model"] = args.model
-    flags = {"host": args.host, "port": args.port, "api_key": args.api_key}
+    flags = {"host": args.host, "port": args.port, "api_key": api_key(args)}
     data["serve"].update({k: v for k, v in flags.items() if v is not None})
     serve_forever(parse_config(data, "command line and config"), address=args.address)
     return 0
+
+
+def api_key(args: argparse.Namespace) -> str | None:
+    """The key from --api-key, else --api-key-file (its first line), else RAYMOE_API_KEY; None:
+    the config's. A file or the environment keeps the key out of `ps`."""
+    import os
+
+    from raymoe.errors import ConfigError
+
+    if args.api_key is not None:
+        return args.api_key
+    if getattr(args, "api_key_file", None) is not None:
+        try:
+            lines = open(args.api_key_file, encoding="utf-8").read().splitlines()
+        except OSError as e:
+            raise ConfigError(f"cannot read --api-key-file {args.api_key_file}: {e.strerror}") from None
+        return lines[0] if lines else ""
+    return os.environ.get(API_KEY_ENV)
 
 
 def _status(args: argparse.Namespace) -> int:
@@ -48,7 +68,7 @@ def _status(args: argparse.Namespace) -> int:
     from raymoe.client import Client
     from raymoe.client.status import format_status
 
-    with Client(args.url, api_key=args.api_key, timeout=30) as client:
+    with Client(args.url, api_key=api_key(args), timeout=30) as client:
         status = client.cluster().model_dump()
     print(json.dumps(status, indent=1) if args.json else format_status(status))
     return 0
@@ -84,7 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--config", default=None, help="raymoe YAML config (the same file the manifests embed)")
     srv.add_argument("--host", default=None, help="address to bind (default 127.0.0.1, or the config's)")
     srv.add_argument("--port", type=int, default=None, help="HTTP port (default 8000, or the config's)")
-    srv.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on /v1 and /admin")
+    srv.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on /v1 and /admin "
+                     f"(visible in `ps`: prefer --api-key-file or {API_KEY_ENV})")  # fmt: skip
+    srv.add_argument("--api-key-file", default=None, help="read the API key from this file's first line")
     srv.add_argument("--address", default=None, help="join this Ray cluster (e.g. auto) instead of starting one")
     srv.set_defaults(func=_serve)
 
@@ -104,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     st = add("status", help="a running server's nodes, workers, shards, epoch and scaling decisions")
     st.add_argument("--url", default="http://127.0.0.1:8000", help="the server's base URL")
-    st.add_argument("--api-key", default=None, help="the server's API key, if it has one")
+    st.add_argument("--api-key", default=None, help=f"the server's API key, if it has one (default: ${API_KEY_ENV})")
     st.add_argument("--json", action="store_true", help="print the raw /admin/cluster document")
     st.set_defaults(func=_status)
 

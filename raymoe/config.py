@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from raymoe.errors import ConfigError
 from raymoe.policies.registry import PolicyName
@@ -88,12 +88,30 @@ class DeploymentSettings(_Frozen):
 class ServeSettings(_Frozen):
     host: str = "127.0.0.1"
     port: int = Field(8000, gt=0, lt=65536)
-    api_key: str | None = None  # when set, /v1 and /admin need `Authorization: Bearer <key>`
+    # when set, /v1 and /admin need `Authorization: Bearer <key>`; `raymoe serve` also takes it from
+    # --api-key-file or the RAYMOE_API_KEY environment variable (kept out of `ps`)
+    api_key: str | None = None
     model_name: str | None = None  # the name /v1/models shows; None = the folder's name
     max_queue_len: int = Field(64, gt=0, description="requests admitted per backend replica; more get 503")
     max_body_bytes: int = Field(1 << 20, gt=0, description="larger request bodies get 413")
     default_max_tokens: int = Field(16, gt=0, description="max_tokens when a request leaves it out")
     retry_after_s: int = Field(1, gt=0, description="Retry-After sent with 503 when queues are full")
+    body_timeout_s: float = Field(10.0, gt=0, description="a request body slower than this gets 408")
+    # on SIGTERM/SIGINT: running requests get this long to finish; keep it ~10 s under Kubernetes'
+    # terminationGracePeriodSeconds (30 s by default) so stopping Serve and Ray fits too
+    shutdown_grace_s: float = Field(20.0, ge=0, description="running requests finish this long on SIGTERM")
+    max_chunks_per_request: int = Field(32, gt=0, description="raymoe_chunks / raymoe_documents per request")
+    min_chunk_tokens: int = Field(8, gt=0, description="shorter raymoe_chunks get 400 (each costs a forward)")
+
+    @field_validator("api_key")
+    @classmethod
+    def _key_not_blank(cls, key: str | None) -> str | None:
+        if key is not None and (not key.strip() or key != key.strip()):
+            raise ValueError(
+                "the API key is empty or has surrounding whitespace; set a real key (--api-key, --api-key-file, "
+                "RAYMOE_API_KEY) or leave it unset (null) to serve without one"
+            )
+        return key
 
 
 class ClusterSettings(_Frozen):
@@ -154,6 +172,8 @@ def _explain(error: ValidationError) -> str:
             lines.append(f"  {where}: unknown setting; remove it or check its spelling")
         elif err["type"] == "literal_error":
             lines.append(f"  {where}: {err['msg']}, got {err.get('input')!r}")
+        elif where.endswith("api_key"):  # never echo a secret
+            lines.append(f"  {where}: {err['msg']}")
         else:
             lines.append(f"  {where}: {err['msg']} (got {err.get('input')!r}); fix this value")
     return "\n".join(lines)

@@ -129,10 +129,11 @@ class MoECluster:
 
     def stats(self) -> dict:
         return {
-            "prefill": ray.get([w.stats.remote() for w in self.prefill]),
+            "prefill": ray.get([w.stats.remote() for w, _ in self.router.prefill]),  # the live ones
             "decode": ray.get([w.stats.remote() for w in self.router.decode]),
             "resumed_sequences": self.router.num_resumed,
             "reseated_sequences": self.router.num_reseated,
+            "prefill_retries": self.router.num_prefill_retries,
         }
 
     def shutdown(self) -> None:

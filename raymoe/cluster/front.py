@@ -4,7 +4,8 @@
 worker, hands each first token to a decode worker, long-polls the decode workers for tokens, turns
 them into text with stop strings applied (aborting the remote sequence on a stop string), and
 resumes the sequences of a decode worker that died on another one, from the tokens already
-delivered: the caller never sees a token twice or misses one.
+delivered: the caller never sees a token twice or misses one. A batch whose prefill worker died
+is prefilled again on another.
 
 With a `Seating` (speculative token placement), a new request goes to the decode worker whose node
 holds most of its prompt's experts, under a per-worker cap; every `reseat_every_s` the running
@@ -80,6 +81,7 @@ class RequestRouter:
         self._rr = itertools.count()
         self.num_resumed, self.num_reseated = 0, 0
         self._reseat_requested = False
+        self.num_prefill_retries = 0
         self.cancelled: set[str] = set()  # request ids whose caller went away
 
     def request_reseat(self) -> None:
@@ -105,10 +107,19 @@ class RequestRouter:
         yield from self._stream(tracked)
 
     def _prefill(self, requests: list[WorkRequest]) -> list[Handoff]:
-        handle, node_id = self.prefill[next(self._rr) % len(self.prefill)]
-        for r in requests:
-            r.kv_node_id = node_id  # where its prompt KV will be pooled
-        return ray.get(handle.prefill.remote(requests))
+        """First tokens of `requests`; a prefill worker that dies under the batch is dropped and the
+        batch prefilled again on another (its KV blocks are content-keyed: a partial write is harmless)."""
+        while True:
+            if not self.prefill:
+                raise NoWorkerError("no live prefill worker: the cluster needs at least one")
+            worker = self.prefill[next(self._rr) % len(self.prefill)]
+            for r in requests:
+                r.kv_node_id = worker[1]  # where its prompt KV will be pooled
+            try:
+                return ray.get(worker[0].prefill.remote(requests))
+            except ACTOR_DEAD:
+                self.prefill.remove(worker)
+                self.num_prefill_retries += 1
 
     def _submit(self, items: list[Tracked], workers: list | None = None) -> None:
         by_worker: dict = {}

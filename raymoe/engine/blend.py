@@ -15,6 +15,7 @@ With a share of 1 every token is active: the same arithmetic as a plain prefill 
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -109,12 +110,18 @@ class Blender:
     plan's end; the rest of its prompt then prefills as usual. Without a chunk store (a decode
     worker) a plan is ignored: the prompt computes in full, or comes from imported blocks.
 
-    The region computes in the step that admits the sequence, beside the step's token budget."""
+    Chunk work shares the scheduler's token budget: the tokens a step schedules for such a sequence
+    pay first for its chunks missing from the store (each computed alone, at least one per step),
+    then for the blend region; the prompt's remaining tokens get what is left. A sequence still
+    gathering chunks sits the model run out, so one request with many chunks cannot stall a step."""
 
     def __init__(self, runner, block_manager, block_size: int, store=None):
         self.runner, self.block_manager, self.block_size, self.store = runner, block_manager, block_size, store
         self.stats = {"blended_requests": 0, "chunk_tokens_placed": 0, "chunk_tokens_recomputed": 0,
                       "blend_token_layers": 0, "chunk_prefill_tokens": 0}  # fmt: skip
+        # chunk KV gathered so far per sequence (index in its plan -> KV, None: compute as usual);
+        # weak keys: an aborted sequence's entry goes with it
+        self._gathered: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     @property
     def model(self):
@@ -123,21 +130,33 @@ class Blender:
         return m if hasattr(m, "layers") else m.model
 
     def run_pending(self, scheduled: list) -> list:
-        """Blend where due; returns the schedule with each blended sequence's new-token count cut to
-        what is left of its prompt after the region."""
+        """Gather chunks and blend where due, within each sequence's scheduled tokens; returns the
+        schedule with each such sequence's new-token count cut to what its budget has left (a
+        sequence left with none is dropped from this step's run)."""
         out = []
         for seq, n in scheduled:
             plan = seq.blend_plan
-            due = plan is not None and self.store is not None and seq.num_cached_tokens < plan.end
-            if due and self._blend(seq, plan):
-                n = min(n, len(seq) - seq.num_cached_tokens)
-            out.append((seq, n))
+            if plan is not None and self.store is not None and seq.num_cached_tokens < plan.end:
+                n = self._advance(seq, plan, n)
+            if n > 0:
+                out.append((seq, n))
         return out
 
-    def _blend(self, seq, plan) -> bool:
+    def _advance(self, seq, plan, budget: int) -> int:
+        """Spend up to `budget` tokens on seq's chunks and blend; returns the tokens left for its prompt."""
         start = seq.num_cached_tokens
         todo = [i for i, (_, e) in enumerate(plan.spans) if e > start]
-        kvs = self._chunk_kvs(seq, plan, todo)
+        kvs, spent = self._chunk_kvs(seq, plan, todo, budget)
+        region = plan.end - start
+        if kvs is None or (spent and spent + region > budget):
+            return 0  # chunks still missing, or no room left for the region: the next steps
+        self._gathered.pop(seq, None)
+        if not self._blend(seq, plan, todo, kvs):
+            return budget - spent
+        return min(max(budget - spent - region, 0), len(seq) - seq.num_cached_tokens)
+
+    def _blend(self, seq, plan, todo: list[int], kvs: dict) -> bool:
+        start = seq.num_cached_tokens
         offsets, parts, used = [], [], []
         for i in todo:
             if kvs[i] is None:
@@ -172,25 +191,28 @@ class Blender:
         st["blend_token_layers"] += token_layers
         self.store.credit_chunks([plan.keys[i] for i in used], saved)
 
-    def _chunk_kvs(self, seq, plan, todo: list[int]) -> dict[int, list | None]:
-        """Stored KV of the plan's chunks `todo`; misses are computed alone and stored."""
+    def _chunk_kvs(self, seq, plan, todo: list[int], budget: int) -> tuple[dict | None, int]:
+        """KV of the plan's chunks `todo` (None while some are still missing) and the tokens spent:
+        stored ones are read; misses are computed alone (and stored) while `budget` lasts."""
         from raymoe.engine.chunks import pack_chunk_kv, unpack_chunk_kv
 
-        layout = self.model.kv_layout()
-        got = self.store.get_chunks([plan.keys[i] for i in todo])
-        out, new = {}, []
-        for i, flat in zip(todo, got):
+        have = self._gathered.setdefault(seq, {})
+        missing = [i for i in todo if i not in have]
+        got = self.store.get_chunks([plan.keys[i] for i in missing]) if missing else []
+        spent, new = 0, []
+        for i, flat in zip(missing, got):
             s = plan.spans[i][0]
             if flat is not None:
-                out[i] = unpack_chunk_kv(flat, plan.lengths[i], layout)
-                continue
-            out[i] = self._compute_alone(seq.token_ids[s : s + plan.lengths[i]])
-            if out[i] is not None:
-                new.append(i)
+                have[i] = unpack_chunk_kv(flat, plan.lengths[i], self.model.kv_layout())
+            elif spent < budget:
+                have[i] = self._compute_alone(seq.token_ids[s : s + plan.lengths[i]])
+                spent += plan.lengths[i]
+                if have[i] is not None:
+                    new.append(i)
         if new:
-            self.store.put_chunks([plan.keys[i] for i in new], [pack_chunk_kv(out[i]) for i in new],
+            self.store.put_chunks([plan.keys[i] for i in new], [pack_chunk_kv(have[i]) for i in new],
                                   [plan.lengths[i] for i in new])  # fmt: skip
-        return out
+        return (have if all(i in have for i in todo) else None), spent
 
     def _compute_alone(self, tokens: list[int]):
         """A chunk's KV computed on its own at positions 0.. (None: no free blocks for it). Its full

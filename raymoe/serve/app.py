@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import threading
 import time
 from pathlib import Path
 
@@ -120,9 +119,13 @@ def sized(config: RaymoeConfig) -> RaymoeConfig:
 
 def app_builder(args: dict):
     """Serve's application builder (serveConfigV2 `import_path`): args {config_path} or {config: {...}}."""
-    if "config_path" in args:
-        return build_app(load_config(args["config_path"]))
-    return build_app(parse_config(args.get("config"), "args.config"))
+    config = load_config(args["config_path"]) if "config_path" in args else parse_config(args.get("config"), "args.config")
+    key = os.environ.get("RAYMOE_API_KEY")  # a Kubernetes secret as an env var keeps the key out of the YAML
+    if config.serve.api_key is None and key is not None:
+        data = config.model_dump()
+        data["serve"]["api_key"] = key
+        config = parse_config(data, "config and RAYMOE_API_KEY")
+    return build_app(config)
 
 
 def start(config: RaymoeConfig, address: str | None = None) -> None:
@@ -146,6 +149,9 @@ def start(config: RaymoeConfig, address: str | None = None) -> None:
     logger.info("deploying the %s backend (the model loads in the replicas; their logs: %s/logs/serve)",
                 config.backend, _session_dir())  # fmt: skip
     serve.start(http_options={"host": config.serve.host, "port": config.serve.port})
+    from raymoe.serve import drain
+
+    drain.clear()
     serve.run(build_app(config), name=APP_NAME, route_prefix="/", blocking=False)
     _wait_ready(APP_NAME, READY_TIMEOUT_S)
     logger.info("ready in %.0f s", time.monotonic() - started)
@@ -192,17 +198,51 @@ def stop() -> None:
 
 
 def serve_forever(config: RaymoeConfig, address: str | None = None) -> None:
-    """`raymoe serve`: run until Ctrl-C (SIGINT) or SIGTERM, then shut Serve and Ray down."""
-    stopping = threading.Event()
-    previous = {sig: signal.signal(sig, lambda *_: stopping.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    """`raymoe serve`: run until SIGTERM (how Kubernetes stops a pod) or SIGINT (Ctrl-C), then drain:
+    no new requests, running ones finish for up to serve.shutdown_grace_s (a second signal cuts the
+    wait short), then Serve and the Ray cluster raymoe started stop."""
+    signals = (signal.SIGINT, signal.SIGTERM)
+    received: list[int] = []
+    handler = lambda sig, _frame: received.append(sig)  # noqa: E731
+    previous = {sig: signal.signal(sig, handler) for sig in signals}
     try:
         start(config, address)
+        for sig in signals:  # ray.init replaced the SIGTERM handler with one that exits at once
+            signal.signal(sig, handler)
         url = f"http://{config.serve.host}:{config.serve.port}"
         print(f"raymoe: serving on {url}/v1 (Ctrl-C to stop)", flush=True)
-        while not stopping.wait(1):
-            pass
-        print("raymoe: shutting down", flush=True)
+        while not received:
+            time.sleep(0.2)
+        grace = config.serve.shutdown_grace_s
+        print(f"raymoe: {signal.Signals(received[0]).name}: shutting down; running requests get {grace:g}s",
+              flush=True)  # fmt: skip
+        drain_app(grace, lambda: len(received) > 1)
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        for sig, old in previous.items():
+            signal.signal(sig, old)
         stop()
+
+
+def drain_app(grace_s: float, cut_short) -> None:
+    """Refuse new requests (raymoe.serve.drain), let the admitted ones finish within grace_s (or until
+    cut_short() says so), then delete the app."""
+    from ray import serve
+
+    from raymoe.serve import drain as mark
+
+    deadline = time.monotonic() + grace_s
+    mark.start_draining()
+    try:
+        backend = serve.get_deployment_handle(_backend_name(), APP_NAME)
+        if not mark.wait_idle(backend, deadline, cut_short):
+            logger.warning("raymoe: the grace period ended with requests still running; stopping them")
+    except Exception as e:  # the app is broken already: nothing to wait for
+        logger.warning("raymoe: could not wait for running requests: %r", e)
+    serve.delete(APP_NAME)
+
+
+def _backend_name() -> str:
+    from ray import serve
+
+    names = serve.status().applications[APP_NAME].deployments
+    return "cluster" if "cluster" in names else "engine"

@@ -81,6 +81,7 @@ class EngineLoop:
                 self._apply(command)
             if self.engine.has_unfinished():
                 self._step()
+            self.stats.num_running = len(self.engine.requests)  # also after aborts with no step to follow
 
     def _apply(self, command: tuple) -> None:
         if command[0] == "abort":
@@ -106,7 +107,6 @@ class EngineLoop:
             self._send(delta.request_id, delta)
             if delta.finished:
                 self._finish(delta.request_id)
-        self.stats.num_running = len(self.engine.requests)
 
     def _send(self, request_id: str, item: RequestOutput | Exception) -> None:
         sink = self._sinks.get(request_id)

@@ -21,15 +21,19 @@ from raymoe.errors import InvalidRequestError
 from raymoe.model.tokenizer import ChatTemplateError, Tokenizer
 from raymoe.serve.admin import AdminRoutes
 from raymoe.serve.documents import chat_documents, completion_parts, split_rendered
+from raymoe.serve.drain import DrainMark
 from raymoe.serve.generation import Generation
 from raymoe.serve.metrics import ServeMetrics
 from raymoe.serve.openai_api import (
     ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, ScaleRequest, new_id,
 )  # fmt: skip
-from raymoe.serve.protocol import APIError, check_api_key, overloaded, parse_body, sampling_params
+from raymoe.serve.body import parse_body
+from raymoe.serve.protocol import APIError, bound_chunks, check_api_key, overloaded, sampling_params
 
 logger = logging.getLogger(__name__)
 app = FastAPI(title="raymoe", docs_url=None, redoc_url=None)
+HTTP_CODES = {404: "not_found", 405: "method_not_allowed"}
+CLIENT_CLOSED = 499  # nginx's status for a client that went away before the response
 
 
 @app.exception_handler(APIError)
@@ -39,7 +43,8 @@ async def _api_error(request: Request, exc: APIError):
 
 @app.exception_handler(StarletteHTTPException)
 async def _http_error(request: Request, exc: StarletteHTTPException):  # unknown route, wrong method
-    return APIError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}", code="not_found").response()
+    code = HTTP_CODES.get(exc.status_code, "invalid_request")
+    return APIError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}", code=code).response()
 
 
 @app.exception_handler(Exception)
@@ -59,6 +64,7 @@ class Ingress:
         self.metrics = ServeMetrics(model_name)
         self.admin = AdminRoutes(backend, self.config, model_name)
         self._info: dict | None = None
+        self.draining = DrainMark()
 
     # ----- OpenAI routes ---------------------------------------------------------------------
     @app.get("/v1/models")
@@ -100,8 +106,9 @@ class Ingress:
             ids, reuse = build_prompt(encode, parts)
         except InvalidRequestError as e:
             raise APIError(400, str(e), param="raymoe_documents") from None
-        if reuse is not None:
-            req.raymoe_chunks = [list(c) for c in reuse.chunks]
+        if reuse is not None:  # documents too short to be worth a forward of their own are plain text
+            chunks = [list(c) for c in reuse.chunks if len(c) >= self.config.serve.min_chunk_tokens]
+            req.raymoe_chunks = chunks or None
         return ids
 
     async def _chat(self, request: Request):
@@ -118,7 +125,7 @@ class Ingress:
 
     async def _parse(self, request: Request, model):
         check_api_key(request, self.config.serve.api_key)
-        req = await parse_body(request, model, self.config.serve.max_body_bytes)
+        req = await parse_body(request, model, self.config.serve.max_body_bytes, self.config.serve.body_timeout_s)
         if req.model != self.model_name:
             raise APIError(404, f"the model {req.model!r} does not exist; this server serves {self.model_name!r}",
                            param="model", code="model_not_found")  # fmt: skip
@@ -134,6 +141,7 @@ class Ingress:
             raise APIError(400, f"prompt token ids must be in [0, {vocab})", param="prompt")
         params = sampling_params(req, len(prompt_ids), info["max_model_len"], self.config.serve.default_max_tokens)
         if params.chunk_reuse is not None:  # every backend: a span not in the prompt is the client's 400
+            bound_chunks(params.chunk_reuse, self.config.serve.max_chunks_per_request, self.config.serve.min_chunk_tokens)
             try:
                 locate_chunks(prompt_ids, params.chunk_reuse.chunks)
             except InvalidRequestError as e:
@@ -151,6 +159,8 @@ class Ingress:
 
     async def _admit(self, request_id: str, prompt_ids: list[int], params):
         """Start the backend stream; raise 503/400 if it did not take the request."""
+        if self.draining.is_set():
+            raise overloaded("the server is shutting down; retry (another replica takes it)", self.config.serve.retry_after_s)
         stream = self.backend.options(stream=True).generate.remote(request_id, prompt_ids, params)
         try:
             first = await stream.__anext__()
@@ -176,6 +186,9 @@ class Ingress:
         except APIError as e:
             status = e.status
             raise
+        except asyncio.CancelledError:  # the client went away (a non-streaming request): not our error
+            status = CLIENT_CLOSED
+            raise
         finally:
             self.metrics.in_flight.dec()
             self.metrics.observe_request(route, status)
@@ -188,6 +201,8 @@ class Ingress:
     # ----- operations ------------------------------------------------------------------------
     @app.get("/health")
     async def health(self) -> JSONResponse:
+        if self.draining.is_set():  # load balancers stop sending; running requests still finish
+            return APIError(503, "shutting down", "server_unavailable", code="shutting_down").response()
         try:
             info = await asyncio.wait_for(self._backend_info(), timeout=10)
             if info["backend"] == "cluster":  # controller, shards and both worker deployments
@@ -216,5 +231,5 @@ class Ingress:
     @app.post("/admin/scale")
     async def admin_scale(self, request: Request) -> JSONResponse:
         check_api_key(request, self.config.serve.api_key)
-        req = await parse_body(request, ScaleRequest, self.config.serve.max_body_bytes)
+        req = await parse_body(request, ScaleRequest, self.config.serve.max_body_bytes, self.config.serve.body_timeout_s)
         return await self.admin.scale(req)

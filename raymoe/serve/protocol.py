@@ -7,9 +7,7 @@ Every failure a client can cause is an `APIError` with a 4xx status and the body
 from __future__ import annotations
 
 import hmac
-import json
 
-from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
@@ -48,36 +46,6 @@ def check_api_key(request: Request, api_key: str | None) -> None:
                        "authentication_error", code="invalid_api_key")  # fmt: skip
 
 
-async def parse_body(request: Request, model: type[BaseModel], max_bytes: int) -> BaseModel:
-    """Read, size-check, JSON-decode and validate a request body."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
-        raise _too_large(int(declared), max_bytes)
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > max_bytes:
-            raise _too_large(len(body), max_bytes)
-    try:
-        data = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise APIError(400, f"the request body is not valid JSON ({e}); send a JSON object", code="invalid_json")
-    if not isinstance(data, dict):
-        raise APIError(400, f"the request body must be a JSON object, got {type(data).__name__}", code="invalid_json")
-    try:
-        return model.model_validate(data)
-    except ValidationError as e:
-        err = e.errors()[0]
-        param = ".".join(str(p) for p in err["loc"] if not _is_type_tag(p)) or None
-        hint = "this field is required" if err["type"] == "missing" else err["msg"]
-        raise APIError(400, f"{param}: {hint}", param=param, code="invalid_value") from None
-
-
-def _too_large(num_bytes: int, max_bytes: int) -> APIError:
-    return APIError(413, f"the request body is {num_bytes}+ bytes; the limit is {max_bytes}: send a shorter prompt",
-                    code="request_too_large")  # fmt: skip
-
-
 def sampling_params(req, num_prompt_tokens: int, max_model_len: int, default_max_tokens: int) -> SamplingParams:
     """The request's SamplingParams; max_tokens must fit the context with the prompt."""
     room = max_model_len - num_prompt_tokens
@@ -95,10 +63,23 @@ def sampling_params(req, num_prompt_tokens: int, max_model_len: int, default_max
                        f"model's context of {max_model_len} tokens: ask for at most {room}",
                        param=param, code="context_length_exceeded")  # fmt: skip
     try:
+        stop = () if req.stop is None else req.stop  # "" is refused there, not dropped
         return SamplingParams(temperature=float(req.temperature), top_p=float(req.top_p), seed=req.seed,
-                              max_tokens=max_tokens, stop=req.stop or (), chunk_reuse=chunk_reuse(req))  # fmt: skip
+                              max_tokens=max_tokens, stop=stop, chunk_reuse=chunk_reuse(req))  # fmt: skip
     except InvalidSamplingParams as e:
         raise APIError(400, str(e), param=str(e).split(" ", 1)[0], code="invalid_value") from None
+
+
+def bound_chunks(reuse: ChunkReuse, max_chunks: int, min_tokens: int) -> None:
+    """Each chunk not found in the cache costs a forward of its own: bound their number and size."""
+    if len(reuse.chunks) > max_chunks:
+        raise APIError(400, f"{len(reuse.chunks)} chunks; a request may reuse at most {max_chunks}: merge adjacent "
+                       "ones or send fewer documents", param="raymoe_chunks", code="invalid_value")  # fmt: skip
+    short = next((i for i, c in enumerate(reuse.chunks) if len(c) < min_tokens), None)
+    if short is not None:
+        raise APIError(400, f"chunk {short} has {len(reuse.chunks[short])} tokens; chunks need at least {min_tokens} "
+                       "(shorter spans are cheaper to compute as plain prompt)", param="raymoe_chunks",
+                       code="invalid_value")  # fmt: skip
 
 
 def chunk_reuse(req) -> ChunkReuse | None:
@@ -115,9 +96,3 @@ def chunk_reuse(req) -> ChunkReuse | None:
     except InvalidRequestError as e:
         param = "raymoe_chunk_share" if "share" in str(e) else "raymoe_chunks"
         raise APIError(400, str(e), param=param, code="invalid_value") from None
-
-
-def _is_type_tag(loc_part) -> bool:
-    """pydantic names the union member in an error's location (`prompt.str`); clients want `prompt`."""
-    return isinstance(loc_part, str) and (loc_part in {"str", "int", "float", "bool", "list", "dict"}
-                                          or "[" in loc_part)  # fmt: skip

@@ -1,7 +1,9 @@
 """Workers die mid-generation; every request still completes with the tokens of an undisturbed
 run, none lost or repeated: a dead decode worker's sequences resume on another from the KV pool
-and the tokens already delivered; a dead expert shard is routed around (replica) or re-created."""
+and the tokens already delivered; a dead prefill worker's batch is prefilled again on another; a dead
+expert shard is routed around (replica) or re-created."""
 
+import threading
 import time
 
 import pytest
@@ -21,7 +23,7 @@ ENGINE = EngineConfig(max_num_seqs=8, max_num_batched_tokens=64, block_size=8, k
 
 @pytest.fixture(scope="module")
 def cluster(ray_cluster, checkpoint_dir):
-    config = ClusterConfig(engine=ENGINE, namespace="faults", replicas=2, num_decode_workers=3,
+    config = ClusterConfig(engine=ENGINE, namespace="faults", replicas=2, num_decode_workers=3, num_prefill_workers=2,
                            prefill_resources={"node_b": 0.01})  # fmt: skip
     c = MoECluster(checkpoint_dir("mixtral"), config)
     yield c
@@ -67,3 +69,26 @@ def test_dead_expert_shard_is_routed_around(cluster, undisturbed):
     _, shards = ray.get(cluster.controller.placement.remote())
     got, _ = generate_while(cluster, PROMPTS, PARAMS, lambda: ray.kill(shards[0], no_restart=True))
     assert got == undisturbed
+
+
+LONG_PROMPTS = [[(7 * i + 13 * j) % 250 + 3 for j in range(150)] for i in range(4)]  # a prefill of several steps
+
+
+def test_dead_prefill_worker_batch_is_prefilled_again(cluster):
+    """The prefill worker dies while it runs the batch: another prefills it; every request gets the
+    undisturbed tokens, each once."""
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    undisturbed = [o.token_ids for o in cluster.generate(LONG_PROMPTS, params)]
+    workers = [w for w, _ in cluster.router.prefill]
+    before = ray.get([w.stats.remote() for w in workers])
+    retries, result = cluster.router.num_prefill_retries, {}
+    thread = threading.Thread(target=lambda: result.update(out=cluster.generate(LONG_PROMPTS, params)))
+    thread.start()
+    busy, deadline = None, time.monotonic() + 60
+    while busy is None and time.monotonic() < deadline:  # the worker that took the batch (admitted, computing)
+        now = ray.get([w.stats.remote() for w in workers])
+        busy = next((w for w, a, b in zip(workers, before, now) if b["prompts"] > a["prompts"]), None)
+    ray.kill(busy, no_restart=True)
+    thread.join(timeout=300)
+    assert [o.token_ids for o in result["out"]] == undisturbed
+    assert cluster.router.num_prefill_retries == retries + 1 and len(cluster.router.prefill) == len(workers) - 1

@@ -131,3 +131,26 @@ def test_an_engine_without_a_chunk_store_prefills_in_full(models):
     engine = LLMEngine(model, None, CONFIG)
     assert run(engine, PROMPT, greedy(reuse=ChunkReuse(IN_ORDER, 0.0))) == expected
     assert engine.chunk_stats()["blended_requests"] == 0
+
+
+def test_chunk_work_shares_the_step_budget(models):
+    """Chunks missing from the store are computed alone within the tokens a step schedules for
+    their request (at least one chunk per step), not all at once: a request decoding beside it
+    gets a token every step, and the output is still the plain prefill's (100% share)."""
+    model = models("mixtral")
+    config = EngineConfig(block_size=BLOCK, kv_cache_bytes=8 << 20, max_num_batched_tokens=24)
+    expected = run(LLMEngine(model, None, config), PROMPT, greedy())
+    engine = LLMEngine(model, None, config, LocalChunkStore(16 << 20))
+    engine.add_request([3, 4, 5], greedy(30), "other")
+    engine.step()  # "other" is prefilled: it decodes from here on
+    engine.add_request(PROMPT, greedy(reuse=ChunkReuse(IN_ORDER, 1.0)), "chunks")
+    spent, got, other_done = [], [], False
+    while engine.has_unfinished():
+        before = engine.blender.stats["chunk_prefill_tokens"]
+        deltas = {d.request_id: d for d in engine.step()}
+        spent.append(engine.blender.stats["chunk_prefill_tokens"] - before)
+        assert other_done or "other" in deltas  # never stalled by the chunk request
+        other_done = other_done or deltas["other"].finished
+        got += deltas["chunks"].token_ids if "chunks" in deltas else []
+    assert got == expected
+    assert [n for n in spent if n] == [len(c) for c in IN_ORDER]  # one chunk a step (each > the budget)

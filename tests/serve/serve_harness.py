@@ -21,12 +21,14 @@ import yaml
 API_KEY = "test-key"
 MODEL = "raymoe-builtin-moe"
 MAX_QUEUE_LEN = 24  # the overload test sends more than this at once
+BODY_TIMEOUT_S = 3  # a stalled request body gets 408 after this
 START_TIMEOUT_S = 240
 STOP_TIMEOUT_S = 60
 
 CONFIG = {
     "engine": {"max_num_seqs": 16, "max_num_batched_tokens": 256, "kv_cache_bytes": 64 << 20},
-    "serve": {"max_queue_len": MAX_QUEUE_LEN, "max_body_bytes": 64 << 10, "retry_after_s": 2},
+    "serve": {"max_queue_len": MAX_QUEUE_LEN, "max_body_bytes": 512 << 10, "retry_after_s": 2,
+              "body_timeout_s": BODY_TIMEOUT_S},
     "ingress": {"num_cpus": 0},
     "decode": {"num_cpus": 0},
 }
@@ -54,9 +56,9 @@ def start_server(tmp_dir: Path, config: dict | None = None, env: dict | None = N
     config_path.write_text(yaml.safe_dump(CONFIG if config is None else config))
     port = free_port()
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", **(env or {})}
+    env["RAYMOE_API_KEY"] = API_KEY  # the key from the environment: not in `ps`
     env.pop("RAY_ADDRESS", None)
-    cmd = [sys.executable, "-m", "raymoe", "serve", "--config", str(config_path), "--port", str(port),
-           "--api-key", API_KEY]  # fmt: skip
+    cmd = [sys.executable, "-m", "raymoe", "serve", "--config", str(config_path), "--port", str(port)]
     with open(log_path, "wb") as log:
         process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     server = Server(f"http://127.0.0.1:{port}", process, log_path)

@@ -25,6 +25,8 @@ def test_defaults_and_yaml(tmp_path):
     pytest.param({"decode": {"autoscaling": {"min_replicas": 3, "max_replicas": 2}}}, "raise max_replicas",
                  id="min-above-max"),
     pytest.param([1, 2], "must be a mapping", id="not-a-mapping"),
+    pytest.param({"serve": {"api_key": ""}}, "serve.api_key: Value error, the API key is empty", id="empty-key"),
+    pytest.param({"serve": {"api_key": " k "}}, "surrounding whitespace", id="key-with-spaces"),
 ])  # fmt: skip
 def test_errors_say_what_to_fix(data, needle):
     with pytest.raises(ConfigError, match=None) as e:
@@ -39,3 +41,24 @@ def test_missing_and_invalid_file(tmp_path):
     bad.write_text("engine: [unclosed")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(bad)
+
+
+def test_api_key_from_flag_file_or_environment(tmp_path, monkeypatch):
+    """--api-key, else --api-key-file's first line, else RAYMOE_API_KEY (kept out of `ps`)."""
+    from raymoe.cli import build_parser
+    from raymoe.cli import api_key as key_of
+
+    path = tmp_path / "key"
+    path.write_text("from-file\n")
+    parse = lambda *flags: build_parser().parse_args(["serve", *flags])  # noqa: E731
+    monkeypatch.setenv("RAYMOE_API_KEY", "from-env")
+    assert key_of(parse("--api-key", "flag", "--api-key-file", str(path))) == "flag"
+    assert key_of(parse("--api-key-file", str(path))) == "from-file"
+    assert key_of(parse()) == "from-env"
+    monkeypatch.delenv("RAYMOE_API_KEY")
+    assert key_of(parse()) is None  # the config file's key, if any
+    with pytest.raises(ConfigError, match="cannot read --api-key-file"):
+        key_of(parse("--api-key-file", str(tmp_path / "missing")))
+    path.write_text("")
+    with pytest.raises(ConfigError, match="the API key is empty"):
+        parse_config({"serve": {"api_key": key_of(parse("--api-key-file", str(path)))}})

@@ -29,6 +29,8 @@ CLUSTER_CONFIG = {
     "decode": {"health_check_period_s": 2, "graceful_shutdown_timeout_s": 2,
                "autoscaling": {"min_replicas": 1, "max_replicas": 2, "target_running_sequences": 2, **FAST_SCALING}},
 }  # fmt: skip
+GRACE_S = 60
+CLUSTER_CONFIG["serve"] = {**CONFIG["serve"], "shutdown_grace_s": GRACE_S}
 PROMPTS = ["The quick brown fox", "Once upon a time", "def main():"]
 HEADERS = {"Authorization": f"Bearer {API_KEY}"}
 SCALE_TIMEOUT_S = 120
@@ -182,3 +184,59 @@ def test_raymoe_status_shows_workers_and_scaling(server):
     assert "decode" in out.stdout and "recent scaling decisions" in out.stdout
     denied = subprocess.run(cmd[:-2], capture_output=True, text=True, timeout=120)  # no API key
     assert denied.returncode == 2 and "API key" in denied.stderr
+
+
+def _descendants(pid: int) -> list[int]:
+    """pid and every process below it (Ray's GCS, raylet and workers of the cluster it started)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                children.setdefault(int(_stat(int(entry))[1]), []).append(int(entry))
+            except (OSError, IndexError):
+                continue
+    out, todo = [], [pid]
+    while todo:
+        out.append(todo.pop())
+        todo += children.get(out[-1], [])
+    return out
+
+
+def _stat(pid: int) -> list[str]:
+    """state, ppid, ... of /proc/pid/stat."""
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return _stat(pid)[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_sigterm_drains_the_running_stream_then_exits_0(server):
+    """Kubernetes stops a pod with SIGTERM: new requests get 503, the running stream completes, and
+    `raymoe serve` exits 0 within its grace period leaving no process of the Ray it started. Runs
+    last: it stops this module's server."""
+    prompt, max_tokens = PROMPTS[2], 100
+    expected = LLM().generate([prompt], SamplingParams(max_tokens=max_tokens, temperature=0))[0].text
+    processes = _descendants(server.process.pid)
+    assert len(processes) > 3  # the driver, Ray's GCS and raylet, workers
+    with ThreadPoolExecutor(1) as pool:
+        future = pool.submit(streamed_text, server, prompt, max_tokens)
+        wait_for(lambda: any(w["kind"] == "decode" and w["running"] for w in status(server)["workers"]), 60,
+                 "the stream to reach a decode worker")  # fmt: skip
+        start = time.monotonic()
+        server.process.send_signal(signal.SIGTERM)
+        wait_for(lambda: "SIGTERM: shutting down" in server.log(), 30, "the drain to start")
+        time.sleep(1)
+        late = httpx.post(f"{server.base_url}/v1/completions", headers=HEADERS, timeout=30,
+                          json={"model": MODEL, "prompt": "late", "max_tokens": 2})  # fmt: skip
+        if not future.done():  # still draining: refused with a retry hint
+            assert late.status_code == 503 and late.headers.get("retry-after"), late.text
+        assert future.result(timeout=GRACE_S) == expected
+    assert server.process.wait(timeout=GRACE_S + 60) == 0, server.log()
+    assert time.monotonic() - start < GRACE_S
+    time.sleep(1)
+    assert not [p for p in processes if _alive(p)], server.log()

@@ -8,10 +8,11 @@ from urllib.parse import urlparse
 
 import httpx
 import pytest
-from serve_harness import API_KEY, MAX_QUEUE_LEN, MODEL
+from serve_harness import API_KEY, BODY_TIMEOUT_S, MAX_QUEUE_LEN, MODEL
 
 pytestmark = pytest.mark.timeout(300)
 OK = {"model": MODEL, "prompt": "Hi", "max_tokens": 2, "temperature": 0}
+RAW = b'{"model": "' + MODEL.encode() + b'", %s}'  # a body json.dumps cannot write
 
 
 @pytest.fixture(scope="module")
@@ -36,11 +37,31 @@ BAD_INPUT = [
     pytest.param("/v1/completions", {**OK, "prompt": ""}, 400, "prompt", id="empty-prompt"),
     pytest.param("/v1/completions", {**OK, "prompt": [10**9]}, 400, "prompt", id="token-id-out-of-vocab"),
     pytest.param("/v1/completions", {**OK, "model": "gpt-4"}, 404, "model", id="unknown-model"),
-    pytest.param("/v1/completions", {**OK, "prompt": "x" * (70 << 10)}, 413, None, id="oversized-body"),
+    pytest.param("/v1/completions", {**OK, "prompt": "x" * (600 << 10)}, 413, None, id="oversized-body"),
     pytest.param("/v1/chat/completions", {"model": MODEL, "messages": []}, 400, "messages", id="chat-no-messages"),
     pytest.param("/v1/chat/completions", {"model": MODEL, "messages": [{"content": "x"}]}, 400, "messages.0.role",
                  id="chat-message-no-role"),
     pytest.param("/v1/chat/completions", {"model": MODEL, "messages": "hi"}, 400, "messages", id="chat-messages-str"),
+    # hostile bodies (issue 13): each a 400 naming the problem, never a 500
+    pytest.param("/v1/completions", RAW % b'"prompt": "a\\ud800b"', 400, "prompt", id="lone-surrogate"),
+    pytest.param("/v1/chat/completions", RAW % b'"messages": [{"role": "user", "content": "a\\ud800b"}]', 400,
+                 "messages.0.content", id="chat-lone-surrogate"),
+    pytest.param("/v1/completions", RAW % (b'"prompt": ' + b"[" * 200_000 + b"]" * 200_000), 400, None,
+                 id="nested-200000"),
+    pytest.param("/v1/completions", RAW % (b'"prompt": "Hi", "x": ' + b"[" * 40 + b"]" * 40), 400, "x" + ".0" * 31,
+                 id="nested-40"),
+    pytest.param("/v1/completions", RAW % (b'"prompt": "Hi", "max_tokens": ' + b"9" * 5000), 400, None,
+                 id="5000-digit-integer"),
+    pytest.param("/v1/completions", RAW % b'"prompt": "Hi", "temperature": Infinity', 400, None, id="infinity"),
+    pytest.param("/v1/completions", RAW % b'"prompt": "Hi", "temperature": NaN', 400, None, id="nan"),
+    pytest.param("/v1/completions", RAW % b'"prompt": "Hi", "temperature": 1e999', 400, None, id="overflowing-float"),
+    pytest.param("/v1/completions", {**OK, "stop": ""}, 400, "stop", id="stop-empty-string"),
+    pytest.param("/v1/completions", {**OK, "stop": ["ok", ""]}, 400, "stop", id="stop-list-with-empty"),
+    pytest.param("/v1/completions", {**OK, "prompt": list(range(3, 1547)), "max_tokens": 1,
+                                     "raymoe_chunks": [[t] for t in range(3, 1539)]}, 400, "raymoe_chunks",
+                 id="chunks-1536-one-token"),
+    pytest.param("/v1/completions", {**OK, "prompt": list(range(3, 40)), "raymoe_chunks": [[5, 6]]}, 400,
+                 "raymoe_chunks", id="chunk-too-short"),
 ]  # fmt: skip
 
 
@@ -55,8 +76,10 @@ def test_bad_input_is_4xx_with_openai_error(http, path, body, status, param):
 
 
 def test_unknown_route_and_method(http):
-    assert http.get("/v1/nothing").json()["error"]["message"]
-    assert http.get("/v1/completions").status_code == 405
+    r = http.get("/v1/nothing")
+    assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+    r = http.get("/v1/completions")
+    assert r.status_code == 405 and r.json()["error"]["code"] == "method_not_allowed"
 
 
 @pytest.mark.parametrize("auth", [None, "Bearer wrong", "Basic " + API_KEY], ids=["missing", "wrong", "scheme"])
@@ -147,3 +170,57 @@ def test_disconnect_mid_stream_aborts(server, http):
         assert b"200 OK" in received.split(b"\r\n", 1)[0]
     after = _wait_idle(http, timeout_s=60)  # a 1500-token generation would take minutes: it was aborted
     assert after["num_aborted"] == before["num_aborted"] + 1
+    assert after["num_running"] == 0  # not the count of the last step before the abort
+
+
+def _raw_request(server, body: bytes, declared: int | None = None) -> socket.socket:
+    """A connection that sent the headers (with a valid key) and `body`, and stays open."""
+    url = urlparse(server.base_url)
+    head = (f"POST /v1/completions HTTP/1.1\r\nHost: {url.netloc}\r\nAuthorization: Bearer {API_KEY}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {declared or len(body)}\r\n\r\n")  # fmt: skip
+    sock = socket.create_connection((url.hostname, url.port), timeout=60)
+    sock.sendall(head.encode() + body)
+    return sock
+
+
+def _count(server, status: str) -> float:
+    for line in httpx.get(server.base_url + "/metrics", timeout=30).text.splitlines():
+        if line.startswith(f'raymoe_requests_total{{route="completions",status="{status}"}}'):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def test_disconnect_before_the_response_counts_as_499(server, http):
+    """A non-streaming request whose client goes away is aborted and counted apart, not as a 500."""
+    before = _wait_idle(http)
+    counts = _count(server, "499"), _count(server, "500")
+    body = b'{"model": "%s", "prompt": "Tell me everything", "max_tokens": 1500, "temperature": 0}' % MODEL.encode()
+    with _raw_request(server, body):
+        deadline = time.monotonic() + 60
+        while _engine_stats(http)["num_running"] == 0 and time.monotonic() < deadline:
+            time.sleep(0.1)
+    after = _wait_idle(http, timeout_s=60)
+    assert after["num_aborted"] == before["num_aborted"] + 1 and after["num_running"] == 0
+    deadline = time.monotonic() + 10  # counted when the handler unwinds
+    while _count(server, "499") == counts[0] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert (_count(server, "499"), _count(server, "500")) == (counts[0] + 1, counts[1])
+
+
+def test_stalled_bodies_time_out_and_health_answers(server):
+    """Clients that send headers and part of a body, then nothing, get 408 after body_timeout_s and
+    free their slot; /health answers meanwhile."""
+    socks = [_raw_request(server, b'{"model":', declared=1000) for _ in range(4)]
+    try:
+        start = time.monotonic()
+        assert httpx.get(server.base_url + "/health", timeout=BODY_TIMEOUT_S).status_code == 200
+        for sock in socks:
+            sock.settimeout(BODY_TIMEOUT_S + 30)
+            reply = b""
+            while b"}}" not in reply and (chunk := sock.recv(4096)):
+                reply += chunk
+            assert reply.startswith(b"HTTP/1.1 408") and b'"code":"request_timeout"' in reply, reply[:300]
+        assert time.monotonic() - start < BODY_TIMEOUT_S + 30
+    finally:
+        for sock in socks:
+            sock.close()
