@@ -21,6 +21,7 @@ from raymoe.serve.resources import ResourcesUnavailableError, asks, check_fits, 
 
 logger = logging.getLogger(__name__)
 APP_NAME = "raymoe"
+HEALTH_APP = "raymoe-health"  # raymoe.serve.health
 READY_TIMEOUT_S = 300
 
 
@@ -153,7 +154,9 @@ def start(config: RaymoeConfig, address: str | None = None) -> None:
 
     drain.clear()
     serve.run(build_app(config), name=APP_NAME, route_prefix="/", blocking=False)
+    serve.run(build_health_app(config), name=HEALTH_APP, route_prefix="/health", blocking=False)
     _wait_ready(APP_NAME, READY_TIMEOUT_S)
+    _wait_ready(HEALTH_APP, READY_TIMEOUT_S)
     logger.info("ready in %.0f s", time.monotonic() - started)
 
 
@@ -165,6 +168,18 @@ def _session_dir() -> str:
         return _global_node.get_session_dir_path()
     except Exception:  # a private API: fall back to Ray's default link
         return "/tmp/ray/session_latest"
+
+
+def build_health_app(config: RaymoeConfig):
+    """/health on its own (raymoe.serve.health): it answers while the ingress is saturated."""
+    from raymoe.serve.health import Health
+
+    return Health.bind(APP_NAME, backend_name(config), resolve_model(config)[1])
+
+
+def backend_name(config: RaymoeConfig) -> str:
+    """The deployment the ingress sends generation to (see build_app)."""
+    return "cluster" if config.backend == "cluster" else "engine"
 
 
 def _wait_ready(name: str, timeout_s: float) -> None:
@@ -216,16 +231,16 @@ def serve_forever(config: RaymoeConfig, address: str | None = None) -> None:
         grace = config.serve.shutdown_grace_s
         print(f"raymoe: {signal.Signals(received[0]).name}: shutting down; running requests get {grace:g}s",
               flush=True)  # fmt: skip
-        drain_app(grace, lambda: len(received) > 1)
+        drain_app(backend_name(config), grace, lambda: len(received) > 1)
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)
         stop()
 
 
-def drain_app(grace_s: float, cut_short) -> None:
+def drain_app(backend: str, grace_s: float, cut_short) -> None:
     """Refuse new requests (raymoe.serve.drain), let the admitted ones finish within grace_s (or until
-    cut_short() says so), then delete the app."""
+    cut_short() says so), then delete the apps."""
     from ray import serve
 
     from raymoe.serve import drain as mark
@@ -233,16 +248,9 @@ def drain_app(grace_s: float, cut_short) -> None:
     deadline = time.monotonic() + grace_s
     mark.start_draining()
     try:
-        backend = serve.get_deployment_handle(_backend_name(), APP_NAME)
-        if not mark.wait_idle(backend, deadline, cut_short):
+        if not mark.wait_idle(serve.get_deployment_handle(backend, APP_NAME), deadline, cut_short):
             logger.warning("raymoe: the grace period ended with requests still running; stopping them")
     except Exception as e:  # the app is broken already: nothing to wait for
         logger.warning("raymoe: could not wait for running requests: %r", e)
-    serve.delete(APP_NAME)
-
-
-def _backend_name() -> str:
-    from ray import serve
-
-    names = serve.status().applications[APP_NAME].deployments
-    return "cluster" if "cluster" in names else "engine"
+    for name in (APP_NAME, HEALTH_APP):
+        serve.delete(name)

@@ -23,6 +23,7 @@ from raymoe.serve.admin import AdminRoutes
 from raymoe.serve.documents import chat_documents, completion_parts, split_rendered
 from raymoe.serve.drain import DrainMark
 from raymoe.serve.generation import Generation
+from raymoe.serve.health import report
 from raymoe.serve.metrics import ServeMetrics
 from raymoe.serve.openai_api import (
     ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, ScaleRequest, new_id,
@@ -201,16 +202,7 @@ class Ingress:
     # ----- operations ------------------------------------------------------------------------
     @app.get("/health")
     async def health(self) -> JSONResponse:
-        if self.draining.is_set():  # load balancers stop sending; running requests still finish
-            return APIError(503, "shutting down", "server_unavailable", code="shutting_down").response()
-        try:
-            info = await asyncio.wait_for(self._backend_info(), timeout=10)
-            if info["backend"] == "cluster":  # controller, shards and both worker deployments
-                await asyncio.wait_for(self.backend.health.remote(), timeout=30)
-            stats = await asyncio.wait_for(self.backend.stats.remote(), timeout=10)
-        except Exception as e:
-            return APIError(503, f"not ready: {type(e).__name__}: {e}", "server_unavailable").response()
-        return JSONResponse({"status": "ok", "model": self.model_name, "queue_depth": stats["num_admitted"]})
+        return await report(self.backend, self.model_name, self.draining)
 
     @app.get("/metrics")
     async def metrics(self) -> PlainTextResponse:

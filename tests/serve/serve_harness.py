@@ -22,6 +22,7 @@ API_KEY = "test-key"
 MODEL = "raymoe-builtin-moe"
 MAX_QUEUE_LEN = 24  # the overload test sends more than this at once
 BODY_TIMEOUT_S = 3  # a stalled request body gets 408 after this
+INGRESS_SLOTS = 48  # concurrent requests per ingress replica (the overload test needs 40)
 START_TIMEOUT_S = 240
 STOP_TIMEOUT_S = 60
 
@@ -29,7 +30,7 @@ CONFIG = {
     "engine": {"max_num_seqs": 16, "max_num_batched_tokens": 256, "kv_cache_bytes": 64 << 20},
     "serve": {"max_queue_len": MAX_QUEUE_LEN, "max_body_bytes": 512 << 10, "retry_after_s": 2,
               "body_timeout_s": BODY_TIMEOUT_S},
-    "ingress": {"num_cpus": 0},
+    "ingress": {"num_cpus": 0, "max_ongoing_requests": INGRESS_SLOTS},
     "decode": {"num_cpus": 0},
 }
 

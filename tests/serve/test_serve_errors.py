@@ -4,11 +4,12 @@ import asyncio
 import re
 import socket
 import time
+from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import urlparse
 
 import httpx
 import pytest
-from serve_harness import API_KEY, BODY_TIMEOUT_S, MAX_QUEUE_LEN, MODEL
+from serve_harness import API_KEY, BODY_TIMEOUT_S, INGRESS_SLOTS, MAX_QUEUE_LEN, MODEL
 
 pytestmark = pytest.mark.timeout(300)
 OK = {"model": MODEL, "prompt": "Hi", "max_tokens": 2, "temperature": 0}
@@ -207,13 +208,23 @@ def test_disconnect_before_the_response_counts_as_499(server, http):
     assert (_count(server, "499"), _count(server, "500")) == (counts[0] + 1, counts[1])
 
 
+def http_get(server, path: str) -> httpx.Response:
+    return httpx.get(server.base_url + path, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=120)
+
+
 def test_stalled_bodies_time_out_and_health_answers(server):
-    """Clients that send headers and part of a body, then nothing, get 408 after body_timeout_s and
-    free their slot; /health answers meanwhile."""
-    socks = [_raw_request(server, b'{"model":', declared=1000) for _ in range(4)]
+    """Clients that send headers and part of a body, then nothing, fill every ingress slot: /health
+    still answers (its own Serve app), and each gets 408 after body_timeout_s, freeing its slot."""
+    socks = [_raw_request(server, b'{"model":', declared=1000) for _ in range(INGRESS_SLOTS)]
     try:
         start = time.monotonic()
-        assert httpx.get(server.base_url + "/health", timeout=BODY_TIMEOUT_S).status_code == 200
+        time.sleep(0.5)  # every one holds an ingress slot now
+        with ThreadPoolExecutor(1) as pool:  # an ingress route waits for a slot: saturated indeed
+            queued = pool.submit(lambda: (http_get(server, "/v1/models"), time.monotonic() - start))
+            health = httpx.get(server.base_url + "/health", timeout=BODY_TIMEOUT_S)
+            assert health.status_code == 200 and time.monotonic() - start < BODY_TIMEOUT_S, health.text
+            models, waited = queued.result(timeout=BODY_TIMEOUT_S + 60)
+            assert models.status_code == 200 and waited > BODY_TIMEOUT_S - 1
         for sock in socks:
             sock.settimeout(BODY_TIMEOUT_S + 30)
             reply = b""
@@ -224,3 +235,5 @@ def test_stalled_bodies_time_out_and_health_answers(server):
     finally:
         for sock in socks:
             sock.close()
+    assert httpx.post(server.base_url + "/v1/completions", json=OK, timeout=60,
+                      headers={"Authorization": f"Bearer {API_KEY}"}).status_code == 200  # fmt: skip
