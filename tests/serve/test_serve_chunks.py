@@ -51,7 +51,7 @@ def test_sdk_chunks_through_the_server(server):
         reused = client.complete(prompt, model=MODEL, max_tokens=8, temperature=0, chunks=[doc], chunk_share=0.1)
         assert reused.usage.completion_tokens == 8
         with pytest.raises(BadRequestError, match="not a sub-span"):
-            client.complete(prompt, model=MODEL, max_tokens=4, chunks=[[1, 2, 3]])
+            client.complete(prompt, model=MODEL, max_tokens=4, chunks=[list(range(1, 9))])
 
 
 @pytest.mark.timeout(300)
