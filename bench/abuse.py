@@ -138,7 +138,8 @@ def against_new_server(args) -> dict:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "serve"))
     import serve_harness
 
-    config = {**serve_harness.CONFIG, "serve": {**serve_harness.CONFIG["serve"], "max_queue_len": 64}}
+    config = {"engine": serve_harness.CONFIG["engine"], "serve": {"max_queue_len": 64},
+              "ingress": {"num_cpus": 0}, "decode": {"num_cpus": 0}}  # keys older versions know too
     server = serve_harness.start_server(Path(tempfile.mkdtemp()), config)
     try:
         report = asyncio.run(run(server.base_url, serve_harness.API_KEY, args))

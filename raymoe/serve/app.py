@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import threading
 import time
 from pathlib import Path
 
@@ -138,7 +139,9 @@ def start(config: RaymoeConfig, address: str | None = None) -> None:
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # keep a local cluster on loopback
     if not ray.is_initialized():
         # "local": always a fresh cluster of our own, never one another program left running
+        handlers = _signal_handlers()
         ray.init(address=address or "local", namespace="raymoe", include_dashboard=False, log_to_driver=False)
+        _set_signal_handlers(handlers)  # Ray's core worker put a SIGTERM handler that aborts (exit 134)
     nodes = [n["Resources"] for n in ray.nodes() if n["Alive"]]
     try:
         check_fits(asks(sized_config(config, ray.cluster_resources().get("CPU"))), nodes)
@@ -153,10 +156,10 @@ def start(config: RaymoeConfig, address: str | None = None) -> None:
     from raymoe.serve import drain
 
     drain.clear()
+    serve.run(build_health_app(config), name=HEALTH_APP, route_prefix="/health", blocking=False)  # 503 until up
     serve.run(build_app(config), name=APP_NAME, route_prefix="/", blocking=False)
-    serve.run(build_health_app(config), name=HEALTH_APP, route_prefix="/health", blocking=False)
-    _wait_ready(APP_NAME, READY_TIMEOUT_S)
     _wait_ready(HEALTH_APP, READY_TIMEOUT_S)
+    _wait_ready(APP_NAME, READY_TIMEOUT_S)
     logger.info("ready in %.0f s", time.monotonic() - started)
 
 
@@ -168,6 +171,21 @@ def _session_dir() -> str:
         return _global_node.get_session_dir_path()
     except Exception:  # a private API: fall back to Ray's default link
         return "/tmp/ray/session_latest"
+
+
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def _signal_handlers() -> dict:
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    return {sig: signal.getsignal(sig) for sig in SIGNALS}
+
+
+def _set_signal_handlers(handlers: dict) -> None:
+    for sig, handler in handlers.items():
+        if handler is not None:
+            signal.signal(sig, handler)
 
 
 def build_health_app(config: RaymoeConfig):
@@ -216,14 +234,11 @@ def serve_forever(config: RaymoeConfig, address: str | None = None) -> None:
     """`raymoe serve`: run until SIGTERM (how Kubernetes stops a pod) or SIGINT (Ctrl-C), then drain:
     no new requests, running ones finish for up to serve.shutdown_grace_s (a second signal cuts the
     wait short), then Serve and the Ray cluster raymoe started stop."""
-    signals = (signal.SIGINT, signal.SIGTERM)
     received: list[int] = []
-    handler = lambda sig, _frame: received.append(sig)  # noqa: E731
-    previous = {sig: signal.signal(sig, handler) for sig in signals}
+    previous = _signal_handlers()
+    _set_signal_handlers({sig: lambda sig, _frame: received.append(sig) for sig in SIGNALS})
     try:
-        start(config, address)
-        for sig in signals:  # ray.init replaced the SIGTERM handler with one that exits at once
-            signal.signal(sig, handler)
+        start(config, address)  # a signal meanwhile is honoured once it is up
         url = f"http://{config.serve.host}:{config.serve.port}"
         print(f"raymoe: serving on {url}/v1 (Ctrl-C to stop)", flush=True)
         while not received:
@@ -233,8 +248,7 @@ def serve_forever(config: RaymoeConfig, address: str | None = None) -> None:
               flush=True)  # fmt: skip
         drain_app(backend_name(config), grace, lambda: len(received) > 1)
     finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
+        _set_signal_handlers(previous)
         stop()
 
 
