@@ -40,7 +40,9 @@ def test_colocated_rows_never_reach_the_transport(cluster, undisturbed):
     the worker's process, and the shards ran exactly the rows the workers counted as sent."""
     workers = cluster.prefill + cluster.router.decode
     counts = [s["dispatch"] for s in ray.get([w.stats.remote() for w in workers])]
-    assert all(c["rows_local"] > 0 and c["rows_local"] + c["rows_process"] == c["pairs"] for c in counts)
+    ran = [c for c in counts if c["pairs"]]  # the second prefill worker may have had no batch yet
+    assert len(ran) > len(cluster.router.decode) and all(c["rows_local"] > 0 for c in ran)
+    assert all(c["rows_local"] + c["rows_process"] == c["pairs"] for c in counts)
     assert sum(c["rows_local"] for c in counts) > sum(c["rows_process"] for c in counts)
     _, shards = ray.get(cluster.controller.placement.remote())
     served = sum(s["rows_served"] for s in ray.get([h.stats.remote() for h in shards]))
