@@ -21,40 +21,15 @@ No torch here: this is bookkeeping over ints.
 
 from __future__ import annotations
 
-import hashlib
-from array import array
 from collections import OrderedDict
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
+from raymoe.engine.block_hash import CacheSalt, block_hash, chain_parent
+
+if TYPE_CHECKING:  # imports run one way: block_manager -> sequence -> sampling_params -> chunks -> block_hash
     from raymoe.engine.sequence import Sequence
 
-
-def block_hash(parent: int | None, token_ids: list[int]) -> int:
-    """Content hash of a full block, chained to its parent's; stable across processes."""
-    h = hashlib.blake2b(digest_size=8)
-    if parent is not None:
-        h.update(parent.to_bytes(8, "little"))
-    h.update(array("q", token_ids).tobytes())
-    return int.from_bytes(h.digest(), "little")
-
-
-SALT_MARK = -0x5A17  # the first token of a salt's pseudo-block (no real block has a negative id)
-
-
-class CacheSalt(NamedTuple):
-    """A separate hash namespace from block `start_block` on: blocks whose KV is not the exact
-    prefix KV of their tokens (chunk-cache reuse) are shared only with requests of the same salt."""
-
-    value: int  # in [0, 2**62)
-    start_block: int
-
-
-def chain_parent(parent: int | None, i: int, salt: CacheSalt | None) -> int | None:
-    """The parent hash block i chains to: `parent`, or at the salt's first block `parent` mixed with it."""
-    if salt is None or i != salt.start_block:
-        return parent
-    return block_hash(parent, [SALT_MARK, salt.value])
+__all__ = ["BlockManager", "CacheSalt", "block_hash", "chain_parent"]
 
 
 class Block:

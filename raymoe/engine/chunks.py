@@ -22,7 +22,7 @@ from typing import Protocol
 
 import torch
 
-from raymoe.engine.block_manager import CacheSalt
+from raymoe.engine.block_hash import CacheSalt
 from raymoe.errors import InvalidRequestError
 
 CHUNK_PREFIX = "chunk:"  # pool key namespace of chunk entries

@@ -25,7 +25,7 @@ from array import array
 
 import torch
 
-from raymoe.engine.block_manager import block_hash
+from raymoe.engine.block_hash import block_hash
 from raymoe.errors import RaymoeError
 from raymoe.model.paged import KVCache
 

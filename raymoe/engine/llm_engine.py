@@ -13,7 +13,8 @@ from pathlib import Path
 import torch
 
 from raymoe.engine.blend import Blender
-from raymoe.engine.block_manager import BlockManager, CacheSalt, block_hash, chain_parent
+from raymoe.engine.block_hash import CacheSalt, block_hash, chain_parent
+from raymoe.engine.block_manager import BlockManager
 from raymoe.engine.chunks import plan_blend
 from raymoe.engine.kv_transfer import block_key, export_blocks, import_blocks
 from raymoe.engine.model_runner import ModelRunner, num_kv_blocks
