@@ -31,6 +31,7 @@ from raymoe.logs import progress
 
 LONG_PROMPT = " ".join(["The history of distributed systems is a history of trade-offs between latency,"
                         " throughput and consistency."] * 12)  # fmt: skip
+RANDOM_VOCAB = 4096  # the built-in model's vocabulary
 SHORT_CHATS = ["Hi!", "What is a mixture of experts?", "Name three colours.", "Say something short."]
 
 
@@ -68,8 +69,38 @@ async def one_request(client: httpx.AsyncClient, model: str, rng: random.Random,
     return result
 
 
+async def random_request(client: httpx.AsyncClient, model: str, rng: random.Random, max_tokens: int,
+                         input_len: int, vocab_size: int) -> dict:  # fmt: skip
+    """As `vllm bench serve --dataset-name random`: `input_len` random token ids, streamed; per-token
+    TPOT = (e2e - TTFT) / (output tokens - 1), the output tokens from the usage chunk."""
+    body = {"model": model, "prompt": [rng.randrange(10, vocab_size) for _ in range(input_len)],
+            "max_tokens": max_tokens, "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
+    start, first, num_tokens = time.perf_counter(), None, 0
+    try:
+        async with client.stream("POST", "/v1/completions", json=body) as r:
+            if r.status_code != 200:
+                await r.aread()
+                return {"kind": "random", "status": r.status_code}
+            async for line in r.aiter_lines():
+                if first is None and line.startswith("data: {") and '"text":"' in line:
+                    first = time.perf_counter()
+                if '"usage":{' in line:
+                    num_tokens = json.loads(line[6:])["usage"]["completion_tokens"]
+    except httpx.HTTPError as e:
+        return {"kind": "random", "status": type(e).__name__}
+    e2e = time.perf_counter() - start
+    result = {"kind": "random", "status": 200, "num_chunks": num_tokens, "e2e_s": e2e}
+    if first is not None:
+        result["ttft_s"] = first - start
+        if num_tokens > 1:
+            result["tpot_s"] = (e2e - result["ttft_s"]) / (num_tokens - 1)
+    return result
+
+
 async def run_load(url: str, api_key: str | None, rate: float, num_requests: int, max_concurrency: int,
-                   max_tokens: int, seed: int) -> dict:  # fmt: skip
+                   max_tokens: int, seed: int, input_len: int = 0) -> dict:  # fmt: skip
+    """input_len > 0: the random workload (`random_request`), else the mix of `one_request`.
+    rate: inf sends everything at once (bounded by max_concurrency)."""
     rng = random.Random(seed)
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     limit = asyncio.Semaphore(max_concurrency)
@@ -80,14 +111,18 @@ async def run_load(url: str, api_key: str | None, rate: float, num_requests: int
 
         async def guarded():
             async with limit:
-                result = await one_request(client, model, rng, max_tokens)
+                if input_len:
+                    result = await random_request(client, model, rng, max_tokens, input_len, RANDOM_VOCAB)
+                else:
+                    result = await one_request(client, model, rng, max_tokens)
             bar.update(1)
             return result
 
         start, tasks = time.perf_counter(), []
         for _ in range(num_requests):
             tasks.append(asyncio.create_task(guarded()))
-            await asyncio.sleep(rng.expovariate(rate))
+            if rate != float("inf"):
+                await asyncio.sleep(rng.expovariate(rate))
         results = await asyncio.gather(*tasks)
         elapsed = time.perf_counter() - start
         bar.close()
@@ -110,6 +145,7 @@ def summarize(results: list[dict], elapsed: float, rate: float, max_concurrency:
         "num_requests": len(results), "num_ok": len(ok), "errors": errors, "elapsed_s": round(elapsed, 2),
         "throughput_rps": round(len(ok) / elapsed, 3),
         "throughput_chunks_per_s": round(sum(r["num_chunks"] for r in ok) / elapsed, 2),
+        "output_tokens": sum(r["num_chunks"] for r in ok if r["kind"] == "random"),
         "ttft_ms": {"p50": ms(percentile(ttft, 50)), "p99": ms(percentile(ttft, 99))},
         "tpot_ms": {"p50": ms(percentile(tpot, 50)), "p99": ms(percentile(tpot, 99))},
         "by_kind": {k: {"num_ok": sum(r["kind"] == k for r in ok),
@@ -130,12 +166,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None, help="also write the JSON here")
     parser.add_argument("--plot", default=None, help="write a PNG of the latency distributions here")
+    parser.add_argument("--input-len", type=int, default=0,
+                        help="> 0: the random workload (prompts of this many random token ids, as vllm bench serve)")
+    parser.add_argument("--max-num-seqs", type=int, default=None, help="the started servers' decode batch")
+    parser.add_argument("--arrangements", default=",".join(ARRANGEMENTS), help="comma-separated subset")
     args = parser.parse_args(argv)
-    load = (args.rate, args.num_requests, args.max_concurrency, args.max_tokens, args.seed)
+    load = (args.rate, args.num_requests, args.max_concurrency, args.max_tokens, args.seed, args.input_len)
     if args.url is not None:
         report = {"given_server": asyncio.run(run_load(args.url, args.api_key, *load))}
     else:
-        report = {name: against_new_server(backend, load) for name, backend in ARRANGEMENTS.items()}
+        report = {name: against_new_server(ARRANGEMENTS[name], load, args.max_num_seqs)
+                  for name in args.arrangements.split(",")}  # fmt: skip
     text = json.dumps(report, indent=2)
     print(text)
     if args.out:
@@ -148,19 +189,52 @@ def main(argv: list[str] | None = None) -> int:
 ARRANGEMENTS = {"colocated": "engine", "disaggregated": "cluster"}
 
 
-def against_new_server(backend: str, load: tuple) -> dict:
+def against_new_server(backend: str, load: tuple, max_num_seqs: int | None = None) -> dict:
     """Start `raymoe serve` with `backend` (a subprocess on a free loopback port), load it, stop it."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "serve"))
     import serve_harness
 
     config = {**serve_harness.CONFIG, "backend": backend}
-    server = serve_harness.start_server(Path(tempfile.mkdtemp()), config)
+    if max_num_seqs is not None:
+        config["engine"] = {**config["engine"], "max_num_seqs": max_num_seqs}
+        config["serve"] = {**config["serve"], "max_queue_len": max(4 * max_num_seqs, config["serve"]["max_queue_len"])}
+    for attempt in range(3):  # a loaded machine can time out Serve's proxy start: try again
+        try:
+            server = serve_harness.start_server(Path(tempfile.mkdtemp()), config)
+            break
+        except RuntimeError:
+            if attempt == 2:
+                raise
     try:
+        before = engine_counters(server.base_url, serve_harness.API_KEY)
         report = asyncio.run(run_load(server.base_url, serve_harness.API_KEY, *load))
+        report["engine"] = engine_delta(before, engine_counters(server.base_url, serve_harness.API_KEY), report)
     finally:
         serve_harness.stop_server(server)
     report["arrangement"] = f"backend: {backend}"
     return report
+
+
+def engine_counters(url: str, api_key: str) -> dict | None:
+    """The engine backend's step counters (GET /admin/cluster); None for other backends."""
+    r = httpx.get(f"{url}/admin/cluster", headers={"Authorization": f"Bearer {api_key}"}, timeout=30)
+    workers = r.json().get("workers", []) if r.status_code == 200 else []
+    return workers[0] if len(workers) == 1 and "step_time_s" in workers[0] else None
+
+
+def engine_delta(before: dict | None, after: dict | None, report: dict) -> dict | None:
+    """The server's own engine steps during the load: ms per step (the same-run baseline of TPOT)
+    and messages per step (chunks streamed)."""
+    if before is None or after is None:
+        return None
+    steps = after["num_steps"] - before["num_steps"]
+    ms_per_step = 1000 * (after["step_time_s"] - before["step_time_s"]) / max(steps, 1)
+    out = {"num_steps": steps, "ms_per_step": round(ms_per_step, 2)}
+    if "num_messages" in after:
+        out["messages_per_step"] = round((after["num_messages"] - before["num_messages"]) / max(steps, 1), 2)
+    if report["tpot_ms"]["p50"]:
+        out["tpot_p50_over_step"] = round(report["tpot_ms"]["p50"] / ms_per_step, 2)
+    return out
 
 
 def plot(report: dict, path: str) -> None:

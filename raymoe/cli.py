@@ -23,7 +23,7 @@ def _generate(args: argparse.Namespace) -> int:
     params = SamplingParams(
         max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed
     )
-    llm = LLM(model=args.model, dtype=args.dtype)
+    llm = LLM(model=args.model, dtype=args.dtype, threads=args.threads)
     for delta in llm.generate_stream(args.prompt, params):
         sys.stdout.write(delta.text)
         sys.stdout.flush()
@@ -40,6 +40,8 @@ def _serve(args: argparse.Namespace) -> int:
         data["model"] = args.model
     flags = {"host": args.host, "port": args.port, "api_key": api_key(args)}
     data["serve"].update({k: v for k, v in flags.items() if v is not None})
+    if args.threads is not None:
+        data["engine"]["threads"] = args.threads
     serve_forever(parse_config(data, "command line and config"), address=args.address)
     return 0
 
@@ -108,6 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
                      f"(visible in `ps`: prefer --api-key-file or {API_KEY_ENV})")  # fmt: skip
     srv.add_argument("--api-key-file", default=None, help="read the API key from this file's first line")
     srv.add_argument("--address", default=None, help="join this Ray cluster (e.g. auto) instead of starting one")
+    srv.add_argument("--threads", type=int, default=None,
+                     help="torch threads per engine (default: the CPUs its replica reserves, decode.num_cpus)")
     srv.set_defaults(func=_serve)
 
     gen = add("generate", help="generate text from a prompt, streamed to stdout (greedy unless --temperature > 0)",
@@ -122,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-k", type=int, default=-1, help="sample among the k likeliest tokens; -1 = all")
     gen.add_argument("--seed", type=int, default=None, help="random seed for sampling")
     gen.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="weights' dtype")
+    gen.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's, all cores)")
     gen.set_defaults(func=_generate)
 
     st = add("status", help="a running server's nodes, workers, shards, epoch and scaling decisions")

@@ -38,6 +38,8 @@ class EngineSettings(_Frozen):
     block_size: int = Field(16, gt=0, description="tokens per KV block: allocation and prefix-sharing unit")
     kv_cache_bytes: int = Field(256 << 20, gt=0, description="KV pool size per engine")
     dtype: DtypeName = "float32"  # float32 keeps outputs identical to transformers
+    threads: int | None = Field(None, gt=0, description="torch intra-op threads per engine; "
+                                "null = the CPUs its replica reserves (decode.num_cpus), at least 1")  # fmt: skip
 
     def to_engine_config(self):
         from raymoe.engine.llm_engine import EngineConfig

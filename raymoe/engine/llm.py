@@ -33,14 +33,16 @@ class LLM:
         kv_cache_bytes: int = 256 << 20,
         dtype: str = "float32",
         chunk_cache_bytes: int = 64 << 20,
+        threads: int | None = None,
     ):
         """model: a Hugging Face MoE checkpoint folder; None = the built-in model.
-        chunk_cache_bytes: budget of the in-process chunk-KV cache (prompts with Chunk parts)."""
+        chunk_cache_bytes: budget of the in-process chunk-KV cache (prompts with Chunk parts).
+        threads: torch intra-op threads (process-wide); None = torch's default."""
         if model is None:
             from raymoe.model.builtin import builtin_model_path
 
             model = builtin_model_path()
-        config = EngineConfig(max_num_seqs, max_num_batched_tokens, block_size, kv_cache_bytes, dtype)
+        config = EngineConfig(max_num_seqs, max_num_batched_tokens, block_size, kv_cache_bytes, dtype, threads)
         self.engine = LLMEngine.from_path(model, config, LocalChunkStore(chunk_cache_bytes))
         self.tokenizer = self.engine.tokenizer
 

@@ -34,10 +34,13 @@ class EngineConfig:
     block_size: int = 16  # tokens per KV block: the unit of allocation and of prefix sharing
     kv_cache_bytes: int = 256 << 20  # KV pool size; capped at what max_num_seqs full contexts need
     dtype: str = "float32"  # weights and KV; float32 keeps outputs identical to transformers
+    threads: int | None = None  # torch intra-op threads (process-wide); None = leave torch's setting
 
     def __post_init__(self):
-        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "kv_cache_bytes"):
+        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "kv_cache_bytes", "threads"):
             value = getattr(self, name)
+            if name == "threads" and value is None:
+                continue
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
         if self.dtype not in DTYPES:
@@ -67,6 +70,8 @@ class LLMEngine:
         chunk KV lives for requests with `SamplingParams.chunk_reuse` (`raymoe.engine.chunks`);
         None = such requests prefill in full (or import their blended blocks)."""
         self.config = config = config or EngineConfig()
+        if config.threads is not None:
+            torch.set_num_threads(config.threads)
         self.model, self.tokenizer = model, tokenizer
         spec = model.spec
         self.eos_token_ids = tuple(sorted(set(spec.eos_token_ids) | set(getattr(tokenizer, "eos_token_ids", ()))))

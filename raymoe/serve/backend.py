@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from dataclasses import replace
 
 from ray import serve
 
@@ -35,6 +36,11 @@ CHUNK_CACHE_BYTES = 64 << 20  # chunk KV of requests with raymoe_chunks (docs/ch
 logger = logging.getLogger(__name__)
 
 
+def engine_threads(config) -> int:
+    """engine.threads, or the CPUs the replica reserves (decode.num_cpus), at least 1."""
+    return config.engine.threads or max(1, int(config.decode.num_cpus))
+
+
 def delta_dict(delta: RequestOutput) -> dict:
     return {"token_ids": list(delta.token_ids), "text": delta.text,
             "finished": delta.finished, "finish_reason": delta.finish_reason}  # fmt: skip
@@ -50,8 +56,8 @@ class EngineBackend:
     def __init__(self, config: dict, model_path: str):
         self.config = parse_config(config)
         self.model_path = model_path
-        self.engine = LLMEngine.from_path(model_path, self.config.engine.to_engine_config(),
-                                          LocalChunkStore(CHUNK_CACHE_BYTES))  # fmt: skip
+        engine_config = replace(self.config.engine.to_engine_config(), threads=engine_threads(self.config))
+        self.engine = LLMEngine.from_path(model_path, engine_config, LocalChunkStore(CHUNK_CACHE_BYTES))
         self.loop = EngineLoop(self.engine, self.config.serve.max_queue_len)
 
     def info(self) -> dict:
@@ -82,14 +88,16 @@ class EngineBackend:
                 items = [await queue.get()]
                 while not queue.empty():  # send what piled up in one message
                     items.append(queue.get_nowait())
+                deltas = []
                 for item in items:
                     if isinstance(item, Exception):
                         finished = True
                         kind = "invalid" if isinstance(item, (RaymoeError, ValueError)) else "internal"
                         yield error_item(kind, str(item))
                         return
-                finished = items[-1].finished
-                yield [delta_dict(d) for d in items]
+                    deltas += item
+                finished = deltas[-1].finished
+                yield [delta_dict(d) for d in deltas]
         finally:
             if not finished:  # cancelled: the client disconnected or the ingress gave up
                 self.loop.abort(request_id)
@@ -101,6 +109,7 @@ class EngineBackend:
             "num_admitted": s.num_admitted, "num_running": s.num_running, "num_rejected": s.num_rejected,
             "num_finished": s.num_finished, "num_aborted": s.num_aborted, "num_steps": s.num_steps,
             "num_generated_tokens": s.num_generated_tokens, "step_time_s": s.step_time_s,
+            "num_messages": s.num_messages,
             "max_queue_len": self.loop.max_pending, "num_kv_blocks": bm.num_blocks,
             "num_free_kv_blocks": bm.num_free_blocks, "num_engine_requests": len(self.engine.requests),
             "backend": "engine", "nodes": len(ray_state.live_nodes()),

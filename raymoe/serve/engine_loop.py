@@ -1,7 +1,11 @@
 """EngineLoop: the one-process engine stepping in a background thread, fed from asyncio.
 
 The engine is not thread-safe, so every engine call (add, abort, step) runs on the stepping thread;
-asyncio callers hand it commands and get their deltas back on an `asyncio.Queue` each. Admission is
+asyncio callers hand it commands and get their deltas back on an `asyncio.Queue` each, in chunks:
+a request's first token and its last go out at once, the others once `stream_interval(running)`
+of them piled up, so a step sends about `MESSAGES_PER_STEP` messages however many sequences run
+(each message is a hop through Serve, the ingress and the HTTP proxy: per token at 32 streams those
+cost more CPU than the model). A step's chunks reach each event loop in one hand-off. Admission is
 bounded: at most `max_pending` requests are admitted (waiting or running) at once; beyond that
 `submit` raises `OverloadedError` at once, so overload is a fast 503 instead of a growing queue.
 A plain class (no Ray), so tests can drive it directly.
@@ -19,6 +23,13 @@ from raymoe.engine.llm_engine import LLMEngine, RequestOutput
 from raymoe.engine.sampling_params import SamplingParams
 from raymoe.errors import OverloadedError
 
+MESSAGES_PER_STEP = 8  # chunks sent per engine step, about: bounds the per-message cost at any batch
+
+
+def stream_interval(num_sampled: int) -> int:
+    """Tokens per chunk when `num_sampled` sequences got a token this step (1 up to MESSAGES_PER_STEP)."""
+    return max(1, -(-num_sampled // MESSAGES_PER_STEP))
+
 
 @dataclass
 class LoopStats:
@@ -29,6 +40,7 @@ class LoopStats:
     num_aborted: int = 0
     num_steps: int = 0
     num_generated_tokens: int = 0
+    num_messages: int = 0  # chunks handed to callers (each one or more deltas)
     step_time_s: float = 0.0  # total time inside engine.step()
     extra: dict = field(default_factory=dict)
 
@@ -39,6 +51,7 @@ class EngineLoop:
         self.stats = LoopStats()
         self._commands: deque = deque()  # ("add", rid, prompt_ids, params, sink) | ("abort", rid)
         self._sinks: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._pending: dict[str, list[RequestOutput]] = {}  # deltas not sent yet, per request
         self._wake = threading.Condition()
         self._stopped = False
         self._thread = threading.Thread(target=self._run, name="raymoe-engine-loop", daemon=True)
@@ -46,7 +59,8 @@ class EngineLoop:
 
     # ----- called from asyncio -----------------------------------------------------------------
     def submit(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> asyncio.Queue:
-        """Admit a request; its deltas (or one exception) arrive on the returned queue."""
+        """Admit a request; its deltas arrive on the returned queue as lists (chunks, in order, the
+        last one finished), or one exception instead."""
         with self._wake:
             if self.stats.num_admitted >= self.max_pending:
                 self.stats.num_rejected += 1
@@ -102,24 +116,50 @@ class EngineLoop:
         deltas = self.engine.step()
         self.stats.step_time_s += time.perf_counter() - start
         self.stats.num_steps += 1
+        interval = stream_interval(len(deltas))
+        ready: list[tuple[str, list[RequestOutput]]] = []
         for delta in deltas:
             self.stats.num_generated_tokens += len(delta.token_ids)
-            self._send(delta.request_id, delta)
+            if delta.request_id not in self._sinks:
+                continue
+            first = delta.request_id not in self._pending
+            pending = self._pending.setdefault(delta.request_id, [])
+            pending.append(delta)
+            if first or delta.finished or len(pending) >= interval:
+                ready.append((delta.request_id, pending))
+                self._pending[delta.request_id] = []
+        self._send_many(ready)
+        for delta in deltas:
             if delta.finished:
                 self._finish(delta.request_id)
 
-    def _send(self, request_id: str, item: RequestOutput | Exception) -> None:
-        sink = self._sinks.get(request_id)
-        if sink is not None:
-            loop, queue = sink
+    def _send(self, request_id: str, item: Exception) -> None:
+        self._send_many([(request_id, item)])
+
+    def _send_many(self, items: list[tuple[str, list[RequestOutput] | Exception]]) -> None:
+        """Hand each (request, chunk or exception) to its queue: one call per event loop."""
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        for request_id, item in items:
+            sink = self._sinks.get(request_id)
+            if sink is not None:
+                by_loop.setdefault(sink[0], []).append((request_id, sink[1], item))
+        self.stats.num_messages += len(items)
+        for loop, batch in by_loop.items():
             try:
-                loop.call_soon_threadsafe(queue.put_nowait, item)
+                loop.call_soon_threadsafe(_deliver, batch)
             except RuntimeError:  # the caller's event loop is gone: nobody is listening
-                self.abort(request_id)
+                for request_id, _, _ in batch:
+                    self.abort(request_id)
 
     def _finish(self, request_id: str, aborted: bool = False) -> None:
+        self._pending.pop(request_id, None)
         if self._sinks.pop(request_id, None) is not None:
             with self._wake:
                 self.stats.num_admitted -= 1
             self.stats.num_aborted += aborted
             self.stats.num_finished += not aborted
+
+
+def _deliver(batch: list[tuple[str, asyncio.Queue, object]]) -> None:
+    for _, queue, item in batch:
+        queue.put_nowait(item)

@@ -24,17 +24,18 @@ class Generation:
         self.num_tokens, self.first, self.last, self.finish_reason = 0, None, None, None
 
     async def deltas(self):
-        """Text deltas; cancels the backend stream (aborting the sequence) if the consumer stops early."""
+        """Text per backend message (one or more tokens' deltas); cancels the backend stream
+        (aborting the sequence) if the consumer stops early."""
         try:
             async for item in self.stream:
                 if isinstance(item, dict) and "error" in item:
                     raise RuntimeError(item["error"]["message"])
+                self.last = time.perf_counter()
+                self.first = self.first or self.last
                 for delta in item:
-                    self.last = time.perf_counter()
-                    self.first = self.first or self.last
                     self.num_tokens += len(delta["token_ids"])
                     self.finish_reason = delta["finish_reason"]
-                    yield delta["text"]
+                yield "".join(delta["text"] for delta in item)  # a chunk of deltas: one event
         finally:
             if self.finish_reason is None:
                 self.stream.cancel()
