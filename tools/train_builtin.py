@@ -1,9 +1,14 @@
 """Train raymoe's built-in model from scratch and write it as a Hugging Face folder.
 
-    nice -n 5 python tools/train_builtin.py --out /tmp/builtin [--threads 2]
+    nice -n 5 python tools/train_builtin.py --out /tmp/builtin --save-every 50 --plot /tmp/builtin.png
 
-Deterministic: the tokenizer, the text (raymoe/model/docqa.py) and the weights all come from
-fixed seeds, and the defaults reproduce the shipped model (raymoe/model/builtin_weights/). Writes
+Deterministic for a given --threads: the tokenizer, the text (raymoe/model/docqa.py) and the weights
+all come from fixed seeds, and the learning rate depends only on the step, so the weights after N
+steps of a longer run equal those of a run with --steps N. Two phases: up to --phase2-step the
+mixed text (60% document QA, prose, numbers); from there a fresh optimizer and 90% document QA,
+half of it with 2-4 documents. --resume stepN (N = --phase2-step) continues a run from its saved
+phase-1 weights (the data is replayed to step N). Status (docs/benchmarks.md): the default 750
+steps do NOT yet teach the model to answer document questions; no weights are shipped. Writes
 config.json, generation_config.json, model.safetensors (float32, named as transformers saves
 Qwen3MoeForCausalLM), tokenizer.json, tokenizer_config.json, plus train_log.jsonl (loss, held-out
 document-QA exact match) and, with --plot, the loss curve. transformers is used here only, for
@@ -22,7 +27,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -48,9 +53,12 @@ ARCHITECTURE = dict(
 )
 VOCAB_SIZE = 2048
 SEQ_LEN = 768
-MIX = (("qa", 0.6), ("prose", 0.3), ("numbers", 0.1))
+QA_SHARE = 0.6  # of examples; the rest is prose (3/4) and numbers (1/4)
+NO_SPACE_SHARE = 0.5  # of QA answers, those whose prompt ends 'Answer: ' (the answer then has no leading space)
 MAX_QUIZ = 4  # extra training questions per QA example (more copy supervision per context token)
-ANSWER_WEIGHT = 3.0  # loss weight of a QA answer's tokens (the copy the model must learn)
+ANSWER_WEIGHT = 3.0
+PHASE2_STEP = 500  # from here: a fresh optimizer and mostly document QA, half of it with 2-4 documents
+PHASE2_QA_SHARE = 0.9  # loss weight of a QA answer's tokens (the copy the model must learn)
 
 
 def train_tokenizer(seed: int) -> Tokenizer:
@@ -82,13 +90,21 @@ class Batches:
     of predicting ids[t + 1] (0 on padding).
     """
 
-    def __init__(self, tok: Tokenizer, seed: int, batch_size: int):
+    def __init__(self, tok: Tokenizer, seed: int, batch_size: int, qa_share: float, no_space_share: float):
         self.tok, self.batch_size = tok, batch_size
+        self.mix = (("qa", qa_share), ("prose", 0.75 * (1 - qa_share)), ("numbers", 0.25 * (1 - qa_share)))
+        self.no_space_share = no_space_share
+        self.few_docs = False
         self.gen = CorpusGenerator(seed, TRAIN)
         self.rng = random.Random(seed + 1)
         self.prose = prose_split()[0]
         self.eos = tok.token_to_id(builtin.EOS_TOKEN)
         self._pending: tuple[list[int], list[float]] | None = None
+
+    def phase2(self, qa_share: float) -> None:
+        """Mostly document QA; half of it with 2 to 4 documents (fewer distractors: an easier start)."""
+        self.mix = (("qa", qa_share), ("prose", 0.75 * (1 - qa_share)), ("numbers", 0.25 * (1 - qa_share)))
+        self.few_docs = True
 
     def _encode(self, text: str) -> list[int]:
         return self.tok.encode(text, add_special_tokens=False).ids
@@ -97,18 +113,19 @@ class Batches:
         """(ids, weights) of one example; weights[i] weighs predicting ids[i]."""
         r, kind = self.rng.random(), "qa"
         acc = 0.0
-        for kind, share in MIX:
+        for kind, share in self.mix:
             acc += share
             if r < acc:
                 break
         if kind == "qa":
-            qa = self.gen.qa()
+            few = self.few_docs and self.rng.random() < 0.5
+            qa = self.gen.qa(self.rng.randint(2, 4) if few else None)
             ids, w = self._encode("\n".join(qa.documents) + "\n"), []
             w = [1.0] * len(ids)
             pairs = self.gen.quiz(qa, self.rng.randint(0, MAX_QUIZ)) + [(qa.question, qa.answer)]
             for question, value in pairs:
-                # half the prompts end 'Answer:' (the answer carries its space), half 'Answer: '
-                space = self.rng.random() < 0.5
+                # most prompts end "Answer:" (the answer carries its space), some "Answer: "
+                space = self.rng.random() < 1 - self.no_space_share
                 prompt = self._encode(question + "\nAnswer:" + ("" if space else " "))
                 answer = self._encode((" " if space else "") + value + "\n")
                 ids += prompt + answer
@@ -172,6 +189,19 @@ def hf_to_raymoe(state: dict[str, torch.Tensor], config: dict) -> dict[str, torc
     return {k: out[k] for k in expected}
 
 
+def raymoe_to_hf(weights: dict[str, torch.Tensor], config: dict) -> dict[str, torch.Tensor]:
+    """The inverse of hf_to_raymoe: per-expert tensors -> transformers 5's fused expert tensors."""
+    out = {k: v for k, v in weights.items() if ".mlp.experts." not in k}
+    for i in range(config["num_hidden_layers"]):
+        p = f"model.layers.{i}.mlp.experts"
+        experts = range(config["num_experts"])
+        out[f"{p}.gate_up_proj"] = torch.stack(
+            [torch.cat([weights[f"{p}.{e}.gate_proj.weight"], weights[f"{p}.{e}.up_proj.weight"]]) for e in experts]
+        )
+        out[f"{p}.down_proj"] = torch.stack([weights[f"{p}.{e}.down_proj.weight"] for e in experts])
+    return out
+
+
 @torch.no_grad()
 def qa_exact_match(model, tok: Tokenizer, seed: int, n: int, split: str = HELDOUT) -> float:
     """Share of n document-QA prompts (2-8 docs) whose answer tokens are all the argmax (= greedy)."""
@@ -223,14 +253,28 @@ def train(args) -> None:
     model = make_model(config)
     params = sum(p.numel() for p in model.parameters())
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.05)
-    batches = Batches(tok, args.seed, args.batch_size)
-    log = (out / "train_log.jsonl").open("w")
+    batches = Batches(tok, args.seed, args.batch_size, args.qa_share, args.no_space_share)
+    first = 0
+    if args.resume:  # weights this script saved at the phase-2 step; replay the data up to there
+        first = int(Path(args.resume).name.removeprefix("step"))
+        if first != args.phase2_step:
+            raise SystemExit(f"--resume must be the step{args.phase2_step} folder (the optimizer restarts there)")
+        model.load_state_dict(raymoe_to_hf(load_file(str(Path(args.resume) / "model.safetensors")), config))
+        for _ in range(first):
+            next(batches)
+    log = (out / "train_log.jsonl").open("a" if args.resume else "w")
     print(f"params {params / 1e6:.2f}M vocab {tok.get_vocab_size()}", flush=True)
     start = time.time()
-    for step in range(args.steps):
+    for step in range(first, args.steps):
+        if step == args.phase2_step:
+            opt = torch.optim.AdamW(model.parameters(), lr=args.phase2_lr, betas=(0.9, 0.95), weight_decay=0.05)
+            batches.phase2(args.phase2_qa_share)
         ids, weights = next(batches)
         for group in opt.param_groups:
-            group["lr"] = lr_at(step, args.lr, args.warmup)
+            if step < args.phase2_step:
+                group["lr"] = lr_at(step, args.lr, args.warmup)
+            else:
+                group["lr"] = lr_at(step - args.phase2_step, args.phase2_lr, args.warmup)
         loss, aux = step_loss(model, ids, weights)
         total = loss + args.aux_coef * aux
         opt.zero_grad(set_to_none=True)
@@ -274,6 +318,7 @@ def plot(log_path: Path, png: Path) -> None:
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.set_yscale("log")
+    ax.axvline(PHASE2_STEP, color="grey", ls=":", lw=1)  # phase 2: fresh optimizer, mostly document QA
     ev = [r for r in rows if "qa_heldout_em" in r]
     ax2 = ax.twinx()
     ax2.plot([r["step"] for r in ev], [r["qa_heldout_em"] for r in ev], "o-", color="C1", label="held-out QA exact match")
@@ -288,16 +333,22 @@ def plot(log_path: Path, png: Path) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True)
-    p.add_argument("--steps", type=int, default=1500)
+    p.add_argument("--steps", type=int, default=750)
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--warmup", type=int, default=30)
     p.add_argument("--aux-coef", type=float, default=0.01)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--qa-share", type=float, default=QA_SHARE)
+    p.add_argument("--no-space-share", type=float, default=NO_SPACE_SHARE)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--eval-n", type=int, default=40)
     p.add_argument("--save-every", type=int, default=0, help="also write the model every N steps (out/stepN)")
+    p.add_argument("--phase2-step", type=int, default=PHASE2_STEP)
+    p.add_argument("--phase2-lr", type=float, default=2e-3)
+    p.add_argument("--phase2-qa-share", type=float, default=PHASE2_QA_SHARE)
+    p.add_argument("--resume", default=None, help="the stepN folder of an earlier run with these settings, N = --phase2-step")
     p.add_argument("--plot", default=None, help="write the loss curve PNG here")
     train(p.parse_args())
 
