@@ -37,6 +37,7 @@ from raymoe.engine.llm_engine import EngineConfig, LLMEngine
 from raymoe.engine.sampling_params import SamplingParams
 from raymoe.model.builtin import builtin_model_path
 from raymoe.model.model import load_model
+from raymoe.model.spec import load_spec
 
 ENGINE = EngineConfig(max_num_seqs=32, max_num_batched_tokens=512)
 
@@ -82,6 +83,21 @@ def on_cluster(cluster: MoECluster, prompts, params) -> dict:
     }
 
 
+def memory(cluster: MoECluster) -> dict:
+    """Per process of the cluster (workers and shards), MB from /proc/<pid>/smaps_rollup: Rss,
+    Pss (shared pages split between their users) and Private (pages no other process maps)."""
+    _, shards = ray.get(cluster.controller.placement.remote())
+    actors = {"prefill": cluster.prefill[0], "decode": cluster.decode[0], **{f"shard_{i}": h for i, h in enumerate(shards)}}
+    out = {}
+    for name, actor in actors.items():
+        pid = ray.get(actor.__ray_call__.remote(lambda self: os.getpid()))
+        fields = dict(line.split(":") for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:])
+        kb = {k: int(v.split()[0]) for k, v in fields.items()}
+        out[name] = {"rss_mb": kb["Rss"] / 1024, "pss_mb": kb["Pss"] / 1024,
+                     "private_mb": (kb["Private_Clean"] + kb["Private_Dirty"]) / 1024}  # fmt: skip
+    return out
+
+
 def start(model_path, prompts, **options) -> MoECluster:
     cluster = MoECluster(model_path, ClusterConfig(engine=ENGINE, **options))
     cluster.generate(prompts[:2], SamplingParams(max_tokens=4, ignore_eos=True))  # warm-up
@@ -117,6 +133,10 @@ def main() -> None:
     for _ in range(args.repeats):  # alternating: both see the same machine
         base.append(one_process(model_path, prompts, params))
         colocated.append(on_cluster(cluster, prompts, params))
+    report["memory_colocated_mb"] = memory(cluster)
+    spec = load_spec(model_path)  # float32 routed expert weights of the whole model:
+    report["expert_weights_mb"] = 4 * 3 * spec.hidden_size * spec.moe_intermediate_size * spec.num_experts \
+        * len(spec.moe_layer_ids) / 2**20
     cluster.shutdown()
     report["one_process"], report["cluster_colocated"] = median_dicts(base), median_dicts(colocated)
     for m in (1, 2):

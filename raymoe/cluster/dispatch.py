@@ -217,8 +217,11 @@ class RemoteExperts:
         self.counts.token_layers += x.shape[0]
         rows = x[groups.token_of_row]  # [P, H] sorted by expert
         expert_rows = {e: torch.arange(a, b) for e, a, b in groups.expert_ranges()}
+        local_before = self.times["local_expert_s"]
         inflight = self._send(layer, rows, expert_rows)
-        return PendingExperts(self, layer, rows, groups, x.shape[0], inflight, time.perf_counter() - start)
+        pending = PendingExperts(self, layer, rows, groups, x.shape[0], inflight, time.perf_counter() - start)
+        pending.local_before = local_before
+        return pending
 
     def take_load(self) -> np.ndarray:
         """[layers, experts] token-expert pairs routed since the last take (rows: model layer ids)."""
@@ -266,7 +269,8 @@ class RemoteExperts:
         for s in slices:
             if s.shard == LOCAL:
                 start = time.perf_counter()
-                out = self.local.run(layer, rows[s.index], s.expert_ids, s.counts)
+                mine = rows if len(s.index) == rows.shape[0] else rows[s.index]  # all rows: in order already
+                out = self.local.run(layer, mine, s.expert_ids, s.counts)
                 sent.append((s, ShardOutput(out, 0.0)))
                 self.counts.rows_local += len(s.index)
                 self.times["local_expert_s"] += time.perf_counter() - start
@@ -321,16 +325,16 @@ class PendingExperts:
     def __init__(self, owner: RemoteExperts, layer: int, rows, groups: TokenGroups, num_tokens: int, inflight, send_s):
         self.owner, self.layer, self.rows, self.groups = owner, layer, rows, groups
         self.num_tokens, self.inflight, self.send_s = num_tokens, inflight, send_s
-        self.local_s = owner.times["local_expert_s"]  # to tell this call's local compute from its wait
+        self.local_before = owner.times["local_expert_s"]  # to tell this call's local compute from its wait
         self._out: torch.Tensor | None = None
 
     def result(self) -> torch.Tensor:
         if self._out is None:
             start = time.perf_counter()
-            local_s = self.owner.times["local_expert_s"] - self.local_s  # before _gather: a resend may run some
             rows_out, compute_s = self._gather()
             mid = time.perf_counter()
             self._out = combine(rows_out, self.groups, self.num_tokens)
+            local_s = self.owner.times["local_expert_s"] - self.local_before  # in send, or in a resend
             wait_s = mid - start + self.send_s - local_s
             self.owner._record(wait_s - compute_s, compute_s, time.perf_counter() - mid)
         return self._out
@@ -338,6 +342,10 @@ class PendingExperts:
     def _gather(self) -> tuple[torch.Tensor, float]:
         """Wait for every slice, resending failed ones; -> rows_out [P, H], shard compute seconds."""
         owner, out, compute_s = self.owner, torch.empty_like(self.rows), 0.0
+        if len(self.inflight) == 1 and isinstance(self.inflight[0][1], ShardOutput):
+            slice_, done = self.inflight[0]
+            if len(slice_.index) == len(self.rows):  # every row ran in this process
+                return done.rows, 0.0
         for attempt in range(owner.max_retries + 1):
             done = [(s, r) for s, r in self.inflight if isinstance(r, ShardOutput)]  # run in this process
             remote = [(s, r) for s, r in self.inflight if not isinstance(r, ShardOutput)]

@@ -314,6 +314,12 @@ def test_colocated_rows_never_reach_the_transport(mixtral_path):
     assert (run_steps(model, remote, prompts, fed) - expected).abs().max() <= TOL
     assert set(local.held()) == node_experts(moved, "a") == set(moved.experts_on(1))
 
+    everything = contiguous_placement(spec.moe_layer_ids, 8, ["a", "a", "b"], replicas=3, epoch=2)  # all on a
+    remote.set_placement(everything, fake_shards(mixtral_path, everything))
+    sent = dict(transport.rows)
+    assert (run_steps(model, remote, prompts, fed) - expected).abs().max() <= TOL
+    assert transport.rows == sent and remote.take_timings()["local_expert_s"] > 0  # no row reached a shard
+
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("num_rows", [1, 7, 300])

@@ -1,7 +1,8 @@
 """Workers die mid-generation; every request still completes with the tokens of an undisturbed
-run, none lost or repeated: a dead decode worker's sequences resume on another from the KV pool
-and the tokens already delivered; a dead prefill worker's batch is prefilled again on another; a dead
-expert shard is routed around (replica) or re-created."""
+run (the one-process engine's), none lost or repeated: a dead decode worker's sequences resume on
+another from the KV pool and the tokens already delivered; a dead prefill worker's batch is
+prefilled again on another; a dead expert shard is routed around (replica) or re-created. Every
+worker co-hosts its node's experts (each node has a shard)."""
 
 import threading
 import time
@@ -14,6 +15,7 @@ from raymoe.cluster.cluster import ClusterConfig
 from raymoe.engine.llm_engine import EngineConfig
 from raymoe.engine.sampling_params import SamplingParams
 
+from checkpoints import engine_greedy
 from progress import generate_while
 
 PROMPTS = [[(5 * i + 11 * j) % 250 + 3 for j in range(n)] for i, n in enumerate([9, 40, 17, 3, 26, 64, 12, 30])]
@@ -57,6 +59,10 @@ def test_colocated_rows_never_reach_the_transport(cluster, undisturbed):
         time.sleep(0.2)
     assert set(by_node) == {c["node_id"] for c in decoders}
     assert all(0 < n["local_activation_rate"] <= 1 and n["tokens"] > 0 for n in by_node.values())
+
+
+def test_colocated_outputs_equal_one_process(checkpoint_dir, undisturbed):
+    assert undisturbed == engine_greedy(checkpoint_dir("mixtral"), PROMPTS, PARAMS, ENGINE)
 
 
 def test_dead_decode_worker_sequences_resume(cluster, undisturbed):
