@@ -26,7 +26,7 @@ import numpy as np
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from raymoe.cluster.dispatch import DispatchCounts
+from raymoe.cluster.colocation import DispatchCounts
 from raymoe.cluster.membership import serving_topology
 from raymoe.cluster.node_sync import NodeSync
 from raymoe.cluster.placement import Placement, contiguous_placement, speed_weighted_placement

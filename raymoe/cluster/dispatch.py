@@ -19,14 +19,14 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterable
-from dataclasses import asdict, dataclass
-from typing import Callable, Protocol
+from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
 
-from raymoe.cluster.placement import ExpertKey, Placement, PlacementError
+from raymoe.cluster.colocation import DispatchCounts, LocalHolder, node_experts
+from raymoe.cluster.placement import Placement, PlacementError
 from raymoe.cluster.transport import (
     DEFAULT_TIMEOUT_S,
     ActorCallTransport,
@@ -105,46 +105,6 @@ class Slice:
 
     def expert_rows(self) -> dict[int, torch.Tensor]:
         return dict(zip(self.expert_ids, self.index.split(self.counts)))
-
-
-class LocalHolder(Protocol):
-    """The experts a worker co-hosts (`raymoe.actors.expert_shard.ExpertShardCore` is one)."""
-
-    def holds(self, layer: int, expert: int) -> bool: ...
-    def held(self) -> list[ExpertKey]: ...
-    def load(self, experts: Iterable[ExpertKey]) -> None: ...
-    def free(self, experts: Iterable[ExpertKey]) -> None: ...
-    def run(self, layer: int, rows: torch.Tensor, expert_ids: list[int], counts: list[int]) -> torch.Tensor: ...
-
-
-@dataclass
-class DispatchCounts:
-    """Where routed rows (token-expert pairs) went, cumulative. A token is counted once per forward
-    (token_layers / MoE layers); resent rows (a shard died) count again."""
-
-    pairs: int = 0  # token-expert pairs routed
-    token_layers: int = 0  # tokens summed over MoE layer calls
-    rows_local: int = 0  # run in this process, no transport
-    rows_process: int = 0  # sent to another process (this node or another)
-    rows_node: int = 0  # sent to another node
-
-    def summary(self, num_moe_layers: int) -> dict:
-        """The counts plus local activation rate (share of pairs served on the token's node) and
-        rows crossing a process / a node per token."""
-        tokens = self.token_layers / max(1, num_moe_layers)
-        return {
-            **asdict(self),
-            "tokens": tokens,
-            "local_activation_rate": 1.0 - self.rows_node / self.pairs if self.pairs else None,
-            "rows_crossing_process_per_token": self.rows_process / tokens if tokens else None,
-            "rows_crossing_node_per_token": self.rows_node / tokens if tokens else None,
-        }
-
-
-def node_experts(placement: Placement, node_id: str | None) -> set[ExpertKey]:
-    """The experts `placement` puts on `node_id` (on any of its shards)."""
-    on_node = {s for s, node in enumerate(placement.shard_nodes) if node == node_id}
-    return {key for key, shards in placement.expert_to_shards.items() if on_node.intersection(shards)}
 
 
 def actor_key(handle) -> object:

@@ -13,12 +13,12 @@ import pytest
 import torch
 
 from raymoe.actors.expert_shard import ExpertNotHeldError, ExpertShardCore
+from raymoe.cluster.colocation import node_experts
 from raymoe.cluster.dispatch import (
     NoLiveReplicaError,
     RemoteExperts,
     ShardFailureError,
     assign_rows,
-    node_experts,
     split_rows,
 )
 from raymoe.cluster.placement import (
