@@ -36,7 +36,7 @@ from raymoe.cluster.transport import (
     Transport,
 )
 from raymoe.errors import RaymoeError
-from raymoe.model.experts import TokenGroups, combine, group_tokens
+from raymoe.model.experts import Done, TokenGroups, combine, group_tokens
 
 Piece = tuple[int, int, int]  # (expert, offset into that expert's rows, rows)
 LOCAL = -1  # the shard index of rows run in the caller's own process
@@ -176,12 +176,29 @@ class RemoteExperts:
         self.counts.pairs += topk_ids.numel()
         self.counts.token_layers += x.shape[0]
         rows = x[groups.token_of_row]  # [P, H] sorted by expert
+        self._switch()
+        if self._all_local(layer, groups.counts):  # no slices to route: run them here, as they are
+            return self._run_local(layer, rows, groups, x.shape[0], start)
         expert_rows = {e: torch.arange(a, b) for e, a, b in groups.expert_ranges()}
         local_before = self.times["local_expert_s"]
         inflight = self._send(layer, rows, expert_rows)
         pending = PendingExperts(self, layer, rows, groups, x.shape[0], inflight, time.perf_counter() - start)
         pending.local_before = local_before
         return pending
+
+    def _all_local(self, layer: int, counts: list[int]) -> bool:
+        return self.local is not None and all(self.local.holds(layer, e) for e, c in enumerate(counts) if c)
+
+    def _run_local(self, layer: int, rows: torch.Tensor, groups: TokenGroups, num_tokens: int, start: float):
+        ids = [e for e, c in enumerate(groups.counts) if c]
+        compute = time.perf_counter()
+        out = self.local.run(layer, rows, ids, [groups.counts[e] for e in ids])
+        self.times["local_expert_s"] += time.perf_counter() - compute
+        self.counts.rows_local += rows.shape[0]
+        mid = time.perf_counter()
+        done = Done(combine(out, groups, num_tokens))
+        self._record(compute - start, 0.0, time.perf_counter() - mid)  # dispatch: grouping the rows
+        return done
 
     def take_load(self) -> np.ndarray:
         """[layers, experts] token-expert pairs routed since the last take (rows: model layer ids)."""

@@ -182,6 +182,7 @@ def test_raymoe_status_shows_workers_and_scaling(server):
     assert out.returncode == 0, out.stderr
     assert "placement epoch" in out.stdout and "expert shards" in out.stdout
     assert "decode" in out.stdout and "recent scaling decisions" in out.stdout
+    assert "expert rows per node" in out.stdout and "local activation 1.000" in out.stdout  # one node
     denied = subprocess.run(cmd[:-2], capture_output=True, text=True, timeout=120)  # no API key
     assert denied.returncode == 2 and "API key" in denied.stderr
 
