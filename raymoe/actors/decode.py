@@ -131,6 +131,9 @@ class DecodeWorker(WorkerShell):
         threading.Thread(target=self._loop, daemon=True).start()
 
     def _loop(self) -> None:
+        import torch
+
+        torch.set_num_threads(torch.get_num_threads())  # OpenMP keeps a thread count per thread: set it here too
         last_report, unreported = time.monotonic(), False
         while True:
             self.wake.wait(0.05)
