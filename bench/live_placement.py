@@ -38,6 +38,10 @@ def main() -> None:
     p.add_argument("--pairs", default="general:coding,coding:general", help="calibration:replayed domain pairs")
     p.add_argument("--out", type=Path, default=REPO / "bench" / "out" / "live_placement.json")
     a = p.parse_args()
+    pairs = [pair.split(":") for pair in a.pairs.split(",")]
+    for domain in {d for pair in pairs for d in pair}:
+        if not (a.traces / domain).is_dir():
+            p.error(f"{a.traces / domain} is not a folder: point --traces at the folder of domain folders")
     import ray
     from ray.cluster_utils import Cluster
 
@@ -47,8 +51,7 @@ def main() -> None:
     cluster.wait_for_nodes()
     runs = []
     try:
-        for pair in a.pairs.split(","):
-            calib, domain = pair.split(":")
+        for calib, domain in pairs:
             for policy in a.policies.split(","):
                 args = build_parser().parse_args([
                     "--trace", str(a.traces / domain), "--calibration", str(a.traces / calib),
