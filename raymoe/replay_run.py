@@ -186,11 +186,12 @@ def serve(model: Path, args, topology, calibration, spec, prompts: list[list[int
         start = time.perf_counter()
         replan = REPLAN_EVERY_TOKENS if spec.replan == "regroup" else None
         extra = topology.num_nodes * topology.slots_per_node - cluster.spec.num_experts
-        outputs, replans = generate(cluster, prompts, params, replan, args.policy, extra)
+        outputs, replans, at_decode = generate(cluster, prompts, params, replan, args.policy, extra)
         wall = time.perf_counter() - start
+        node_load = _minus_rows(node_rows(cluster), at_decode)
         timings = ray.get([w.take_timings.remote() for w in cluster.decode])
         counts = [_minus(a, b) for a, b in zip(dispatch_counts(cluster), before)]
-        measured = {**measure(cluster, timings, wall, counts), "replans": replans}
+        measured = {**measure(cluster, timings, wall, counts, node_load), "replans": replans}
     finally:
         cluster.shutdown()
     return {**measured, "plan": plan, "plan_nodes": len(shard_nodes), "outputs": outputs}
@@ -202,8 +203,10 @@ def generate(cluster, prompts, params, replan_every: int | None, policy: str, ex
     workers reported (two phases) and the front re-seats the running requests whose experts moved."""
     requests = cluster._requests(prompts, params)
     got = {r.request_id: [] for r in requests}
-    next_replan, replans = replan_every, 0
+    next_replan, replans, at_decode = replan_every, 0, None
     for delta in cluster.router.run(requests):
+        if at_decode is None:  # every prompt is prefilled (one batch) before any decode
+            at_decode = node_rows(cluster)
         got[delta.request_id].extend(delta.token_ids)
         running = [len(t) for t in got.values() if len(t) < params.max_tokens]
         if next_replan and running and min(running) >= next_replan:
@@ -212,7 +215,7 @@ def generate(cluster, prompts, params, replan_every: int | None, policy: str, ex
             ray_get(cluster.controller.rebalance.remote(extra_replicas, policy))
             cluster.router.request_reseat()
             replans += 1
-    return [got[r.request_id] for r in requests], replans
+    return [got[r.request_id] for r in requests], replans, at_decode
 
 
 def ray_get(ref):
@@ -236,20 +239,37 @@ def _minus(after: dict, before: dict) -> dict:
     return {"node_id": after["node_id"], **{k: after[k] - before[k] for k in COUNTS}}
 
 
-def measure(cluster, timings: list[dict], wall_s: float, counts: list[dict]) -> dict:
-    """The live figures: decode workers' dispatch counts over the run (where every routed row went)
-    and decode throughput. max_over_mean: the busiest node's routed pairs over the mean (the
-    request side of the load, whole run)."""
+def node_rows(cluster) -> dict[str, int]:
+    """node id -> expert rows run on it so far: its shards' rows plus its decode worker's in-process ones."""
+    import ray
+
+    _, shards = ray.get(cluster.controller.placement.remote())
+    rows: dict[str, int] = {}
+    for s in ray.get([h.stats.remote() for h in shards]):
+        rows[s["node_id"]] = rows.get(s["node_id"], 0) + s["rows_served"]
+    for c in dispatch_counts(cluster):
+        rows[c["node_id"]] = rows.get(c["node_id"], 0) + c["rows_local"]
+    return rows
+
+
+def _minus_rows(after: dict, before: dict) -> dict:
+    return {n: r - before.get(n, 0) for n, r in after.items()}
+
+
+def measure(cluster, timings: list[dict], wall_s: float, counts: list[dict], node_load: dict) -> dict:
+    """The live figures: decode workers' dispatch counts over the run (where every routed row went),
+    decode throughput, and max_over_mean: the busiest node's expert rows over the mean, over the
+    decode phase (shards' rows and workers' in-process rows; per node, not per step)."""
     tokens = sum(t["decode_tokens"] for t in timings)
     total = {k: sum(c[k] for c in counts) for k in COUNTS}
     per_token = total["token_layers"] / max(1, len(cluster.spec.moe_layer_ids))
-    pairs = np.array([c["pairs"] for c in counts], dtype=np.float64)
+    load = np.array(list(node_load.values()), dtype=np.float64)
     return {
         "local_activation_rate": round(1.0 - total["rows_node"] / total["pairs"], 4) if total["pairs"] else None,
         "rows_crossing_process_per_token": round(total["rows_process"] / max(per_token, 1), 3),
         "rows_crossing_node_per_token": round(total["rows_node"] / max(per_token, 1), 3),
         "rows_in_process_per_token": round(total["rows_local"] / max(per_token, 1), 3),
-        "max_over_mean": round(float(pairs.max() / pairs.mean()), 4) if pairs.mean() > 0 else None,
+        "max_over_mean": round(float(load.max() / load.mean()), 4) if load.size and load.mean() > 0 else None,
         "decode_tokens_per_s": round(tokens / wall_s, 2) if wall_s > 0 else 0.0,
         "decode_tokens": tokens,
         "wall_s": round(wall_s, 2),
@@ -264,9 +284,9 @@ def measure(cluster, timings: list[dict], wall_s: float, counts: list[dict]) -> 
 def step_breakdown_ms(timings: list[dict]) -> dict:
     """Mean decode step of the decode workers, ms by component (what `raymoe.sim` models)."""
     steps = sum(t["decode_steps"] for t in timings)
-    keys = ("decode_step_s", "dispatch_s", "expert_s", "local_expert_s", "combine_s")
-    return {k.replace("_s", "_ms").replace("decode_step", "step"): round(1e3 * sum(t.get(k, 0.0) for t in timings)
-            / max(steps, 1), 2) for k in keys}  # fmt: skip
+    keys = {"step_ms": "decode_step_s", "dispatch_ms": "dispatch_s", "expert_ms": "expert_s",
+            "local_expert_ms": "local_expert_s", "combine_ms": "combine_s"}  # fmt: skip
+    return {name: round(1e3 * sum(t.get(k, 0.0) for t in timings) / max(steps, 1), 2) for name, k in keys.items()}
 
 
 def predicted_figures(trace, args, topology, plan, spec, sequences: np.ndarray) -> dict:
