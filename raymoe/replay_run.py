@@ -191,19 +191,20 @@ def serve(model: Path, args, topology, calibration, spec, prompts: list[list[int
         node_load = _minus_rows(node_rows(cluster), at_decode)
         timings = ray.get([w.take_timings.remote() for w in cluster.decode])
         counts = [_minus(a, b) for a, b in zip(dispatch_counts(cluster), before)]
-        measured = {**measure(cluster, timings, wall, counts, node_load), "replans": replans}
+        measured = {**measure(cluster, timings, wall, counts, node_load), "replans_at_tokens": replans}
     finally:
         cluster.shutdown()
     return {**measured, "plan": plan, "plan_nodes": len(shard_nodes), "outputs": outputs}
 
 
 def generate(cluster, prompts, params, replan_every: int | None, policy: str, extra_replicas: int) -> tuple:
-    """(every request's token ids, re-plans made). With `replan_every`: each time every running
+    """(every request's token ids, tokens the slowest running request had at each re-plan, the
+    rows run per node when decoding began). With `replan_every`: each time every running
     request has that many more tokens, the controller re-plans from the live request profiles the
     workers reported (two phases) and the front re-seats the running requests whose experts moved."""
     requests = cluster._requests(prompts, params)
     got = {r.request_id: [] for r in requests}
-    next_replan, replans, at_decode = replan_every, 0, None
+    next_replan, replans, at_decode = replan_every, [], None
     for delta in cluster.router.run(requests):
         if at_decode is None:  # every prompt is prefilled (one batch) before any decode
             at_decode = node_rows(cluster)
@@ -211,10 +212,10 @@ def generate(cluster, prompts, params, replan_every: int | None, policy: str, ex
         running = [len(t) for t in got.values() if len(t) < params.max_tokens]
         if next_replan and running and min(running) >= next_replan:
             next_replan += replan_every
-            time.sleep(2 * LOAD_REPORT_S)  # the workers' next routing reports reach the controller
+            time.sleep(1.2 * LOAD_REPORT_S)  # the workers' next routing reports reach the controller
             ray_get(cluster.controller.rebalance.remote(extra_replicas, policy))
             cluster.router.request_reseat()
-            replans += 1
+            replans.append(min(running))
     return [got[r.request_id] for r in requests], replans, at_decode
 
 
