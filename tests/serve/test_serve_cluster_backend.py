@@ -62,10 +62,16 @@ def decode_replicas(server) -> int:
     return replicas(server, "decode")
 
 
-def streamed_text(server, prompt: str, max_tokens: int = 40) -> str:
+def streamed_text(server, prompt: str, max_tokens: int = 40, started: threading.Event | None = None) -> str:
+    """The streamed completion's text; sets `started` once the first token has arrived."""
     client = OpenAI(base_url=f"{server.base_url}/v1", api_key=API_KEY, max_retries=0, timeout=300)
     stream = client.completions.create(model=MODEL, prompt=prompt, max_tokens=max_tokens, temperature=0, stream=True)
-    return "".join(c.choices[0].text for c in stream if c.choices)
+    parts = []
+    for chunk in stream:
+        parts += [c.text for c in chunk.choices]
+        if started is not None and parts:
+            started.set()
+    return "".join(parts)
 
 
 def wait_for(predicate, timeout_s: float, what: str):
@@ -220,14 +226,15 @@ def test_sigterm_drains_the_running_stream_then_exits_0(server):
     """Kubernetes stops a pod with SIGTERM: new requests get 503, the running stream completes, and
     `raymoe serve` exits 0 within its grace period leaving no process of the Ray it started. Runs
     last: it stops this module's server."""
-    prompt, max_tokens = PROMPTS[2], 100
-    expected = LLM().generate([prompt], SamplingParams(max_tokens=max_tokens, temperature=0))[0].text
+    prompt, max_tokens = PROMPTS[2], 400  # long enough to be still decoding when the signal lands
+    params = SamplingParams(max_tokens=max_tokens, temperature=0)
+    expected = LLM().generate([prompt], params)[0].text
     processes = _descendants(server.process.pid)
     assert len(processes) > 3  # the driver, Ray's GCS and raylet, workers
+    started = threading.Event()
     with ThreadPoolExecutor(1) as pool:
-        future = pool.submit(streamed_text, server, prompt, max_tokens)
-        wait_for(lambda: any(w["kind"] == "decode" and w["running"] for w in status(server)["workers"]), 60,
-                 "the stream to reach a decode worker")  # fmt: skip
+        future = pool.submit(streamed_text, server, prompt, max_tokens, started)
+        assert started.wait(60), "the stream's first token did not arrive"
         start = time.monotonic()
         server.process.send_signal(signal.SIGTERM)
         wait_for(lambda: "SIGTERM: shutting down" in server.log(), 30, "the drain to start")
