@@ -29,6 +29,7 @@ from raymoe.serve.openai_api import (
     ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, ScaleRequest, new_id,
 )  # fmt: skip
 from raymoe.serve.body import parse_body
+from raymoe.serve.fields import check_fields
 from raymoe.serve.protocol import APIError, bound_chunks, check_api_key, overloaded, sampling_params
 
 logger = logging.getLogger(__name__)
@@ -127,6 +128,7 @@ class Ingress:
     async def _parse(self, request: Request, model):
         check_api_key(request, self.config.serve.api_key)
         req = await parse_body(request, model, self.config.serve.max_body_bytes, self.config.serve.body_timeout_s)
+        check_fields(req)
         if req.model != self.model_name:
             raise APIError(404, f"the model {req.model!r} does not exist; this server serves {self.model_name!r}",
                            param="model", code="model_not_found")  # fmt: skip

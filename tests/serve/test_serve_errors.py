@@ -13,6 +13,7 @@ from serve_harness import API_KEY, BODY_TIMEOUT_S, INGRESS_SLOTS, MAX_QUEUE_LEN,
 
 pytestmark = pytest.mark.timeout(300)
 OK = {"model": MODEL, "prompt": "Hi", "max_tokens": 2, "temperature": 0}
+CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
 RAW = b'{"model": "' + MODEL.encode() + b'", %s}'  # a body json.dumps cannot write
 
 
@@ -63,6 +64,13 @@ BAD_INPUT = [
                  id="chunks-1536-one-token"),
     pytest.param("/v1/completions", {**OK, "prompt": list(range(3, 40)), "raymoe_chunks": [[5, 6]]}, 400,
                  "raymoe_chunks", id="chunk-too-short"),
+    # fields raymoe does not implement, and unknown ones, are named (issue 17)
+    pytest.param("/v1/chat/completions", {**CHAT, "tools": [{"type": "function", "function": {"name": "f"}}]}, 400,
+                 "tools", id="tools"),
+    pytest.param("/v1/chat/completions", {**CHAT, "response_format": {"type": "json_object"}}, 400,
+                 "response_format", id="response-format-json"),
+    pytest.param("/v1/completions", {**OK, "suffix": "end", "best_of": 3}, 400, "best_of", id="suffix-best-of"),
+    pytest.param("/v1/completions", {**OK, "max_token": 5, "temprature": 1}, 400, "max_token", id="unknown-fields"),
 ]  # fmt: skip
 
 
@@ -74,6 +82,16 @@ def test_bad_input_is_4xx_with_openai_error(http, path, body, status, param):
     assert set(error) == {"message", "type", "param", "code"} and error["message"]
     assert error["param"] == param
     assert http.post("/v1/completions", json=OK).status_code == 200  # still up
+
+
+def test_unsupported_and_unknown_fields_are_named(http):
+    r = http.post("/v1/chat/completions", json={**CHAT, "tool_choice": "required", "tools": [{"type": "function"}]})
+    assert r.status_code == 400 and "tool_choice, tools: not supported" in r.json()["error"]["message"]
+    r = http.post("/v1/completions", json={**OK, "max_token": 5, "temprature": 1})
+    assert "unknown fields max_token, temprature" in r.json()["error"]["message"]
+    # bookkeeping fields, and unsupported ones whose value asks for nothing, are accepted
+    ok = {**CHAT, "user": "u1", "store": False, "tools": [], "tool_choice": "none", "response_format": {"type": "text"}}
+    assert http.post("/v1/chat/completions", json=ok).status_code == 200
 
 
 def test_unknown_route_and_method(http):
