@@ -67,6 +67,8 @@ class BlockManager:
         """Block ids of the sequence's leading full blocks found in the cache, in order."""
         hits, parent = [], None
         max_blocks = (len(seq) - 1) // self.block_size  # leave the last token to compute
+        if seq.needs_prompt_logprobs:  # every prompt position must run through the model
+            max_blocks = 0
         for i in range(max_blocks):
             tokens = seq.block_tokens(i, self.block_size)
             parent = block_hash(chain_parent(parent, i, seq.cache_salt), tokens)

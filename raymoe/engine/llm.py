@@ -77,7 +77,7 @@ class LLM:
             while not finished:
                 for delta in self.engine.step():
                     if delta.request_id == request_id:
-                        finished = delta.finished
+                        finished = not self.engine.has_request(request_id)  # every sample (n) done
                         yield delta
         finally:
             if not finished:
@@ -123,20 +123,31 @@ def _as_prompt_list(prompts) -> list[Prompt]:
 def params_per_prompt(params, num_prompts: int) -> list[SamplingParams]:
     """One SamplingParams (or None: defaults) for all prompts, or a list with one per prompt."""
     if params is None or isinstance(params, SamplingParams):
-        return [params or SamplingParams()] * num_prompts
-    params = list(params)
-    if len(params) != num_prompts:
+        params_list = [params or SamplingParams()] * num_prompts
+    else:
+        params_list = list(params)
+    if len(params_list) != num_prompts:
         raise InvalidSamplingParams(
-            f"got {len(params)} SamplingParams for {num_prompts} prompts: pass one for all, or one per prompt"
+            f"got {len(params_list)} SamplingParams for {num_prompts} prompts: pass one for all, or one per prompt"
         )
-    return params
+    if any(isinstance(p, SamplingParams) and p.n != 1 for p in params_list):
+        raise InvalidSamplingParams("n: LLM.generate returns one output per prompt; pass n=1 and repeat the prompt "
+                                    "with other seeds for several samples (the server's n gives n choices)")  # fmt: skip
+    return params_list
 
 
 def _merge(total: RequestOutput | None, delta: RequestOutput) -> RequestOutput:
     if total is None:
         return RequestOutput(delta.request_id, delta.prompt_token_ids, list(delta.token_ids), delta.text,
-                             delta.finished, delta.finish_reason)  # fmt: skip
+                             delta.finished, delta.finish_reason, 0, _copy(delta.logprobs),
+                             delta.prompt_logprobs)  # fmt: skip
+    if delta.logprobs is not None:
+        total.logprobs += delta.logprobs
     total.token_ids.extend(delta.token_ids)
     total.text += delta.text
     total.finished, total.finish_reason = delta.finished, delta.finish_reason
     return total
+
+
+def _copy(items: list | None) -> list | None:
+    return None if items is None else list(items)

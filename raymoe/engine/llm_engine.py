@@ -6,7 +6,7 @@ be added between any two steps; they join the running batch (continuous batching
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from itertools import count
 from pathlib import Path
 
@@ -18,6 +18,7 @@ from raymoe.engine.block_manager import BlockManager
 from raymoe.engine.chunks import plan_blend
 from raymoe.engine.kv_transfer import block_key, export_blocks, import_blocks
 from raymoe.engine.model_runner import ModelRunner, num_kv_blocks
+from raymoe.engine.samples import Samples
 from raymoe.engine.sampling_params import SamplingParams
 from raymoe.engine.scheduler import Scheduler
 from raymoe.engine.sequence import Sequence
@@ -61,6 +62,9 @@ class RequestOutput:
     text: str = ""
     finished: bool = False
     finish_reason: str | None = None  # "stop" | "length" once finished
+    index: int = 0  # which sample of the request (SamplingParams.n); each finishes on its own
+    logprobs: list | None = None  # a `raymoe.engine.logprobs.Entry` per token, when params.logprobs asks
+    prompt_logprobs: list | None = None  # with the first token: None, then an Entry per prompt token
 
 
 class LLMEngine:
@@ -84,9 +88,11 @@ class LLMEngine:
         self.block_manager = BlockManager(num_blocks, config.block_size)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         self.model_runner = ModelRunner(model, num_blocks, config.block_size)
+        self.model_runner.eos_token_ids = self.eos_token_ids
         self.blender = Blender(self.model_runner, self.block_manager, config.block_size, chunk_store)
         self._last_import: tuple[tuple[int, ...], object] | None = None
-        self.requests: dict[str, tuple[Sequence, StopChecker]] = {}  # unfinished requests
+        self.requests: dict[str, tuple[Sequence, StopChecker]] = {}  # unfinished samples, by sample id
+        self.samples = Samples()  # requests with n > 1: their other samples' ids, and those not started
         self._request_ids = count()
 
     @classmethod
@@ -119,14 +125,27 @@ class LLMEngine:
         last_import, self._last_import = self._last_import, None
         if params.chunk_reuse is not None:
             self._plan_chunks(seq, last_import)
+        self._start(seq, output_token_ids)
+        if params.n > 1:  # the others start once this one's prompt KV is cached (see _start_forks)
+            self.samples.add(request_id, [fork(seq, i) for i in range(1, params.n)])
+        return request_id
+
+    def _start(self, seq: Sequence, output_token_ids=()) -> None:
         detokenizer = None
         if self.tokenizer is not None:
             detokenizer = make_detokenizer(self.tokenizer, seq.prompt_token_ids)
             for token_id in output_token_ids:  # already shown to the user elsewhere
                 detokenizer.push(token_id)
-        self.requests[request_id] = (seq, StopChecker(params, self.eos_token_ids, self.max_model_len, detokenizer))
+        checker = StopChecker(seq.params, self.eos_token_ids, self.max_model_len, detokenizer)
+        self.requests[seq.request_id] = (seq, checker)
         self.scheduler.add(seq)
-        return request_id
+
+    def _start_forks(self, seqs: list[Sequence]) -> None:
+        """A request's other samples join once its first sample has its first token: its full
+        prompt blocks are cached by then, so they share them (and recompute only the tail)."""
+        for seq in seqs:
+            for other in self.samples.take_pending(seq.request_id):
+                self._start(other)
 
     def set_chunk_store(self, store) -> None:
         """Where chunk KV lives (a `raymoe.engine.chunks.ChunkStore`); None turns chunk reuse off."""
@@ -183,13 +202,18 @@ class LLMEngine:
         return keys, export_blocks(self.model_runner.kv_cache, block_ids) if block_ids else []
 
     def abort(self, request_id: str) -> None:
-        """Drop a request wherever it is; its blocks are freed. Unknown ids are ignored."""
-        if request_id in self.requests:
-            seq, _ = self.requests.pop(request_id)
-            self.scheduler.finish(seq, "abort")
+        """Drop a request (all its samples) wherever it is; its blocks are freed. Unknown ids are ignored."""
+        for sample_id in [request_id, *self.samples.pop(request_id)]:
+            if sample_id in self.requests:
+                seq, _ = self.requests.pop(sample_id)
+                self.scheduler.finish(seq, "abort")
 
     def has_unfinished(self) -> bool:
         return bool(self.requests)
+
+    def has_request(self, request_id: str) -> bool:
+        """Whether any sample of the request is unfinished (or not started yet)."""
+        return request_id in self.requests or self.samples.has(request_id)
 
     # ----- one step --------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
@@ -198,21 +222,28 @@ class LLMEngine:
         token_ids = self.model_runner.run(scheduled)
         sampled = self.scheduler.postprocess(scheduled, token_ids)
         outputs = [self._check_stop(seq) for seq in sampled]
-        self._collect_finished(outputs)
+        self._collect_finished(sampled)
+        self._start_forks(sampled)
         return outputs
 
     def _check_stop(self, seq: Sequence) -> RequestOutput:
         text, finish_reason = self.requests[seq.request_id][1].check(seq)
         if finish_reason is not None:
             self.scheduler.finish(seq, finish_reason)
-        return RequestOutput(
-            seq.request_id, seq.prompt_token_ids, [seq.last_token], text, finish_reason is not None, finish_reason
-        )
+        out = RequestOutput(self.samples.parent(seq.request_id), seq.prompt_token_ids, [seq.last_token], text,
+                            finish_reason is not None, finish_reason, seq.index)  # fmt: skip
+        if seq.params.logprobs is not None:
+            out.logprobs = [seq.new_logprob]
+        if seq.params.prompt_logprobs is not None and seq.num_output_tokens == 1:
+            out.prompt_logprobs = [None, *seq.prompt_logprobs]
+        return out
 
-    def _collect_finished(self, outputs: list[RequestOutput]) -> None:
-        for out in outputs:
-            if out.finished:
-                del self.requests[out.request_id]
+    def _collect_finished(self, seqs: list[Sequence]) -> None:
+        """By sample id: several samples of one request may finish in the same step."""
+        for seq in seqs:
+            if seq.is_finished:
+                del self.requests[seq.request_id]
+                self.samples.finished(seq.request_id)
 
     # ----- input checks ----------------------------------------------------------------------
     def _prompt_token_ids(self, prompt: str | list[int], num_outputs: int = 0) -> list[int]:
@@ -245,11 +276,21 @@ class LLMEngine:
     def _new_request_id(self, request_id: str | None) -> str:
         if request_id is None:
             request_id = f"req-{next(self._request_ids)}"
-            while request_id in self.requests:
+            while self.has_request(request_id):
                 request_id = f"req-{next(self._request_ids)}"
-        elif request_id in self.requests:
+        elif self.has_request(request_id):
             raise InvalidRequestError(f"request id {request_id!r} is already in use; pick another")
         return request_id
+
+
+def fork(seq: Sequence, index: int) -> Sequence:
+    """Sample `index` of seq's request: its own sample id and RNG seed (seed + index, as vLLM)."""
+    p = seq.params
+    params = replace(p, n=1, seed=None if p.seed is None else (p.seed + index) % 2**64, prompt_logprobs=None)
+    other = Sequence(seq.prompt_token_ids, params, f"{seq.request_id}#{index}")
+    other.index = index
+    other.cache_salt = seq.cache_salt  # chunk reuse: share sample 0's blended prompt blocks
+    return other
 
 
 def block_chain(token_ids: list[int], block_size: int, salt: CacheSalt | None = None) -> list[tuple[int, list[int]]]:

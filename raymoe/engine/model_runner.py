@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from raymoe.engine.logits_process import adjust_logits
+from raymoe.engine.logprobs import entries
 from raymoe.engine.sampler import make_generator, sample
 from raymoe.engine.scheduler import Scheduled
 from raymoe.engine.sequence import Sequence
@@ -44,6 +46,7 @@ class ModelRunner:
         self.num_blocks = num_blocks
         self.kv_cache = allocate_kv_cache(model.kv_layout(), num_blocks, block_size, model.dtype)
         self.num_computed_tokens = 0  # tokens run through the model (prefill and decode)
+        self.eos_token_ids: tuple[int, ...] = ()  # barred by min_tokens; the engine sets them
 
     @torch.inference_mode()
     def run(self, scheduled: Scheduled) -> list[int | None]:
@@ -58,17 +61,40 @@ class ModelRunner:
         if tally is not None:
             tally.end_step([seq.request_id for seq, _ in scheduled], batch.query_lens)
         self.num_computed_tokens += batch.num_tokens
+        ends = torch.tensor(batch.query_lens).cumsum(0) - 1  # [B] index of each sequence's last token
+        self._score_prompts(hidden, scheduled, ends)
         rows = [b for b, (seq, n) in enumerate(scheduled) if seq.num_cached_tokens + n == len(seq)]
         if not rows:
             return [None] * len(scheduled)
-        ends = torch.tensor(batch.query_lens).cumsum(0) - 1  # [B] index of each sequence's last token
         logits = self.model.compute_logits(hidden[ends[rows]])  # [N, V]
         seqs = [scheduled[b][0] for b in rows]
-        next_ids = sample(logits, [s.params for s in seqs], [self._generator(s) for s in seqs]).tolist()
+        adjusted = adjust_logits(logits, seqs, self.eos_token_ids)
+        next_ids = sample(adjusted, [s.params for s in seqs], [self._generator(s) for s in seqs]).tolist()
+        self._score_samples(logits, seqs, next_ids)
         out: list[int | None] = [None] * len(scheduled)
         for b, token_id in zip(rows, next_ids):
             out[b] = token_id
         return out
+
+    def _score_samples(self, logits: torch.Tensor, seqs: list[Sequence], next_ids: list[int]) -> None:
+        """logits: [N, V] raw, row i for seqs[i] -> seq.new_logprob of those that asked."""
+        want = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
+        for i in want:
+            seqs[i].new_logprob = entries(logits[i : i + 1], [next_ids[i]], seqs[i].params.logprobs)[0]
+
+    def _score_prompts(self, hidden: torch.Tensor, scheduled: Scheduled, ends: torch.Tensor) -> None:
+        """hidden: [T, H]; ends: [B] each sequence's last row. Each sequence that asked for prompt
+        logprobs gets, for the prompt positions computed now, the logprob of the token after each."""
+        for b, (seq, n) in enumerate(scheduled):
+            if not seq.needs_prompt_logprobs:
+                continue
+            first, start = int(ends[b]) - n + 1, max(seq.num_cached_tokens, len(seq.prompt_logprobs))
+            stop = min(seq.num_cached_tokens + n, seq.num_prompt_tokens - 1)  # position p scores token p + 1
+            if start >= stop:
+                continue
+            rows = torch.arange(start, stop) - seq.num_cached_tokens + first
+            logits = self.model.compute_logits(hidden[rows])  # [stop - start, V]
+            seq.prompt_logprobs += entries(logits, seq.token_ids[start + 1 : stop + 1], seq.params.prompt_logprobs)
 
     def prepare(self, scheduled: Scheduled) -> tuple[torch.Tensor, AttentionBatch]:
         """-> input_ids [T], the batch metadata. Each sequence computes tokens

@@ -1,7 +1,7 @@
 """Sampler: next token ids from a batch of logits, each row with its own SamplingParams.
 
 Greedy rows (temperature 0, or top_k 1) take the argmax. The others divide by the temperature,
-keep the top-k / top-p tokens, and draw with the exponential race (`argmax(p / q)`, `q ~ Exp(1)`,
+drop the tokens below min_p times the most likely one, keep the top-k / top-p tokens, and draw with the exponential race (`argmax(p / q)`, `q ~ Exp(1)`,
 as vLLM does), which samples from `p` exactly. Each seeded request draws its `q` from its own
 `torch.Generator`, seeded once with its seed and advanced by every token it samples, so its output
 does not depend on which other requests share its batch.
@@ -38,9 +38,13 @@ def _exponential(vocab_size: int, generator: torch.Generator | None) -> torch.Te
 
 
 def _filtered_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
-    """logits: [R, V] -> probabilities [R, V] after temperature, top-k and top-p."""
+    """logits: [R, V] -> probabilities [R, V] after temperature, min_p, top-k and top-p."""
     temperature = torch.tensor([p.temperature for p in params])[:, None]  # [R, 1]
     logits = logits / temperature
+    min_p = torch.tensor([p.min_p for p in params])[:, None]  # [R, 1]
+    if (min_p > 0).any():
+        probs = logits.softmax(dim=-1)
+        logits = logits.masked_fill(probs < min_p * probs.max(dim=-1, keepdim=True).values, float("-inf"))
     top_k = [p.top_k if p.top_k > 0 else logits.shape[1] for p in params]
     top_p = [p.top_p for p in params]
     if min(top_k) < logits.shape[1] or min(top_p) < 1:

@@ -40,6 +40,9 @@ class Sequence:
         self.generator = None  # the sampler's RNG for a seeded request, created on first use
         self.cache_salt = None  # a CacheSalt when chunk-cache reuse makes its KV differ from plain prefill
         self.blend_plan = None  # a chunks.BlendPlan: cached chunks to place before the normal prefill
+        self.index = 0  # which of the request's samples (SamplingParams.n) this is
+        self.new_logprob = None  # logprobs.Entry of the last sampled token, when params.logprobs asks
+        self.prompt_logprobs: list = []  # logprobs.Entry of prompt tokens 1.. (params.prompt_logprobs)
 
     @classmethod
     def resumed(
@@ -66,6 +69,11 @@ class Sequence:
     def num_uncomputed_tokens(self) -> int:
         """Tokens whose KV is still to compute: 1 for a decode, more for a (re)prefill."""
         return len(self.token_ids) - self.num_cached_tokens
+
+    @property
+    def needs_prompt_logprobs(self) -> bool:
+        """Prompt logprobs asked and not all computed: its prompt may not come from the prefix cache."""
+        return self.params.prompt_logprobs is not None and len(self.prompt_logprobs) < self.num_prompt_tokens - 1
 
     @property
     def last_token(self) -> int:

@@ -46,8 +46,9 @@ def engine_threads(config) -> int:
 
 
 def delta_dict(delta: RequestOutput) -> dict:
-    return {"token_ids": list(delta.token_ids), "text": delta.text,
-            "finished": delta.finished, "finish_reason": delta.finish_reason}  # fmt: skip
+    return {"token_ids": list(delta.token_ids), "text": delta.text, "finished": delta.finished,
+            "finish_reason": delta.finish_reason, "index": delta.index, "logprobs": delta.logprobs,
+            "prompt_logprobs": delta.prompt_logprobs}  # fmt: skip
 
 
 def error_item(kind: str, message: str) -> dict:
@@ -86,7 +87,7 @@ class EngineBackend:
             yield error_item("invalid", str(e))
             return
         yield {"accepted": True}
-        finished = False
+        finished, num_finished = False, 0
         try:
             while not finished:
                 items = [await queue.get()]
@@ -100,7 +101,8 @@ class EngineBackend:
                         yield error_item(kind, str(item))
                         return
                     deltas += item
-                finished = deltas[-1].finished
+                num_finished += sum(d.finished for d in deltas)
+                finished = num_finished == params.n  # each sample finishes once
                 yield [delta_dict(d) for d in deltas]
         finally:
             if not finished:  # cancelled: the client disconnected or the ingress gave up

@@ -130,7 +130,7 @@ class EngineLoop:
                 self._pending[delta.request_id] = []
         self._send_many(ready)
         for delta in deltas:
-            if delta.finished:
+            if delta.finished and not self.engine.has_request(delta.request_id):  # all its samples done
                 self._finish(delta.request_id)
 
     def _send(self, request_id: str, item: Exception) -> None:

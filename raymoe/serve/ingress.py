@@ -22,8 +22,9 @@ from raymoe.model.tokenizer import ChatTemplateError, Tokenizer
 from raymoe.serve.admin import AdminRoutes
 from raymoe.serve.documents import chat_documents, completion_parts, split_rendered
 from raymoe.serve.drain import DrainMark
-from raymoe.serve.generation import Generation
+from raymoe.serve.generation import Echo, Generation
 from raymoe.serve.health import report
+from raymoe.serve.logprobs_format import LogprobsFormat
 from raymoe.serve.metrics import ServeMetrics
 from raymoe.serve.openai_api import (
     ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, ScaleRequest, new_id,
@@ -97,7 +98,8 @@ class Ingress:
             prompt_ids = self._with_documents(req, completion_parts(prompt, req.raymoe_documents), True)
         else:
             prompt_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        return await self._generate(req, prompt_ids, chat=False, echo=prompt if req.echo else "")
+        echo = Echo(prompt if isinstance(prompt, str) else self.tokenizer.decode(prompt), list(prompt_ids))
+        return await self._generate(req, prompt_ids, chat=False, echo=echo if req.echo else Echo())
 
     def _with_documents(self, req, parts: list, special: bool) -> list[int]:
         """Prompt ids from parts (each tokenized alone); the documents become req.raymoe_chunks."""
@@ -134,7 +136,7 @@ class Ingress:
                            param="model", code="model_not_found")  # fmt: skip
         return req
 
-    async def _generate(self, req, prompt_ids: list[int], chat: bool, echo: str = ""):
+    async def _generate(self, req, prompt_ids: list[int], chat: bool, echo: Echo | None = None):
         start = time.perf_counter()
         info = await self._backend_info()
         if not prompt_ids:
@@ -143,6 +145,9 @@ class Ingress:
         if any(not 0 <= t < vocab for t in prompt_ids):
             raise APIError(400, f"prompt token ids must be in [0, {vocab})", param="prompt")
         params = sampling_params(req, len(prompt_ids), info["max_model_len"], self.config.serve.default_max_tokens)
+        for name, ids in (("logit_bias", [t for t, _ in params.logit_bias]), ("stop_token_ids", params.stop_token_ids)):
+            if any(t >= vocab for t in ids):
+                raise APIError(400, f"{name}: token ids must be in [0, {vocab})", param=name, code="invalid_value")
         if params.chunk_reuse is not None:  # every backend: a span not in the prompt is the client's 400
             bound_chunks(params.chunk_reuse, self.config.serve.max_chunks_per_request, self.config.serve.min_chunk_tokens)
             try:
@@ -152,7 +157,9 @@ class Ingress:
         request_id = new_id("chatcmpl" if chat else "cmpl")
         stream = await self._admit(request_id, prompt_ids, params)
         self.metrics.prompt_tokens.inc(len(prompt_ids))
-        gen = Generation(request_id, self.model_name, len(prompt_ids), stream, self.metrics, start)
+        echo = echo or Echo()
+        logprobs = LogprobsFormat(self.tokenizer) if params.logprobs is not None else None
+        gen = Generation(request_id, self.model_name, len(prompt_ids), stream, self.metrics, start, params.n, logprobs)
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             events = gen.chat_events(include_usage) if chat else gen.completion_events(include_usage, echo)

@@ -13,6 +13,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
 
 Number = StrictInt | StrictFloat
+MAX_N = 16  # choices per request at most
+MAX_LOGPROBS = 20  # top logprobs per token at most (= raymoe.engine.sampling_params.MAX_LOGPROBS)
 
 
 class StreamOptions(BaseModel):
@@ -30,7 +32,17 @@ class _SamplingFields(BaseModel):
     stop: StrictStr | list[StrictStr] | None = None
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
-    n: StrictInt = Field(1, ge=1, le=1, description="raymoe returns one choice per request")
+    n: StrictInt = Field(1, ge=1, le=MAX_N)  # samples of the prompt: one choice each
+    presence_penalty: Number = 0.0
+    frequency_penalty: Number = 0.0
+    logit_bias: dict[StrictStr, Number] | None = None  # token id (as a JSON key) -> bias in [-100, 100]
+    # vLLM's extensions (its clients and benchmark send them)
+    top_k: StrictInt | None = None
+    min_p: Number = 0.0
+    repetition_penalty: Number = 1.0
+    ignore_eos: StrictBool = False
+    stop_token_ids: list[StrictInt] | None = None
+    min_tokens: StrictInt = 0
     # raymoe extension, chunk-cache reuse (docs/chunks.md): token-id spans of the prompt (documents)
     # whose KV is reused wherever they sit; a share of their tokens is recomputed ("adaptive": chosen).
     raymoe_chunks: list[list[StrictInt]] | None = None
@@ -40,6 +52,7 @@ class _SamplingFields(BaseModel):
 class CompletionRequest(_SamplingFields):
     prompt: StrictStr | list[StrictInt] | list[StrictStr]
     echo: StrictBool = False
+    logprobs: StrictInt | None = Field(None, ge=0, le=MAX_LOGPROBS)  # top-N per token (echo: the prompt's too)
     # raymoe extension: documents placed before the prompt, each a reusable chunk (docs/chunks.md)
     raymoe_documents: list[StrictStr] | None = None
 
@@ -54,6 +67,8 @@ class ChatMessage(BaseModel):
 class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: StrictInt | None = None
+    logprobs: StrictBool = False
+    top_logprobs: StrictInt | None = Field(None, ge=0, le=MAX_LOGPROBS)  # needs logprobs: true
 
 
 # ----- responses ---------------------------------------------------------------------------------
@@ -66,7 +81,7 @@ class Usage(BaseModel):
 class CompletionChoice(BaseModel):
     index: int = 0
     text: str
-    logprobs: None = None
+    logprobs: dict[str, Any] | None = None
     finish_reason: str | None = None
 
 
@@ -87,7 +102,7 @@ class AssistantMessage(BaseModel):
 class ChatChoice(BaseModel):
     index: int = 0
     message: AssistantMessage
-    logprobs: None = None
+    logprobs: dict[str, Any] | None = None
     finish_reason: str | None = None
 
 
@@ -108,7 +123,7 @@ class ChatDelta(BaseModel):
 class ChatChunkChoice(BaseModel):
     index: int = 0
     delta: ChatDelta
-    logprobs: None = None
+    logprobs: dict[str, Any] | None = None
     finish_reason: str | None = None
 
 

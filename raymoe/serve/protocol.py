@@ -64,10 +64,35 @@ def sampling_params(req, num_prompt_tokens: int, max_model_len: int, default_max
                        param=param, code="context_length_exceeded")  # fmt: skip
     try:
         stop = () if req.stop is None else req.stop  # "" is refused there, not dropped
-        return SamplingParams(temperature=float(req.temperature), top_p=float(req.top_p), seed=req.seed,
-                              max_tokens=max_tokens, stop=stop, chunk_reuse=chunk_reuse(req))  # fmt: skip
+        return SamplingParams(
+            temperature=float(req.temperature), top_p=float(req.top_p), seed=req.seed, max_tokens=max_tokens,
+            stop=stop, chunk_reuse=chunk_reuse(req), n=req.n, presence_penalty=req.presence_penalty,
+            frequency_penalty=req.frequency_penalty, logit_bias=logit_bias(req.logit_bias),
+            top_k=-1 if req.top_k is None else req.top_k, min_p=req.min_p, repetition_penalty=req.repetition_penalty,
+            ignore_eos=req.ignore_eos, stop_token_ids=req.stop_token_ids, min_tokens=req.min_tokens,
+            **logprobs_fields(req),
+        )  # fmt: skip
     except InvalidSamplingParams as e:
         raise APIError(400, str(e), param=str(e).split(" ", 1)[0], code="invalid_value") from None
+
+
+def logit_bias(bias: dict | None) -> dict[int, float]:
+    """OpenAI's logit_bias has token ids as JSON keys (strings)."""
+    try:
+        return {int(k): v for k, v in (bias or {}).items()}
+    except ValueError:
+        bad = next(k for k in bias if not k.lstrip("-").isdigit())
+        raise APIError(400, f"logit_bias keys must be token ids, got {bad!r}", param="logit_bias",
+                       code="invalid_value") from None  # fmt: skip
+
+
+def logprobs_fields(req) -> dict:
+    """Completions: `logprobs: N` (with echo, the prompt's too). Chat: `logprobs: true`, `top_logprobs: N`."""
+    if isinstance(req.logprobs, bool):  # chat
+        if req.top_logprobs is not None and not req.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs", code="invalid_value")
+        return {"logprobs": (req.top_logprobs or 0) if req.logprobs else None}
+    return {"logprobs": req.logprobs, "prompt_logprobs": req.logprobs if req.echo else None}
 
 
 def bound_chunks(reuse: ChunkReuse, max_chunks: int, min_tokens: int) -> None:

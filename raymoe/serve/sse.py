@@ -11,17 +11,19 @@ def event(payload: dict) -> str:
     return f"data: {json.dumps(payload, separators=(',', ':'), ensure_ascii=False)}\n\n"
 
 
-def completion_chunk(request_id: str, created: int, model: str, text: str, finish_reason: str | None) -> dict:
+def completion_chunk(request_id: str, created: int, model: str, text: str, finish_reason: str | None,
+                     index: int = 0, logprobs: dict | None = None) -> dict:  # fmt: skip
     return {
         "id": request_id, "object": "text_completion", "created": created, "model": model,
-        "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}],
+        "choices": [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}],
     }  # fmt: skip
 
 
-def chat_chunk(request_id: str, created: int, model: str, delta: dict, finish_reason: str | None) -> dict:
+def chat_chunk(request_id: str, created: int, model: str, delta: dict, finish_reason: str | None,
+               index: int = 0, logprobs: dict | None = None) -> dict:  # fmt: skip
     return {
         "id": request_id, "object": "chat.completion.chunk", "created": created, "model": model,
-        "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}],
+        "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}],
     }  # fmt: skip
 
 
