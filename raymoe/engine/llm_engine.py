@@ -6,7 +6,7 @@ be added between any two steps; they join the running batch (continuous batching
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from itertools import count
 from pathlib import Path
 
@@ -18,7 +18,7 @@ from raymoe.engine.block_manager import BlockManager
 from raymoe.engine.chunks import plan_blend
 from raymoe.engine.kv_transfer import block_key, export_blocks, import_blocks
 from raymoe.engine.model_runner import ModelRunner, num_kv_blocks
-from raymoe.engine.samples import Samples
+from raymoe.engine.samples import Samples, fork
 from raymoe.engine.sampling_params import SamplingParams
 from raymoe.engine.scheduler import Scheduler
 from raymoe.engine.sequence import Sequence
@@ -281,16 +281,6 @@ class LLMEngine:
         elif self.has_request(request_id):
             raise InvalidRequestError(f"request id {request_id!r} is already in use; pick another")
         return request_id
-
-
-def fork(seq: Sequence, index: int) -> Sequence:
-    """Sample `index` of seq's request: its own sample id and RNG seed (seed + index, as vLLM)."""
-    p = seq.params
-    params = replace(p, n=1, seed=None if p.seed is None else (p.seed + index) % 2**64, prompt_logprobs=None)
-    other = Sequence(seq.prompt_token_ids, params, f"{seq.request_id}#{index}")
-    other.index = index
-    other.cache_salt = seq.cache_salt  # chunk reuse: share sample 0's blended prompt blocks
-    return other
 
 
 def block_chain(token_ids: list[int], block_size: int, salt: CacheSalt | None = None) -> list[tuple[int, list[int]]]:

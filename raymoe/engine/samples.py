@@ -1,11 +1,15 @@
 """Samples: the bookkeeping of requests with n > 1 (several samples of one prompt).
 
-Sample 0 runs under the request's id; sample i under `"{request id}#{i}"` (`fork` in llm_engine).
+Sample 0 runs under the request's id; sample i under `"{request id}#{i}"` (`fork`).
 The others wait (pending) until sample 0 has its first token, then join the batch; a request is
 done when all its samples are.
 """
 
 from __future__ import annotations
+
+from dataclasses import replace
+
+from raymoe.engine.sequence import Sequence
 
 
 class Samples:
@@ -39,3 +43,13 @@ class Samples:
         """Forget the request; the ids of its samples other than 0 (to abort them)."""
         self.pending.pop(request_id, None)
         return sorted(self.live.pop(request_id, set()) - {request_id})
+
+
+def fork(seq: Sequence, index: int) -> Sequence:
+    """Sample `index` of seq's request: its own sample id and RNG seed (seed + index, as vLLM)."""
+    p = seq.params
+    params = replace(p, n=1, seed=None if p.seed is None else (p.seed + index) % 2**64, prompt_logprobs=None)
+    other = Sequence(seq.prompt_token_ids, params, f"{seq.request_id}#{index}")
+    other.index = index
+    other.cache_salt = seq.cache_salt  # chunk reuse: share sample 0's blended prompt blocks
+    return other
