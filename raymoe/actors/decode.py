@@ -38,7 +38,7 @@ class DecodeCore:
         is_decode = not sched.waiting and all(s.num_uncomputed_tokens == 1 for s in sched.running)
         deltas: dict[str, TokenDelta] = {}
         for out in self.engine.step():
-            deltas[out.request_id] = TokenDelta(list(out.token_ids), out.finished, out.finish_reason)
+            deltas[out.request_id] = TokenDelta(list(out.token_ids), out.finished, out.finish_reason, out.logprobs)
             self.stats["tokens"] += len(out.token_ids)
         if self.tally is not None:
             self.tally.keep_only(self.engine.requests)
@@ -94,6 +94,8 @@ class Outbox:
             for rid, d in deltas.items():
                 buf = self.buffers.setdefault(rid, TokenDelta([]))
                 buf.token_ids.extend(d.token_ids)
+                if d.logprobs is not None:
+                    buf.logprobs = (buf.logprobs or []) + d.logprobs
                 buf.finished, buf.finish_reason = d.finished, d.finish_reason
             self.cond.notify_all()
 

@@ -37,17 +37,20 @@ class PrefillCore:
         """Run the prompts together (continuous batching, chunked) until each has its first token."""
         hits = {r.request_id: self._admit(r) for r in requests}
         first: dict[str, tuple[int, str | None]] = {}
+        scores: dict[str, tuple] = {}  # request id -> (logprobs, prompt_logprobs) of those that asked
         while len(first) < len(requests):
             for delta in self.engine.step():
                 if delta.request_id in hits and delta.token_ids:
                     first[delta.request_id] = (delta.token_ids[0], delta.finish_reason)
+                    scores[delta.request_id] = (delta.logprobs, delta.prompt_logprobs)
         block_size = self.engine.config.block_size
         for r in requests:
             salt = request_salt(r.prompt_token_ids, r.params.chunk_reuse, block_size)
             self._publish(r.prompt_token_ids + r.output_token_ids + [first[r.request_id][0]], salt)
         tally = self.engine.model.tally
         return [Handoff(r.request_id, first[r.request_id][0], self._real_finish(r, first[r.request_id][1]),
-                        hits[r.request_id], routing=tally.pop(r.request_id) if tally else None)
+                        hits[r.request_id], routing=tally.pop(r.request_id) if tally else None,
+                        logprobs=scores[r.request_id][0], prompt_logprobs=scores[r.request_id][1])
                 for r in requests]  # fmt: skip
 
     def _real_finish(self, r: WorkRequest, reason: str | None) -> str | None:

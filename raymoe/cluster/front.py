@@ -16,6 +16,7 @@ from the tokens delivered, importing that KV (exact: the same tokens, the same K
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import time
 from collections.abc import Iterator
@@ -47,8 +48,9 @@ class Tracked:
         self.worker = None
         self.routing = None  # numpy [moe layers, experts]: the prompt's routing, from the prefill
 
-    def accept(self, token_ids: list[int]) -> RequestOutput:
-        """Take tokens from a worker; returns the delta for the caller (stops applied here too)."""
+    def accept(self, token_ids: list[int], logprobs: list | None = None) -> RequestOutput:
+        """Take tokens (and their logprobs entries, when asked) from a worker; returns the delta for
+        the caller (stops applied here too)."""
         taken, text, reason = [], "", None
         for token_id in token_ids:
             if self.finished:
@@ -59,11 +61,16 @@ class Tracked:
             text += delta
             self.finished = reason is not None
         r = self.request
-        return RequestOutput(r.request_id, r.prompt_token_ids, taken, text, self.finished, reason)
+        out = RequestOutput(r.request_id, r.prompt_token_ids, taken, text, self.finished, reason)
+        if r.params.logprobs is not None:
+            out.logprobs = list(logprobs or [])[: len(taken)]
+        return out
 
     def resume_request(self) -> WorkRequest:
+        """Where the request stands, for a decode worker (the prompt's logprobs came with the prefill)."""
         r = self.request
-        return WorkRequest(r.request_id, r.prompt_token_ids, r.params, self.seq.output_token_ids, r.kv_node_id,
+        params = r.params if r.params.prompt_logprobs is None else dataclasses.replace(r.params, prompt_logprobs=None)
+        return WorkRequest(r.request_id, r.prompt_token_ids, params, self.seq.output_token_ids, r.kv_node_id,
                            self.routing)  # fmt: skip
 
 

@@ -30,6 +30,8 @@ class Handoff:
     num_prefix_hit_tokens: int  # prompt tokens whose KV came from a cache (not computed)
     kv_node_id: str | None = None  # node whose KV pool holds the prompt's blocks
     routing: object = None  # numpy [moe layers, experts]: the prompt's token-expert pairs (seating)
+    logprobs: list | None = None  # [Entry] of the first token, when params.logprobs asks
+    prompt_logprobs: list | None = None  # [None, Entry, ...] when params.prompt_logprobs asks
 
 
 @dataclass
@@ -39,3 +41,4 @@ class TokenDelta:
     token_ids: list[int]
     finished: bool = False
     finish_reason: str | None = None
+    logprobs: list | None = None  # an Entry per token, when params.logprobs asks

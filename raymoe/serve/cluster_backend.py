@@ -57,7 +57,7 @@ class ClusterBackend:
         self.active.add(request_id)
         yield {"accepted": True}
         try:
-            async for delta in self.front.run(WorkRequest(request_id, list(prompt_ids), params)):
+            async for delta in self.front.run_samples(WorkRequest(request_id, list(prompt_ids), params)):
                 yield [delta_dict(delta)]
             self.num_finished += 1
         except Exception as e:  # handed to the stream, which answers with an error item

@@ -11,6 +11,7 @@ caller never sees a token twice or misses one. A lost prefill is retried the sam
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import AsyncIterator
 
@@ -47,7 +48,8 @@ class ServeFront:
         handoff = await self._prefill(request)
         request.kv_node_id = handoff.kv_node_id
         tracked.routing = handoff.routing  # the decode router seats it by its prompt's experts
-        out = tracked.accept([handoff.first_token])
+        out = tracked.accept([handoff.first_token], handoff.logprobs)
+        out.prompt_logprobs = handoff.prompt_logprobs
         out.finished = out.finished or handoff.finish_reason is not None
         out.finish_reason = out.finish_reason or handoff.finish_reason
         tracked.finished = out.finished
@@ -68,6 +70,43 @@ class ServeFront:
         if not tracked.finished:
             raise RequestLostError(f"{request.request_id}: decode failed over {MAX_ATTEMPTS} times")
 
+    async def run_samples(self, request: WorkRequest) -> AsyncIterator[RequestOutput]:
+        """`run` for each of the request's n samples, their deltas interleaved (`index` set).
+        Sample 0 runs first; once its prompt KV is in the pool (its first delta came) the others
+        start, and their prefills fetch those blocks instead of computing them."""
+        n = request.params.n
+        if n == 1:
+            async for delta in self.run(request):
+                yield delta
+            return
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def one(i: int) -> None:
+            try:
+                async for delta in self.run(sample_request(request, i)):
+                    delta.request_id, delta.index = request.request_id, i
+                    await queue.put(delta)
+                await queue.put(None)
+            except Exception as e:  # handed to the consumer
+                await queue.put(e)
+
+        tasks = [asyncio.create_task(one(0))]
+        try:
+            num_done = 0
+            while num_done < n:
+                item = await queue.get()
+                if len(tasks) == 1:
+                    tasks += [asyncio.create_task(one(i)) for i in range(1, n)]
+                if isinstance(item, Exception):
+                    raise item
+                if item is None:
+                    num_done += 1
+                else:
+                    yield item
+        finally:
+            for task in tasks:
+                task.cancel()
+
     async def _prefill(self, request: WorkRequest) -> Handoff:
         for attempt in range(MAX_ATTEMPTS):
             try:
@@ -85,7 +124,7 @@ class ServeFront:
         stream = self.decode.options(stream=True).decode.remote(tracked.resume_request())
         try:
             async for delta in stream:
-                out = tracked.accept(delta.token_ids)
+                out = tracked.accept(delta.token_ids, delta.logprobs)
                 if delta.finished and not out.finished:  # the worker's limits (e.g. context) ended it
                     out.finished, out.finish_reason, tracked.finished = True, delta.finish_reason, True
                 if out.token_ids or out.finished:
@@ -94,3 +133,13 @@ class ServeFront:
                     return
         finally:
             stream.cancel()  # a no-op when it ended; else the replica aborts it (stop string, caller gone)
+
+
+def sample_request(request: WorkRequest, index: int) -> WorkRequest:
+    """Sample `index` of a request as a request of its own (n = 1, seed + index, as the engine's forks)."""
+    p = request.params
+    if p.n == 1:
+        return request
+    params = dataclasses.replace(p, n=1, seed=None if p.seed is None else (p.seed + index) % 2**64,
+                                 prompt_logprobs=p.prompt_logprobs if index == 0 else None)  # fmt: skip
+    return WorkRequest(f"{request.request_id}#{index}", list(request.prompt_token_ids), params)

@@ -93,6 +93,33 @@ def test_completions_equal_the_one_process_engine(server):
         assert got.usage.completion_tokens == len(expected.token_ids)
 
 
+def test_logprobs_n_and_sampling_fields_through_prefill_and_decode(server):
+    """Issue 17 on the cluster: echo's prompt logprobs come from the prefill, the rest from decode;
+    n samples run as parallel requests (the others' prompt KV fetched from the pool)."""
+    from reference_logprobs import TOL, greedy_ids, logprob_rows
+
+    client = OpenAI(base_url=f"{server.base_url}/v1", api_key=API_KEY)
+    prompt = [72, 101, 108, 108, 111, 44, 32, 119, 111, 114]
+    out = client.completions.create(model=MODEL, prompt=prompt, max_tokens=4, temperature=0, logprobs=2, echo=True, n=2)
+    ids = prompt + greedy_ids(prompt, 4)
+    rows = logprob_rows(ids)
+    assert [c.index for c in out.choices] == [0, 1] and out.usage.completion_tokens == 8
+    for choice in out.choices:
+        lp = choice.logprobs
+        assert len(lp.token_logprobs) == len(ids) and lp.token_logprobs[0] is None
+        for i in range(1, len(ids)):
+            assert abs(lp.token_logprobs[i] - rows[i - 1, ids[i]].item()) < TOL
+    chunks = list(client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}],
+                                                 max_tokens=4, temperature=0, logprobs=True, top_logprobs=2,
+                                                 stream=True))  # fmt: skip
+    content = [x for c in chunks if c.choices[0].logprobs for x in c.choices[0].logprobs.content]
+    assert len(content) == 4 and all(abs(x.logprob - x.top_logprobs[0].logprob) < TOL for x in content)
+    params = SamplingParams(temperature=0, max_tokens=8, frequency_penalty=0.9, repetition_penalty=1.2, min_tokens=2)
+    got = client.completions.create(model=MODEL, prompt="Once upon", max_tokens=8, temperature=0, frequency_penalty=0.9,
+                                    extra_body={"repetition_penalty": 1.2, "min_tokens": 2})  # fmt: skip
+    assert got.choices[0].text == LLM().generate("Once upon", params)[0].text
+
+
 def test_streaming_and_admin_report_the_cluster(server):
     client = OpenAI(base_url=f"{server.base_url}/v1", api_key=API_KEY)
     stream = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}],
