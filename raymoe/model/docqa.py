@@ -25,11 +25,25 @@ ATTRIBUTES = ("city", "colour", "job", "pet", "code", "food", "sport", "flower")
 CONTRACT_ATTRIBUTES = ("city", "colour", "job", "pet", "code")  # the ones issue 12 names
 TRAIN, HELDOUT = "train", "heldout"
 
-_ONSETS_TRAIN = "b d f g h k l m n p r s t v w br dr gr kr pl st tr sh ch".split()
-_ONSETS_HELDOUT = "j y z qu sk fl gl sn".split()
-_VOWELS_TRAIN = "a e i o u ai ea".split()
-_VOWELS_HELDOUT = "oo ei au".split()
-_CODAS = ["", "", "", "n", "r", "l", "s", "m"]
+# every letter of the alphabet starts or fills some syllable: a name's tokens then span the tokenizer
+_ONSETS = "b c d f g h j k l m n p r s t v w x y z br cr dr fr gr kr pl pr st tr sh ch th wh qu sk sl sn sp fl gl bl cl".split()
+_VOWELS = "a e i o u y ai ea ee oo ei au ou ie oa".split()
+_CODAS = ["", "", "", "n", "r", "l", "s", "m", "x", "ck", "nd", "th", "z", "t", "ng", "k", "ph"]
+
+# held-out names: ordinary English first names and surnames, never produced by the training split
+_HELDOUT_FIRST = (
+    "James Mary Robert Patricia John Jennifer Michael Linda David Elizabeth William Barbara Richard Susan "
+    "Joseph Jessica Thomas Sarah Charles Karen Christopher Lisa Daniel Nancy Matthew Betty Anthony Sandra "
+    "Mark Margaret Donald Ashley Steven Kimberly Andrew Emily Paul Donna Joshua Michelle Kenneth Carol "
+    "Kevin Amanda Brian Melissa George Deborah Timothy Stephanie Oliver Emma Harry Sophie Jack Grace "
+    "Alice Henry Lucy Edward Hannah Samuel Chloe Peter Olivia Rachel Simon Laura Victor Helen Arthur Irene"
+).split()
+_HELDOUT_LAST = (
+    "Smith Johnson Williams Brown Jones Garcia Miller Davis Rodriguez Martinez Hernandez Lopez Wilson "
+    "Anderson Taylor Moore Jackson Martin Lee Thompson White Harris Clark Lewis Robinson Walker Young "
+    "Allen King Wright Scott Green Baker Adams Nelson Hill Campbell Mitchell Roberts Carter Phillips Evans "
+    "Turner Parker Collins Edwards Stewart Morris Murphy Cook Rogers Morgan Cooper Peterson Reed Bailey"
+).split()
 
 _WORDS = {  # (train words, held-out words): a value is a word or a syllable-built pseudo-word
     "city": (
@@ -37,25 +51,27 @@ _WORDS = {  # (train words, held-out words): a value is a word or a syllable-bui
         "Boston Denver Austin Seattle Toronto Sydney Perth Nairobi Accra Dakar Tunis Riga Tallinn Minsk "
         "Kyiv Warsaw Krakow Zurich Geneva Milan Naples Porto Seville Bristol Leeds Glasgow Cardiff York "
         "Bergen Malmo Turku Ghent Bruges Lyon Nice Bonn Munich Hamburg Dresden Graz Split Sofia".split(),
-        "Helsinki Reykjavik Santiago Montreal Auckland Kampala".split(),
+        "Helsinki Reykjavik Santiago Montreal Auckland Kampala Chicago London Tokyo Mumbai Beijing Istanbul "
+        "Moscow Havana Manila Jakarta Lagos Brisbane Edinburgh Florence Venice Barcelona Amsterdam".split(),
     ),
     "colour": (
         "red blue green yellow orange purple pink brown black white grey gold silver violet indigo "
         "crimson scarlet maroon navy teal cyan lime olive amber beige ivory cream coral salmon peach "
         "lavender lilac plum magenta turquoise azure cobalt emerald jade bronze copper rust tan khaki".split(),
-        "mauve ochre sepia vermilion chartreuse cerulean".split(),
+        "mauve ochre sepia vermilion chartreuse cerulean mustard charcoal burgundy saffron fuchsia aquamarine".split(),
     ),
     "job": (
         "baker teacher farmer doctor nurse pilot sailor writer painter singer dancer miner builder "
         "carpenter plumber tailor butcher chef waiter driver lawyer judge banker clerk poet actor "
         "gardener fisher hunter weaver potter smith mason barber cook guard soldier scientist engineer "
         "architect dentist vet librarian porter courier".split(),
-        "astronomer goldsmith cartographer locksmith glazier falconer".split(),
+        "astronomer goldsmith cartographer locksmith glazier falconer accountant electrician mechanic "
+        "journalist pharmacist photographer".split(),
     ),
     "pet": (
         "dog cat rabbit hamster parrot goldfish turtle mouse rat ferret pony horse goat sheep lizard "
         "snake frog canary pigeon duck goose hen owl crow tortoise guinea pig hedgehog".split(),
-        "iguana chinchilla gecko axolotl cockatoo alpaca".split(),
+        "iguana chinchilla gecko axolotl cockatoo alpaca budgie parakeet donkey llama tarantula".split(),
     ),
     "food": (
         "bread rice soup cheese apples pears plums cherries beans noodles pasta pizza salad eggs "
@@ -73,6 +89,7 @@ _WORDS = {  # (train words, held-out words): a value is a word or a syllable-bui
         "camellia magnolia begonia gardenia hyacinth azalea".split(),
     ),
 }
+_HELDOUT_NAMES = set(_HELDOUT_FIRST) | {f"{a} {b}" for a in _HELDOUT_FIRST for b in _HELDOUT_LAST}
 _CITY_SUFFIXES = ("ton", "ford", "by", "port", "wick", "field", "burg", "mouth", "dale", "stead")
 
 _SUBJECTS = (
@@ -126,29 +143,38 @@ class QAExample:
 class CorpusGenerator:
     """Seeded text generator; `split` picks the training or the held-out pools of names and values."""
 
-    def __init__(self, seed: int, split: str = TRAIN):
+    def __init__(self, seed: int, split: str = TRAIN, pieces: tuple[str, ...] = ()):
+        """`pieces`: lower-case letter strings (the tokenizer's word pieces) that training names and
+        values are also built from, so that copying is learnt on every token, not on a few."""
         if split not in (TRAIN, HELDOUT):
             raise ValueError(f"split must be {TRAIN!r} or {HELDOUT!r}, got {split!r}")
         self.rng = random.Random(seed)
         self.split = split
+        self.pieces = tuple(pieces)
         heldout = split == HELDOUT
-        self._onsets = _ONSETS_HELDOUT if heldout else _ONSETS_TRAIN
-        self._vowels = _VOWELS_HELDOUT if heldout else _VOWELS_TRAIN
         self._words = {k: v[1] if heldout else v[0] for k, v in _WORDS.items()}
+        self._never = set() if heldout else _HELDOUT_NAMES | {(a, w) for a, v in _WORDS.items() for w in v[1]}
 
     # names and values
 
     def pseudo_word(self, syllables: int) -> str:
-        """A pronounceable word; held-out words contain a held-out onset or vowel, never produced in training."""
+        """A pronounceable word from syllables spanning the alphabet (or, half the time, word pieces)."""
         rng = self.rng
-        parts = []
-        for i in range(syllables):
-            onset = rng.choice(self._onsets if i == 0 or self.split == TRAIN else _ONSETS_TRAIN + self._onsets)
-            parts.append(onset + rng.choice(self._vowels) + rng.choice(_CODAS))
-        return "".join(parts)
+        if self.pieces and rng.random() < 0.5:
+            return "".join(rng.choice(self.pieces) for _ in range(syllables))
+        return "".join(rng.choice(_ONSETS) + rng.choice(_VOWELS) + rng.choice(_CODAS) for _ in range(syllables))
 
     def name(self) -> str:
-        return self.pseudo_word(self.rng.choice((2, 2, 3))).capitalize()
+        """Training: one or two made-up words; held out: an ordinary English first name (and surname)."""
+        rng = self.rng
+        if self.split == HELDOUT:
+            first = rng.choice(_HELDOUT_FIRST)
+            return first if rng.random() < 0.5 else f"{first} {rng.choice(_HELDOUT_LAST)}"
+        while True:
+            words = [self.pseudo_word(rng.choice((1, 2, 2, 3))).capitalize() for _ in range(rng.choice((1, 1, 2)))]
+            name = " ".join(words)
+            if name not in self._never:
+                return name
 
     def code(self) -> str:
         """A 4-digit code: training codes have an even digit sum, held-out ones an odd one."""
@@ -161,12 +187,15 @@ class CorpusGenerator:
         rng = self.rng
         if attribute == "code":
             return self.code()
-        if rng.random() < 0.6:
+        if self.split == HELDOUT or rng.random() < 0.4:
             return rng.choice(self._words[attribute])
-        word = self.pseudo_word(rng.choice((1, 2)))
-        if attribute == "city":
-            return (word + rng.choice(_CITY_SUFFIXES)).capitalize()
-        return word
+        while True:
+            word = self.pseudo_word(rng.choice((1, 2, 2, 3)))
+            if attribute == "city":
+                word = word.capitalize()
+                word = word + rng.choice(_CITY_SUFFIXES) if rng.random() < 0.3 else word
+            if (attribute, word) not in self._never:
+                return word
 
     # sentences
 
@@ -194,8 +223,8 @@ class CorpusGenerator:
         n = num_docs or rng.randint(2, 8)
         names: list[str] = []
         while len(names) < n:
-            candidate = self.name()
-            if candidate not in names:
+            candidate = self.name()  # first words differ too: "David" and "David Smith" are not both asked of
+            if candidate.split()[0] not in {x.split()[0] for x in names}:
                 names.append(candidate)
         docs, all_facts = [], []
         for person in names:
