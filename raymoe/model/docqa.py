@@ -10,9 +10,11 @@ Document QA follows the contract of issue 12, exactly:
     Answer: <value>
 
 A document is 2 to 6 sentences `The <attribute> of <name> is <value>.` about one person, mixed
-with a few filler sentences. Names and values come from large pools (syllable-built words next to
-word lists); `split="heldout"` draws from syllables and words that `split="train"` never uses, so
-a model that answers held-out questions copies from its context instead of remembering.
+with a few filler sentences. Training names and values are made-up words built from syllables
+that span the alphabet (and, given `pieces`, from the tokenizer's word pieces), next to word lists;
+`split="heldout"` uses ordinary English first names and surnames and real words that
+`split="train"` never produces, so a model that answers held-out questions copies from its
+context instead of remembering.
 """
 
 from __future__ import annotations
