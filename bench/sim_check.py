@@ -42,7 +42,7 @@ from cluster import ENGINE, median_dicts, on_cluster, workload
 from raymoe.actors.cluster import MoECluster
 from raymoe.cluster.cluster import ClusterConfig
 from raymoe.engine.sampling_params import SamplingParams
-from raymoe.model.builtin import builtin_model_path
+from raymoe.model.builtin import random_model_path
 from raymoe.model.spec import load_spec
 from raymoe.sim import NodeSpec, step_breakdown, step_time_error
 from raymoe.sim.disaggregated import (
@@ -168,7 +168,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=48)
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
-    model_path = str(builtin_model_path())
+    model_path = str(random_model_path())  # the BUILTIN preset describes the random test model
     assert from_model_spec(load_spec(model_path), BUILTIN.name, 4) == BUILTIN, "preset out of date"
     rows_per_expert = args.batch * BUILTIN.top_k // BUILTIN.num_experts
     compute = calibrate_compute(rows_per_expert, BUILTIN.hidden_size, BUILTIN.expert_intermediate)

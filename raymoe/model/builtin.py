@@ -1,13 +1,18 @@
-"""The built-in default model: a small random-weight Qwen3-MoE checkpoint in Hugging Face format.
+"""The built-in default model, and a random-weight Qwen3-MoE checkpoint for tests.
 
-Used when no `--model` is given. Nothing is downloaded and transformers is not needed: the
-byte-level BPE tokenizer is trained on `builtin_corpus.txt` (package data) and the weights are
-drawn from a seeded torch.Generator, so every build on a machine writes the same bytes. The folder
-is built once under the user's cache dir (or `$RAYMOE_CACHE_DIR`) and reused afterwards.
+`builtin_model_path()`: the model that `tools/train_builtin.py` trained, shipped as package data
+(`raymoe/model/builtin_model/`) and checked against the SHA-256 digests below on every load:
+nothing is trained or downloaded at first use, and transformers is not needed.
+
+`random_model_path()`: a small random-weight checkpoint in Hugging Face format, built on first
+use: the byte-level BPE tokenizer is trained on `builtin_corpus.txt` (package data) and the
+weights are drawn from a seeded torch.Generator, so every build on a machine writes the same
+bytes. It is built once under the user's cache dir (or `$RAYMOE_CACHE_DIR`) and reused.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -26,7 +31,7 @@ from raymoe.errors import CheckpointError
 logger = logging.getLogger(__name__)
 
 BUILTIN_MODEL_NAME = "raymoe-builtin-moe"
-BUILTIN_VERSION = "v1"  # bump whenever a change below alters the files built
+RANDOM_VERSION = "v1"  # bump whenever a change below alters the random model's files
 CACHE_DIR_ENV = "RAYMOE_CACHE_DIR"
 CORPUS_FILE = "builtin_corpus.txt"
 FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
@@ -73,9 +78,28 @@ ROPE_THETA = 10000.0
 
 
 def builtin_model_path() -> Path:
-    """The built-in model's folder, built on first use (safe when several processes race)."""
+    """The built-in default model's folder (the trained, shipped one once it exists)."""
+    return random_model_path()
+
+
+def check_sha256(folder: Path, expected: dict[str, str]) -> None:
+    """Raise CheckpointError unless every file named in `expected` is in `folder` with that SHA-256."""
+    for name, digest in expected.items():
+        path = folder / name
+        if not path.is_file():
+            raise CheckpointError(f"{path} is missing: the raymoe package is incomplete; reinstall raymoe")
+        actual = hashlib.sha256(path.read_bytes()).hexdigest()
+        if actual != digest:
+            raise CheckpointError(
+                f"{path} has SHA-256 {actual[:16]}..., the shipped file has {digest[:16]}...: "
+                "the built-in model is damaged or was changed; reinstall raymoe"
+            )
+
+
+def random_model_path() -> Path:
+    """The random-weight model's folder, built on first use (safe when several processes race)."""
     base = Path(os.environ.get(CACHE_DIR_ENV) or platformdirs.user_cache_dir("raymoe"))
-    final = base / f"builtin-{BUILTIN_VERSION}"
+    final = base / f"random-{RANDOM_VERSION}"
     if _is_complete(final):
         return final
     if final.exists():

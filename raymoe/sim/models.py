@@ -105,7 +105,7 @@ def from_model_spec(spec, name: str, weight_bytes: int = 2, activation_bytes: in
     )  # fmt: skip
 
 
-# raymoe's built-in model (raymoe/model/builtin.py, Qwen3-MoE layout): 4 MoE layers, 16 experts
+# raymoe's random-weight test model (builtin.random_model_path, Qwen3-MoE layout): 4 MoE layers, 16 experts
 # top-4, GQA 8 query / 2 KV heads of 32, float32 weights, KV cache and wire rows as it runs.
 BUILTIN = ModelSpec(
     name="raymoe-builtin",

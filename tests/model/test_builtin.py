@@ -1,4 +1,5 @@
-"""The built-in model: deterministic, cached, and a real Qwen3-MoE checkpoint that transformers loads."""
+"""The random-weight test model: deterministic, cached, and a real Qwen3-MoE checkpoint that transformers
+loads; the SHA-256 check that guards the shipped built-in model."""
 
 import subprocess
 import sys
@@ -10,7 +11,7 @@ from transformers import AutoModelForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausal
 
 from raymoe.errors import CheckpointError
 from raymoe.model import builtin
-from raymoe.model.builtin import BUILTIN_VERSION, builtin_model_path, model_config, train_tokenizer, weight_shapes
+from raymoe.model.builtin import RANDOM_VERSION, check_sha256, model_config, random_model_path, train_tokenizer, weight_shapes
 from raymoe.model.spec import load_spec
 from raymoe.model.tokenizer import Tokenizer
 
@@ -19,15 +20,15 @@ from raymoe.model.tokenizer import Tokenizer
 def builtin_dir(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("RAYMOE_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
-        return builtin_model_path()
+        return random_model_path()
 
 
 def test_built_under_the_cache_dir_and_reused(monkeypatch, tmp_path, builtin_dir):
     monkeypatch.setenv("RAYMOE_CACHE_DIR", str(tmp_path))
-    path = builtin_model_path()
-    assert path == tmp_path / f"builtin-{BUILTIN_VERSION}"
+    path = random_model_path()
+    assert path == tmp_path / f"random-{RANDOM_VERSION}"
     mtime = (path / "model.safetensors").stat().st_mtime_ns
-    assert builtin_model_path() == path
+    assert random_model_path() == path
     assert (path / "model.safetensors").stat().st_mtime_ns == mtime  # not rebuilt
     assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temp folder left behind
     for name in builtin.FILES:  # two builds in two cache dirs: the same bytes
@@ -43,7 +44,7 @@ def test_tokenizer_training_is_deterministic_across_processes():
 def test_losing_a_build_race_returns_the_winners_folder(monkeypatch, tmp_path, builtin_dir):
     monkeypatch.setenv("RAYMOE_CACHE_DIR", str(tmp_path))
     real_build = builtin.build_builtin_model
-    final = tmp_path / f"builtin-{BUILTIN_VERSION}"
+    final = tmp_path / f"random-{RANDOM_VERSION}"
 
     def build_after_another_process(out_dir):
         final.mkdir()
@@ -51,16 +52,16 @@ def test_losing_a_build_race_returns_the_winners_folder(monkeypatch, tmp_path, b
         real_build(out_dir)
 
     monkeypatch.setattr(builtin, "build_builtin_model", build_after_another_process)
-    assert builtin_model_path() == final
+    assert random_model_path() == final
     assert [p.name for p in tmp_path.iterdir()] == [final.name]
 
 
 def test_incomplete_folder_says_to_delete_it(monkeypatch, tmp_path):
     monkeypatch.setenv("RAYMOE_CACHE_DIR", str(tmp_path))
-    (tmp_path / f"builtin-{BUILTIN_VERSION}").mkdir()
-    (tmp_path / f"builtin-{BUILTIN_VERSION}" / "config.json").write_text("{}")
+    (tmp_path / f"random-{RANDOM_VERSION}").mkdir()
+    (tmp_path / f"random-{RANDOM_VERSION}" / "config.json").write_text("{}")
     with pytest.raises(CheckpointError, match="delete it"):
-        builtin_model_path()
+        random_model_path()
 
 
 def test_config_reads_as_a_qwen3_moe_spec(builtin_dir):
@@ -96,3 +97,13 @@ def test_transformers_loads_it_and_gives_finite_logits(builtin_dir):
         logits = model(ids).logits  # [1, T, V]
     assert logits.shape == (1, ids.shape[1], 4096)
     assert torch.isfinite(logits).all()
+
+
+def test_sha256_check_names_the_damaged_or_missing_file(tmp_path):
+    (tmp_path / "a.bin").write_bytes(b"abc")
+    good = "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"  # sha256(b"abc")
+    check_sha256(tmp_path, {"a.bin": good})
+    with pytest.raises(CheckpointError, match="a.bin has SHA-256 .* reinstall raymoe"):
+        check_sha256(tmp_path, {"a.bin": "0" * 64})
+    with pytest.raises(CheckpointError, match="b.bin is missing"):
+        check_sha256(tmp_path, {"b.bin": good})

@@ -70,10 +70,10 @@ def test_lift_keeps_top_k_distinct_and_is_deterministic():
 
 
 def test_builtin_preset_matches_the_builtin_model():
-    from raymoe.model.builtin import builtin_model_path
+    from raymoe.model.builtin import random_model_path
     from raymoe.model.spec import load_spec
 
-    spec = load_spec(builtin_model_path())
+    spec = load_spec(random_model_path())
     assert from_model_spec(spec, BUILTIN.name, weight_bytes=4) == BUILTIN
     assert BUILTIN.expert_params == 3 * spec.hidden_size * spec.moe_intermediate_size
     assert (BUILTIN.num_moe_layers, BUILTIN.num_experts, BUILTIN.top_k) == (len(spec.moe_layer_ids), 16, 4)
