@@ -7,9 +7,10 @@
   training prose with the same tokenizer (interpolated with unigrams; the mixing weight that is
   best on the held-out text, so the baseline's figure is, if anything, flattering).
 - Document QA: prompts in the issue-12 format with 2 to 8 documents whose names and values come
-  from the held-out pools of `raymoe/model/docqa.py` (the training text never contains them),
-  greedy decoding in `raymoe.LLM`; exact match = the reply is the value and a newline. Prompts
-  end `Answer:` and, separately, `Answer: ` (the reply then has no leading space).
+  from the held-out pools of `raymoe/model/docqa.py` (ordinary English names, real words; the
+  training text never contains them), and made-up ones from a seed training never used; greedy
+  decoding in `raymoe.LLM`; exact match = the reply is the value and a newline. Prompts end
+  `Answer:` and, separately, `Answer: ` (the reply then has no leading space).
 - Routing: each layer's share of top-k expert picks per task type (prose, document QA, numbers)
   and the total-variation distance between task types' shares (0: same experts, 1: disjoint).
 """
@@ -28,7 +29,7 @@ import torch
 from raymoe.engine.llm import LLM
 from raymoe.engine.sampling_params import SamplingParams
 from raymoe.model.builtin import EOS_TOKEN, builtin_model_path
-from raymoe.model.docqa import HELDOUT, TRAIN, CorpusGenerator, prose_split
+from raymoe.model.docqa import CONTRACT_ATTRIBUTES, HELDOUT, TRAIN, CorpusGenerator, prose_split
 from raymoe.model.paged import AttentionBatch, allocate_kv_cache
 
 BLOCK = 16
@@ -94,25 +95,43 @@ def prose_report(model, tok, eos: int, seed: int) -> dict:
     return out
 
 
-def qa_report(llm: LLM, n: int, seed: int) -> dict:
-    gen = CorpusGenerator(seed, HELDOUT)
-    examples = [gen.qa() for _ in range(n)]
+def word_pieces(tok) -> tuple[str, ...]:
+    """The vocabulary's letter-only tokens, lower-cased (as tools/train_builtin.py builds names from)."""
+    texts = (tok.decode([i]).strip().lower() for i in range(tok.vocab_size))
+    return tuple(sorted({t for t in texts if t.isascii() and t.isalpha()}))
+
+
+def qa_split(llm: LLM, examples: list, suffix: str, lead: str) -> dict:
+    """Greedy replies to `examples` (prompt + suffix); exact match = lead + answer + newline."""
     params = SamplingParams(max_tokens=16, temperature=0)
-    out = {}
-    for label, suffix, lead in (("prompt_ends_colon", "", " "), ("prompt_ends_colon_space", " ", "")):
-        replies = [o.text for o in llm.generate([e.prompt + suffix for e in examples], params)]
-        exact = [r == lead + e.answer + "\n" for r, e in zip(replies, examples)]
-        first_line = [r.split("\n")[0].strip() == e.answer for r, e in zip(replies, examples)]
-        by_docs = {}
-        for e, ok in zip(examples, exact):
-            by_docs.setdefault(e.num_docs, []).append(ok)
-        out[label] = {
-            "exact_match": statistics.mean(exact),
-            "first_line_match": statistics.mean(first_line),
-            "exact_match_by_num_docs": {k: statistics.mean(v) for k, v in sorted(by_docs.items())},
-            "failures": [{"answer": e.answer, "reply": r} for r, e, ok in zip(replies, examples, exact) if not ok][:5],
-        }
-    out["questions"] = n
+    replies = [o.text for o in llm.generate([e.prompt + suffix for e in examples], params)]
+    exact = [r == lead + e.answer + "\n" for r, e in zip(replies, examples)]
+    by_docs = {}
+    for e, ok in zip(examples, exact):
+        by_docs.setdefault(e.num_docs, []).append(ok)
+    return {
+        "exact_match": statistics.mean(exact),
+        "first_line_match": statistics.mean(r.split("\n")[0].strip() == e.answer for r, e in zip(replies, examples)),
+        "exact_match_by_num_docs": {k: statistics.mean(v) for k, v in sorted(by_docs.items())},
+        "failures": [{"answer": e.answer, "reply": r} for r, e, ok in zip(replies, examples, exact) if not ok][:5],
+    }
+
+
+def qa_report(llm: LLM, n: int, seed: int) -> dict:
+    """Held out: ordinary English names and real words the training text never contains, all
+    attributes and only the five the issue names; train-like: made-up names and values from a
+    seed training never used (new combinations of the pieces it was trained on)."""
+    heldout, contract = CorpusGenerator(seed, HELDOUT), CorpusGenerator(seed + 1, HELDOUT)
+    fresh = CorpusGenerator(seed + 2, TRAIN, word_pieces(llm.tokenizer))
+    sets = {
+        "heldout_names_and_values": [heldout.qa() for _ in range(n)],
+        "heldout_contract_attributes": [contract.qa(attributes=CONTRACT_ATTRIBUTES) for _ in range(n)],
+        "new_combinations": [fresh.qa() for _ in range(n)],
+    }
+    out = {label: qa_split(llm, examples, "", " ") for label, examples in sets.items()}
+    out["heldout_prompt_ends_colon_space"] = qa_split(llm, sets["heldout_names_and_values"], " ", "")
+    out["questions_per_set"] = n
+    out["documents_per_prompt"] = "2 to 8, uniform"
     return out
 
 

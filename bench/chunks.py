@@ -71,7 +71,7 @@ def docqa_workload(tokenizer, num_docs: int, num_queries: int, seed: int):
     people: dict[str, dict[str, str]] = {}
     while len(people) < num_docs:
         name = gen.name()
-        if name not in people:
+        if name.split()[0] not in {n.split()[0] for n in people}:  # no "David" beside "David Smith"
             people[name] = {a: gen.value(a) for a in rng.sample(ATTRIBUTES, rng.randint(2, 6))}
     names = list(people)
     docs = [tokenizer.encode(gen.document(n, people[n]) + "\n", add_special_tokens=False) for n in names]
