@@ -34,6 +34,10 @@ BUILTIN_MODEL_NAME = "raymoe-builtin-moe"
 RANDOM_VERSION = "v1"  # bump whenever a change below alters the random model's files
 CACHE_DIR_ENV = "RAYMOE_CACHE_DIR"
 CORPUS_FILE = "builtin_corpus.txt"
+PACKAGE_FOLDER = "builtin_model"  # raymoe/model/builtin_model/: the trained model, package data
+# SHA-256 of each shipped file, written by tools/ship_builtin.py; builtin_model_path() checks them
+SHIPPED_SHA256 = {
+}
 FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
 
 SEED = 0
