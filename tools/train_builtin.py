@@ -57,6 +57,7 @@ CONSTANT_UNTIL = 1000  # the learning rate is constant up to here, then falls as
 QA_SHARE = 0.8  # of examples; the rest is prose (3/4) and numbers (1/4)
 NO_SPACE_SHARE = 0.2  # of answers, those whose prompt ends 'Answer: ' (the answer then has no leading space)
 MAX_QUIZ = 6  # extra training questions per QA example (more copy supervision per context token)
+RESTATE_SHARE = 0.5  # of the extra questions, those asked as the document's own sentence, to be completed
 CONTEXT_WEIGHT = 0.5  # loss weight of document and question tokens
 ANSWER_WEIGHT = 4.0  # loss weight of an answer's tokens (the copy the model must learn)
 
@@ -101,8 +102,8 @@ class Batches:
     number of documents of what follows.
     """
 
-    def __init__(self, tok: Tokenizer, seed: int, pieces: tuple[str, ...], qa_share: float):
-        self.tok = tok
+    def __init__(self, tok: Tokenizer, seed: int, pieces: tuple[str, ...], qa_share: float, restate_share: float):
+        self.tok, self.restate_share = tok, restate_share
         self.mix = (("qa", qa_share), ("prose", 0.75 * (1 - qa_share)), ("numbers", 0.25 * (1 - qa_share)))
         self.gen = CorpusGenerator(seed, TRAIN, pieces)
         self.rng = random.Random(seed + 1)
@@ -124,7 +125,14 @@ class Batches:
         ids = self._encode("\n".join(qa.documents) + "\n")
         w = [CONTEXT_WEIGHT] * len(ids)
         pairs = self.gen.quiz(qa, self.rng.randint(0, MAX_QUIZ)) + [(qa.question, qa.answer)]
-        for question, value in pairs:
+        for i, (question, value) in enumerate(pairs):
+            if i < len(pairs) - 1 and self.restate_share and self.rng.random() < self.restate_share:
+                # "The <attribute> of <name> is" -> " <value>.": the document's own words, a plain copy
+                prompt = self._encode(question.replace("Quiz: What is the", "The").rstrip("?") + " is")
+                answer = self._encode(" " + value + ".\n")
+                ids += prompt + answer
+                w += [CONTEXT_WEIGHT] * len(prompt) + [ANSWER_WEIGHT] * len(answer)
+                continue
             space = self.rng.random() >= NO_SPACE_SHARE  # most prompts end "Answer:" (the answer carries its space)
             prompt = self._encode(question + "\nAnswer:" + ("" if space else " "))
             answer = self._encode((" " if space else "") + value + "\n")
@@ -275,7 +283,7 @@ def train(args) -> None:
     other = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05}, {"params": other, "weight_decay": 0.0}],
                             lr=args.lr, betas=(0.9, 0.95))  # fmt: skip
-    batches = Batches(tok, args.seed, pieces, args.qa_share)
+    batches = Batches(tok, args.seed, pieces, args.qa_share, args.restate_share)
     log = (out / "train_log.jsonl").open("w")
     print(f"params {params / 1e6:.2f}M vocab {tok.get_vocab_size()} pieces {len(pieces)}", flush=True)
     start = time.time()
@@ -351,6 +359,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--vocab", type=int, default=VOCAB_SIZE)
     p.add_argument("--qa-share", type=float, default=QA_SHARE)
+    p.add_argument("--restate-share", type=float, default=RESTATE_SHARE)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-every", type=int, default=200)
     p.add_argument("--eval-n", type=int, default=40)
