@@ -278,6 +278,10 @@ def train(args) -> None:
     eos = tok.token_to_id(builtin.EOS_TOKEN)
     config = builtin.model_config(tok.get_vocab_size(), bos_token_id=eos, eos_token_id=eos, architecture=ARCHITECTURE)
     model = make_model(config)
+    with torch.no_grad():  # a larger gain lets attention be sharp (pick one document among many) early
+        for name, p in model.named_parameters():
+            if name.endswith(("q_norm.weight", "k_norm.weight")):
+                p.fill_(args.qk_norm_init)
     params = sum(p.numel() for p in model.parameters())
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
     other = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
@@ -360,6 +364,7 @@ def main() -> None:
     p.add_argument("--vocab", type=int, default=VOCAB_SIZE)
     p.add_argument("--qa-share", type=float, default=QA_SHARE)
     p.add_argument("--restate-share", type=float, default=RESTATE_SHARE)
+    p.add_argument("--qk-norm-init", type=float, default=1.0, help="initial gain of the query and key RMSNorms")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-every", type=int, default=200)
     p.add_argument("--eval-n", type=int, default=40)
