@@ -276,7 +276,8 @@ def train(args) -> None:
     tok = train_tokenizer(args.seed, args.vocab)
     pieces = word_pieces(tok)
     eos = tok.token_to_id(builtin.EOS_TOKEN)
-    config = builtin.model_config(tok.get_vocab_size(), bos_token_id=eos, eos_token_id=eos, architecture=ARCHITECTURE)
+    shape = dict(ARCHITECTURE, hidden_size=args.hidden, head_dim=args.head_dim, moe_intermediate_size=args.moe_inter)
+    config = builtin.model_config(tok.get_vocab_size(), bos_token_id=eos, eos_token_id=eos, architecture=shape)
     model = make_model(config)
     with torch.no_grad():  # a larger gain lets attention be sharp (pick one document among many) early
         for name, p in model.named_parameters():
@@ -292,7 +293,8 @@ def train(args) -> None:
     print(f"params {params / 1e6:.2f}M vocab {tok.get_vocab_size()} pieces {len(pieces)}", flush=True)
     start = time.time()
     for step in range(args.steps):
-        batches.stage(*stage_at(step))
+        seq_len, rows, docs = stage_at(step)
+        batches.stage(seq_len, max(1, int(rows * args.rows_scale)), docs)
         ids, weights = next(batches)
         for group in opt.param_groups:
             group["lr"] = lr_at(step, args.lr, args.warmup)
@@ -363,6 +365,10 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--vocab", type=int, default=VOCAB_SIZE)
     p.add_argument("--qa-share", type=float, default=QA_SHARE)
+    p.add_argument("--hidden", type=int, default=ARCHITECTURE["hidden_size"])
+    p.add_argument("--head-dim", type=int, default=ARCHITECTURE["head_dim"])
+    p.add_argument("--moe-inter", type=int, default=ARCHITECTURE["moe_intermediate_size"])
+    p.add_argument("--rows-scale", type=float, default=1.0, help="rows per step, as a multiple of the stages'")
     p.add_argument("--restate-share", type=float, default=RESTATE_SHARE)
     p.add_argument("--qk-norm-init", type=float, default=1.0, help="initial gain of the query and key RMSNorms")
     p.add_argument("--seed", type=int, default=0)
