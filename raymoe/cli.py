@@ -23,7 +23,7 @@ def _generate(args: argparse.Namespace) -> int:
     params = SamplingParams(
         max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed
     )
-    llm = LLM(model=args.model, dtype=args.dtype, threads=args.threads)
+    llm = LLM(model=args.model, dtype=args.dtype, threads=args.threads, device=args.device)
     for delta in llm.generate_stream(args.prompt, params):
         sys.stdout.write(delta.text)
         sys.stdout.flush()
@@ -42,6 +42,8 @@ def _serve(args: argparse.Namespace) -> int:
     data["serve"].update({k: v for k, v in flags.items() if v is not None})
     if args.threads is not None:
         data["engine"]["threads"] = args.threads
+    if args.device is not None:
+        data["engine"]["device"] = args.device
     serve_forever(parse_config(data, "command line and config"), address=args.address)
     return 0
 
@@ -112,6 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--address", default=None, help="join this Ray cluster (e.g. auto) instead of starting one")
     srv.add_argument("--threads", type=int, default=None,
                      help="torch threads per engine (default: the CPUs its replica reserves, decode.num_cpus)")
+    srv.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None,
+                     help="engine.device (default: the config's, auto: CUDA where a replica sees a GPU)")
     srv.set_defaults(func=_serve)
 
     gen = add("generate", help="generate text from a prompt, streamed to stdout (greedy unless --temperature > 0)",
@@ -125,7 +129,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: keep this share of probability")
     gen.add_argument("--top-k", type=int, default=-1, help="sample among the k likeliest tokens; -1 = all")
     gen.add_argument("--seed", type=int, default=None, help="random seed for sampling")
-    gen.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="weights' dtype")
+    gen.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
+                     help="weights' dtype (auto: float32 on CPU, bfloat16 on CUDA)")
+    gen.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="where to compute (auto: "
+                     "CUDA when this torch sees a GPU)")  # fmt: skip
     gen.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's, all cores)")
     gen.set_defaults(func=_generate)
 

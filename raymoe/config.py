@@ -23,7 +23,8 @@ from raymoe.errors import ConfigError
 from raymoe.policies.registry import PolicyName
 
 BackendName = Literal["engine", "cluster"]
-DtypeName = Literal["float32", "bfloat16", "float16"]
+DtypeName = Literal["float32", "bfloat16", "float16", "auto"]  # auto: bfloat16 on CUDA, float32 on CPU
+DEVICE_PATTERN = r"^(auto|cpu|cuda(:[0-9]+)?)$"
 
 
 class _Frozen(BaseModel):
@@ -37,9 +38,11 @@ class EngineSettings(_Frozen):
     max_num_batched_tokens: int = Field(512, gt=0, description="new tokens per step; prompts chunk to fit")
     block_size: int = Field(16, gt=0, description="tokens per KV block: allocation and prefix-sharing unit")
     kv_cache_bytes: int = Field(256 << 20, gt=0, description="KV pool size per engine")
-    dtype: DtypeName = "float32"  # float32 keeps outputs identical to transformers
+    dtype: DtypeName = "auto"  # auto: float32 on CPU (identical to transformers), bfloat16 on CUDA
     threads: int | None = Field(None, gt=0, description="torch intra-op threads per engine; "
                                 "null = the CPUs its replica reserves (decode.num_cpus), at least 1")  # fmt: skip
+    device: str = Field("auto", pattern=DEVICE_PATTERN, description="cpu, cuda, cuda:N or auto (CUDA where the "
+                        "engine's process sees a GPU); give the deployment num_gpus so Ray assigns one")  # fmt: skip
 
     def to_engine_config(self):
         from raymoe.engine.llm_engine import EngineConfig
@@ -127,6 +130,8 @@ class ClusterSettings(_Frozen):
     placement_policy: PolicyName = "replication"
     rebalance_interval_s: float = Field(60.0, gt=0)
     node_watch_s: float | None = Field(2.0, gt=0, description="how often the controller reads Ray's node table")
+    shard_num_gpus: float = Field(0.0, ge=0, description="GPU share each expert shard reserves (engine.device "
+                                  "cuda: shards compute there; fractional lets shards share a GPU with workers)")  # fmt: skip
 
 
 class RaymoeConfig(_Frozen):

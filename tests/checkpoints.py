@@ -134,12 +134,12 @@ def assert_same_greedy(reference, prompt: list[int], got: list[int], expected: l
     assert margin <= NEAR_TIE, f"tokens part at step {first} where the reference's margin is {margin:.2e}: {got} vs {expected}"
 
 
-def engine_greedy(path, prompts: list[list[int]], params, config) -> list[list[int]]:
+def engine_greedy(path, prompts: list[list[int]], params, config, device: str = "cpu") -> list[list[int]]:
     """Token ids of raymoe's one-process engine for every prompt (all added before the first step)."""
     from raymoe.engine.llm_engine import LLMEngine
     from raymoe.model.model import load_model
 
-    engine = LLMEngine(load_model(path), None, config)
+    engine = LLMEngine(load_model(path, device=device), None, config)
     for i, p in enumerate(prompts):
         engine.add_request(p, params, request_id=str(i))
     out = {str(i): [] for i in range(len(prompts))}

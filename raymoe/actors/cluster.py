@@ -46,7 +46,8 @@ class MoECluster:
         self.tokenizer = tokenizer if tokenizer is not None else _load_tokenizer(self.model_path)
         c = self.config
         self.controller = get_or_create_controller(
-            self.model_path, namespace=c.namespace, dtype=c.engine.dtype,
+            self.model_path, namespace=c.namespace, dtype=c.engine.dtype, device=c.engine.device,
+            shard_num_gpus=c.shard_num_gpus,
             shards_per_node=c.shards_per_node, num_shards=c.num_shards, replicas=c.replicas,
             policy=c.placement_policy, node_watch_s=c.node_watch_s,
         )  # fmt: skip
@@ -80,7 +81,8 @@ class MoECluster:
     def _start(self, cls, resources: dict | None, node_id: str | None = None):
         strategy = NodeAffinitySchedulingStrategy(node_id, soft=False) if node_id else None
         actor = ray.remote(cls).options(
-            num_cpus=self.config.worker_num_cpus, resources=resources or {}, max_concurrency=8, max_restarts=0,
+            num_cpus=self.config.worker_num_cpus, num_gpus=self.config.worker_num_gpus, resources=resources or {},
+            max_concurrency=8, max_restarts=0,
             scheduling_strategy=strategy,
         )  # fmt: skip
         return actor.remote(self.model_path, self.config, self.config.namespace)

@@ -124,7 +124,8 @@ class DecodeWorker(WorkerShell):
         from raymoe.actors.worker_model import build_engine
 
         self.namespace, self._controller = namespace, None
-        self.experts = connect_experts(namespace, model_path, config.colocate_experts, config.engine.dtype)
+        self.experts = connect_experts(namespace, model_path, config.colocate_experts, config.engine.dtype,
+                                       config.engine.device)  # fmt: skip
         engine = build_engine(model_path, config.engine, self.experts, config.num_microbatches)
         self.core = DecodeCore(engine, pool_set(namespace, config))
         self.outbox = Outbox()

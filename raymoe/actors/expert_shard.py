@@ -18,6 +18,7 @@ import ray
 import torch
 
 from raymoe.cluster.transport import ExpertNotHeldError, from_wire, split_like
+from raymoe.engine.device import resolve_device, resolve_dtype
 from raymoe.errors import ConfigError
 from raymoe.logs import configure_actor, progress
 from raymoe.model.checkpoint import Checkpoint
@@ -58,8 +59,8 @@ class ExpertShardCore:
         self.model_path = model_path
         self.spec = load_spec(model_path)
         self.ckpt = Checkpoint(model_path)
-        self.dtype = _torch_dtype(dtype)
-        self.device = torch.device(device)
+        self.device = torch.device(resolve_device(device))  # auto: CUDA when this process sees one
+        self.dtype = _torch_dtype(resolve_dtype(dtype, self.device.type))
         self.experts: set[ExpertKey] = set()  # the held experts
         self.files: dict[int, LayerFile] = {}  # layer -> the node's shared file of its experts
         self.store = ExpertStore({})

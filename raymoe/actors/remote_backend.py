@@ -8,7 +8,8 @@ from raymoe.actors.kv_pool import KVPoolClient, get_or_create_pool
 from raymoe.model.spec import load_spec
 
 
-def connect_experts(namespace: str, model_path: str, colocate: bool = True, dtype: str = "float32"):
+def connect_experts(namespace: str, model_path: str, colocate: bool = True, dtype: str = "float32",
+                    device: str = "cpu"):  # fmt: skip
     """A RemoteExperts backend on the controller's current placement; the worker registers for
     placement updates (applied at its next step boundary). colocate: the worker runs the experts
     placed on its own node in its own process (an `ExpertShardCore`, weights shared with the
@@ -24,7 +25,7 @@ def connect_experts(namespace: str, model_path: str, colocate: bool = True, dtyp
     def on_shard_failure(shard_index: int):
         return ray.get(controller.shard_failed.remote(shard_index))
 
-    local = ExpertShardCore(model_path, [], dtype) if colocate else None
+    local = ExpertShardCore(model_path, [], dtype, device) if colocate else None
     experts = RemoteExperts(placement, handles, spec.num_layers, spec.num_experts, on_shard_failure=on_shard_failure,
                             local=local, num_moe_layers=len(spec.moe_layer_ids))  # fmt: skip
     context = ray.get_runtime_context()

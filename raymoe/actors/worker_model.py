@@ -19,7 +19,7 @@ logger = logging.getLogger(__name__)
 def build_engine(model_path: str, config: EngineConfig, experts, num_microbatches: int = 1) -> LLMEngine:
     """A token-ids-only engine (text is made by the front) whose experts run through `experts`."""
     torch.set_num_threads(1)  # many actors share few cores
-    model = load_model(model_path, dtype=config.torch_dtype, load_experts=False)
+    model = load_model(model_path, dtype=config.torch_dtype, load_experts=False, device=config.torch_device)
     model.experts = experts
     model.record_routing()  # each request's routing: the prompt's seats it, the rest is reported
     runner_model = PipelinedModel(model, num_microbatches) if num_microbatches > 1 else model

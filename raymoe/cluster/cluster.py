@@ -25,6 +25,8 @@ class ClusterConfig:
     prefill_resources: dict | None = None
     decode_resources: dict | None = None
     worker_num_cpus: float = 0.5
+    worker_num_gpus: float = 0.0  # per prefill/decode worker (fractional: several share a GPU)
+    shard_num_gpus: float = 0.0  # per expert shard; > 0: shards compute on engine.device too (else on CPU)
     namespace: str = "raymoe"
     placement_policy: PolicyName | None = None  # None: the controller's built-in speed-weighted greedy
     rebalance_interval_s: float | None = None  # re-plan from the reported load this often (None: on demand)

@@ -59,10 +59,15 @@ class Controller(NodeSync):
         load_window_s: float = 60.0,
         shard_num_cpus: float = 0.0,
         policy: str | None = None,
+        device: str = "cpu",
+        shard_num_gpus: float = 0.0,
     ):
         if shards_per_node < 1:
             raise ConfigError(f"shards_per_node={shards_per_node}; use 1 or more")
         self.model_path, self.dtype, self.shard_num_cpus = str(model_path), dtype, shard_num_cpus
+        # shards compute on the engine's device only when they reserve a GPU share; else on their CPUs
+        self.shard_device = device if shard_num_gpus > 0 else "cpu"
+        self.shard_num_gpus = shard_num_gpus
         self.shard_actor = shard_actor  # the Ray actor class of expert shards (`raymoe.actors.expert_shard`)
         self.spec = load_spec(model_path)
         self.extra_replicas, self.load_window_s = extra_replicas, load_window_s
@@ -328,9 +333,8 @@ class Controller(NodeSync):
 
     def _spawn(self, node_id: str, experts: list):
         strategy = NodeAffinitySchedulingStrategy(node_id, soft=False)
-        return self.shard_actor.options(num_cpus=self.shard_num_cpus, scheduling_strategy=strategy).remote(
-            self.model_path, experts, self.dtype
-        )
+        options = dict(num_cpus=self.shard_num_cpus, num_gpus=self.shard_num_gpus, scheduling_strategy=strategy)
+        return self.shard_actor.options(**options).remote(self.model_path, experts, self.dtype, self.shard_device)
 
     def _publish(self, wait: bool) -> None:
         """Send the placement to every worker; with `wait`, drop workers that did not ack."""

@@ -41,7 +41,7 @@ def place_chunk(model, kv: ChunkKV, rows: slice, start: int) -> ChunkKV:
     out = []
     for layer, (k, v) in zip(model.layers, kv):
         k = k[rows]
-        delta = torch.full((k.shape[0],), start, dtype=torch.long)
+        delta = torch.full((k.shape[0],), start, dtype=torch.long, device=k.device)
         out.append((layer.attn.rerotate_keys(k, delta), None if v is None else v[rows]))
     return out
 
@@ -53,8 +53,8 @@ def blend_forward(model, kv_cache, block_table: list[int], block_size: int, toke
 
     token_ids: [R] the region's tokens. Returns (active offsets [A] long: the tokens computed in every
     layer, ascending; token-layers computed)."""
-    num_tokens, end = token_ids.shape[0], start + token_ids.shape[0]
-    full = AttentionBatch.build([num_tokens], [end], [block_table], block_size)
+    num_tokens, end, device = token_ids.shape[0], start + token_ids.shape[0], token_ids.device
+    full = AttentionBatch.build([num_tokens], [end], [block_table], block_size, device=device)
     cos, sin = model.rotary.cos_sin(full.positions, model.dtype)
     slots = full.slot_mapping[placed.offsets]
     for (k, v), cache in list(zip(placed.kv, kv_cache))[1:]:  # layer 0 is computed for every token
@@ -62,13 +62,13 @@ def blend_forward(model, kv_cache, block_table: list[int], block_size: int, toke
     experts, layers = model.experts, model.layers
     h = layers[0](model.embed[token_ids], full, kv_cache[0], (cos, sin), experts)
     if len(layers) == 1:
-        return torch.arange(num_tokens), num_tokens
+        return torch.arange(num_tokens, device=device), num_tokens
     fresh_k, fresh_v = layers[1].attn.cache_entries(layers[1].input_norm(h), (cos, sin))  # [R, h, d]
     k1, v1 = placed.kv[1]
     idx = placed.offsets
     dev = kv_deviation(fresh_k[idx], None if fresh_v is None else fresh_v[idx], k1, v1)
     write_kv(kv_cache[1], full, fresh_k, fresh_v)
-    is_chunk = torch.zeros(num_tokens, dtype=torch.bool)
+    is_chunk = torch.zeros(num_tokens, dtype=torch.bool, device=device)
     is_chunk[idx] = True
     active_mask = ~is_chunk
     active_mask[idx[select_recompute(dev, share)]] = True
@@ -76,7 +76,7 @@ def blend_forward(model, kv_cache, block_table: list[int], block_size: int, toke
     if active.numel() == 0:
         return active, num_tokens
     sub = AttentionBatch.build([active.numel()], [end], [block_table], block_size,
-                               positions=[(active + start).tolist()])  # fmt: skip
+                               positions=[(active + start).tolist()], device=device)  # fmt: skip
     h, cos_sin = h[active], (cos[active], sin[active])
     for layer, cache in zip(layers[1:], kv_cache[1:]):
         h = layer(h, sub, cache, cos_sin, experts)
@@ -96,6 +96,7 @@ def gather_rows(kv_cache, block_table: list[int], block_size: int, num_tokens: i
     [n, h, k_dim], values [n, h, v_dim] (None where the layer caches no values)."""
     pos = torch.arange(num_tokens)
     slots = torch.tensor(block_table, dtype=torch.long)[pos // block_size] * block_size + pos % block_size
+    slots = slots.to(kv_cache[0][0].device)
     out = []
     for k_cache, v_cache in kv_cache:
         k = k_cache.view(-1, *k_cache.shape[2:]).index_select(0, slots)
@@ -164,7 +165,7 @@ class Blender:
             s, e = plan.spans[i]
             lo = max(s, start)
             parts.append(place_chunk(self.model, kvs[i], slice(lo - s, e - s), s))
-            offsets.append(torch.arange(lo - start, e - start))
+            offsets.append(torch.arange(lo - start, e - start, device=self.runner.device))
             used.append(i)
         if not used:
             return False
@@ -172,11 +173,11 @@ class Blender:
         kv = [(torch.cat([k for k, _ in layer]), None if layer[0][1] is None else torch.cat([v for _, v in layer]))
               for layer in layers]  # fmt: skip
         placed = PlacedChunks(torch.cat(offsets), kv)
-        tokens = torch.tensor(seq.token_ids[start : plan.end], dtype=torch.long)
+        tokens = torch.tensor(seq.token_ids[start : plan.end], dtype=torch.long).to(self.runner.device)
         active, token_layers = blend_forward(self.model, self.runner.kv_cache, seq.block_table, self.block_size,
                                              tokens, start, placed, plan.share)  # fmt: skip
         seq.num_cached_tokens = plan.end
-        is_active = torch.zeros(len(tokens), dtype=torch.bool)
+        is_active = torch.zeros(len(tokens), dtype=torch.bool, device=tokens.device)
         is_active[active] = True
         saved = [int((~is_active[o]).sum()) for o in offsets]
         self._account(plan, used, sum(o.numel() for o in offsets), saved, token_layers)
@@ -203,7 +204,7 @@ class Blender:
         for i, flat in zip(missing, got):
             s = plan.spans[i][0]
             if flat is not None:
-                have[i] = unpack_chunk_kv(flat, plan.lengths[i], self.model.kv_layout())
+                have[i] = unpack_chunk_kv(flat.to(self.runner.device), plan.lengths[i], self.model.kv_layout())
             elif spent < budget:
                 have[i] = self._compute_alone(seq.token_ids[s : s + plan.lengths[i]])
                 spent += plan.lengths[i]
@@ -226,8 +227,10 @@ class Blender:
             return None
         cached = bm.allocate(scratch)
         try:
-            batch = AttentionBatch.build([n - cached], [n], [scratch.block_table], self.block_size)
-            self.runner.model.forward(torch.tensor(tokens[cached:], dtype=torch.long), batch, self.runner.kv_cache)
+            device = self.runner.device
+            batch = AttentionBatch.build([n - cached], [n], [scratch.block_table], self.block_size, device=device)
+            ids = torch.tensor(tokens[cached:], dtype=torch.long).to(device)
+            self.runner.model.forward(ids, batch, self.runner.kv_cache)
             self.stats["chunk_prefill_tokens"] += n - cached
             kv = gather_rows(self.runner.kv_cache, scratch.block_table, self.block_size, n)
             scratch.num_cached_tokens = n

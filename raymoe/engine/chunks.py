@@ -196,13 +196,13 @@ def select_recompute(deviation: torch.Tensor, share: float | None) -> torch.Tens
     n = deviation.numel()
     if share is None:
         if n < 2:
-            return torch.arange(n)
+            return torch.arange(n, device=deviation.device)
         mask = deviation > deviation.mean() + deviation.std()
         k = min(int(mask.sum()), math.ceil(ADAPTIVE_MAX_SHARE * n))
     else:
         k = min(n, math.ceil(share * n - 1e-9))
     if k == 0:
-        return torch.zeros(0, dtype=torch.long)
+        return torch.zeros(0, dtype=torch.long, device=deviation.device)
     return torch.topk(deviation, k).indices.sort().values
 
 

@@ -71,8 +71,9 @@ def import_blocks(kv_cache: KVCache, block_ids: list[int], blocks: list[torch.Te
                 f"[{numel}] {dtype}: export and import with the same model, block size and dtype "
                 "(bfloat16 read back from the pool needs KVPoolClient(dtype=...))"
             )
-    flat = torch.stack(blocks)  # [n, numel]
-    ids = torch.tensor(block_ids, dtype=torch.long)
+    device = kv_cache[0][0].device
+    flat = torch.stack(blocks).to(device)  # [n, numel] (host-staged blocks move in one copy)
+    ids = torch.tensor(block_ids, dtype=torch.long).to(device)
     offset = 0
     for layer in kv_cache:
         for part in layer:

@@ -31,18 +31,21 @@ class LLM:
         max_num_batched_tokens: int = 512,
         block_size: int = 16,
         kv_cache_bytes: int = 256 << 20,
-        dtype: str = "float32",
+        dtype: str = "auto",
         chunk_cache_bytes: int = 64 << 20,
         threads: int | None = None,
+        device: str = "auto",
     ):
         """model: a Hugging Face MoE checkpoint folder; None = the built-in model.
         chunk_cache_bytes: budget of the in-process chunk-KV cache (prompts with Chunk parts).
-        threads: torch intra-op threads (process-wide); None = torch's default."""
+        threads: torch intra-op threads (process-wide); None = torch's default.
+        device: cpu | cuda | cuda:N | auto (CUDA when available); dtype auto: bfloat16 on CUDA,
+        float32 on the CPU (pass dtype="float32" on CUDA for outputs identical to transformers)."""
         if model is None:
             from raymoe.model.builtin import builtin_model_path
 
             model = builtin_model_path()
-        config = EngineConfig(max_num_seqs, max_num_batched_tokens, block_size, kv_cache_bytes, dtype, threads)
+        config = EngineConfig(max_num_seqs, max_num_batched_tokens, block_size, kv_cache_bytes, dtype, threads, device)
         self.engine = LLMEngine.from_path(model, config, LocalChunkStore(chunk_cache_bytes))
         self.tokenizer = self.engine.tokenizer
 

@@ -16,6 +16,7 @@ from raymoe.engine.blend import Blender
 from raymoe.engine.block_hash import CacheSalt, block_hash, chain_parent
 from raymoe.engine.block_manager import BlockManager
 from raymoe.engine.chunks import plan_blend
+from raymoe.engine.device import check_device_name, resolve_device, resolve_dtype
 from raymoe.engine.kv_transfer import block_key, export_blocks, import_blocks
 from raymoe.engine.model_runner import ModelRunner, num_kv_blocks
 from raymoe.engine.samples import Samples, fork
@@ -34,8 +35,9 @@ class EngineConfig:
     max_num_batched_tokens: int = 512  # new tokens per step: bounds a step's time; prompts chunk to fit
     block_size: int = 16  # tokens per KV block: the unit of allocation and of prefix sharing
     kv_cache_bytes: int = 256 << 20  # KV pool size; capped at what max_num_seqs full contexts need
-    dtype: str = "float32"  # weights and KV; float32 keeps outputs identical to transformers
+    dtype: str = "auto"  # weights and KV: auto = float32 on CPU (identical to transformers), bfloat16 on CUDA
     threads: int | None = None  # torch intra-op threads (process-wide); None = leave torch's setting
+    device: str = "auto"  # cpu | cuda | cuda:N | auto (CUDA when available), resolved where weights load
 
     def __post_init__(self):
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "kv_cache_bytes", "threads"):
@@ -44,12 +46,19 @@ class EngineConfig:
                 continue
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-        if self.dtype not in DTYPES:
-            raise ConfigError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        check_device_name(self.device)
+        if self.dtype not in DTYPES and self.dtype != "auto":
+            raise ConfigError(f"dtype must be one of {sorted(DTYPES)} or auto, got {self.dtype!r}")
+
+    @property
+    def torch_device(self) -> str:
+        """The device this process computes on (`auto` resolved here; ConfigError if unusable)."""
+        return resolve_device(self.device)
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        return DTYPES[self.dtype]
+        """`auto`: bfloat16 on CUDA, float32 on the CPU."""
+        return DTYPES[resolve_dtype(self.dtype, self.torch_device)]
 
 
 @dataclass
@@ -101,7 +110,8 @@ class LLMEngine:
         from raymoe.model.tokenizer import Tokenizer
 
         config = config or EngineConfig()
-        return cls(load_model(path, dtype=config.torch_dtype), Tokenizer.from_dir(path), config, chunk_store)
+        model = load_model(path, dtype=config.torch_dtype, device=config.torch_device)
+        return cls(model, Tokenizer.from_dir(path), config, chunk_store)
 
     # ----- requests --------------------------------------------------------------------------
     def add_request(

@@ -44,7 +44,8 @@ class ModelRunner:
         self.model = model
         self.block_size = block_size
         self.num_blocks = num_blocks
-        self.kv_cache = allocate_kv_cache(model.kv_layout(), num_blocks, block_size, model.dtype)
+        self.device = getattr(model, "device", torch.device("cpu"))
+        self.kv_cache = allocate_kv_cache(model.kv_layout(), num_blocks, block_size, model.dtype, self.device)
         self.num_computed_tokens = 0  # tokens run through the model (prefill and decode)
         self.eos_token_ids: tuple[int, ...] = ()  # barred by min_tokens; the engine sets them
 
@@ -66,7 +67,7 @@ class ModelRunner:
         rows = [b for b, (seq, n) in enumerate(scheduled) if seq.num_cached_tokens + n == len(seq)]
         if not rows:
             return [None] * len(scheduled)
-        logits = self.model.compute_logits(hidden[ends[rows]])  # [N, V]
+        logits = self.model.compute_logits(hidden[ends[rows].to(hidden.device)])  # [N, V]
         seqs = [scheduled[b][0] for b in rows]
         adjusted = adjust_logits(logits, seqs, self.eos_token_ids)
         next_ids = sample(adjusted, [s.params for s in seqs], [self._generator(s) for s in seqs]).tolist()
@@ -108,8 +109,9 @@ class ModelRunner:
             block_tables=[seq.block_table for seq, _ in scheduled],
             block_size=self.block_size,
             tags=[seq.prompt_token_ids[0] for seq, _ in scheduled],
+            device=self.device,
         )
-        return torch.tensor(input_ids, dtype=torch.long), batch
+        return torch.tensor(input_ids, dtype=torch.long).to(self.device), batch
 
     @staticmethod
     def _generator(seq: Sequence) -> torch.Generator | None:

@@ -27,9 +27,10 @@ def sample(
     next_ids = logits.argmax(dim=-1)  # [B]
     rows = [b for b, p in enumerate(params) if not p.is_greedy]
     if rows:
-        probs = _filtered_probs(logits[rows].float(), [params[b] for b in rows])  # [R, V]
-        q = torch.stack([_exponential(probs.shape[1], generators[b]) for b in rows])  # [R, V]
-        next_ids[rows] = (probs / q).argmax(dim=-1)
+        probs = _filtered_probs(logits[torch.tensor(rows).to(logits.device)].float(), [params[b] for b in rows])  # [R, V]
+        # drawn on the host (the same seeded tokens on every device), moved once
+        q = torch.stack([_exponential(probs.shape[1], generators[b]) for b in rows]).to(probs.device)  # [R, V]
+        next_ids[torch.tensor(rows).to(next_ids.device)] = (probs / q).argmax(dim=-1)
     return next_ids
 
 
@@ -39,23 +40,23 @@ def _exponential(vocab_size: int, generator: torch.Generator | None) -> torch.Te
 
 def _filtered_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
     """logits: [R, V] -> probabilities [R, V] after temperature, min_p, top-k and top-p."""
-    temperature = torch.tensor([p.temperature for p in params])[:, None]  # [R, 1]
+    temperature = torch.tensor([p.temperature for p in params]).to(logits.device)[:, None]  # [R, 1]
     logits = logits / temperature
-    min_p = torch.tensor([p.min_p for p in params])[:, None]  # [R, 1]
+    min_p = torch.tensor([p.min_p for p in params]).to(logits.device)[:, None]  # [R, 1]
     if (min_p > 0).any():
         probs = logits.softmax(dim=-1)
         logits = logits.masked_fill(probs < min_p * probs.max(dim=-1, keepdim=True).values, float("-inf"))
     top_k = [p.top_k if p.top_k > 0 else logits.shape[1] for p in params]
     top_p = [p.top_p for p in params]
     if min(top_k) < logits.shape[1] or min(top_p) < 1:
-        logits = _top_k_top_p(logits, torch.tensor(top_k), torch.tensor(top_p))
+        logits = _top_k_top_p(logits, torch.tensor(top_k).to(logits.device), torch.tensor(top_p).to(logits.device))
     return logits.softmax(dim=-1)
 
 
 def _top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     """logits: [R, V]; top_k: [R] (V = off); top_p: [R] (1 = off) -> logits with dropped tokens -inf."""
     sorted_logits, order = logits.sort(dim=-1, descending=True, stable=True)  # [R, V]
-    rank = torch.arange(logits.shape[1])[None, :]  # [1, V]
+    rank = torch.arange(logits.shape[1], device=logits.device)[None, :]  # [1, V]
     drop = rank >= top_k[:, None]
     probs = sorted_logits.masked_fill(drop, float("-inf")).softmax(dim=-1)
     # Drop a token when the tokens ranked above it already reach top_p; the first always stays.

@@ -21,8 +21,9 @@ INDEX_FILE = "model.safetensors.index.json"
 class Checkpoint:
     """Tensor names -> lazily opened safetensors files of one model folder."""
 
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
+    def __init__(self, path: str | Path, device: str | torch.device = "cpu"):
+        """device: where `get` puts tensors (read on the host, then moved once)."""
+        self.path, self.device = Path(path), torch.device(device)
         if not self.path.is_dir():
             raise CheckpointError(f"model folder {self.path} does not exist; pass a Hugging Face checkpoint folder")
         self._handles: dict[str, object] = {}
@@ -68,7 +69,7 @@ class Checkpoint:
             tensor = self._open(self.name_to_file[name]).get_tensor(name)
         except (SafetensorError, OSError) as e:
             raise CheckpointError(f"tensor {name!r} in {self.path} could not be read ({e})") from e
-        return tensor.to(dtype) if dtype is not None else tensor
+        return tensor.to(self.device, dtype) if dtype is not None else tensor.to(self.device)
 
     def get_optional(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor | None:
         return self.get(name, dtype) if self.has(name) else None

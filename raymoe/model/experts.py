@@ -94,6 +94,7 @@ class LayerExperts:
         starts = counts.cumsum(0) - counts
         group_of_row = torch.repeat_interleave(torch.arange(len(present)), counts)
         dest = group_of_row * cap + torch.arange(rows.shape[0]) - starts[group_of_row]  # [P]
+        dest = dest.to(rows.device)  # built on the host from the counts, moved once
         padded = rows.new_zeros(len(present) * cap, rows.shape[1]).index_copy_(0, dest, rows)
         assert present == self.expert_ids, "padded path runs every held expert, each with rows"
         gate, up = torch.bmm(padded.view(len(present), cap, -1), self.gate_up_t).chunk(2, dim=-1)

@@ -111,10 +111,10 @@ class DecoderLayer:
 
 class MoEModel:
     def __init__(self, spec: ModelSpec, ckpt: Checkpoint, dtype: torch.dtype, load_experts: bool = True):
-        self.spec, self.dtype = spec, dtype
+        self.spec, self.dtype, self.device = spec, dtype, ckpt.device
         self.embed = ckpt.get("model.embed_tokens.weight", dtype)  # [V, H]
         self.rotary = _rotary(spec)
-        self.replay = _replay(spec)
+        self.replay = _replay(spec, self.device)
         layers = progress(range(spec.num_layers), f"loading {ckpt.path.name}", unit="layer")
         self.layers = [DecoderLayer(spec, ckpt, i, dtype, self.rotary, self.replay) for i in layers]
         self.norm = RMSNorm(ckpt.get("model.norm.weight", dtype), spec.rms_norm_eps)
@@ -159,12 +159,12 @@ class MoEModel:
         return F.linear(hidden, self.lm_head).float()
 
 
-def _replay(spec: ModelSpec) -> RoutingReplay | None:
+def _replay(spec: ModelSpec, device: torch.device) -> RoutingReplay | None:
     if spec.routing_replay is None:
         return None
     replay = RoutingReplay.from_dir(spec.routing_replay)
     replay.check_model(len(spec.moe_layer_ids), spec.num_experts, spec.top_k)
-    return replay
+    return replay.to(device)
 
 
 def _rotary(spec: ModelSpec) -> Rotary:
@@ -175,13 +175,14 @@ def _rotary(spec: ModelSpec) -> Rotary:
     return Rotary(dim, spec.rope_theta, spec.rope_scaling, spec.max_position_embeddings, interleaved)
 
 
-def load_model(path: str | Path, dtype: torch.dtype = torch.float32, load_experts: bool = True) -> MoEModel:
-    """Load a Hugging Face MoE checkpoint folder. `load_experts=False` skips the routed experts
-    (a worker whose experts live on shards reads none of their bytes)."""
+def load_model(path: str | Path, dtype: torch.dtype = torch.float32, load_experts: bool = True,
+               device: str | torch.device = "cpu") -> MoEModel:  # fmt: skip
+    """Load a Hugging Face MoE checkpoint folder onto `device`. `load_experts=False` skips the routed
+    experts (a worker whose experts live on shards reads none of their bytes)."""
     spec = load_spec(path)
     start = time.perf_counter()
-    logger.info("loading %s (%s, %d layers, %s%s)", path, spec.family, spec.num_layers,
-                str(dtype).removeprefix("torch."), "" if load_experts else ", no routed experts")  # fmt: skip
-    model = MoEModel(spec, Checkpoint(path), dtype, load_experts)
+    logger.info("loading %s (%s, %d layers, %s, %s%s)", path, spec.family, spec.num_layers,
+                str(dtype).removeprefix("torch."), device, "" if load_experts else ", no routed experts")  # fmt: skip
+    model = MoEModel(spec, Checkpoint(path, device), dtype, load_experts)
     logger.info("loaded %s in %.1f s", Path(path).name, time.perf_counter() - start)
     return model

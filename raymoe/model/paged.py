@@ -12,22 +12,25 @@ that step, built once per step and shared by every layer.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
 KVCache = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: (k_cache, v_cache)
+TENSOR_FIELDS = ("positions", "slot_mapping", "block_tables", "query_index", "token_index", "sequence_tags")
 
 
 def allocate_kv_cache(
-    kv_layout: list[tuple[int, int, int]], num_blocks: int, block_size: int, dtype: torch.dtype
+    kv_layout: list[tuple[int, int, int]], num_blocks: int, block_size: int, dtype: torch.dtype,
+    device: str | torch.device = "cpu",
 ) -> KVCache:
-    """kv_layout: per layer (kv_heads, k_dim, v_dim) -> zeroed paged cache tensors."""
+    """kv_layout: per layer (kv_heads, k_dim, v_dim) -> zeroed paged cache tensors on `device`."""
     return [
         (
-            torch.zeros(num_blocks, block_size, heads, k_dim, dtype=dtype),
-            torch.zeros(num_blocks, block_size, heads, v_dim, dtype=dtype),
+            torch.zeros(num_blocks, block_size, heads, k_dim, dtype=dtype, device=device),
+            torch.zeros(num_blocks, block_size, heads, v_dim, dtype=dtype, device=device),
         )
         for heads, k_dim, v_dim in kv_layout
     ]
@@ -71,13 +74,15 @@ class AttentionBatch:
         block_size: int,
         positions: list[list[int]] | None = None,
         tags: list[int] | None = None,
+        device: str | torch.device = "cpu",
     ) -> "AttentionBatch":
         """Everything is derived from per-sequence lengths and block tables (vectorised: built every step).
 
         positions: per sequence, the increasing positions (< its context length) of its new tokens
         when they are not its last `query_lens[b]` tokens (chunk-cache repair recomputes a chosen
         subset); the mask is then causal by position (a query sees keys at or before its own).
-        tags: per sequence, its tag (the first token id of its prompt), for routing replay."""
+        tags: per sequence, its tag (the first token id of its prompt), for routing replay.
+        device: where the tensors go (built on the host, then moved in one go)."""
         assert len(query_lens) == len(context_lens) == len(block_tables)
         max_q, max_ctx = max(query_lens), max(context_lens)
         max_blocks = (max_ctx + block_size - 1) // block_size
@@ -93,7 +98,7 @@ class AttentionBatch:
         j = torch.arange(max_q)
         query_index = torch.where(j[None, :] < torch.tensor(query_lens)[:, None], firsts[:, None] + j, sum(query_lens))
         within = torch.arange(len(rows)) - firsts[rows_t]  # [T] index of a token within its sequence
-        return cls(
+        batch = cls(
             query_lens=list(query_lens),
             context_lens=list(context_lens),
             positions=positions,
@@ -105,6 +110,16 @@ class AttentionBatch:
             explicit_positions=positions is not None,
             sequence_tags=None if tags is None else torch.tensor(tags, dtype=torch.long)[rows_t],
         )
+        return batch if torch.device(device).type == "cpu" else batch.to(device)
+
+    def to(self, device: str | torch.device) -> "AttentionBatch":
+        """The same batch with its tensors on `device` (masks are rebuilt there)."""
+        move = {f: getattr(self, f).to(device) for f in TENSOR_FIELDS if getattr(self, f) is not None}
+        return dataclasses.replace(self, **move, _masks={})
+
+    @property
+    def device(self) -> torch.device:
+        return self.positions.device
 
     def mask(self, sliding_window: int | None = None) -> torch.Tensor:
         """[B, 1, max_q, max_blocks * block_size] bool, True where a query may attend to a key
@@ -114,20 +129,21 @@ class AttentionBatch:
         return self._masks[sliding_window]
 
     def _build_mask(self, sliding_window: int | None) -> torch.Tensor:
-        q_lens = torch.tensor(self.query_lens)[:, None, None]  # [B, 1, 1]
-        ctx = torch.tensor(self.context_lens)[:, None, None]
+        dev = self.device
+        q_lens = torch.tensor(self.query_lens).to(dev)[:, None, None]  # [B, 1, 1]
+        ctx = torch.tensor(self.context_lens).to(dev)[:, None, None]
         max_q = self.query_index.shape[1]
         max_ctx = self.block_tables.shape[1] * self.block_size
         if self.explicit_positions:  # padded rows get position 0 (they see key 0 only, as below)
             q_pos = torch.cat([self.positions, self.positions.new_zeros(1)])[self.query_index][:, :, None]
         else:
-            q_pos = ctx - q_lens + torch.arange(max_q)[None, :, None]  # [B, max_q, 1]
-        k_pos = torch.arange(max_ctx)[None, None, :]  # [1, 1, max_ctx]
+            q_pos = ctx - q_lens + torch.arange(max_q, device=dev)[None, :, None]  # [B, max_q, 1]
+        k_pos = torch.arange(max_ctx, device=dev)[None, None, :]  # [1, 1, max_ctx]
         mask = k_pos <= q_pos
         if sliding_window is not None:
             mask &= k_pos > q_pos - sliding_window
         # Padded query rows attend to key 0 only, so softmax never sees an all-masked row (NaN).
-        pad_rows = torch.arange(max_q)[None, :, None] >= q_lens
+        pad_rows = torch.arange(max_q, device=dev)[None, :, None] >= q_lens
         mask |= pad_rows & (k_pos == 0)
         return mask[:, None]
 

@@ -75,6 +75,11 @@ class RoutingReplay:
                 f"has {num_moe_layers}, {num_experts}, top-{top_k}: replay it on a model of the trace's shape"
             )
 
+    def to(self, device: str | torch.device) -> "RoutingReplay":
+        """Move the recorded routing to `device` (where the model's batches live)."""
+        self.lengths, self.ids, self.weights = (t.to(device) for t in (self.lengths, self.ids, self.weights))
+        return self
+
     def route(self, moe_layer: int, tags: torch.Tensor | None, positions: torch.Tensor):
         """tags, positions: `[T]` -> recorded (ids `[T, K]` int64, weights `[T, K]` float32).
 

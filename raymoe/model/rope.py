@@ -56,20 +56,22 @@ class Rotary:
 
     def __init__(self, dim: int, theta: float, scaling: dict, max_positions: int, interleaved: bool = False):
         inv_freq, self.scale = inv_freq_and_scale(dim, theta, scaling, max_positions)
-        self.inv_freq = inv_freq
+        self.inv_freq = inv_freq  # [dim / 2] float32, on the host until the first table is built
         self.interleaved = interleaved
         self._table: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """positions [T] -> cos, sin [T, 1, dim] (broadcast over heads), from a table grown on demand."""
         needed = int(positions.max()) + 1 if positions.numel() else 1
-        if self._table is None or self._table[0].shape[0] < needed or self._table[0].dtype != dtype:
-            self._table = self._build(max(needed, 2 * (self._table[0].shape[0] if self._table else 256)), dtype)
+        t = self._table
+        if t is None or t[0].shape[0] < needed or t[0].dtype != dtype or t[0].device != positions.device:
+            self._table = self._build(max(needed, 2 * (t[0].shape[0] if t else 256)), dtype, positions.device)
         cos, sin = self._table
         return cos[positions][:, None, :], sin[positions][:, None, :]
 
-    def _build(self, length: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        freqs = torch.arange(length)[:, None].float() * self.inv_freq[None, :]
+    def _build(self, length: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        self.inv_freq = self.inv_freq.to(device)
+        freqs = torch.arange(length, device=device)[:, None].float() * self.inv_freq[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
         return (emb.cos() * self.scale).to(dtype), (emb.sin() * self.scale).to(dtype)
 
@@ -78,7 +80,7 @@ class Rotary:
         positions p, delta [T] -> x rotated at p + delta. Rotations compose, R(p + d) = R(d) R(p),
         so this rotates by the raw angles d * inv_freq: no attention scale (x carries it already)
         and the half-split layout whatever `interleaved` (`apply` writes half-split)."""
-        freqs = delta.to(torch.float32)[:, None] * self.inv_freq[None, :]  # [T, dim / 2]
+        freqs = delta.to(torch.float32)[:, None] * self.inv_freq.to(delta.device)[None, :]  # [T, dim / 2]
         emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]  # [T, 1, dim]
         xf = x.float()
         x1, x2 = xf[..., : x.shape[-1] // 2], xf[..., x.shape[-1] // 2 :]

@@ -33,13 +33,14 @@ class RoutingTally:
         if not step:
             return
         num_seqs, width = len(request_ids), self.num_layers * self.num_experts
-        seq_of_token = torch.repeat_interleave(torch.arange(num_seqs), torch.tensor(query_lens))  # [T]
+        device = next(iter(step.values()))[0].device
+        seq_of_token = torch.repeat_interleave(torch.arange(num_seqs), torch.tensor(query_lens)).to(device)  # [T]
         cells = []
         for layer, parts in step.items():
             ids = torch.cat(parts)  # [T, K]
             cells.append(seq_of_token[:, None] * width + layer * self.num_experts + ids)
         counts = torch.bincount(torch.cat(cells).reshape(-1), minlength=num_seqs * width)
-        counts = counts.view(num_seqs, self.num_layers, self.num_experts).numpy()
+        counts = counts.view(num_seqs, self.num_layers, self.num_experts).cpu().numpy()  # one host copy
         for b, rid in enumerate(request_ids):
             have = self.counts.get(rid)
             self.counts[rid] = counts[b].copy() if have is None else have + counts[b]

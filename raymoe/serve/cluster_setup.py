@@ -25,7 +25,7 @@ def cluster_config(config: RaymoeConfig):
     c = config.cluster
     return ClusterConfig(
         shards_per_node=c.shards_per_node, replicas=c.replicas, num_microbatches=c.num_microbatches,
-        colocate_experts=c.colocate_experts,
+        colocate_experts=c.colocate_experts, shard_num_gpus=c.shard_num_gpus,
         engine=config.engine.to_engine_config(), kv_pool_bytes=c.kv_pool_bytes,
         placement_policy=c.placement_policy, rebalance_interval_s=c.rebalance_interval_s, namespace=NAMESPACE,
     )  # fmt: skip
@@ -37,7 +37,8 @@ def ensure_controller(config: RaymoeConfig, model_path: str):
 
     c = cluster_config(config)
     controller = get_or_create_controller(
-        model_path, namespace=NAMESPACE, dtype=c.engine.dtype, shards_per_node=c.shards_per_node,
+        model_path, namespace=NAMESPACE, dtype=c.engine.dtype, device=c.engine.device,
+        shard_num_gpus=c.shard_num_gpus, shards_per_node=c.shards_per_node,
         replicas=c.replicas, policy=c.placement_policy, node_watch_s=config.cluster.node_watch_s,
     )  # fmt: skip
     if c.rebalance_interval_s:

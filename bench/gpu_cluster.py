@@ -1,0 +1,82 @@
+"""A 2-shard raymoe cluster on one CUDA GPU (fractional num_gpus): lossless against the one-process
+engine on the same GPU, and decode tokens/s of each arrangement.
+
+    python bench/gpu_cluster.py [--out $OUT/gpu_cluster.json]
+
+One local Ray node (loopback) with the machine's GPU; prefill and decode workers and 2 expert
+shards each reserve 0.2 of it. Arrangements: co-located (the decode worker runs every expert on
+its device) and co-location off (rows staged through the host to the shards: the actor-call
+transport; NCCL between actors is measured by bench/transport.py --backends nccl). float32, greedy,
+built-in model. Prints one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # loopback only, before Ray starts
+
+import ray
+
+from raymoe.actors.cluster import MoECluster
+from raymoe.cluster.cluster import ClusterConfig
+from raymoe.engine.llm_engine import EngineConfig, LLMEngine
+from raymoe.engine.sampling_params import SamplingParams
+from raymoe.model.builtin import builtin_model_path
+from raymoe.model.model import load_model
+
+ENGINE = EngineConfig(max_num_seqs=16, max_num_batched_tokens=512, dtype="float32", device="cuda")
+PROMPTS = [[(17 * i + 5 * j) % 4000 + 10 for j in range(32)] for i in range(16)]
+PARAMS = SamplingParams(temperature=0, max_tokens=48, ignore_eos=True)
+
+
+def one_process(path: str) -> tuple[list[list[int]], float]:
+    engine = LLMEngine(load_model(path, device="cuda"), None, ENGINE)
+    for i, p in enumerate(PROMPTS):
+        engine.add_request(p, PARAMS, request_id=str(i))
+    out, start = {str(i): [] for i in range(len(PROMPTS))}, time.perf_counter()
+    while engine.has_unfinished():
+        for d in engine.step():
+            out[d.request_id].extend(d.token_ids)
+    return [out[str(i)] for i in range(len(PROMPTS))], time.perf_counter() - start
+
+
+def on_cluster(path: str, colocate: bool) -> tuple[list[list[int]], float]:
+    config = ClusterConfig(engine=ENGINE, num_shards=2, shard_num_gpus=0.2, worker_num_gpus=0.2,
+                           colocate_experts=colocate, namespace=f"gpu-{int(colocate)}")  # fmt: skip
+    cluster = MoECluster(path, config)
+    try:
+        cluster.generate(PROMPTS[:2], SamplingParams(max_tokens=4, ignore_eos=True))  # warm-up
+        start = time.perf_counter()
+        outs = cluster.generate(PROMPTS, PARAMS)
+        return [o.token_ids for o in outs], time.perf_counter() - start
+    finally:
+        cluster.shutdown()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    path = str(builtin_model_path())
+    expected, base_s = one_process(path)
+    ray.init(num_cpus=8, num_gpus=1, include_dashboard=False)
+    tokens = len(PROMPTS) * PARAMS.max_tokens
+    report = {"one_process": {"tokens_per_s": round(tokens / base_s, 1)}}
+    for colocate in (True, False):
+        got, seconds = on_cluster(path, colocate)
+        report["colocated" if colocate else "shards_over_host"] = {
+            "tokens_per_s": round(tokens / seconds, 1), "identical_to_one_process": got == expected}
+    ray.shutdown()
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text)
+
+
+if __name__ == "__main__":
+    main()
