@@ -30,18 +30,19 @@ def adjust_logits(logits: torch.Tensor, seqs: list, eos_token_ids: tuple[int, ..
 def adjust_row(row: torch.Tensor, p: SamplingParams, prompt_ids: list[int], output_ids: list[int],
                eos_token_ids: tuple[int, ...]) -> torch.Tensor:  # fmt: skip
     """row: [V] logits of one sequence -> adjusted [V] (in place)."""
-    vocab_size = row.shape[0]
+    vocab_size, dev = row.shape[0], row.device  # index tensors are built on the host, moved once each
     if p.logit_bias:
-        ids = torch.tensor([t for t, _ in p.logit_bias if t < vocab_size], dtype=torch.long)
-        row[ids] += torch.tensor([b for t, b in p.logit_bias if t < vocab_size], dtype=row.dtype)
+        ids = torch.tensor([t for t, _ in p.logit_bias if t < vocab_size], dtype=torch.long).to(dev)
+        row[ids] += torch.tensor([b for t, b in p.logit_bias if t < vocab_size], dtype=row.dtype).to(dev)
     if len(output_ids) < p.min_tokens:
         barred = set(p.stop_token_ids) | (set() if p.ignore_eos else set(eos_token_ids))
-        row[[t for t in barred if t < vocab_size]] = float("-inf")
+        row[torch.tensor([t for t in barred if t < vocab_size], dtype=torch.long).to(dev)] = float("-inf")
     if p.repetition_penalty != 1:
-        seen = torch.tensor(sorted(set(prompt_ids) | set(output_ids)), dtype=torch.long)
+        seen = torch.tensor(sorted(set(prompt_ids) | set(output_ids)), dtype=torch.long).to(dev)
         vals = row[seen]
         row[seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
     if (p.frequency_penalty or p.presence_penalty) and output_ids:
-        counts = torch.bincount(torch.tensor(output_ids, dtype=torch.long), minlength=vocab_size)[:vocab_size]
+        ids = torch.tensor(output_ids, dtype=torch.long).to(dev)
+        counts = torch.bincount(ids, minlength=vocab_size)[:vocab_size]
         row -= p.frequency_penalty * counts.to(row.dtype) + p.presence_penalty * (counts > 0).to(row.dtype)
     return row

@@ -15,7 +15,8 @@ Entry = tuple[float, list[tuple[int, float]]]
 def entries(logits: torch.Tensor, token_ids: list[int], num_top: int) -> list[Entry]:
     """logits: [N, V] raw; token_ids: [N] the tokens to score -> one entry per row."""
     logprobs = torch.log_softmax(logits.float(), dim=-1)  # [N, V]
-    chosen = logprobs.gather(1, torch.tensor(token_ids, dtype=torch.long)[:, None])[:, 0].tolist()  # [N]
+    index = torch.tensor(token_ids, dtype=torch.long).to(logprobs.device)[:, None]  # [N, 1]
+    chosen = logprobs.gather(1, index)[:, 0].tolist()  # [N]
     if num_top == 0:
         return [(c, []) for c in chosen]
     top = logprobs.topk(num_top, dim=-1)  # values, indices: [N, num_top]

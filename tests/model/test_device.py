@@ -43,10 +43,13 @@ def test_the_stand_in_device_catches_mixed_devices():
 
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_every_tensor_follows_the_weights_device(family, checkpoint_dir):
-    """Greedy and seeded sampling, chunked prefill, continuous batching: same tokens as on the CPU."""
+    """Greedy and seeded sampling (with penalties, bias, logprobs), chunked prefill, continuous
+    batching: same tokens as on the CPU."""
     path = checkpoint_dir(family)
     greedy = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
-    seeded = SamplingParams(temperature=0.8, top_k=20, top_p=0.9, seed=3, max_tokens=6, ignore_eos=True)
+    seeded = SamplingParams(temperature=0.8, top_k=20, top_p=0.9, seed=3, max_tokens=6, ignore_eos=True,
+                            min_p=0.01, presence_penalty=0.5, frequency_penalty=0.3, repetition_penalty=1.2,
+                            logit_bias=((7, 3.0),), min_tokens=2, logprobs=2, prompt_logprobs=1)  # fmt: skip
     expected = [run(load_model(path), p) for p in (greedy, seeded)]
     with DeviceMode() as mode, torch.inference_mode():  # the engine's tensors all made in inference mode
         model = load_model(path, device="meta")
