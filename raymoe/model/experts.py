@@ -1,8 +1,9 @@
-"""Routed expert FFNs, computed grouped: tokens sorted by expert, one matmul chain per expert.
+"""Routed expert FFNs, computed grouped: tokens sorted by expert, every expert of a layer at once.
 
 The work of one MoE layer splits in three so that the middle can run in another process:
   1. `group_tokens`: sort the T*K (token, expert) pairs by expert -> `TokenGroups`;
-  2. `ExpertStore.run_groups`: run each expert on its contiguous group of rows;
+  2. `ExpertStore.run_groups`: run each expert on its contiguous group of rows (on CPU, all groups
+     in two `torch._grouped_mm` calls; where that is missing, a batched or per-expert fallback);
   3. `combine`: weight each row by its router weight and sum back per token.
 The sum in (3) adds a token's expert outputs in ascending expert order, as the reference does.
 """
@@ -14,6 +15,8 @@ from typing import Iterable, Protocol
 
 import torch
 import torch.nn.functional as F
+
+from raymoe.model.grouped import can_group
 
 from raymoe.logs import progress
 from raymoe.model.checkpoint import Checkpoint
@@ -85,6 +88,13 @@ class LayerExperts:
         gate, up = (x @ self.gate_up_t[j]).chunk(2, dim=-1)
         return (F.silu(gate) * up) @ self.down_t[j]
 
+    def run_grouped(self, rows: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        """rows [P, H] in contiguous groups, counts[j] rows for held expert j (stack order) -> [P, H].
+        Two grouped matmuls for the whole layer; each group's rows get the same `mm` as `run_one`."""
+        offs = torch.tensor(counts, dtype=torch.int32).cumsum(0, dtype=torch.int32)  # [n] group ends
+        gate, up = torch._grouped_mm(rows, self.gate_up_t, offs=offs).chunk(2, dim=-1)
+        return torch._grouped_mm(F.silu(gate) * up, self.down_t, offs=offs)
+
     def run_padded(self, rows: torch.Tensor, groups: TokenGroups) -> torch.Tensor:
         """All groups in two batched matmuls, each group padded to the largest: [P, H] -> [P, H].
         Few ops instead of a chain per expert; pays off while groups are small (decode)."""
@@ -134,14 +144,19 @@ class ExpertStore:
         return self.layers[layer].run_one(expert, x)
 
     def run_groups(self, layer: int, rows: torch.Tensor, groups: TokenGroups) -> torch.Tensor:
-        """rows: [P, H] sorted by expert -> [P, H] expert outputs.
+        """rows: [P, H] sorted by expert -> [P, H] expert outputs (every row's expert is held).
 
-        Two batched matmuls over every held expert when each has rows and padding at most quadruples
+        Two grouped matmuls over the held experts where `torch._grouped_mm` runs (`can_group`). Else
+        two batched matmuls over every held expert when each has rows and padding at most quadruples
         them (decode batches); else one matmul chain per expert, reading only the experts used."""
         present = [c for c in groups.counts if c]
         if not present:
             return torch.empty_like(rows)
         held = self.layers[layer]
+        if can_group(rows, held.gate_up_t, held.down_t):
+            counts = [groups.counts[e] for e in held.expert_ids]
+            assert sum(counts) == rows.shape[0], "a row's expert is not held here"
+            return held.run_grouped(rows, counts)
         if len(present) == len(held.expert_ids) and max(present) * len(present) <= 4 * rows.shape[0]:
             return held.run_padded(rows, groups)
         out = torch.empty_like(rows)
