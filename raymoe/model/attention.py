@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from raymoe.model import paged
 from raymoe.model.checkpoint import Checkpoint
@@ -23,6 +24,10 @@ class GQAAttention:
             eps = spec.rms_norm_eps
             self.q_norm = RMSNorm(ckpt.get(f"{p}.q_norm.weight", dtype), eps)
             self.k_norm = RMSNorm(ckpt.get(f"{p}.k_norm.weight", dtype), eps)
+        self.qk_head_weight = None  # [heads + kv_heads, d]: Qwen3's q and k head norms as one op
+        if spec.qk_norm == "head" and dtype == torch.float32:
+            q_w, k_w = self.q_norm.weight, self.k_norm.weight
+            self.qk_head_weight = torch.cat([q_w.expand(self.heads, -1), k_w.expand(self.kv_heads, -1)])
         self.clip_qkv = spec.clip_qkv
         self.sliding_window = spec.sliding_window[layer] if spec.sliding_window else None
         self.rotary = rotary
@@ -62,7 +67,9 @@ class GQAAttention:
             qkv = qkv.clamp(-self.clip_qkv, self.clip_qkv)
         qkv = qkv.view(-1, heads + 2 * kv_heads, d)
         qk, v = qkv[:, : heads + kv_heads], qkv[:, heads + kv_heads :]
-        if self.qk_norm == "head":  # Qwen3 normalises each head
+        if self.qk_head_weight is not None:  # Qwen3 normalises each head; same math as below, one op
+            qk = F.rms_norm(qk, (d,), None, self.q_norm.eps) * self.qk_head_weight
+        elif self.qk_norm == "head":
             qk = torch.cat([self.q_norm(qk[:, :heads]), self.k_norm(qk[:, heads:])], dim=1)
         cos, sin = cos_sin
         return self.rotary.apply(qk, cos, sin), v

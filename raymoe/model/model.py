@@ -19,6 +19,7 @@ from raymoe.logs import progress
 from raymoe.model.attention import GQAAttention
 from raymoe.model.checkpoint import Checkpoint
 from raymoe.model.experts import ExpertBackend, ExpertStore, LocalExperts
+from raymoe.model.head import HeadLinear
 from raymoe.model.layers import Linear, RMSNorm, SwiGLU
 from raymoe.model.mla import MLAAttention
 from raymoe.model.paged import AttentionBatch
@@ -120,6 +121,7 @@ class MoEModel:
         self.norm = RMSNorm(ckpt.get("model.norm.weight", dtype), spec.rms_norm_eps)
         tied = spec.tie_word_embeddings or not ckpt.has("lm_head.weight")
         self.lm_head = self.embed if tied else ckpt.get("lm_head.weight", dtype)  # [V, H]
+        self.head = HeadLinear(self.lm_head)
         self.experts: ExpertBackend | None = None
         self.tally = None  # a RoutingTally recording each request's routing, when set (record_routing)
         if load_experts:
@@ -156,7 +158,7 @@ class MoEModel:
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [N, H] -> logits [N, V] float32."""
-        return F.linear(hidden, self.lm_head).float()
+        return self.head(hidden).float()
 
 
 def _replay(spec: ModelSpec, device: torch.device) -> RoutingReplay | None:

@@ -55,7 +55,7 @@ class AttentionBatch:
     block_size: int
     explicit_positions: bool = False  # new tokens at given positions, not the last of each context
     sequence_tags: torch.Tensor | None = None  # [T] each token's sequence tag (routing replay's key)
-    _masks: dict = field(default_factory=dict)  # sliding window (None = full) -> mask
+    _masks: dict = field(default_factory=dict)  # (sliding window (None = full), GQA group) -> mask
 
     @property
     def num_tokens(self) -> int:
@@ -121,12 +121,18 @@ class AttentionBatch:
     def device(self) -> torch.device:
         return self.positions.device
 
-    def mask(self, sliding_window: int | None = None) -> torch.Tensor:
-        """[B, 1, max_q, max_blocks * block_size] bool, True where a query may attend to a key
-        (causal, in window)."""
-        if sliding_window not in self._masks:
-            self._masks[sliding_window] = self._build_mask(sliding_window)
-        return self._masks[sliding_window]
+    def mask(self, sliding_window: int | None = None, group: int = 1) -> torch.Tensor:
+        """[B, 1, group * max_q, max_blocks * block_size] bool, True where a query may attend to a key
+        (causal, in window); each query row repeated for the `group` query heads folded into it (GQA).
+        Built once per step and shared by every layer."""
+        key = (sliding_window, group)
+        if key not in self._masks:
+            mask = self._build_mask(sliding_window)  # [B, 1, max_q, max_ctx]
+            if group > 1:
+                num_seqs, _, max_q, max_ctx = mask.shape
+                mask = mask.unsqueeze(2).expand(-1, -1, group, -1, -1).reshape(num_seqs, 1, group * max_q, max_ctx)
+            self._masks[key] = mask
+        return self._masks[key]
 
     def _build_mask(self, sliding_window: int | None) -> torch.Tensor:
         dev = self.device
@@ -199,9 +205,7 @@ def attend(
     # GQA without copying K/V per head: query head h uses kv head h // group, so fold each kv head's
     # `group` query heads into its query rows: [B, kv_heads, group * max_q, k_dim].
     qp = qp.view(num_seqs, max_q, kv_heads, group, -1).permute(0, 2, 3, 1, 4).reshape(num_seqs, kv_heads, group * max_q, -1)
-    mask = batch.mask(sliding_window)  # [B, 1, max_q, max_ctx]
-    if group > 1:
-        mask = mask.unsqueeze(2).expand(-1, -1, group, -1, -1).reshape(num_seqs, 1, group * max_q, -1)
+    mask = batch.mask(sliding_window, group)  # [B, 1, group * max_q, max_ctx]
     out = F.scaled_dot_product_attention(qp, k_ctx.transpose(1, 2), v_ctx.transpose(1, 2), attn_mask=mask, scale=scale)
     out = out.view(num_seqs, kv_heads, group, max_q, -1).permute(0, 3, 1, 2, 4)  # [B, max_q, kv_heads, group, v]
     return unpad_queries(out.reshape(num_seqs, max_q, heads, -1), batch)  # [T, heads, v_dim]
