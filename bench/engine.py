@@ -10,7 +10,8 @@ system's alone), on two models: the built-in one and a Mixtral-shaped one (hidde
   batch runs until its longest output). Figure: useful (requested) output tokens per second.
 - fixed: B equal prompts of 32 tokens, B in 1, 8, 32: decode time per step, from
   (time for 65 tokens - time for 1 token) / 64.
-Medians over `--repeats`. vLLM's CPU build joins as an optional peer when importable.
+Medians over `--repeats`; `--dtype bfloat16` runs every system in bfloat16. vLLM's CPU build joins as
+an optional peer when importable.
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ class RaymoeSystem:
     def __init__(self, model_path: str, max_num_seqs: int):
         from raymoe.engine.llm import LLM
 
-        self.llm = LLM(model=model_path, max_num_seqs=max_num_seqs, max_num_batched_tokens=512)
+        self.llm = LLM(model=model_path, max_num_seqs=max_num_seqs, max_num_batched_tokens=512, dtype=bench_dtype())
 
     def run(self, requests) -> float:
         from raymoe.engine.sampling_params import SamplingParams
@@ -76,7 +77,7 @@ class TransformersSystem:
         import transformers
 
         self.torch = torch
-        self.model = transformers.AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+        self.model = transformers.AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, bench_dtype())).eval()
         self.batch_size = batch_size
 
     def run(self, requests) -> float:
@@ -103,7 +104,7 @@ class VllmSystem:
     def __init__(self, model_path: str, max_num_seqs: int):
         from vllm import LLM  # optional peer: never a dependency
 
-        self.llm = LLM(model=model_path, dtype="float32", max_num_seqs=max_num_seqs, enforce_eager=False)
+        self.llm = LLM(model=model_path, dtype=bench_dtype(), max_num_seqs=max_num_seqs, enforce_eager=False)
 
     def run(self, requests) -> float:
         from vllm import SamplingParams, TokensPrompt
@@ -112,6 +113,11 @@ class VllmSystem:
         start = time.perf_counter()
         self.llm.generate([TokensPrompt(prompt_token_ids=p) for p, _ in requests], params)
         return time.perf_counter() - start
+
+
+def bench_dtype() -> str:
+    """Weights' dtype of every system (`--dtype`, passed to the workers in the environment)."""
+    return os.environ.get("RAYMOE_BENCH_DTYPE", "float32")
 
 
 SYSTEMS = {"raymoe": RaymoeSystem, "transformers": TransformersSystem, "vllm": VllmSystem}
@@ -147,7 +153,8 @@ def worker(system: str, model_path: str, task: str, repeats: int, num_requests: 
 
 
 def run_worker(system: str, model_path: Path, task: str, args) -> dict:
-    python, env = sys.executable, {**os.environ, "RAYMOE_BENCH_THREADS": str(args.threads)}
+    python, env = sys.executable, {**os.environ, "RAYMOE_BENCH_THREADS": str(args.threads),
+                                          "RAYMOE_BENCH_DTYPE": args.dtype}
     if system == "vllm" and args.vllm_venv:
         python, env = vllm_env(args.vllm_venv, env)
     cmd = [python, __file__, "--worker", system, "--model", str(model_path), "--task", task,
@@ -199,6 +206,7 @@ def main() -> None:
     parser.add_argument("--peer", choices=["vllm"], default=None, help="also run vLLM's CPU build")
     parser.add_argument("--vllm-venv", default="/work/vllm-venv", help="its venv (bench/setup_vllm.sh)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads of every system")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="weights of every system")
     parser.add_argument("--systems", default=None, help="comma-separated subset of raymoe,transformers,vllm")
     parser.add_argument("--worker", choices=sorted(SYSTEMS))
     parser.add_argument("--model")
@@ -214,7 +222,7 @@ def main() -> None:
     if args.systems:
         systems = [s for s in systems if s in args.systems.split(",")]
     report = {"config": {**SERVING, "num_requests": args.num_requests, "repeats": args.repeats,
-                         "fixed_batches": FIXED_BATCHES, "threads": args.threads, "vllm": "vllm" in systems}}  # fmt: skip
+                         "fixed_batches": FIXED_BATCHES, "threads": args.threads, "dtype": args.dtype, "vllm": "vllm" in systems}}  # fmt: skip
     for name, path in prepare_models(workdir).items():
         report[name] = measure_model(path, systems, args)
     text = json.dumps(report, indent=2)

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from raymoe.model.grouped import can_group
+from raymoe.model.matmul import matmul, widen
 
 from raymoe.logs import progress
 from raymoe.model.checkpoint import Checkpoint
@@ -85,8 +86,8 @@ class LayerExperts:
     def run_one(self, expert: int, x: torch.Tensor) -> torch.Tensor:
         """x: [N, H] -> [N, H]."""
         j = self.local[expert]
-        gate, up = (x @ self.gate_up_t[j]).chunk(2, dim=-1)
-        return (F.silu(gate) * up) @ self.down_t[j]
+        gate, up = matmul(x, self.gate_up_t[j]).chunk(2, dim=-1)
+        return matmul(F.silu(gate) * up, self.down_t[j])
 
     def run_grouped(self, rows: torch.Tensor, counts: list[int]) -> torch.Tensor:
         """rows [P, H] in contiguous groups, counts[j] rows for held expert j (stack order) -> [P, H].
@@ -148,7 +149,8 @@ class ExpertStore:
 
         Two grouped matmuls over the held experts where `torch._grouped_mm` runs (`can_group`). Else
         two batched matmuls over every held expert when each has rows and padding at most quadruples
-        them (decode batches); else one matmul chain per expert, reading only the experts used."""
+        them (decode batches); else one matmul chain per expert, reading only the experts used (and,
+        in bfloat16 on a CPU without bf16 instructions, widening only those: `raymoe.model.matmul`)."""
         present = [c for c in groups.counts if c]
         if not present:
             return torch.empty_like(rows)
@@ -157,7 +159,8 @@ class ExpertStore:
             counts = [groups.counts[e] for e in held.expert_ids]
             assert sum(counts) == rows.shape[0], "a row's expert is not held here"
             return held.run_grouped(rows, counts)
-        if len(present) == len(held.expert_ids) and max(present) * len(present) <= 4 * rows.shape[0]:
+        dense = len(present) == len(held.expert_ids) and max(present) * len(present) <= 4 * rows.shape[0]
+        if dense and not widen(rows):
             return held.run_padded(rows, groups)
         out = torch.empty_like(rows)
         for expert, start, end in groups.expert_ranges():

@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import torch
 
+from raymoe.model.matmul import widen
+
 _EXACT: dict[torch.dtype, bool] = {}  # dtype -> the probe's verdict
 
 
 def can_group(rows: torch.Tensor, *weights: torch.Tensor) -> bool:
     """rows [P, H] and stacked weights [G, K, N] (all on one device): True where the grouped
-    call runs and gives the per-group matmuls' exact results."""
-    if rows.device.type != "cpu" or not hasattr(torch, "_grouped_mm"):
+    call runs and gives the per-group matmuls' exact results (and low precision has CPU support)."""
+    if rows.device.type != "cpu" or not hasattr(torch, "_grouped_mm") or widen(rows):
         return False
     if any(w.stride(-1) != 1 or not _aligned(w) for w in weights) or not _aligned(rows):
         return False

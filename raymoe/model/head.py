@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from raymoe.model.matmul import linear
+
 PACK_ROWS = 32  # rows the packed weight is laid out for (the default decode batch)
 MAX_PACKED_BYTES = 16 << 20  # the packed copy doubles the head's memory (and the check costs): small heads
 
@@ -29,7 +31,7 @@ class HeadLinear:
         """x: [N, H] -> [N, V]."""
         n = x.shape[0]
         if n not in self.exact_rows:
-            return F.linear(x, self.weight)
+            return linear(x, self.weight)
         padded = torch.cat([x, x.new_zeros(PACK_ROWS - n, x.shape[1])]) if n < PACK_ROWS else x
         return torch.ops.mkl._mkl_linear(padded, self.packed, self.weight, None, PACK_ROWS)[:n]
 

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from raymoe.model.checkpoint import Checkpoint
+from raymoe.model.matmul import linear
 
 
 class RMSNorm:
@@ -41,7 +42,7 @@ class Linear:
         return cls(torch.cat([p.weight for p in parts]), bias)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias)
 
     @property
     def out_features(self) -> int:
@@ -60,5 +61,5 @@ class SwiGLU:
         return cls(torch.cat([gate, up]), down)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = F.linear(x, self.gate_up).chunk(2, dim=-1)
-        return F.linear(F.silu(gate) * up, self.down)
+        gate, up = linear(x, self.gate_up).chunk(2, dim=-1)
+        return linear(F.silu(gate) * up, self.down)
