@@ -110,6 +110,7 @@ class Batches:
         self.prose = prose_split()[0]
         self.eos = tok.token_to_id(builtin.EOS_TOKEN)
         self.seq_len, self.rows, self.docs = 256, 8, (2, 3)
+        self.easy: tuple[int, int] | None = None
         self._pending: tuple[list[int], list[float]] | None = None
 
     def stage(self, seq_len: int, rows: int, docs: tuple[int, int]) -> None:
@@ -121,7 +122,8 @@ class Batches:
         return self.tok.encode(text, add_special_tokens=False).ids
 
     def qa_example(self) -> tuple[list[int], list[float]]:
-        qa = self.gen.qa(self.rng.randint(*self.docs))
+        easy = self.easy  # (max facts, max fillers) per document, or None: the contract's 6 and 3
+        qa = self.gen.qa(self.rng.randint(*self.docs), max_facts=easy[0], max_fillers=easy[1]) if easy else self.gen.qa(self.rng.randint(*self.docs))
         ids = self._encode("\n".join(qa.documents) + "\n")
         w = [CONTEXT_WEIGHT] * len(ids)
         pairs = self.gen.quiz(qa, self.rng.randint(0, MAX_QUIZ)) + [(qa.question, qa.answer)]
@@ -293,7 +295,8 @@ def train(args) -> None:
     print(f"params {params / 1e6:.2f}M vocab {tok.get_vocab_size()} pieces {len(pieces)}", flush=True)
     start = time.time()
     for step in range(args.steps):
-        seq_len, rows, docs = stage_at(step)
+        seq_len, rows, docs = stage_at(step) if step >= args.easy_until else SHORT
+        batches.easy = (3, 0) if step < args.easy_until else None  # warm-up: short documents, no filler
         batches.stage(seq_len, max(1, int(rows * args.rows_scale)), docs)
         ids, weights = next(batches)
         for group in opt.param_groups:
@@ -370,6 +373,7 @@ def main() -> None:
     p.add_argument("--moe-inter", type=int, default=ARCHITECTURE["moe_intermediate_size"])
     p.add_argument("--rows-scale", type=float, default=1.0, help="rows per step, as a multiple of the stages'")
     p.add_argument("--restate-share", type=float, default=RESTATE_SHARE)
+    p.add_argument("--easy-until", type=int, default=0, help="steps of warm-up: short rows, 2-3 documents of 2-3 facts, no filler")
     p.add_argument("--qk-norm-init", type=float, default=1.0, help="initial gain of the query and key RMSNorms")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-every", type=int, default=200)

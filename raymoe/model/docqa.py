@@ -213,14 +213,15 @@ class CorpusGenerator:
             return self.rng.choice(_FILLERS_ABOUT).format(n=name)
         return self.prose_sentence()
 
-    def document(self, name: str, facts: dict[str, str]) -> str:
-        """One paragraph: the fact sentences in random order with 0-3 filler sentences mixed in."""
+    def document(self, name: str, facts: dict[str, str], max_fillers: int = 3) -> str:
+        """One paragraph: the fact sentences in random order with 0-max_fillers filler sentences mixed in."""
         sentences = [f"The {a} of {name} is {v}." for a, v in facts.items()]
-        for _ in range(self.rng.randint(0, 3)):
+        for _ in range(self.rng.randint(0, max_fillers)):
             sentences.insert(self.rng.randint(0, len(sentences)), self.filler(name))
         return " ".join(sentences)
 
-    def qa(self, num_docs: int | None = None, attributes: tuple[str, ...] = ATTRIBUTES) -> QAExample:
+    def qa(self, num_docs: int | None = None, attributes: tuple[str, ...] = ATTRIBUTES, max_facts: int = 6,
+           max_fillers: int = 3) -> QAExample:
         rng = self.rng
         n = num_docs or rng.randint(2, 8)
         names: list[str] = []
@@ -230,10 +231,10 @@ class CorpusGenerator:
                 names.append(candidate)
         docs, all_facts = [], []
         for person in names:
-            chosen = rng.sample(attributes, rng.randint(2, min(6, len(attributes))))
+            chosen = rng.sample(attributes, rng.randint(2, min(max_facts, len(attributes))))
             facts = {a: self.value(a) for a in chosen}
             all_facts.append(facts)
-            docs.append(self.document(person, facts))
+            docs.append(self.document(person, facts, max_fillers))
         target = rng.randrange(n)
         attribute = rng.choice(sorted(all_facts[target]))
         question = f"Question: What is the {attribute} of {names[target]}?"
