@@ -11,6 +11,7 @@
   training text never contains them), and made-up ones from a seed training never used; greedy
   decoding in `raymoe.LLM`; exact match = the reply is the value and a newline. Prompts end
   `Answer:` and, separately, `Answer: ` (the reply then has no leading space).
+- In-context copying: NLL of a line of made-up words, and of the same line repeated after it.
 - Routing: each layer's share of top-k expert picks per task type (prose, document QA, numbers)
   and the total-variation distance between task types' shares (0: same experts, 1: disjoint).
 """
@@ -135,6 +136,22 @@ def qa_report(llm: LLM, n: int, seed: int) -> dict:
     return out
 
 
+def copy_report(model, tok, eos: int, seed: int, n: int = 40) -> dict:
+    """In-context copying, the skill document QA rests on: mean NLL per token of a line of made-up
+    words (new combinations of the tokenizer's pieces) the first time and when it is repeated."""
+    gen = CorpusGenerator(seed, TRAIN, word_pieces(tok))
+    first, second = [], []
+    for _ in range(n):
+        line = " ".join(gen.pseudo_word(2) for _ in range(6))
+        a = tok.encode(" " + line, add_special_tokens=False)
+        ids = [eos, *a, *tok.encode(".\nAgain:", add_special_tokens=False), *a]
+        logp = torch.log_softmax(prefill_logits(model, ids), -1)
+        nll = -logp[:-1].gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
+        first.append(float(nll[: len(a)].mean()))
+        second.append(float(nll[-len(a) :].mean()))
+    return {"lines": n, "nll_first_occurrence": statistics.mean(first), "nll_repeated": statistics.mean(second)}
+
+
 class RouteTap:
     """Counts each layer's top-k expert picks while installed on a model."""
 
@@ -144,8 +161,8 @@ class RouteTap:
             layer.ffn.route = self._wrap(layer.ffn.route, i)
 
     def _wrap(self, route, i):
-        def tapped(x):
-            ids, weights = route(x)
+        def tapped(*args):
+            ids, weights = route(*args)
             self.counts[i].update(ids.flatten().tolist())
             return ids, weights
 
@@ -191,6 +208,7 @@ def main() -> None:
     report = {
         "model": str(path) if args.model else "builtin",
         "prose": prose_report(model, tok, eos, args.seed),
+        "in_context_copy": copy_report(model, tok, eos, args.seed),
         "document_qa": qa_report(llm, args.qa, args.seed),
         "routing": routing_report(model, tok, eos, args.seed),
     }
