@@ -6,7 +6,7 @@
 #    close to float32 (tests/model/test_cuda.py), plus the device-placement tests;
 # 3. the engine on CUDA, bfloat16, against transformers on the same GPU (bench/gpu_engine.py);
 # 4. a 2-shard cluster on the one GPU with fractional num_gpus, lossless against the one-process
-#    engine on CUDA (bench/gpu_cluster.py).
+#    engine on CUDA: co-located, rows staged through the host, rows over NCCL (bench/gpu_cluster.py).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/out/gpu}
@@ -17,7 +17,9 @@ step() { echo "== $1 ($(date +%T))" | tee -a "$OUT/steps.log"; }
 step install
 if [ ! -x .venv-gpu/bin/python ]; then python3 -m venv .venv-gpu; fi
 . .venv-gpu/bin/activate
-pip install -q -e ".[test]" >"$OUT/install.log" 2>&1 || { echo "install failed" | tee -a "$OUT/steps.log"; tail -20 "$OUT/install.log"; exit 1; }
+# cupy (the gpu extra) for the NCCL transport; without it the cluster's NCCL arrangement reports its error
+pip install -q -e ".[test,gpu]" >"$OUT/install.log" 2>&1 || pip install -q -e ".[test]" >>"$OUT/install.log" 2>&1 \
+    || { echo "install failed" | tee -a "$OUT/steps.log"; tail -20 "$OUT/install.log"; exit 1; }
 python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())" | tee -a "$OUT/steps.log"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >>"$OUT/steps.log" 2>&1
 

@@ -5,8 +5,8 @@ engine on the same GPU, and decode tokens/s of each arrangement.
 
 One local Ray node (loopback) with the machine's GPU; prefill and decode workers and 2 expert
 shards each reserve 0.2 of it. Arrangements: co-located (the decode worker runs every expert on
-its device) and co-location off (rows staged through the host to the shards: the actor-call
-transport; NCCL between actors is measured by bench/transport.py --backends nccl). float32, greedy,
+its device), co-location off with rows staged through the host to the shards (the actor-call
+transport) and co-location off with rows over NCCL (`transport: nccl`, cupy). float32, greedy,
 built-in model. Prints one JSON object.
 """
 
@@ -45,9 +45,17 @@ def one_process(path: str) -> tuple[list[list[int]], float]:
     return [out[str(i)] for i in range(len(PROMPTS))], time.perf_counter() - start
 
 
-def on_cluster(path: str, colocate: bool) -> tuple[list[list[int]], float]:
+ARRANGEMENTS = {  # name -> (colocate_experts, transport)
+    "colocated": (True, "actor_call"),
+    "shards_over_host": (False, "actor_call"),
+    "shards_over_nccl": (False, "nccl"),
+}
+
+
+def on_cluster(path: str, name: str) -> tuple[list[list[int]], float]:
+    colocate, transport = ARRANGEMENTS[name]
     config = ClusterConfig(engine=ENGINE, num_shards=2, shard_num_gpus=0.2, worker_num_gpus=0.2,
-                           colocate_experts=colocate, namespace=f"gpu-{int(colocate)}")  # fmt: skip
+                           colocate_experts=colocate, transport=transport, namespace=f"gpu-{name}")  # fmt: skip
     cluster = MoECluster(path, config)
     try:
         cluster.generate(PROMPTS[:2], SamplingParams(max_tokens=4, ignore_eos=True))  # warm-up
@@ -67,10 +75,13 @@ def main() -> None:
     ray.init(num_cpus=8, num_gpus=1, include_dashboard=False)
     tokens = len(PROMPTS) * PARAMS.max_tokens
     report = {"one_process": {"tokens_per_s": round(tokens / base_s, 1)}}
-    for colocate in (True, False):
-        got, seconds = on_cluster(path, colocate)
-        report["colocated" if colocate else "shards_over_host"] = {
-            "tokens_per_s": round(tokens / seconds, 1), "identical_to_one_process": got == expected}
+    for name in ARRANGEMENTS:
+        try:
+            got, seconds = on_cluster(path, name)
+        except Exception as e:  # one arrangement failing (e.g. cupy missing) still reports the others
+            report[name] = {"error": f"{type(e).__name__}: {e}"[:500]}
+            continue
+        report[name] = {"tokens_per_s": round(tokens / seconds, 1), "identical_to_one_process": got == expected}
     ray.shutdown()
     text = json.dumps(report, indent=2)
     print(text)

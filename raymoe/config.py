@@ -132,6 +132,15 @@ class ClusterSettings(_Frozen):
     node_watch_s: float | None = Field(2.0, gt=0, description="how often the controller reads Ray's node table")
     shard_num_gpus: float = Field(0.0, ge=0, description="GPU share each expert shard reserves (engine.device "
                                   "cuda: shards compute there; fractional lets shards share a GPU with workers)")  # fmt: skip
+    transport: Literal["actor_call", "nccl"] = Field(
+        "actor_call", description="decode workers' expert rows to shards: Ray actor calls, or NCCL between GPUs "
+        "(pip install 'raymoe[gpu]'; needs shard_num_gpus > 0)")  # fmt: skip
+
+    @model_validator(mode="after")
+    def _nccl_needs_gpus(self):
+        if self.transport == "nccl" and not self.shard_num_gpus > 0:
+            raise ValueError("transport 'nccl' moves rows between GPUs: set shard_num_gpus > 0 or use 'actor_call'")
+        return self
 
 
 class RaymoeConfig(_Frozen):

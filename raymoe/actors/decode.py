@@ -124,8 +124,7 @@ class DecodeWorker(WorkerShell):
         from raymoe.actors.worker_model import build_engine
 
         self.namespace, self._controller = namespace, None
-        self.experts = connect_experts(namespace, model_path, config.colocate_experts, config.engine.dtype,
-                                       config.engine.device)  # fmt: skip
+        self.experts = connect_experts(namespace, model_path, config, config.transport)
         engine = build_engine(model_path, config.engine, self.experts, config.num_microbatches)
         self.core = DecodeCore(engine, pool_set(namespace, config))
         self.outbox = Outbox()

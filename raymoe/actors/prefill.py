@@ -95,8 +95,7 @@ class PrefillWorker(WorkerShell):
         from raymoe.actors.remote_backend import connect_experts, pool_set
 
         self.lock = threading.Lock()
-        self.experts = connect_experts(namespace, model_path, config.colocate_experts, config.engine.dtype,
-                                       config.engine.device)  # fmt: skip
+        self.experts = connect_experts(namespace, model_path, config)
         from raymoe.actors.worker_model import build_engine
 
         pools = pool_set(namespace, config)

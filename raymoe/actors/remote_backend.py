@@ -8,12 +8,12 @@ from raymoe.actors.kv_pool import KVPoolClient, get_or_create_pool
 from raymoe.model.spec import load_spec
 
 
-def connect_experts(namespace: str, model_path: str, colocate: bool = True, dtype: str = "float32",
-                    device: str = "cpu"):  # fmt: skip
+def connect_experts(namespace: str, model_path: str, config, transport: str = "actor_call"):
     """A RemoteExperts backend on the controller's current placement; the worker registers for
-    placement updates (applied at its next step boundary). colocate: the worker runs the experts
-    placed on its own node in its own process (an `ExpertShardCore`, weights shared with the
-    node's shards through one mapping, see `raymoe.model.expert_file`)."""
+    placement updates (applied at its next step boundary). `config.colocate_experts`: the worker
+    runs the experts placed on its own node in its own process (an `ExpertShardCore`, weights
+    shared with the node's shards through one mapping, see `raymoe.model.expert_file`).
+    `transport`: how the other rows reach shards (`ClusterConfig.transport`)."""
     from raymoe.actors.expert_shard import ExpertShardCore
     from raymoe.cluster.controller import CONTROLLER_NAME
     from raymoe.cluster.dispatch import RemoteExperts
@@ -25,12 +25,25 @@ def connect_experts(namespace: str, model_path: str, colocate: bool = True, dtyp
     def on_shard_failure(shard_index: int):
         return ray.get(controller.shard_failed.remote(shard_index))
 
-    local = ExpertShardCore(model_path, [], dtype, device) if colocate else None
+    engine = config.engine
+    local = ExpertShardCore(model_path, [], engine.dtype, engine.device) if config.colocate_experts else None
     experts = RemoteExperts(placement, handles, spec.num_layers, spec.num_experts, on_shard_failure=on_shard_failure,
-                            local=local, num_moe_layers=len(spec.moe_layer_ids))  # fmt: skip
+                            local=local, num_moe_layers=len(spec.moe_layer_ids),
+                            transport=make_transport(transport, handles))  # fmt: skip
     context = ray.get_runtime_context()
     ray.get(controller.register_worker.remote(context.get_actor_id(), context.current_actor))
     return experts
+
+
+def make_transport(name: str, handles: list):
+    """The `Transport` named by `ClusterConfig.transport` over these shard handles."""
+    if name == "actor_call":
+        from raymoe.cluster.transport import ActorCallTransport
+
+        return ActorCallTransport(handles)
+    from raymoe.cluster.transport_nccl import CollectiveTransport
+
+    return CollectiveTransport(handles, backend=name)
 
 
 class PoolSet:

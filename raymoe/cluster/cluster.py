@@ -4,10 +4,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal, get_args
 
 from raymoe.engine.llm_engine import EngineConfig
 from raymoe.errors import ConfigError
 from raymoe.policies.registry import PolicyName
+
+# how a decode worker's expert rows reach shards on other processes: Ray actor calls (CPU default), or
+# collective send/recv (`transport_nccl`): "nccl" on GPUs, "gloo" its CPU twin (one group per process)
+TransportName = Literal["actor_call", "nccl", "gloo"]
 
 
 @dataclass(frozen=True)
@@ -35,8 +40,16 @@ class ClusterConfig:
     token_placement: bool | None = None
     reseat_every_s: float | None = None  # move running requests whose routing drifted, this often
     decode_nodes: tuple[str, ...] | None = None  # one decode worker pinned on each of these node ids
+    transport: TransportName = "actor_call"  # decode workers' rows to shards (prefill: actor calls)
 
     def __post_init__(self):
         for name in ("shards_per_node", "replicas", "num_prefill_workers", "num_decode_workers", "num_microbatches"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.transport not in get_args(TransportName):
+            raise ConfigError(f"transport must be one of {get_args(TransportName)}, got {self.transport!r}")
+        if self.transport == "nccl" and not self.shard_num_gpus > 0:
+            raise ConfigError("transport 'nccl' moves rows between GPUs: give the shards a GPU share "
+                              "(shard_num_gpus > 0) or use 'actor_call'")  # fmt: skip
+        if self.transport == "gloo" and self.num_decode_workers != 1:
+            raise ConfigError("transport 'gloo' allows one group per shard process: use num_decode_workers 1")

@@ -43,7 +43,19 @@ def _collective(backend: str):
 
 
 def join_group(world_size: int, rank: int, backend: str, group_name: str) -> None:
-    _collective(backend).init_collective_group(world_size, rank, backend=backend, group_name=group_name)
+    collective = _collective(backend)
+    if backend == "gloo" and _gloo_bound():
+        raise CollectiveUnavailableError(
+            "this process is already in a gloo group (Ray's gloo groups use the process's one "
+            "torch.distributed world): gloo allows one group per process; use 'nccl' on GPUs or 'actor_call'"
+        )
+    collective.init_collective_group(world_size, rank, backend=backend, group_name=group_name)
+
+
+def _gloo_bound() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
 
 
 def leave_group(group_name: str) -> None:

@@ -25,7 +25,7 @@ def cluster_config(config: RaymoeConfig):
     c = config.cluster
     return ClusterConfig(
         shards_per_node=c.shards_per_node, replicas=c.replicas, num_microbatches=c.num_microbatches,
-        colocate_experts=c.colocate_experts, shard_num_gpus=c.shard_num_gpus,
+        colocate_experts=c.colocate_experts, shard_num_gpus=c.shard_num_gpus, transport=c.transport,
         engine=config.engine.to_engine_config(), kv_pool_bytes=c.kv_pool_bytes,
         placement_policy=c.placement_policy, rebalance_interval_s=c.rebalance_interval_s, namespace=NAMESPACE,
     )  # fmt: skip

@@ -71,3 +71,27 @@ ARRANGEMENTS = {
 def test_cluster_greedy_equals_one_process(ray_cluster, checkpoint_dir, expected, family, arrangement):
     got = run_cluster(checkpoint_dir(family), **ARRANGEMENTS[arrangement])
     assert got == expected(family)
+
+
+def test_rows_through_a_collective_group_are_lossless(ray_cluster, checkpoint_dir, expected):
+    """`transport: gloo` (the CPU twin of NCCL): the decode worker sends every row to the shards
+    over a collective group (co-location off, so no row stays in process); same tokens."""
+    path = checkpoint_dir("mixtral")
+    config = ClusterConfig(engine=ENGINE, namespace=f"lossless-{next(_namespaces)}", num_shards=2,
+                           colocate_experts=False, transport="gloo", **SPLIT)  # fmt: skip
+    cluster = MoECluster(path, config)
+
+    def gloo_world_size(shard) -> int:  # nested: pickled by value (the shards cannot import this module)
+        import torch.distributed
+
+        return torch.distributed.get_world_size()
+
+    try:
+        got = [o.token_ids for o in cluster.generate(PROMPTS, GREEDY)]
+        _, shards = ray.get(cluster.controller.placement.remote())
+        world = ray.get([s.__ray_call__.remote(gloo_world_size) for s in shards], timeout=60)
+        counts = ray.get(cluster.decode[0].stats.remote(), timeout=60)["dispatch"]
+    finally:
+        cluster.shutdown()
+    assert got == expected("mixtral") and world == [3, 3]  # worker + 2 shards
+    assert counts["rows_process"] > 0

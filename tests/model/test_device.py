@@ -74,12 +74,21 @@ def test_device_and_dtype_resolve():
 
 
 def test_every_config_path_carries_the_device():
+    from raymoe.cluster.cluster import ClusterConfig
     from raymoe.config import parse_config
     from raymoe.serve.cluster_setup import cluster_config
 
-    config = parse_config({"engine": {"device": "cuda:1", "dtype": "bfloat16"}, "cluster": {"shard_num_gpus": 0.25}})
+    config = parse_config({"engine": {"device": "cuda:1", "dtype": "bfloat16"},
+                           "cluster": {"shard_num_gpus": 0.25, "transport": "nccl"}})  # fmt: skip
     cluster = cluster_config(config)
     assert (cluster.engine.device, cluster.engine.dtype, cluster.shard_num_gpus) == ("cuda:1", "bfloat16", 0.25)
+    assert cluster.transport == "nccl"
+    with pytest.raises(ConfigError, match="shard_num_gpus > 0"):
+        parse_config({"cluster": {"transport": "nccl"}})
+    with pytest.raises(ConfigError, match="transport must be one of"):
+        ClusterConfig(transport="mpi")
+    with pytest.raises(ConfigError, match="one group per shard process"):
+        ClusterConfig(transport="gloo", num_decode_workers=2)
     assert parse_config({}).engine.to_engine_config().device == "auto"
     with pytest.raises(ConfigError, match="device"):
         parse_config({"engine": {"device": "tpu"}})
