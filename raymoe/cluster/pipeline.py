@@ -86,7 +86,9 @@ def split_batch(batch: AttentionBatch, m: int) -> list[tuple[int, int, Attention
     parts, token = [], 0
     for lo, hi in zip(bounds, bounds[1:]):
         q = batch.query_lens[lo:hi]
-        mb = AttentionBatch.build(q, batch.context_lens[lo:hi], tables[lo:hi], batch.block_size)
+        trees = None if batch.trees is None else batch.trees[lo:hi]  # draft trees being verified
+        mb = AttentionBatch.build(q, batch.context_lens[lo:hi], tables[lo:hi], batch.block_size, trees=trees,
+                                  device=batch.device)
         if batch.sequence_tags is not None:
             mb.sequence_tags = batch.sequence_tags[token : token + sum(q)]
         parts.append((token, token + sum(q), mb))

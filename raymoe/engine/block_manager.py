@@ -104,6 +104,18 @@ class BlockManager:
         """Add blocks so the table covers every token (a decode that crossed a block boundary)."""
         seq.block_table.extend(self._take_free() for _ in range(self.num_missing_blocks(seq)))
 
+    def trim(self, seq: Sequence) -> None:
+        """Return the blocks past the sequence's tokens (they held a rejected draft's KV) to the
+        front of the free list: they hold nothing cached, so they are the first to reuse."""
+        keep = seq.num_blocks(self.block_size)
+        for block_id in seq.block_table[keep:]:
+            block = self.blocks[block_id]
+            assert block.ref_count == 1 and block.hash is None, f"block {block_id} is shared or cached"
+            block.ref_count = 0
+            self.free_block_ids[block_id] = None
+            self.free_block_ids.move_to_end(block_id, last=False)
+        del seq.block_table[keep:]
+
     def cache_blocks(self, seq: Sequence) -> None:
         """Register the sequence's full, computed blocks for prefix sharing."""
         num_full = seq.num_cached_tokens // self.block_size

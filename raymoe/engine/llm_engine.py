@@ -16,50 +16,17 @@ from raymoe.engine.blend import Blender
 from raymoe.engine.block_hash import CacheSalt, block_hash, chain_parent
 from raymoe.engine.block_manager import BlockManager
 from raymoe.engine.chunks import plan_blend
-from raymoe.engine.device import check_device_name, resolve_device, resolve_dtype
+from raymoe.engine.engine_config import EngineConfig
 from raymoe.engine.kv_transfer import block_key, export_blocks, import_blocks
 from raymoe.engine.model_runner import ModelRunner, num_kv_blocks
 from raymoe.engine.samples import Samples, fork
 from raymoe.engine.sampling_params import SamplingParams
 from raymoe.engine.scheduler import Scheduler
 from raymoe.engine.sequence import Sequence
+from raymoe.engine.spec import make_speculator
+from raymoe.engine.spec.speculator import SpecStats
 from raymoe.engine.stop import StopChecker
-from raymoe.errors import ConfigError, InvalidRequestError, InvalidSamplingParams, PromptTooLongError
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-@dataclass(frozen=True)
-class EngineConfig:
-    max_num_seqs: int = 32  # running sequences at most (the decode batch size)
-    max_num_batched_tokens: int = 512  # new tokens per step: bounds a step's time; prompts chunk to fit
-    block_size: int = 16  # tokens per KV block: the unit of allocation and of prefix sharing
-    kv_cache_bytes: int = 256 << 20  # KV pool size; capped at what max_num_seqs full contexts need
-    dtype: str = "auto"  # weights and KV: auto = float32 on CPU (identical to transformers), bfloat16 on CUDA
-    threads: int | None = None  # torch intra-op threads (process-wide); None = leave torch's setting
-    device: str = "auto"  # cpu | cuda | cuda:N | auto (CUDA when available), resolved where weights load
-
-    def __post_init__(self):
-        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "kv_cache_bytes", "threads"):
-            value = getattr(self, name)
-            if name == "threads" and value is None:
-                continue
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-        check_device_name(self.device)
-        if self.dtype not in DTYPES and self.dtype != "auto":
-            raise ConfigError(f"dtype must be one of {sorted(DTYPES)} or auto, got {self.dtype!r}")
-
-    @property
-    def torch_device(self) -> str:
-        """The device this process computes on (`auto` resolved here; ConfigError if unusable)."""
-        return resolve_device(self.device)
-
-    @property
-    def torch_dtype(self) -> torch.dtype:
-        """`auto`: bfloat16 on CUDA, float32 on the CPU."""
-        return DTYPES[resolve_dtype(self.dtype, self.torch_device)]
-
+from raymoe.errors import InvalidRequestError, InvalidSamplingParams, PromptTooLongError
 
 @dataclass
 class RequestOutput:
@@ -95,9 +62,13 @@ class LLMEngine:
         # Tokens one sequence may reach: the model's context, or the whole KV pool if smaller.
         self.max_model_len = min(spec.max_position_embeddings, num_blocks * config.block_size)
         self.block_manager = BlockManager(num_blocks, config.block_size)
-        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
+        self.speculator = make_speculator(config.speculative, config.num_speculative_tokens,
+                                          config.speculative_token_budget, spec.vocab_size, self.max_model_len)  # fmt: skip
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
+                                   self.speculator)  # fmt: skip
         self.model_runner = ModelRunner(model, num_blocks, config.block_size)
         self.model_runner.eos_token_ids = self.eos_token_ids
+        self.model_runner.speculator = self.speculator
         self.blender = Blender(self.model_runner, self.block_manager, config.block_size, chunk_store)
         self._last_import: tuple[tuple[int, ...], object] | None = None
         self.requests: dict[str, tuple[Sequence, StopChecker]] = {}  # unfinished samples, by sample id
@@ -156,6 +127,10 @@ class LLMEngine:
         for seq in seqs:
             for other in self.samples.take_pending(seq.request_id):
                 self._start(other)
+
+    def spec_stats(self) -> dict[str, float]:
+        """Speculative decoding's counters, acceptance rate and mean accepted length (all 0 when off)."""
+        return (self.speculator.stats if self.speculator is not None else SpecStats()).as_dict()
 
     def set_chunk_store(self, store) -> None:
         """Where chunk KV lives (a `raymoe.engine.chunks.ChunkStore`); None turns chunk reuse off."""
@@ -231,19 +206,30 @@ class LLMEngine:
         scheduled = self.blender.run_pending(self.scheduler.schedule())
         token_ids = self.model_runner.run(scheduled)
         sampled = self.scheduler.postprocess(scheduled, token_ids)
-        outputs = [self._check_stop(seq) for seq in sampled]
-        self._collect_finished(sampled)
-        self._start_forks(sampled)
+        outputs = [self._check_stop(seq, num_new) for seq, num_new in sampled]
+        seqs = [seq for seq, _ in sampled]
+        self._collect_finished(seqs)
+        self._start_forks(seqs)
         return outputs
 
-    def _check_stop(self, seq: Sequence) -> RequestOutput:
-        text, finish_reason = self.requests[seq.request_id][1].check(seq)
-        if finish_reason is not None:
-            self.scheduler.finish(seq, finish_reason)
-        out = RequestOutput(self.samples.parent(seq.request_id), seq.prompt_token_ids, [seq.last_token], text,
+    def _check_stop(self, seq: Sequence, num_new: int) -> RequestOutput:
+        """The stop checks after each of seq's `num_new` new tokens (several from a verified draft);
+        tokens after the first that finishes it are dropped."""
+        checker, new = self.requests[seq.request_id][1], seq.token_ids[-num_new:]
+        del seq.token_ids[-num_new:]
+        text, finish_reason, kept = "", None, []
+        for token_id in new:
+            seq.append_token(token_id)
+            kept.append(token_id)
+            delta, finish_reason = checker.check(seq)
+            text += delta
+            if finish_reason is not None:
+                self.scheduler.finish(seq, finish_reason)
+                break
+        out = RequestOutput(self.samples.parent(seq.request_id), seq.prompt_token_ids, kept, text,
                             finish_reason is not None, finish_reason, seq.index)  # fmt: skip
         if seq.params.logprobs is not None:
-            out.logprobs = [seq.new_logprob]
+            out.logprobs = seq.new_logprobs[: len(kept)]
         if seq.params.prompt_logprobs is not None and seq.num_output_tokens == 1:
             out.prompt_logprobs = [None, *seq.prompt_logprobs]
         return out

@@ -14,8 +14,9 @@ from raymoe.engine.logprobs import entries
 from raymoe.engine.sampler import make_generator, sample
 from raymoe.engine.scheduler import Scheduled
 from raymoe.engine.sequence import Sequence
+from raymoe.engine.spec.verify import verify
 from raymoe.errors import ConfigError
-from raymoe.model.paged import AttentionBatch, allocate_kv_cache, kv_bytes_per_block
+from raymoe.model.paged import AttentionBatch, allocate_kv_cache, kv_bytes_per_block, move_kv
 
 
 def num_kv_blocks(
@@ -38,6 +39,18 @@ def num_kv_blocks(
     return min(fit, max_num_seqs * blocks_per_seq)
 
 
+def logit_rows(scheduled: Scheduled, ends: list[int]) -> dict[int, list[int]]:
+    """Rows of the step's hidden states that need logits, by index into scheduled: every row of a
+    verified draft, the last row of a sequence whose chunk reaches its end, none mid-prompt."""
+    rows = {}
+    for b, ((seq, n), end) in enumerate(zip(scheduled, ends)):
+        if seq.draft is not None:
+            rows[b] = list(range(end - n + 1, end + 1))
+        elif seq.num_cached_tokens + n == len(seq):
+            rows[b] = [end]
+    return rows
+
+
 class ModelRunner:
     def __init__(self, model, num_blocks: int, block_size: int):
         """model: a `raymoe.model.model.MoEModel` (or anything with its forward/compute_logits)."""
@@ -48,10 +61,12 @@ class ModelRunner:
         self.kv_cache = allocate_kv_cache(model.kv_layout(), num_blocks, block_size, model.dtype, self.device)
         self.num_computed_tokens = 0  # tokens run through the model (prefill and decode)
         self.eos_token_ids: tuple[int, ...] = ()  # barred by min_tokens; the engine sets them
+        self.speculator = None  # a spec.Speculator when drafts are verified: it sees every logits row
 
     @torch.inference_mode()
-    def run(self, scheduled: Scheduled) -> list[int | None]:
-        """One forward step. Returns per scheduled sequence its next token, or None (mid-prompt)."""
+    def run(self, scheduled: Scheduled) -> list[list[int]]:
+        """One forward step. Returns per scheduled sequence its new tokens: none mid-prompt, one
+        for a decode or a prompt's end, the kept draft tokens and one more for a verified draft."""
         if not scheduled:
             return []
         input_ids, batch = self.prepare(scheduled)
@@ -64,24 +79,54 @@ class ModelRunner:
         self.num_computed_tokens += batch.num_tokens
         ends = torch.tensor(batch.query_lens).cumsum(0) - 1  # [B] index of each sequence's last token
         self._score_prompts(hidden, scheduled, ends)
-        rows = [b for b, (seq, n) in enumerate(scheduled) if seq.num_cached_tokens + n == len(seq)]
+        out: list[list[int]] = [[] for _ in scheduled]
+        rows = logit_rows(scheduled, ends.tolist())  # sequence -> its rows, in schedule order
         if not rows:
-            return [None] * len(scheduled)
-        logits = self.model.compute_logits(hidden[ends[rows].to(hidden.device)])  # [N, V]
-        seqs = [scheduled[b][0] for b in rows]
+            return out
+        flat = torch.tensor([r for rs in rows.values() for r in rs])
+        logits = self.model.compute_logits(hidden[flat.to(hidden.device)])  # [R, V]
+        spans = dict(zip(rows, _spans([len(rs) for rs in rows.values()])))  # sequence -> its slice of logits
+        plain = [b for b in rows if scheduled[b][0].draft is None]
+        self._sample(logits[[spans[b].start for b in plain]], plain, scheduled, out)
+        moves = [self._verify(logits[spans[b]], b, scheduled, batch, out) for b in rows if b not in plain]
+        if moves:
+            move_kv(self.kv_cache, *(torch.cat(m) for m in zip(*moves)))
+        if self.speculator is not None:
+            self.speculator.observe(input_ids[flat.to(input_ids.device)], logits)
+        return out
+
+    def _sample(self, logits: torch.Tensor, plain: list[int], scheduled: Scheduled, out: list[list[int]]) -> None:
+        """logits: [P, V] raw, the last row of each sequence in `plain` (indices into scheduled) ->
+        one token each into out."""
+        if not plain:
+            return
+        seqs = [scheduled[b][0] for b in plain]
         adjusted = adjust_logits(logits, seqs, self.eos_token_ids)
         next_ids = sample(adjusted, [s.params for s in seqs], [self._generator(s) for s in seqs]).tolist()
         self._score_samples(logits, seqs, next_ids)
-        out: list[int | None] = [None] * len(scheduled)
-        for b, token_id in zip(rows, next_ids):
-            out[b] = token_id
-        return out
+        for b, token_id in zip(plain, next_ids):
+            out[b] = [token_id]
+
+    def _verify(self, logits: torch.Tensor, b: int, scheduled: Scheduled, batch, out: list[list[int]]):
+        """logits: [N + 1, V] raw, every node of sequence b's draft -> its tokens into out[b]; returns
+        (source slots, destination slots) [A] that move the accepted path's KV right behind the root."""
+        seq, n = scheduled[b]
+        draft = seq.draft
+        assert n == draft.size + 1, "a draft is verified whole"
+        path, tokens = verify(logits, seq, draft, self.eos_token_ids, self._generator(seq))
+        self.speculator.record(draft, len(path))
+        out[b] = tokens
+        if seq.params.logprobs is not None:
+            seq.new_logprobs = entries(logits[[0, *path]], tokens, seq.params.logprobs)
+        first = int(batch.query_index[b, 0])  # the root and its draft took the next slots, in node order
+        src = batch.slot_mapping[[first + node for node in path]]
+        return src, batch.slot_mapping[first + 1 : first + 1 + len(path)]
 
     def _score_samples(self, logits: torch.Tensor, seqs: list[Sequence], next_ids: list[int]) -> None:
-        """logits: [N, V] raw, row i for seqs[i] -> seq.new_logprob of those that asked."""
+        """logits: [N, V] raw, row i for seqs[i] -> seq.new_logprobs of those that asked."""
         want = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
         for i in want:
-            seqs[i].new_logprob = entries(logits[i : i + 1], [next_ids[i]], seqs[i].params.logprobs)[0]
+            seqs[i].new_logprobs = entries(logits[i : i + 1], [next_ids[i]], seqs[i].params.logprobs)
 
     def _score_prompts(self, hidden: torch.Tensor, scheduled: Scheduled, ends: torch.Tensor) -> None:
         """hidden: [T, H]; ends: [B] each sequence's last row. Each sequence that asked for prompt
@@ -102,7 +147,9 @@ class ModelRunner:
         num_cached .. num_cached + n - 1; their KV lands at those positions."""
         input_ids: list[int] = []
         for seq, n in scheduled:
-            input_ids.extend(seq.token_ids[seq.num_cached_tokens : seq.num_cached_tokens + n])
+            input_ids.extend(seq.token_ids[seq.num_cached_tokens : seq.num_cached_tokens + n - seq.num_draft_tokens])
+            input_ids.extend(seq.draft.tokens if seq.draft is not None else ())
+        trees = [None if seq.draft is None else seq.draft.tree_parents() for seq, _ in scheduled]
         batch = AttentionBatch.build(
             query_lens=[n for _, n in scheduled],
             context_lens=[seq.num_cached_tokens + n for seq, n in scheduled],
@@ -110,6 +157,7 @@ class ModelRunner:
             block_size=self.block_size,
             tags=[seq.prompt_token_ids[0] for seq, _ in scheduled],
             device=self.device,
+            trees=trees,
         )
         return torch.tensor(input_ids, dtype=torch.long).to(self.device), batch
 
@@ -118,3 +166,12 @@ class ModelRunner:
         if seq.params.seed is not None and seq.generator is None:
             seq.generator = make_generator(seq.params.seed)
         return seq.generator
+
+
+def _spans(lengths: list[int]) -> list[slice]:
+    """Consecutive slices of the given lengths."""
+    out, start = [], 0
+    for n in lengths:
+        out.append(slice(start, start + n))
+        start += n
+    return out

@@ -27,18 +27,18 @@ def sample(
     next_ids = logits.argmax(dim=-1)  # [B]
     rows = [b for b, p in enumerate(params) if not p.is_greedy]
     if rows:
-        probs = _filtered_probs(logits[torch.tensor(rows).to(logits.device)].float(), [params[b] for b in rows])  # [R, V]
+        probs = filtered_probs(logits[torch.tensor(rows).to(logits.device)].float(), [params[b] for b in rows])  # [R, V]
         # drawn on the host (the same seeded tokens on every device), moved once
-        q = torch.stack([_exponential(probs.shape[1], generators[b]) for b in rows]).to(probs.device)  # [R, V]
+        q = torch.stack([exponential(probs.shape[1], generators[b]) for b in rows]).to(probs.device)  # [R, V]
         next_ids[torch.tensor(rows).to(next_ids.device)] = (probs / q).argmax(dim=-1)
     return next_ids
 
 
-def _exponential(vocab_size: int, generator: torch.Generator | None) -> torch.Tensor:
+def exponential(vocab_size: int, generator: torch.Generator | None) -> torch.Tensor:
     return torch.empty(vocab_size).exponential_(generator=generator)  # [V]
 
 
-def _filtered_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+def filtered_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
     """logits: [R, V] -> probabilities [R, V] after temperature, min_p, top-k and top-p."""
     temperature = torch.tensor([p.temperature for p in params]).to(logits.device)[:, None]  # [R, 1]
     logits = logits / temperature

@@ -10,6 +10,10 @@ needs one more. When none is free, the newest running sequence not yet scheduled
 preempted: its blocks are freed and it goes back to the front of the waiting queue, to be
 recomputed (prompt and generated tokens) on readmission. No admissions happen in a step that
 preempted, so the freed blocks serve the running sequences first.
+
+With speculative decoding (a `spec.Speculator`), each decode also gets a draft to verify in the same
+step: its tokens take budget and KV slots after the decode token. A draft is dropped rather than
+preempting anyone for its blocks; after the step the blocks past the kept tokens go back (`trim`).
 """
 
 from __future__ import annotations
@@ -23,8 +27,10 @@ Scheduled = list[tuple[Sequence, int]]  # (sequence, number of new tokens comput
 
 
 class Scheduler:
-    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
+                 speculator=None):  # fmt: skip
         self.block_manager = block_manager
+        self.speculator = speculator  # a spec.Speculator, or None: no drafts
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
@@ -47,19 +53,24 @@ class Scheduler:
             scheduled += self._schedule_waiting(budget)
         return scheduled
 
-    def postprocess(self, scheduled: Scheduled, token_ids: list[int | None]) -> list[Sequence]:
+    def postprocess(self, scheduled: Scheduled, token_ids: list[list[int]]) -> list[tuple[Sequence, int]]:
         """Record a step's work: advance the cached counts, append sampled tokens.
 
-        token_ids: one per scheduled sequence, None where its chunk did not reach its end.
-        Returns the sequences that got a new token, for the stop checks.
+        token_ids: per scheduled sequence its new tokens: none where its chunk did not reach its end,
+        one for a decode, 1 + accepted drafts for a verified draft (whose KV is kept for the decode
+        token and the accepted drafts only). Returns (sequence, number of new tokens) of those that
+        got any, for the stop checks.
         """
         sampled = []
-        for (seq, n), token_id in zip(scheduled, token_ids, strict=True):
-            seq.num_cached_tokens += n
+        for (seq, n), new in zip(scheduled, token_ids, strict=True):
+            seq.num_cached_tokens += n if seq.draft is None else len(new)
+            seq.token_ids.extend(new)
+            if seq.draft is not None:
+                seq.draft = None
+                self.block_manager.trim(seq)
             self.block_manager.cache_blocks(seq)
-            if token_id is not None:
-                seq.append_token(token_id)
-                sampled.append(seq)
+            if new:
+                sampled.append((seq, len(new)))
         return sampled
 
     def finish(self, seq: Sequence, reason: str) -> None:
@@ -75,15 +86,32 @@ class Scheduler:
     def _schedule_running(self, budget: int) -> Scheduled:
         scheduled: Scheduled = []
         decodes_first = sorted(self.running, key=lambda s: s.num_uncomputed_tokens > 1)  # stable
+        draft_size = self._draft_size(budget)
         for seq in decodes_first:
             if budget == 0:
                 break
-            if seq.status is not SequenceStatus.RUNNING or not self._reserve_blocks(seq, scheduled):
-                continue  # preempted for an earlier sequence, or had to preempt itself
-            n = min(seq.num_uncomputed_tokens, budget)
+            if seq.status is not SequenceStatus.RUNNING:
+                continue  # preempted for an earlier sequence
+            if draft_size and seq.num_uncomputed_tokens == 1:
+                self._draft(seq, draft_size)
+            if not self._reserve_blocks(seq, scheduled):
+                continue  # had to preempt itself
+            n = min(seq.num_uncomputed_tokens + seq.num_draft_tokens, budget)
             scheduled.append((seq, n))
             budget -= n
         return scheduled
+
+    def _draft_size(self, budget: int) -> int:
+        if self.speculator is None:
+            return 0
+        num_decodes = sum(1 for s in self.running if s.num_uncomputed_tokens == 1)
+        return self.speculator.draft_size(num_decodes, budget)
+
+    def _draft(self, seq: Sequence, size: int) -> None:
+        """Give a decode its draft, unless the draft's KV would need blocks that are not free."""
+        seq.draft = self.speculator.propose(seq, size)
+        if seq.draft is not None and not self.block_manager.can_append(seq):
+            seq.draft = None
 
     def _reserve_blocks(self, seq: Sequence, scheduled: Scheduled) -> bool:
         """Make sure seq's table covers its tokens, preempting newer sequences if needed."""
@@ -101,6 +129,7 @@ class Scheduler:
         return next((s for s in reversed(self.running) if id(s) not in taken), None)
 
     def _preempt(self, seq: Sequence) -> None:
+        seq.draft = None
         self.running.remove(seq)
         self.block_manager.free(seq)
         seq.status, seq.num_cached_tokens = SequenceStatus.PREEMPTED, 0

@@ -41,7 +41,9 @@ class Sequence:
         self.cache_salt = None  # a CacheSalt when chunk-cache reuse makes its KV differ from plain prefill
         self.blend_plan = None  # a chunks.BlendPlan: cached chunks to place before the normal prefill
         self.index = 0  # which of the request's samples (SamplingParams.n) this is
-        self.new_logprob = None  # logprobs.Entry of the last sampled token, when params.logprobs asks
+        self.new_logprobs: list = []  # logprobs.Entry of each token of the last step, when params.logprobs asks
+        self.draft = None  # a spec.Draft verified in this step (speculative decoding), else None
+        self.draft_state = None  # the drafter's own state for this sequence (e.g. an n-gram index)
         self.prompt_logprobs: list = []  # logprobs.Entry of prompt tokens 1.. (params.prompt_logprobs)
 
     @classmethod
@@ -71,6 +73,11 @@ class Sequence:
         return len(self.token_ids) - self.num_cached_tokens
 
     @property
+    def num_draft_tokens(self) -> int:
+        """Draft tokens this step verifies besides the decode token (their KV takes slots too)."""
+        return 0 if self.draft is None else self.draft.size
+
+    @property
     def needs_prompt_logprobs(self) -> bool:
         """Prompt logprobs asked and not all computed: its prompt may not come from the prefix cache."""
         return self.params.prompt_logprobs is not None and len(self.prompt_logprobs) < self.num_prompt_tokens - 1
@@ -84,8 +91,8 @@ class Sequence:
         return self.status is SequenceStatus.FINISHED
 
     def num_blocks(self, block_size: int) -> int:
-        """Blocks needed to hold the KV of every token."""
-        return (len(self.token_ids) + block_size - 1) // block_size
+        """Blocks needed to hold the KV of every token (and of this step's draft)."""
+        return (len(self.token_ids) + self.num_draft_tokens + block_size - 1) // block_size
 
     def block_tokens(self, i: int, block_size: int) -> list[int]:
         """Token ids of block i (the last block may be partial)."""

@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 
 KVCache = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: (k_cache, v_cache)
-TENSOR_FIELDS = ("positions", "slot_mapping", "block_tables", "query_index", "token_index", "sequence_tags")
+TENSOR_FIELDS = ("positions", "slot_mapping", "block_tables", "query_index", "token_index", "sequence_tags",
+                 "tree_mask")
 
 
 def allocate_kv_cache(
@@ -55,6 +56,8 @@ class AttentionBatch:
     block_size: int
     explicit_positions: bool = False  # new tokens at given positions, not the last of each context
     sequence_tags: torch.Tensor | None = None  # [T] each token's sequence tag (routing replay's key)
+    trees: list | None = None  # [B] per sequence None, or its new tokens' parents (a draft tree, see below)
+    tree_mask: torch.Tensor | None = None  # [B, max_q, max_q] new token i may see new token j (trees only)
     _masks: dict = field(default_factory=dict)  # (sliding window (None = full), GQA group) -> mask
 
     @property
@@ -75,6 +78,7 @@ class AttentionBatch:
         positions: list[list[int]] | None = None,
         tags: list[int] | None = None,
         device: str | torch.device = "cpu",
+        trees: list[list[int] | None] | None = None,
     ) -> "AttentionBatch":
         """Everything is derived from per-sequence lengths and block tables (vectorised: built every step).
 
@@ -82,19 +86,30 @@ class AttentionBatch:
         when they are not its last `query_lens[b]` tokens (chunk-cache repair recomputes a chosen
         subset); the mask is then causal by position (a query sees keys at or before its own).
         tags: per sequence, its tag (the first token id of its prompt), for routing replay.
-        device: where the tensors go (built on the host, then moved in one go)."""
+        device: where the tensors go (built on the host, then moved in one go).
+        trees: per sequence None, or the parent of each of its new tokens (index among them, -1 for
+        the first, which is the root): a draft tree being verified (speculative decoding). Its
+        tokens take the sequence's next slots in the given order but sit at position
+        `root's position + depth`, and each sees the context before the root and its own ancestors
+        only (tree attention)."""
         assert len(query_lens) == len(context_lens) == len(block_tables)
         max_q, max_ctx = max(query_lens), max(context_lens)
         max_blocks = (max_ctx + block_size - 1) // block_size
         tables = torch.tensor([t[:max_blocks] + [0] * (max_blocks - len(t[:max_blocks])) for t in block_tables])
         rows = [b for b, q in enumerate(query_lens) for _ in range(q)]  # [T] sequence of each token
+        explicit = positions is not None
         if positions is None:
             cols = [c - q + j for q, c in zip(query_lens, context_lens) for j in range(q)]  # [T] its position
         else:
             assert [len(p) for p in positions] == list(query_lens), "one position per new token"
             cols = [p for ps in positions for p in ps]
-        rows_t, positions = torch.tensor(rows, dtype=torch.long), torch.tensor(cols, dtype=torch.long)
-        firsts = torch.tensor([0] + query_lens[:-1]).cumsum(0)  # [B] flat index of each sequence's first token
+        rows_t, slots = torch.tensor(rows, dtype=torch.long), torch.tensor(cols, dtype=torch.long)
+        tree_mask, positions = None, slots
+        if trees is not None and any(t is not None for t in trees):
+            assert not explicit, "a draft tree takes the next slots"
+            shift, tree_mask = tree_layout(query_lens, trees)
+            positions = slots + shift
+        firsts = firsts_of(query_lens)
         j = torch.arange(max_q)
         query_index = torch.where(j[None, :] < torch.tensor(query_lens)[:, None], firsts[:, None] + j, sum(query_lens))
         within = torch.arange(len(rows)) - firsts[rows_t]  # [T] index of a token within its sequence
@@ -102,13 +117,15 @@ class AttentionBatch:
             query_lens=list(query_lens),
             context_lens=list(context_lens),
             positions=positions,
-            slot_mapping=tables[rows_t, positions // block_size] * block_size + positions % block_size,
+            slot_mapping=tables[rows_t, slots // block_size] * block_size + slots % block_size,
             block_tables=tables,
             query_index=query_index,
             token_index=rows_t * max_q + within,
             block_size=block_size,
-            explicit_positions=positions is not None,
+            explicit_positions=explicit,
             sequence_tags=None if tags is None else torch.tensor(tags, dtype=torch.long)[rows_t],
+            trees=None if tree_mask is None else list(trees),
+            tree_mask=tree_mask,
         )
         return batch if torch.device(device).type == "cpu" else batch.to(device)
 
@@ -140,18 +157,60 @@ class AttentionBatch:
         ctx = torch.tensor(self.context_lens).to(dev)[:, None, None]
         max_q = self.query_index.shape[1]
         max_ctx = self.block_tables.shape[1] * self.block_size
-        if self.explicit_positions:  # padded rows get position 0 (they see key 0 only, as below)
+        q_slot = ctx - q_lens + torch.arange(max_q, device=dev)[None, :, None]  # [B, max_q, 1]
+        q_pos = q_slot
+        if self.explicit_positions or self.tree_mask is not None:  # padded rows: position 0
             q_pos = torch.cat([self.positions, self.positions.new_zeros(1)])[self.query_index][:, :, None]
-        else:
-            q_pos = ctx - q_lens + torch.arange(max_q, device=dev)[None, :, None]  # [B, max_q, 1]
-        k_pos = torch.arange(max_ctx, device=dev)[None, None, :]  # [1, 1, max_ctx]
-        mask = k_pos <= q_pos
-        if sliding_window is not None:
+        k_pos = torch.arange(max_ctx, device=dev)[None, None, :]  # [1, 1, max_ctx] (a key's slot)
+        mask = k_pos <= (q_slot if self.tree_mask is not None else q_pos)
+        if self.tree_mask is not None:  # a new key is seen by its tree descendants only
+            first = ctx - q_lens  # [B, 1, 1] slot of each sequence's first new token
+            rel = (k_pos - first).clamp(0, max_q - 1).expand(-1, max_q, -1)  # [B, max_q, max_ctx]
+            mask &= (k_pos < first) | self.tree_mask.gather(2, rel)
+        if sliding_window is not None:  # by position; a tree's keys sit at slots >= their positions
             mask &= k_pos > q_pos - sliding_window
         # Padded query rows attend to key 0 only, so softmax never sees an all-masked row (NaN).
         pad_rows = torch.arange(max_q, device=dev)[None, :, None] >= q_lens
         mask |= pad_rows & (k_pos == 0)
         return mask[:, None]
+
+
+def firsts_of(query_lens: list[int]) -> torch.Tensor:
+    """[B] flat index of each sequence's first new token."""
+    return torch.tensor([0] + list(query_lens[:-1]), dtype=torch.long).cumsum(0)
+
+
+def tree_layout(query_lens: list[int], trees: list[list[int] | None]) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (shift [T]: position minus slot of each new token (its depth minus its index in a tree,
+    0 outside trees), tree_mask [B, max_q, max_q]: True where new token i of a sequence may see its
+    new token j: j is i or an ancestor of i, or j <= i for a sequence without a tree (causal))."""
+    max_q = max(query_lens)
+    mask = torch.ones(max_q, max_q, dtype=torch.bool).tril().repeat(len(query_lens), 1, 1)
+    shift: list[int] = []
+    for b, (q, parents) in enumerate(zip(query_lens, trees)):
+        if parents is None:
+            shift += [0] * q
+            continue
+        assert len(parents) == q and parents[0] == -1 and all(p < i for i, p in enumerate(parents)), parents
+        mask[b, :q, :q] = False
+        depth = [0] * q
+        for i, p in enumerate(parents):
+            depth[i] = 0 if p < 0 else depth[p] + 1
+            shift.append(depth[i] - i)
+            mask[b, i, i] = True
+            if p >= 0:
+                mask[b, i, :q] |= mask[b, p, :q]
+    return torch.tensor(shift, dtype=torch.long), mask
+
+
+def move_kv(kv_cache: KVCache, src: torch.Tensor, dst: torch.Tensor) -> None:
+    """Copy the KV in flat pool slots src [N] to slots dst [N] in every layer (an accepted draft
+    tree path moves to consecutive slots). All sources are read before any destination is written."""
+    for k_cache, v_cache in kv_cache:
+        for part in (k_cache, v_cache):
+            if part.shape[-1]:
+                flat = part.view(-1, *part.shape[2:])
+                flat[dst] = flat[src]
 
 
 def write_kv(cache: tuple[torch.Tensor, torch.Tensor], batch: AttentionBatch, k: torch.Tensor, v: torch.Tensor):

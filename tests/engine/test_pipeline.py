@@ -35,3 +35,13 @@ def test_split_batch_covers_every_token_once():
     assert [(a, b) for a, b, _ in parts] == [(0, 5), (5, 9)]
     assert [p.query_lens for _, _, p in parts] == [[1, 4], [1, 2, 1]]
     assert len(split_batch(batch, 9)) == 5
+
+
+def test_microbatches_keep_draft_trees():
+    """A verification step (one sequence's draft tree beside plain decodes) split in microbatches:
+    each keeps its sequences' trees and positions."""
+    batch = AttentionBatch.build([1, 4, 1], [5, 8, 3], [[0], [1], [2]], 8, trees=[None, [-1, 0, 0, 1], None])
+    parts = split_batch(batch, 2)
+    assert [p.trees for _, _, p in parts] == [[None, [-1, 0, 0, 1]], None]
+    assert torch.equal(torch.cat([p.positions for _, _, p in parts]), batch.positions)
+    assert batch.positions.tolist() == [4, 4, 5, 5, 6, 2]  # the tree's nodes at the root's position + depth

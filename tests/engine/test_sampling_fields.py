@@ -10,7 +10,7 @@ from checkpoints import load_reference
 from engine_fakes import EOS, TinyModel
 from raymoe.engine.llm_engine import EngineConfig, LLMEngine
 from raymoe.engine.logits_process import adjust_row
-from raymoe.engine.sampler import _filtered_probs
+from raymoe.engine.sampler import filtered_probs
 from raymoe.engine.sampling_params import SamplingParams
 from raymoe.errors import InvalidSamplingParams
 from raymoe.model.model import load_model
@@ -62,7 +62,7 @@ def test_min_p_probabilities_match_the_reference():
     logits = torch.randn(3, V, generator=g) * 2
     params = [SamplingParams(temperature=0.7, min_p=0.1), SamplingParams(temperature=1.5, min_p=0.5, top_k=10),
               SamplingParams(temperature=1.0)]  # fmt: skip
-    got = _filtered_probs(logits.clone(), params)
+    got = filtered_probs(logits.clone(), params)
     for row, p in zip(range(3), params):
         probs = (logits[row] / p.temperature).softmax(-1)
         keep = probs >= p.min_p * probs.max()

@@ -19,7 +19,7 @@ def seq(n: int, start: int = 0, name: str | None = None) -> Sequence:
 def step(s: Scheduler) -> list[tuple[str, int]]:
     """Schedule, then pretend the model ran: token 7 for each sequence that reached its end."""
     scheduled = s.schedule()
-    ends = [7 if seq.num_cached_tokens + n == len(seq) else None for seq, n in scheduled]
+    ends = [[7] if seq.num_cached_tokens + n == len(seq) else [] for seq, n in scheduled]
     s.postprocess(scheduled, ends)
     return [(seq.request_id, n) for seq, n in scheduled]
 

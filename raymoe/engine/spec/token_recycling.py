@@ -1,0 +1,77 @@
+"""Token Recycling (Luo et al., 2024): draft trees from the candidates the model already produced.
+
+Every logits row the engine computes names the top-k tokens likely to follow its input token. They
+are kept in an adjacency matrix, `successors[token] = [top-k next tokens]` (the latest row for that
+token wins), shared by every sequence of the engine and kept across requests (its "hot start").
+A draft is a static tree template laid over the matrix breadth first: the root is the sequence's
+last token, and a node of the template that is the r-th child of its parent takes the r-th
+successor of its parent's token. Nodes whose token has no successors yet are left out.
+
+The template holds the `num_nodes` nodes most likely to be accepted, if the candidate of rank r
+is accepted with probability `RANK_ACCEPT[r]` independently along a path: a node's value is the
+product over its path, so the template is wide near the root and deep along rank 0.
+"""
+
+from __future__ import annotations
+
+import heapq
+
+import torch
+
+from raymoe.engine.spec.draft import Draft
+
+TOP_K = 8  # successors kept per token (the paper's k)
+# Acceptance rate of the rank-r successor (measured on the built-in model's prose, docs/benchmarks.md).
+RANK_ACCEPT = (0.55, 0.16, 0.07, 0.04, 0.025, 0.018, 0.012, 0.009)
+
+
+def tree_template(num_nodes: int, rank_accept=RANK_ACCEPT) -> list[tuple[int, int]]:
+    """The `num_nodes` most valuable nodes, as (parent node, rank) for nodes 1..num_nodes, every node
+    after its parent (node 0 is the root); best first, so any prefix is a tree too."""
+    nodes: list[tuple[int, int]] = []
+    heap = [(-rank_accept[r], 0, r) for r in range(len(rank_accept))]  # (-value, parent, rank)
+    heapq.heapify(heap)
+    while heap and len(nodes) < num_nodes:
+        neg_value, parent, rank = heapq.heappop(heap)
+        nodes.append((parent, rank))
+        node = len(nodes)
+        for r, p in enumerate(rank_accept):
+            heapq.heappush(heap, (neg_value * p, node, r))
+    return nodes
+
+
+class TokenRecycling:
+    name = "token_recycling"
+    default_num_tokens = 24
+
+    def __init__(self, vocab_size: int, num_nodes: int, top_k: int = TOP_K):
+        self.top_k = top_k
+        self.successors: list[list[int] | None] = [None] * vocab_size  # token -> top-k next tokens
+        self.template = tree_template(num_nodes, RANK_ACCEPT[:top_k])
+
+    def propose(self, seq, max_nodes: int, max_depth: int) -> Draft | None:
+        """seq: a `Sequence`. A tree of at most max_nodes draft tokens, none deeper than max_depth."""
+        node_token, node_depth, node_of = [seq.last_token], [0], {0: 0}  # template node -> draft node
+        tokens: list[int] = []
+        parents: list[int] = []
+        for i, (parent, rank) in enumerate(self.template, start=1):
+            if len(tokens) == max_nodes:
+                break
+            at = node_of.get(parent)
+            if at is None or node_depth[at] >= max_depth:
+                continue
+            row = self.successors[node_token[at]]
+            if row is None or rank >= len(row):
+                continue
+            node_of[i] = len(node_token)
+            node_token.append(row[rank])
+            node_depth.append(node_depth[at] + 1)
+            tokens.append(row[rank])
+            parents.append(at)
+        return Draft(tuple(tokens), tuple(parents)) if tokens else None
+
+    def observe(self, token_ids: torch.Tensor, logits: torch.Tensor) -> None:
+        """token_ids: [R] input token of each row; logits: [R, V] the rows computed this step."""
+        top = logits.topk(min(self.top_k, logits.shape[-1]), dim=-1).indices.tolist()  # [R, k]
+        for token, row in zip(token_ids.tolist(), top):
+            self.successors[token] = row

@@ -1,0 +1,60 @@
+"""Drafters on their own: prompt lookup's n-gram match, Token Recycling's tree template and matrix."""
+
+import torch
+
+from raymoe.engine.sampling_params import SamplingParams
+from raymoe.engine.sequence import Sequence
+from raymoe.engine.spec.draft import Draft
+from raymoe.engine.spec.prompt_lookup import PromptLookup
+from raymoe.engine.spec.token_recycling import TokenRecycling, tree_template
+
+
+def seq(tokens) -> Sequence:
+    return Sequence(list(tokens), SamplingParams())
+
+
+def test_prompt_lookup_takes_the_longest_tail_and_its_latest_occurrence():
+    s = seq([5, 6, 7, 8, 1, 6, 7, 9, 2, 6, 7])
+    draft = PromptLookup(1, 3).propose(s, max_nodes=8, max_depth=8)
+    assert draft.tokens == (9, 2, 6, 7) and draft.parents == (0, 1, 2, 3)  # after the latest "6 7"
+    s.token_ids += [8]  # tail "7 8" (and "6 7 8") occurred once, at the start
+    assert PromptLookup(1, 3).propose(s, 8, 2).tokens == (1, 6)  # max_depth caps the chain
+    assert PromptLookup(1, 3).propose(seq([1, 2, 3]), 8, 8) is None  # "3" never occurred before
+
+
+def test_prompt_lookup_index_grows_with_the_sequence():
+    drafter, s = PromptLookup(2, 2), seq([4, 5, 6])
+    assert drafter.propose(s, 4, 4) is None
+    s.token_ids += [4, 5]
+    assert drafter.propose(s, 4, 4).tokens == (6, 4, 5)
+    assert s.draft_state.num_indexed == len(s) - 1
+
+
+def test_tree_template_is_best_first_and_every_prefix_is_a_tree():
+    nodes = tree_template(6, rank_accept=(0.5, 0.3))
+    # values: 0.5 (r0), 0.3 (r1), 0.25 (r0 r0), 0.15 (r0 r1), 0.15 (r1 r0), 0.125 (r0 r0 r0)
+    assert nodes == [(0, 0), (0, 1), (1, 0), (1, 1), (2, 0), (3, 0)]
+    assert all(parent < i for i, (parent, _) in enumerate(nodes, start=1))
+
+
+def test_token_recycling_lays_the_template_over_the_matrix():
+    tr = TokenRecycling(vocab_size=10, num_nodes=5, top_k=2)
+    tr.template = [(0, 0), (0, 1), (1, 0), (1, 1), (3, 0)]
+    logits = torch.full((2, 10), -5.0)
+    logits[0, 4], logits[0, 7] = 3.0, 2.0  # after token 3: 4, then 7
+    logits[1, 8], logits[1, 2] = 3.0, 1.0  # after token 4: 8, then 2
+    tr.observe(torch.tensor([3, 4]), logits)
+    draft = tr.propose(seq([1, 3]), max_nodes=8, max_depth=8)
+    # 3 -> {4 -> {8, 2}, 7}; template node 5 hangs under 8, which has no successors yet
+    assert draft == Draft((4, 7, 8, 2), (0, 0, 1, 1))
+    assert tr.propose(seq([1, 3]), max_nodes=8, max_depth=1) == Draft((4, 7), (0, 0))
+    assert tr.propose(seq([1, 3]), max_nodes=1, max_depth=8) == Draft((4,), (0,))
+    assert tr.propose(seq([1, 9]), 8, 8) is None
+
+
+def test_draft_paths_and_depths():
+    d = Draft((4, 7, 8, 2), (0, 0, 1, 1))
+    assert d.children(0) == [1, 2] and d.children(1) == [3, 4] and d.children(2) == []
+    assert d.path(4) == [1, 4] and d.path(0) == []
+    assert d.depths() == [0, 1, 1, 2, 2]
+    assert Draft.chain([5, 6]).tree_parents() == [-1, 0, 1]
