@@ -8,6 +8,7 @@ import sys
 
 from raymoe import __version__, logs
 from raymoe.cli_format import DefaultsHelpFormatter
+from raymoe.engine.spec import SPECULATIVE_NAMES
 from raymoe.errors import RaymoeError
 from raymoe.extras import missing_extra_message
 
@@ -23,7 +24,8 @@ def _generate(args: argparse.Namespace) -> int:
     params = SamplingParams(
         max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed
     )
-    llm = LLM(model=args.model, dtype=args.dtype, threads=args.threads, device=args.device)
+    llm = LLM(model=args.model, dtype=args.dtype, threads=args.threads, device=args.device,
+              speculative=args.speculative, num_speculative_tokens=args.num_speculative_tokens)
     for delta in llm.generate_stream(args.prompt, params):
         sys.stdout.write(delta.text)
         sys.stdout.flush()
@@ -134,6 +136,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="where to compute (auto: "
                      "CUDA when this torch sees a GPU)")  # fmt: skip
     gen.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's, all cores)")
+    gen.add_argument("--speculative", choices=list(SPECULATIVE_NAMES), default="none",
+                     help="draft tokens from the request itself and verify them in the decode step (same output)")
+    gen.add_argument("--num-speculative-tokens", type=int, default=None,
+                     help="draft tokens per step at most (default: the drafter's)")
     gen.set_defaults(func=_generate)
 
     st = add("status", help="a running server's nodes, workers, shards, epoch and scaling decisions")

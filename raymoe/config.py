@@ -19,6 +19,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from raymoe.engine.spec import SpeculativeName
 from raymoe.errors import ConfigError
 from raymoe.policies.registry import PolicyName
 
@@ -43,6 +44,11 @@ class EngineSettings(_Frozen):
                                 "null = the CPUs its replica reserves (decode.num_cpus), at least 1")  # fmt: skip
     device: str = Field("auto", pattern=DEVICE_PATTERN, description="cpu, cuda, cuda:N or auto (CUDA where the "
                         "engine's process sees a GPU); give the deployment num_gpus so Ray assigns one")  # fmt: skip
+    speculative: SpeculativeName = "none"  # drafts from the request itself, verified in the decode step (lossless)
+    num_speculative_tokens: int | None = Field(None, gt=0, description="draft tokens per sequence at most; "
+                                               "null = the drafter's default")  # fmt: skip
+    speculative_token_budget: int = Field(128, gt=0, description="tokens a step verifies (decodes + drafts); "
+                                          "drafts shrink to fit as the batch grows")  # fmt: skip
 
     def to_engine_config(self):
         from raymoe.engine.llm_engine import EngineConfig

@@ -35,17 +35,25 @@ class LLM:
         chunk_cache_bytes: int = 64 << 20,
         threads: int | None = None,
         device: str = "auto",
+        speculative: str = "none",
+        num_speculative_tokens: int | None = None,
     ):
         """model: a Hugging Face MoE checkpoint folder; None = the built-in model.
         chunk_cache_bytes: budget of the in-process chunk-KV cache (prompts with Chunk parts).
         threads: torch intra-op threads (process-wide); None = torch's default.
         device: cpu | cuda | cuda:N | auto (CUDA when available); dtype auto: bfloat16 on CUDA,
-        float32 on the CPU (pass dtype="float32" on CUDA for outputs identical to transformers)."""
+        float32 on the CPU (pass dtype="float32" on CUDA for outputs identical to transformers).
+        speculative: "token_recycling" | "prompt_lookup" drafts tokens from the request itself and
+        verifies them in the decode step (greedy output unchanged, sampled output distributed the
+        same); num_speculative_tokens: draft tokens per sequence at most (None: the drafter's
+        default). Off ("none") by default."""
         if model is None:
             from raymoe.model.builtin import builtin_model_path
 
             model = builtin_model_path()
-        config = EngineConfig(max_num_seqs, max_num_batched_tokens, block_size, kv_cache_bytes, dtype, threads, device)
+        config = EngineConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+                              block_size=block_size, kv_cache_bytes=kv_cache_bytes, dtype=dtype, threads=threads,
+                              device=device, speculative=speculative, num_speculative_tokens=num_speculative_tokens)
         self.engine = LLMEngine.from_path(model, config, LocalChunkStore(chunk_cache_bytes))
         self.tokenizer = self.engine.tokenizer
 

@@ -23,7 +23,7 @@ from raymoe.engine.samples import Samples, fork
 from raymoe.engine.sampling_params import SamplingParams
 from raymoe.engine.scheduler import Scheduler
 from raymoe.engine.sequence import Sequence
-from raymoe.engine.spec import make_speculator
+from raymoe.engine.spec.registry import make_speculator
 from raymoe.engine.spec.speculator import SpecStats
 from raymoe.engine.stop import StopChecker
 from raymoe.errors import InvalidRequestError, InvalidSamplingParams, PromptTooLongError

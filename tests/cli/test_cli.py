@@ -43,6 +43,15 @@ def test_generate_bad_input_is_a_clear_error(args, message):
     assert message in proc.stderr and "Traceback" not in proc.stderr
 
 
+def test_generate_speculative_flags(capsys):
+    """Bad values are clear errors before any model loads (in process: no interpreter start-up)."""
+    assert main(["generate", "hi", "--speculative", "prompt_lookup", "--num-speculative-tokens", "0"]) == 2
+    assert "num_speculative_tokens must be a positive integer, got 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["generate", "hi", "--speculative", "medusa"])
+    assert "invalid choice: 'medusa'" in capsys.readouterr().err
+
+
 def test_plan_prints_a_summary_and_with_json_the_object(capsys):
     """The shipped sample trace, a domain folder of it, and its parent folder (followed, said on stderr)."""
     proc = run("plan", "--nodes", "4", "--slots-per-node", "20", "--speeds", "1,1,2,2")

@@ -54,3 +54,22 @@ def test_bad_input_is_a_typed_error(llm):
     with pytest.raises(PromptTooLongError, match="at most"):
         llm.generate(["fine", "word " * 5000], GREEDY)
     assert not llm.engine.has_unfinished()  # the good prompt added first was aborted
+
+
+def test_speculative_decoding_keeps_the_greedy_output(llm):
+    spec = raymoe.LLM(max_num_seqs=4, max_num_batched_tokens=32, kv_cache_bytes=8 << 20, speculative="prompt_lookup",
+                      num_speculative_tokens=4)  # fmt: skip
+    prompts = ["The quick brown fox", "one two one two one two one"]
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    assert [o.text for o in spec.generate(prompts, params)] == [o.text for o in llm.generate(prompts, params)]
+    assert spec.engine.spec_stats()["num_verify_steps"] > 0
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"speculative": "medusa"}, "speculative must be one of ['none', 'token_recycling', 'prompt_lookup']"),
+    ({"speculative": "prompt_lookup", "num_speculative_tokens": 0}, "num_speculative_tokens must be a positive"),
+])  # fmt: skip
+def test_bad_speculative_options_are_config_errors(options, message):
+    with pytest.raises(raymoe.ConfigError) as e:
+        raymoe.LLM(**options)
+    assert message in str(e.value)

@@ -12,6 +12,8 @@ def test_defaults_and_yaml(tmp_path):
     config = load_config(path)
     assert config.engine.max_num_seqs == 4 and config.serve.port == 9000 and config.backend == "engine"
     assert config.engine.to_engine_config().max_num_seqs == 4
+    spec = parse_config({"engine": {"speculative": "token_recycling", "num_speculative_tokens": 8}}).engine
+    assert spec.to_engine_config().speculative == "token_recycling" and spec.to_engine_config().num_speculative_tokens == 8
     assert load_config(None) == RaymoeConfig()
     with pytest.raises(Exception):
         config.serve.port = 1  # frozen
@@ -27,6 +29,9 @@ def test_defaults_and_yaml(tmp_path):
     pytest.param([1, 2], "must be a mapping", id="not-a-mapping"),
     pytest.param({"serve": {"api_key": ""}}, "serve.api_key: Value error, the API key is empty", id="empty-key"),
     pytest.param({"serve": {"api_key": " k "}}, "surrounding whitespace", id="key-with-spaces"),
+    pytest.param({"engine": {"speculative": "medusa"}}, "engine.speculative: Input should be 'none', "
+                 "'token_recycling' or 'prompt_lookup', got 'medusa'", id="bad-speculative"),
+    pytest.param({"engine": {"num_speculative_tokens": 0}}, "engine.num_speculative_tokens", id="no-drafts"),
 ])  # fmt: skip
 def test_errors_say_what_to_fix(data, needle):
     with pytest.raises(ConfigError, match=None) as e:

@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import heapq
 
-import torch
-
 from raymoe.engine.spec.draft import Draft
 
 TOP_K = 8  # successors kept per token (the paper's k)
@@ -70,8 +68,8 @@ class TokenRecycling:
             parents.append(at)
         return Draft(tuple(tokens), tuple(parents)) if tokens else None
 
-    def observe(self, token_ids: torch.Tensor, logits: torch.Tensor) -> None:
-        """token_ids: [R] input token of each row; logits: [R, V] the rows computed this step."""
+    def observe(self, token_ids, logits) -> None:
+        """token_ids: [R] input token of each row; logits: [R, V] the rows computed this step (tensors)."""
         top = logits.topk(min(self.top_k, logits.shape[-1]), dim=-1).indices.tolist()  # [R, k]
         for token, row in zip(token_ids.tolist(), top):
             self.successors[token] = row
