@@ -54,6 +54,10 @@ class DecodeCore:
         timings, self.timings = self.timings, dict(TIMINGS)
         return timings
 
+    def spec_stats(self) -> dict:
+        """Speculative decoding's counters here (raymoe.engine.spec.speculator.SpecStats)."""
+        return {"method": self.engine.config.speculative, **self.engine.spec_stats()}
+
     @property
     def tally(self):
         return getattr(self.engine.model, "tally", None)
@@ -168,7 +172,8 @@ class DecodeWorker(WorkerShell):
         if self._controller is None:
             self._controller = ray.get_actor(CONTROLLER_NAME, namespace=self.namespace)
         worker_id = ray.get_runtime_context().get_actor_id()
-        self._controller.report_load.remote(worker_id, self.experts.take_load().tolist(), self.experts.count_summary())
+        dispatch = {**self.experts.count_summary(), "speculative": self.core.spec_stats()}  # cumulative, like rows
+        self._controller.report_load.remote(worker_id, self.experts.take_load().tolist(), dispatch)
         with self.lock:
             routing = self.core.routing(list(self.core.engine.requests))
         if routing:  # the running requests' profiles, for the grouping policies
@@ -209,7 +214,7 @@ class DecodeWorker(WorkerShell):
         bm = self.core.engine.block_manager
         return {**self.core.stats, "running": len(self.core.engine.requests),
                 "kv_blocks_used": bm.num_blocks - bm.num_free_blocks, "kv_blocks": bm.num_blocks,
-                "dispatch": self.experts.count_summary()}  # fmt: skip
+                "dispatch": self.experts.count_summary(), "speculative": self.core.spec_stats()}  # fmt: skip
 
     def routing(self, request_ids: list[str]) -> dict:
         """Each running request's routing on this worker so far (for re-seating on drift)."""

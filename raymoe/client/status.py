@@ -57,10 +57,20 @@ def _busy(worker: dict) -> str:
     sequences, a prefill worker's prompts."""
     if worker.get("kind") == "engine":
         return (f"running {worker.get('num_running', 0)}  finished {worker.get('num_finished', 0)}  "
-                f"rejected {worker.get('num_rejected', 0)}  generated tokens {worker.get('num_generated_tokens', 0)}")
+                f"rejected {worker.get('num_rejected', 0)}  generated tokens {worker.get('num_generated_tokens', 0)}"
+                f"{_drafts(worker)}")
     if "running" in worker:
-        return f"running {worker['running']}"
+        return f"running {worker['running']}{_drafts(worker)}"
     return f"prompts {worker.get('prompts', 0)}"
+
+
+def _drafts(worker: dict) -> str:
+    """Speculative decoding's acceptance on a worker that verified drafts."""
+    spec = worker.get("speculative") or {}
+    if not spec.get("num_verify_steps"):
+        return ""
+    return (f"  {spec.get('method', 'drafts')}: acceptance {spec['acceptance_rate']:.2f}, "
+            f"{spec['mean_accepted_tokens']:.2f} tokens/step")
 
 
 def _num(value) -> str:

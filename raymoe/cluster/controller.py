@@ -31,6 +31,7 @@ from raymoe.cluster.membership import serving_topology
 from raymoe.cluster.node_sync import NodeSync
 from raymoe.cluster.placement import Placement, contiguous_placement, speed_weighted_placement
 from raymoe.cluster.topology import Topology
+from raymoe.engine.spec.speculator import SpecStats
 from raymoe.errors import ConfigError, RaymoeError
 from raymoe.model.spec import load_spec
 
@@ -122,6 +123,7 @@ class Controller(NodeSync):
             "drained": sorted(self._drained),
             "workers": sorted(self._workers),
             "dispatch": self.dispatch_by_node(),
+            "speculative": self.speculative(),
             "events": list(self.events),  # recent scaling and placement decisions, oldest first
         }
 
@@ -140,6 +142,13 @@ class Controller(NodeSync):
     def unregister_worker(self, worker_id: str) -> None:
         with self._state:
             self._workers.pop(worker_id, None)
+
+    def speculative(self) -> dict:
+        """Speculative decoding's counters summed over the decode workers that reported, with the
+        acceptance rate and mean accepted length of the sum."""
+        with self._state:
+            reports = [r["speculative"] for r in self._dispatch.values() if "speculative" in r]
+        return SpecStats.total(reports).as_dict()
 
     def dispatch_by_node(self) -> dict[str, dict]:
         """node id -> where its workers' routed rows went, summed over the workers that reported:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -185,22 +186,21 @@ def tree_layout(query_lens: list[int], trees: list[list[int] | None]) -> tuple[t
     0 outside trees), tree_mask [B, max_q, max_q]: True where new token i of a sequence may see its
     new token j: j is i or an ancestor of i, or j <= i for a sequence without a tree (causal))."""
     max_q = max(query_lens)
-    mask = torch.ones(max_q, max_q, dtype=torch.bool).tril().repeat(len(query_lens), 1, 1)
+    mask = np.tril(np.ones((max_q, max_q), dtype=bool))[None].repeat(len(query_lens), axis=0)
     shift: list[int] = []
     for b, (q, parents) in enumerate(zip(query_lens, trees)):
         if parents is None:
             shift += [0] * q
             continue
         assert len(parents) == q and parents[0] == -1 and all(p < i for i, p in enumerate(parents)), parents
-        mask[b, :q, :q] = False
+        seen = mask[b, :q, :q]  # row i: i and its ancestors, built from its parent's row
+        seen[:] = np.eye(q, dtype=bool)
         depth = [0] * q
-        for i, p in enumerate(parents):
-            depth[i] = 0 if p < 0 else depth[p] + 1
-            shift.append(depth[i] - i)
-            mask[b, i, i] = True
-            if p >= 0:
-                mask[b, i, :q] |= mask[b, p, :q]
-    return torch.tensor(shift, dtype=torch.long), mask
+        for i in range(1, q):
+            seen[i] |= seen[parents[i]]
+            depth[i] = depth[parents[i]] + 1
+        shift += [d - i for i, d in enumerate(depth)]
+    return torch.tensor(shift, dtype=torch.long), torch.from_numpy(mask)
 
 
 def move_kv(kv_cache: KVCache, src: torch.Tensor, dst: torch.Tensor) -> None:

@@ -81,7 +81,8 @@ class ClusterBackend:
                 "num_rejected": self.num_rejected, "num_finished": self.num_finished,
                 "max_queue_len": self.max_pending, "resumed_sequences": self.front.stats["resumed"],
                 "prefill_retries": self.front.stats["prefill_retries"],
-                "expert_load": [list(map(float, row)) for row in load], **_cluster_counts(controller)}  # fmt: skip
+                "expert_load": [list(map(float, row)) for row in load], **_cluster_counts(controller),
+                "speculative": {"method": self.config.engine.speculative, **controller.get("speculative", {})}}  # fmt: skip
 
     async def cluster_status(self) -> dict:
         placement, _ = await self.controller.placement.remote()

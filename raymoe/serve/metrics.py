@@ -34,6 +34,7 @@ class ServeMetrics:
         self.local_activation = Gauge("raymoe_local_activation_rate",
                                       "share of token-expert pairs served on the token's own node", registry=r)  # fmt: skip
         self.expert_load = Gauge("raymoe_expert_load", "recent tokens per expert", ["layer", "expert"], registry=r)
+        self.spec = SpecGauges(r)
         self.cluster = ClusterGauges(r)
 
     def observe_request(self, route: str, status: int) -> None:
@@ -62,10 +63,32 @@ class ServeMetrics:
         for layer, row in enumerate(stats.get("expert_load") or []):
             for expert, load in enumerate(row):
                 self.expert_load.labels(layer=str(layer), expert=str(expert)).set(load)
+        self.spec.update(stats.get("speculative") or {})
         self.cluster.update(stats)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class SpecGauges:
+    """Speculative decoding (engine.speculative): how many draft tokens were verified and kept, the
+    acceptance rate and the mean accepted length (tokens a sequence gets per verification step,
+    1 = no gain), summed over the backend's engines (every decode worker with backend: cluster)."""
+
+    FIELDS = {
+        "num_draft_tokens": ("raymoe_spec_draft_tokens", "draft tokens verified (backend total)"),
+        "num_accepted_tokens": ("raymoe_spec_accepted_tokens", "draft tokens kept (backend total)"),
+        "acceptance_rate": ("raymoe_spec_acceptance_rate", "kept / verified draft tokens"),
+        "mean_accepted_tokens": ("raymoe_spec_mean_accepted_tokens",
+                                 "tokens per sequence per verification step, the decode token included"),
+    }  # fmt: skip
+
+    def __init__(self, r: CollectorRegistry):
+        self.gauges = {k: Gauge(name, doc, registry=r) for k, (name, doc) in self.FIELDS.items()}
+
+    def update(self, spec: dict) -> None:
+        for key, gauge in self.gauges.items():
+            gauge.set(spec.get(key, 0))
 
 
 class ClusterGauges:

@@ -6,7 +6,9 @@ DOC = {
     "backend": "cluster", "model": "/m", "placement_epoch": 3,
     "nodes": [{"node_id": "aaaaaaaaaaaaaaaa", "address": "127.0.0.1", "speed": 2.0}],
     "deployments": {"decode": {"status": "HEALTHY", "running": 2}},
-    "workers": [{"kind": "decode", "node_id": "aaaaaaaaaaaaaaaa", "running": 5}],
+    "workers": [{"kind": "decode", "node_id": "aaaaaaaaaaaaaaaa", "running": 5,
+                 "speculative": {"method": "prompt_lookup", "num_verify_steps": 9, "acceptance_rate": 0.25,
+                                 "mean_accepted_tokens": 1.75}}],
     "controller": {"shards": [{"name": "shard-0", "node_id": "aaaaaaaaaaaaaaaa", "num_physical": 64, "speed": 2.0}],
                    "events": [{"time": 90.0, "kind": "node_joined", "node_id": "bbbb"}],
                    "dispatch": {"aaaaaaaaaaaaaaaa": {"local_activation_rate": 0.5, "rows_crossing_process_per_token": 4.0,
@@ -25,6 +27,7 @@ def test_every_section_is_shown_with_its_reason():
     assert "5s ago  decode: 1 -> 2  (running_sequences 9" in text
     assert "10s ago  node_joined  node_id=bbbb" in text
     assert "aaaaaaaaaaaa  local activation 0.500  crossing process 4.000  crossing node 2.000" in text
+    assert "running 5  prompt_lookup: acceptance 0.25, 1.75 tokens/step" in text
 
 
 def test_engine_backend_document_has_no_cluster_sections():

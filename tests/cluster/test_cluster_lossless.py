@@ -3,6 +3,7 @@ of the one-process engine and of transformers: any shard count, replicas, microb
 and decode on different nodes, two model families."""
 
 import itertools
+from dataclasses import replace
 
 import pytest
 import ray
@@ -98,3 +99,22 @@ def test_rows_through_a_collective_group_are_lossless(ray_cluster, checkpoint_di
         cluster.shutdown()
     assert got == expected("mixtral") and world == [3, 3]  # worker + 2 shards
     assert counts["rows_process"] > 0
+
+
+def test_drafts_ride_the_same_expert_round_trips(ray_cluster, checkpoint_dir, expected):
+    """Speculative decoding in the decode worker (Token Recycling; 2 shards, 2 microbatches,
+    prefill and decode on different nodes): the same tokens, and each step, however many drafts it
+    verifies, is one expert round trip per MoE layer and microbatch."""
+    path = checkpoint_dir("mixtral")
+    config = ClusterConfig(engine=replace(ENGINE, speculative="token_recycling"), namespace=f"lossless-{next(_namespaces)}",
+                           num_shards=2, num_microbatches=2, **SPLIT)  # fmt: skip
+    cluster = MoECluster(path, config)
+    try:
+        got = [o.token_ids for o in cluster.generate(PROMPTS, GREEDY)]
+        stats, timings = ray.get([cluster.decode[0].stats.remote(), cluster.decode[0].take_timings.remote()], timeout=60)
+    finally:
+        cluster.shutdown()
+    assert got == expected("mixtral")
+    spec = stats["speculative"]
+    assert spec["method"] == "token_recycling" and spec["num_accepted_tokens"] > 0 and spec["mean_accepted_tokens"] > 1
+    assert timings["calls"] <= stats["steps"] * 2 * 3  # microbatches x MoE layers (mixtral: all 3)

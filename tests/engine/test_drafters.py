@@ -58,3 +58,13 @@ def test_draft_paths_and_depths():
     assert d.path(4) == [1, 4] and d.path(0) == []
     assert d.depths() == [0, 1, 1, 2, 2]
     assert Draft.chain([5, 6]).tree_parents() == [-1, 0, 1]
+
+
+def test_spec_stats_add_up_over_engines():
+    from raymoe.engine.spec.speculator import SpecStats
+
+    a = SpecStats(num_verify_steps=4, num_draft_tokens=10, num_accepted_tokens=4, num_emitted_tokens=8).as_dict()
+    b = SpecStats(num_verify_steps=6, num_draft_tokens=30, num_accepted_tokens=6, num_emitted_tokens=12).as_dict()
+    total = SpecStats.total([a, b]).as_dict()
+    assert total["acceptance_rate"] == 10 / 40 and total["mean_accepted_tokens"] == 20 / 10
+    assert SpecStats().as_dict()["acceptance_rate"] == 0.0

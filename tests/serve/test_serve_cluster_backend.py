@@ -1,6 +1,7 @@
 """`backend: cluster`: the same HTTP API served by the disaggregated cluster (controller, expert
 shards, KV pool, and prefill and decode as separate Serve deployments) gives the one-process
-engine's greedy text, while decode replicas scale with the load and workers crash."""
+engine's greedy text, while decode replicas scale with the load and workers crash; the decode
+workers verify Token Recycling drafts all along (speculative decoding is lossless)."""
 
 import os
 import signal
@@ -22,6 +23,7 @@ FAST_SCALING = {"upscale_delay_s": 0, "downscale_delay_s": 3, "metrics_interval_
 TWO_CPUS = {"RAY_OVERRIDE_RESOURCES": '{"CPU": 2}'}
 CLUSTER_CONFIG = {
     **CONFIG,
+    "engine": {**CONFIG["engine"], "speculative": "token_recycling"},  # every greedy check below holds with drafts
     "backend": "cluster",
     "cluster": {"replicas": 1, "kv_pool_bytes": 16 << 20},
     "prefill": {"graceful_shutdown_timeout_s": 2,
@@ -131,6 +133,10 @@ def test_streaming_and_admin_report_the_cluster(server):
     assert {w["kind"] for w in s["workers"]} == {"prefill", "decode"}
     assert {"prefill", "decode", "cluster", "ingress"} <= set(s["deployments"])
     assert all(n["address"] == "127.0.0.1" for n in s["nodes"])
+    decode = next(w for w in s["workers"] if w["kind"] == "decode")
+    assert decode["speculative"]["method"] == "token_recycling" and decode["speculative"]["num_verify_steps"] > 0
+    metrics = httpx.get(f"{server.base_url}/metrics", timeout=60).text
+    assert "raymoe_spec_acceptance_rate" in metrics and "raymoe_spec_mean_accepted_tokens" in metrics
     epoch = s["placement_epoch"]
     r = httpx.post(f"{server.base_url}/admin/rebalance", headers=HEADERS, timeout=120)
     assert r.status_code == 200 and r.json()["placement_epoch"] > epoch

@@ -115,7 +115,8 @@ def test_health_and_metrics_open(server, http):
     http.post("/v1/completions", json=OK)
     text = httpx.get(server.base_url + "/metrics", timeout=30).text
     for name in ("raymoe_requests_total", "raymoe_time_to_first_token_seconds_bucket",
-                 "raymoe_time_per_output_token_seconds_bucket", "raymoe_queue_depth", "raymoe_kv_cache_usage"):  # fmt: skip
+                 "raymoe_time_per_output_token_seconds_bucket", "raymoe_queue_depth", "raymoe_kv_cache_usage",
+                 "raymoe_spec_acceptance_rate"):  # fmt: skip
         assert name in text
 
 

@@ -26,6 +26,12 @@ class SpecStats:
     num_accepted_tokens: int = 0  # of those, kept
     num_emitted_tokens: int = 0  # tokens those steps yielded: the accepted ones plus one each
 
+    @classmethod
+    def total(cls, reports: list[dict]) -> "SpecStats":
+        """The sum of several engines' counters (`as_dict` outputs, e.g. every decode worker's)."""
+        names = list(vars(cls()))
+        return cls(**{n: sum(int(r.get(n, 0)) for r in reports) for n in names})
+
     def as_dict(self) -> dict[str, float]:
         """The counters, the acceptance rate (accepted / drafted: a tree drafts several tokens per
         position, so it stays well below 1 even when most steps keep a long path) and the mean
