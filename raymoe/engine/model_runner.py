@@ -89,8 +89,9 @@ class ModelRunner:
         plain = [b for b in rows if scheduled[b][0].draft is None]
         self._sample(logits[[spans[b].start for b in plain]], plain, scheduled, out)
         moves = [self._verify(logits[spans[b]], b, scheduled, batch, out) for b in rows if b not in plain]
-        if moves:
-            move_kv(self.kv_cache, *(torch.cat(m) for m in zip(*moves)))
+        src, dst = (torch.cat(m) for m in zip(*moves)) if moves else (None, None)
+        if src is not None and src.numel():  # a chain's kept path is already in place
+            move_kv(self.kv_cache, src, dst)
         if self.speculator is not None:
             self.speculator.observe(input_ids[flat.to(input_ids.device)], logits)
         return out
@@ -114,13 +115,13 @@ class ModelRunner:
         draft = seq.draft
         assert n == draft.size + 1, "a draft is verified whole"
         path, tokens = verify(logits, seq, draft, self.eos_token_ids, self._generator(seq))
-        self.speculator.record(draft, len(path))
+        self.speculator.record(seq, draft, path)
         out[b] = tokens
         if seq.params.logprobs is not None:
             seq.new_logprobs = entries(logits[[0, *path]], tokens, seq.params.logprobs)
         first = int(batch.query_index[b, 0])  # the root and its draft took the next slots, in node order
-        src = batch.slot_mapping[[first + node for node in path]]
-        return src, batch.slot_mapping[first + 1 : first + 1 + len(path)]
+        moved = [(first + node, first + k) for k, node in enumerate(path, start=1) if node != k]
+        return batch.slot_mapping[[s for s, _ in moved]], batch.slot_mapping[[d for _, d in moved]]
 
     def _score_samples(self, logits: torch.Tensor, seqs: list[Sequence], next_ids: list[int]) -> None:
         """logits: [N, V] raw, row i for seqs[i] -> seq.new_logprobs of those that asked."""

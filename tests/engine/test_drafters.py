@@ -68,3 +68,11 @@ def test_spec_stats_add_up_over_engines():
     total = SpecStats.total([a, b]).as_dict()
     assert total["acceptance_rate"] == 10 / 40 and total["mean_accepted_tokens"] == 20 / 10
     assert SpecStats().as_dict()["acceptance_rate"] == 0.0
+
+
+def test_drafts_are_as_deep_as_they_pay():
+    """A sequence whose drafts are kept half the time drafts 4 deep (0.5^4 > DRAFT_COST = 0.05 > 0.5^5)."""
+    from raymoe.engine.spec.speculator import worth_depth
+
+    assert worth_depth((1.0, 1.0)) == 4
+    assert worth_depth((9.0, 1.0)) == 28 and worth_depth((0.0, 5.0)) == 1

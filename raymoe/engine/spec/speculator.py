@@ -7,6 +7,10 @@ reading the weights, not by arithmetic). Past `token_budget` tokens a step is co
 draft token costs about what it may save; so the per-sequence draft size shrinks as the batch grows
 (`budget // decodes - 1`), down to none.
 
+A draft is only as deep as it is likely to pay: if a sequence's draft tokens are each accepted with
+probability a (estimated from its recent steps), the k-th costs `DRAFT_COST` of a step and is kept
+with probability a^k, so drafts stop at depth log(DRAFT_COST) / log(a).
+
 A draft never makes a sequence overshoot: at most `max_tokens - generated - 1` deep (the bonus token
 comes on top), and it fits the model's context. Stop strings and EOS inside an accepted draft end
 the sequence there; the tokens after them are dropped (`LLMEngine._check_stop`).
@@ -14,9 +18,15 @@ the sequence there; the tokens after them are dropped (`LLMEngine._check_stop`).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from raymoe.engine.spec.draft import Draft
+
+# A draft token's share of a decode step's time on this machine's CPU at batch 1 to 16 (bench/speculative.py
+# step_cost: a step of 1 + d tokens per sequence costs about 1 + 0.05 d decode steps).
+DRAFT_COST = 0.05
+DECAY = 0.8  # weight of a sequence's earlier steps in its acceptance estimate
 
 
 @dataclass
@@ -60,7 +70,7 @@ class Speculator:
 
     def propose(self, seq, size: int) -> Draft | None:
         """A draft of at most `size` tokens for a decoding sequence, or None."""
-        max_depth = seq.params.max_tokens - seq.num_output_tokens - 1
+        max_depth = min(seq.params.max_tokens - seq.num_output_tokens - 1, worth_depth(seq.draft_record))
         max_nodes = min(size, self.max_model_len - len(seq) - 1)
         if max_depth < 1 or max_nodes < 1:
             return None
@@ -70,9 +80,24 @@ class Speculator:
         """token_ids: [R] input token of each row of logits [R, V] computed this step."""
         self.drafter.observe(token_ids, logits)
 
-    def record(self, draft: Draft, num_accepted: int) -> None:
+    def record(self, seq, draft: Draft, path: list[int]) -> None:
+        """After verifying seq's draft: path = the accepted nodes. A path that ends at a node with
+        children counts as a rejection (one ending at a leaf was not tested further)."""
+        accepted, rejected = seq.draft_record
+        was_rejected = bool(draft.children(path[-1] if path else 0))
+        seq.draft_record = (DECAY * accepted + len(path), DECAY * rejected + was_rejected)
+        num_accepted = len(path)
         s = self.stats
         s.num_verify_steps += 1
         s.num_draft_tokens += draft.size
         s.num_accepted_tokens += num_accepted
         s.num_emitted_tokens += num_accepted + 1
+
+
+def worth_depth(record: tuple[float, float]) -> int:
+    """The deepest draft token whose chance of being kept, a^k, still beats its cost (at least 1)."""
+    accepted, rejected = record
+    rate = accepted / (accepted + rejected)
+    if rate >= 1 - 1e-9:
+        return 1 << 30
+    return max(1, int(math.log(DRAFT_COST) / math.log(rate))) if rate > 0 else 1
