@@ -17,6 +17,7 @@ from raymoe.engine.block_hash import CacheSalt, block_hash, chain_parent
 from raymoe.engine.block_manager import BlockManager
 from raymoe.engine.chunks import plan_blend
 from raymoe.engine.engine_config import EngineConfig
+from raymoe.engine.kv_tail import adopt_tails, export_tail, tail_span
 from raymoe.engine.kv_transfer import block_key, export_blocks, import_blocks
 from raymoe.engine.model_runner import ModelRunner, num_kv_blocks
 from raymoe.engine.samples import Samples, fork
@@ -186,6 +187,18 @@ class LLMEngine:
             block_ids.append(self.block_manager.hash_to_block_id[h])
         return keys, export_blocks(self.model_runner.kv_cache, block_ids) if block_ids else []
 
+    def export_tail(self, request_id: str) -> tuple[str, torch.Tensor] | None:
+        """(pool key, exported block) of a running request's computed partial block, to move with
+        its full blocks (`raymoe.engine.kv_tail`); None when it has none."""
+        seq, _ = self.requests[request_id]
+        return export_tail(seq, self.model_runner.kv_cache, self.config.block_size)
+
+    def set_kv_tail(self, request_id: str, block: torch.Tensor) -> None:
+        """Give a request added just now (not started) its partial block's KV (`export_tail` of the
+        engine it left); adopted when it is admitted if its full blocks hit the prefix cache."""
+        seq, _ = self.requests[request_id]
+        seq.kv_tail = (tail_span(len(seq.token_ids), self.config.block_size)[1], block)
+
     def abort(self, request_id: str) -> None:
         """Drop a request (all its samples) wherever it is; its blocks are freed. Unknown ids are ignored."""
         for sample_id in [request_id, *self.samples.pop(request_id)]:
@@ -204,6 +217,7 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Run one batch; return a delta for every request that got a token."""
         scheduled = self.blender.run_pending(self.scheduler.schedule())
+        scheduled = adopt_tails(scheduled, self.model_runner.kv_cache, self.config.block_size)
         token_ids = self.model_runner.run(scheduled)
         sampled = self.scheduler.postprocess(scheduled, token_ids)
         outputs = [self._check_stop(seq, num_new) for seq, num_new in sampled]
