@@ -49,11 +49,16 @@ def replay(trace: Trace, policy: str, topology: Topology, *, calibration: Trace 
            batch_size: int = 128, num_steps: int | None = None, seed: int = 0,
            replan_every: int | None = None, warmup_tokens: int = 8, cap_slack: float = 0.1,
            request_profile: RequestProfile = "history", options: dict | None = None,
-           batches: DecodeBatches | None = None, plan: Plan | None = None) -> Replay:
+           batches: DecodeBatches | None = None, plan: Plan | None = None,
+           replan_at: list[int] | None = None, reseat_gain: float = 0.0) -> Replay:
     """Serve `trace` under `policy`, planned from `calibration` (default: the trace itself).
 
     replan_every: re-plan every that many steps from the steps just served (what a
-    controller sees), as the policy's spec says (full or incremental).
+    controller sees), as the policy's spec says (full or incremental); replan_at: re-plan
+    before exactly these steps instead (e.g. the schedule a live run had), each from the
+    steps since the previous re-plan.
+    reseat_gain: a running request re-seated after a re-plan keeps its seat unless the new
+    one raises its predicted local share by more than this (`reseat_requests`, as live).
     request_profile: what token placement predicts a request's experts from, its routing
     so far ("history") or its first `warmup_tokens` tokens only ("warmup").
     batches: the decode steps to serve (default: `decode_batches` of the trace, steady state);
@@ -71,14 +76,17 @@ def replay(trace: Trace, policy: str, topology: Topology, *, calibration: Trace 
     placer = RequestPlacer(batches, topology.speed_array, warmup_tokens, cap_slack)
     token_node, records = np.empty_like(batches.request), []
     num_migrations, demand = 0, 0.0  # demand: [L, E, N] pairs by token node, this window
+    schedule = set(replan_at) if replan_at is not None else set(
+        range(replan_every, batches.num_steps, replan_every) if replan_every else ())
+    last = 0
     for t in range(batches.num_steps):
-        if replan_every and t > 0 and t % replan_every == 0:
-            window = slice(t - replan_every, t)
-            plans.append(_replan(spec, plans[-1], batches, window, demand, topology, options,
-                                 placer))
-            replicas, demand = plans[-1].replicas_on_node(topology.num_nodes), 0.0
+        if t in schedule and t > last:
+            plans.append(_replan(spec, plans[-1], batches, slice(last, t), demand, topology,
+                                 options, placer))
+            replicas, demand, last = plans[-1].replicas_on_node(topology.num_nodes), 0.0, t
             if spec.replan == "regroup":
-                num_migrations += placer.reseat(t - 1, _affinity_fn(profiles, replicas))
+                num_migrations += placer.reseat(t - 1, _affinity_fn(profiles, replicas),
+                                                reseat_gain)
         plan_of_step[t] = len(plans) - 1
         affinity = _affinity_fn(profiles, replicas) if profiles is not None else None
         token_node[t] = placer.step(t, affinity)

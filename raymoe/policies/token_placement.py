@@ -101,17 +101,24 @@ class RequestPlacer:
         return self.state.node[self.batches.request[step]]
 
 
-    def reseat(self, step: int, affinity: AffinityFn) -> int:
+    def reseat(self, step: int, affinity: AffinityFn, min_gain: float = 0.0) -> int:
         """Re-place the requests running at `step` after a new plan; returns how many moved.
+        min_gain > 0: a request keeps its seat unless the new one raises its predicted local
+        share by more than that (`reseat_requests`, as the live front does).
 
         A moved request's KV follows it through the KV pool; the count is the cost.
         """
         state, requests = self.state, self.batches.request[step]
         placed = requests[state.is_final[requests]]
         before = state.node[placed].copy()
+        scores = affinity(placed, step)
+        if min_gain > 0:
+            new = reseat_requests(scores, before, state.caps, min_gain, state.speeds)
+            for request, node in zip(placed, new):
+                state.put(int(request), int(node), is_final=True)
+            return int((new != before).sum())
         np.subtract.at(state.count, before, 1)
         state.node[placed] = -1
-        scores = affinity(placed, step)
         for i in _decided_first(scores):
             state.put(int(placed[i]), _best_node(state, scores[i], placed[i]), is_final=True)
         return int((state.node[placed] != before).sum())
@@ -200,13 +207,14 @@ def seat_requests(affinity: np.ndarray, count: np.ndarray, caps: np.ndarray,
 
 
 def reseat_requests(affinity: np.ndarray, seats: np.ndarray, caps: np.ndarray,
-                    min_gain: float) -> np.ndarray:
+                    min_gain: float, speeds: np.ndarray | None = None) -> np.ndarray:
     """New seats for running requests after a new plan, as `RequestPlacer.reseat` does: all choose
     afresh under the caps, most decided first; a request keeps its seat unless the new one raises
     its predicted local share by more than `min_gain` (a move costs a KV transfer).
-    affinity: `[requests, workers]`; seats: `[requests]`; caps: `[workers]`. Returns `[requests]`."""
+    affinity: `[requests, workers]`; seats: `[requests]`; caps: `[workers]`; speeds: `[workers]`
+    (default equal). Returns `[requests]`."""
     seats = np.asarray(seats, dtype=np.int64)
-    fresh = seat_requests(affinity, np.zeros(affinity.shape[1], dtype=np.int64), caps)
+    fresh = seat_requests(affinity, np.zeros(affinity.shape[1], dtype=np.int64), caps, speeds)
     rows = np.arange(len(seats))
     gain = affinity[rows, fresh] - affinity[rows, seats]
     return np.where(gain > min_gain, fresh, seats)

@@ -58,3 +58,16 @@ def test_real_trace_cross_domain_smoke():
     assert out["calibration"] == "general" and out["trace"] == "coding"
     assert 0.25 < out["local_activation_rate"] < 1.0
     assert np.isfinite(out["max_over_mean"])
+
+
+def test_replan_at_a_live_schedule_and_reseat_gain():
+    """`replan_at` [4, 8] is `replan_every` 4; another schedule plans elsewhere; a reseat gain
+    keeps the requests whose move would gain less (the live front's rule)."""
+    kwargs = {"batch_size": 4, "num_steps": 12}
+    every = evaluate(tiny_trace(), "regrouping", Topology(2, 6), replan_every=4, **kwargs)
+    assert evaluate(tiny_trace(), "regrouping", Topology(2, 6), replan_at=[4, 8], **kwargs) == every
+    assert evaluate(tiny_trace(), "regrouping", Topology(2, 6), replan_at=[7], **kwargs)["num_plans"] == 2
+    trace, kwargs = tiny_trace(num_sequences=8, num_tokens=30), {**kwargs, "warmup_tokens": 2, "replan_every": 3}
+    moves = [evaluate(trace, "regrouping", Topology(2, 6), reseat_gain=g, **kwargs)["requests_migrated"]
+             for g in (0.0, 0.3, 0.9)]  # fmt: skip
+    assert moves == sorted(moves, reverse=True) and moves[0] > moves[-1] == 0
