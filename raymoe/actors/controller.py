@@ -51,8 +51,8 @@ class ControllerActor:
     def apply(self, placement: Placement) -> int:
         return self.core.apply(placement)
 
-    def rebalance(self, extra_replicas: int | None = None, policy: str | None = None) -> int:
-        return self.core.rebalance(extra_replicas, policy)
+    def rebalance(self, extra_replicas: int | None = None, policy: str | None = None, recent: bool = False) -> int:
+        return self.core.rebalance(extra_replicas, policy, recent=recent)
 
     def start_schedule(self, interval_s: float) -> bool:
         """Rebalance every `interval_s` seconds from the load the workers report (idempotent)."""

@@ -12,6 +12,7 @@ import time
 
 from raymoe.cluster.handoff import TokenDelta, WorkRequest
 from raymoe.actors.worker_model import WorkerShell, die
+from raymoe.engine.kv_tail import tail_key
 from raymoe.engine.llm_engine import LLMEngine
 
 LOAD_REPORT_S = 1.0  # how often a decode worker sends its expert load to the controller
@@ -21,8 +22,12 @@ TIMINGS = {"decode_steps": 0, "decode_step_s": 0.0, "decode_tokens": 0}
 class DecodeCore:
     def __init__(self, engine: LLMEngine, pool):
         self.engine, self.pool = engine, pool
-        self.stats = {"sequences": 0, "tokens": 0, "steps": 0, "prefix_hit_blocks": 0}
+        self.stats = {"sequences": 0, "tokens": 0, "steps": 0, "prefix_hit_blocks": 0, "tail_blocks": 0}
         self.timings = dict(TIMINGS)
+        self.reported: dict = {}  # request id -> its tally counts at the last report
+        # Output tokens at which every sequence waits (None: no hold): step-aligned re-plans,
+        # where the controller re-plans and the front re-seats before decoding goes on.
+        self.hold_at: int | None = None
 
     def submit(self, r: WorkRequest) -> None:
         """Admit a sequence that already has output tokens (at least the prefill's first)."""
@@ -30,6 +35,11 @@ class DecodeCore:
         fetch = lambda keys: self.pool.get_blocks(keys, r.kv_node_id)  # noqa: E731
         self.stats["prefix_hit_blocks"] += self.engine.import_prefix(tokens, fetch)
         self.engine.add_request(r.prompt_token_ids, r.params, r.request_id, r.output_token_ids)
+        key = tail_key(tokens, self.engine.config.block_size) if r.kv_tail else None
+        block = fetch([key])[0] if key else None
+        if block is not None:  # a re-seated sequence: its partial block came too (no recompute)
+            self.engine.set_kv_tail(r.request_id, block)
+            self.stats["tail_blocks"] += 1
         self.stats["sequences"] += 1
 
     def step(self) -> dict[str, TokenDelta]:
@@ -77,13 +87,33 @@ class DecodeCore:
             return False
         seq, _ = self.engine.requests[request_id]
         keys, blocks = self.engine.export_prefix(seq.token_ids)
+        tail = self.engine.export_tail(request_id)
+        if tail is not None:  # adopted by the next worker only if all the full blocks reach it too
+            keys, blocks = keys + [tail[0]], blocks + [tail[1]]
         if keys:
             self.pool.put_blocks(keys, blocks)
         self.engine.abort(request_id)
         return True
 
+    def routing_since_report(self) -> dict:
+        """request id -> `[moe layers, experts]` pairs routed here since the last call (running
+        requests with any): what the worker reports, so the controller can sum any window."""
+        counts = self.tally.counts if self.tally is not None else {}
+        out = {r: c - self.reported[r] if r in self.reported else c.copy() for r, c in counts.items()}
+        self.reported = {r: c.copy() for r, c in counts.items()}
+        return {r: d for r, d in out.items() if d.any()}
+
     def has_work(self) -> bool:
-        return self.engine.has_unfinished()
+        """Sequences to step: some unfinished, and not all of them at the hold (`hold_at`)."""
+        if not self.engine.has_unfinished():
+            return False
+        return self.hold_at is None or any(
+            seq.num_output_tokens < self.hold_at for seq, _ in self.engine.requests.values()
+        )
+
+    def is_held(self) -> bool:
+        """Every unfinished sequence has reached the hold: the worker waits there (step boundary)."""
+        return self.hold_at is not None and not self.has_work()
 
 
 class Outbox:
@@ -134,6 +164,8 @@ class DecodeWorker(WorkerShell):
         self.outbox = Outbox()
         self.lock = threading.Lock()  # one step, submit or abort at a time
         self.wake = threading.Event()
+        self._reporting = threading.Lock()  # one report at a time, in order
+        self._in_flight: list = []  # the refs of the last report sent
         threading.Thread(target=self._loop, daemon=True).start()
 
     def _loop(self) -> None:
@@ -162,22 +194,43 @@ class DecodeWorker(WorkerShell):
         except Exception as e:  # noqa: BLE001 (crash-only: see worker_model.die)
             die(f"decode step failed: {e!r}")
 
-    def _report_load(self) -> None:
-        """Per-expert token counts (its replication policy's input) and where rows went
-        (`RemoteExperts.count_summary`) to the controller."""
+    def _report_load(self, wait: bool = False) -> None:
+        """Per-expert token counts (its replication policy's input), where rows went
+        (`RemoteExperts.count_summary`) and each running request's routing since the last report
+        (the grouping policies' request profiles) to the controller. wait: return once the
+        controller holds these and every earlier report."""
         import ray
 
         from raymoe.cluster.controller import CONTROLLER_NAME
 
-        if self._controller is None:
-            self._controller = ray.get_actor(CONTROLLER_NAME, namespace=self.namespace)
-        worker_id = ray.get_runtime_context().get_actor_id()
-        dispatch = {**self.experts.count_summary(), "speculative": self.core.spec_stats()}  # cumulative, like rows
-        self._controller.report_load.remote(worker_id, self.experts.take_load().tolist(), dispatch)
+        with self._reporting:  # reports land in order: a re-plan's window ends with the last one
+            if self._controller is None:
+                self._controller = ray.get_actor(CONTROLLER_NAME, namespace=self.namespace)
+            context = ray.get_runtime_context()
+            dispatch = {**self.experts.count_summary(), "speculative": self.core.spec_stats()}  # cumulative, like rows
+            refs = [self._controller.report_load.remote(context.get_actor_id(), self.experts.take_load().tolist(),
+                                                        dispatch)]  # fmt: skip
+            with self.lock:
+                routing = self.core.routing_since_report()
+            if routing:
+                refs.append(self._controller.report_requests.remote(context.get_node_id(), routing))
+            if wait:
+                ray.get(self._in_flight + refs)
+            self._in_flight = refs
+
+    def hold(self, tokens: int | None) -> None:
+        """Stop stepping once every sequence has `tokens` output tokens (None: go on): the
+        step-aligned re-plan's barrier. Sequences submitted meanwhile wait there too."""
         with self.lock:
-            routing = self.core.routing(list(self.core.engine.requests))
-        if routing:  # the running requests' profiles, for the grouping policies
-            self._controller.report_requests.remote(ray.get_runtime_context().get_node_id(), routing)
+            self.core.hold_at = tokens
+        self.wake.set()
+
+    def flush_reports(self) -> bool:
+        """Report now and return once the controller holds every report so far; True when the
+        worker is held (no step runs until `hold` moves on)."""
+        self._report_load(wait=True)
+        with self.lock:
+            return self.core.is_held()
 
     def submit(self, requests: list[WorkRequest]) -> None:
         with self.lock:

@@ -97,7 +97,8 @@ class Controller(NodeSync):
         ray.get([h.ping.remote() for h in self._handles], timeout=CALL_TIMEOUT_S)
         self._workers: dict[str, object] = {}
         self._reports: deque = deque()  # (time, worker id, [layers, experts] counts)
-        self._requests: dict[str, tuple] = {}  # request id -> (time, node id, [moe layers, experts] pairs)
+        self._requests: deque = deque()  # (time, request id, node id, [moe layers, experts] pairs since the last report)
+        self._planned_at: float | None = None  # monotonic time of the last plan from the reports
         self._dispatch: dict[str, dict] = {}  # worker id -> its last dispatch counts (cumulative)
 
     # --- state -----------------------------------------------------------------------------------
@@ -176,66 +177,82 @@ class Controller(NodeSync):
                 self._dispatch[worker_id] = dispatch
 
     def report_requests(self, node_id: str, routing: dict) -> None:
-        """routing: request id -> `[moe layers, experts]` pairs each running request routed so far on
-        a worker of `node_id` (the grouping policies' request profiles; the latest report wins)."""
+        """routing: request id -> `[moe layers, experts]` pairs each running request routed on a
+        worker of `node_id` since that worker's last report (the grouping policies' request
+        profiles are sums over a window of these)."""
         now = time.monotonic()
         with self._state:
             for rid, counts in routing.items():
-                self._requests[rid] = (now, node_id, np.asarray(counts, dtype=np.float64))
+                self._requests.append((now, rid, node_id, np.asarray(counts, dtype=np.float64)))
 
-    def request_profiles(self) -> tuple[np.ndarray, list[str]]:
+    def request_profiles(self, since: float | None = None) -> tuple[np.ndarray, list[str]]:
         """(`[requests, moe layers, experts]` per-token expert shares, node of each) of the requests
-        reported within the window."""
+        reported within the window (and since `since`, a monotonic time, when given); a request's
+        node is where it ran at its latest report."""
+        totals: dict[str, np.ndarray] = {}
+        node: dict[str, str] = {}
         with self._state:
             horizon = time.monotonic() - self.load_window_s
-            self._requests = {r: v for r, v in self._requests.items() if v[0] >= horizon}
-            entries = [v for v in self._requests.values() if v[2].sum() > 0]
+            while self._requests and self._requests[0][0] < horizon:
+                self._requests.popleft()
+            for at, rid, node_id, counts in self._requests:
+                if since is None or at >= since:
+                    totals[rid] = totals[rid] + counts if rid in totals else counts
+                    node[rid] = node_id
+        entries = [(c, node[r]) for r, c in totals.items() if c.sum() > 0]
         shape = (0, len(self.spec.moe_layer_ids), self.spec.num_experts)
         if not entries:
             return np.zeros(shape), []
         pairs_per_token = self.spec.top_k * len(self.spec.moe_layer_ids)  # as sequence_profiles: per token
-        profiles = np.stack([c * pairs_per_token / c.sum() for _, _, c in entries])
-        return profiles, [n for _, n, _ in entries]
+        profiles = np.stack([c * pairs_per_token / c.sum() for c, _ in entries])
+        return profiles, [n for _, n in entries]
 
-    def load(self) -> np.ndarray:
-        """[layers, experts] token-expert pairs reported within the sliding window."""
+    def load(self, since: float | None = None) -> np.ndarray:
+        """[layers, experts] token-expert pairs reported within the sliding window (and since
+        `since`, a monotonic time, when given)."""
         total = np.zeros((self.spec.num_layers, self.spec.num_experts), dtype=np.int64)
         with self._state:
             horizon = time.monotonic() - self.load_window_s
             while self._reports and self._reports[0][0] < horizon:
                 self._reports.popleft()
-            for _, _, counts in self._reports:
-                total += counts
+            for at, _, counts in self._reports:
+                if since is None or at >= since:
+                    total += counts
         return total
 
     # --- placement changes -------------------------------------------------------------------------
-    def rebalance(self, extra_replicas: int | None = None, policy: str | None = None, reason: str = "requested") -> int:
+    def rebalance(self, extra_replicas: int | None = None, policy: str | None = None, reason: str = "requested",
+                  recent: bool = False) -> int:  # fmt: skip
         """A new placement from the windowed load, applied; returns its epoch.
 
         policy: a `raymoe.policies.registry.PolicyName` (the controller's own by default); None
-        and no default: the built-in speed-weighted greedy (hot experts replicated, fast shards fuller)."""
+        and no default: the built-in speed-weighted greedy (hot experts replicated, fast shards fuller).
+        recent: plan from the reports since the last plan only (a step-aligned re-plan's window)."""
         policy = policy or self.policy
         with self._applying:  # planned over the shards it is applied to
             current, _ = self.placement()
-            new = self.plan(current, extra_replicas, policy)
+            new = self.plan(current, extra_replicas, policy, recent)
             self.rebalances.append({"time": time.time(), "policy": policy or "speed_weighted", "reason": reason})
             epoch = self.apply(new)
         self._event("rebalance", None, f"{reason} ({policy or 'speed_weighted'})", epoch)
         return epoch
 
-    def plan(self, current: Placement, extra_replicas: int | None = None, policy: str | None = None) -> Placement:
-        """A placement over `current`'s shards from the windowed load and the shards' node speeds."""
+    def plan(self, current: Placement, extra_replicas: int | None = None, policy: str | None = None,
+             recent: bool = False) -> Placement:  # fmt: skip
+        """A placement over `current`'s shards from the windowed load (since the last plan, if
+        `recent`) and the shards' node speeds."""
         extra = self.extra_replicas if extra_replicas is None else extra_replicas
         speeds = [self._speed(n) for n in current.shard_nodes]
+        since, self._planned_at = (self._planned_at if recent else None), time.monotonic()
         if policy is not None:
             from raymoe.cluster.policy_bridge import plan_placement
 
             by_node = dict(zip(current.shard_nodes, speeds))
-            profiles, nodes = self.request_profiles()
-            return plan_placement(policy, self.load(), self.spec.moe_layer_ids, current, by_node, extra,
+            profiles, nodes = self.request_profiles(since)
+            return plan_placement(policy, self.load(since), self.spec.moe_layer_ids, current, by_node, extra,
                                   profiles, nodes)  # fmt: skip
         return speed_weighted_placement(
-            self.load(), self.spec.moe_layer_ids, current.shard_nodes, speeds,
+            self.load(since), self.spec.moe_layer_ids, current.shard_nodes, speeds,
             extra_replicas=extra, current=current, shard_names=current.shard_names,
         )  # fmt: skip
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import ray
 
@@ -71,7 +71,7 @@ class Tracked:
         r = self.request
         params = r.params if r.params.prompt_logprobs is None else dataclasses.replace(r.params, prompt_logprobs=None)
         return WorkRequest(r.request_id, r.prompt_token_ids, params, self.seq.output_token_ids, r.kv_node_id,
-                           self.routing)  # fmt: skip
+                           self.routing, r.kv_tail)  # fmt: skip
 
 
 class RequestRouter:
@@ -88,12 +88,16 @@ class RequestRouter:
         self._rr = itertools.count()
         self.num_resumed, self.num_reseated = 0, 0
         self._reseat_requested = False
+        self._after_reseat: list[Callable[[], object]] = []
         self.num_prefill_retries = 0
         self.cancelled: set[str] = set()  # request ids whose caller went away
 
-    def request_reseat(self) -> None:
-        """Re-seat the running requests at the next poll round (e.g. after a new placement)."""
+    def request_reseat(self, then: Callable[[], object] | None = None) -> None:
+        """Re-seat the running requests at the next poll round (e.g. after a new placement), then
+        call `then` (a step-aligned re-plan lets the held workers go on there)."""
         self._reseat_requested = True
+        if then is not None:
+            self._after_reseat.append(then)
 
     def cancel(self, request_id: str) -> None:
         """Stop a request (its caller is gone); `run` aborts it on its worker and ends it."""
@@ -184,12 +188,13 @@ class RequestRouter:
             return
         seats = [self.decode.index(t.worker) for t in items]
         moves = self.seating.reseat(routings, seats, self.decode_nodes, self._running())
-        for t, target in zip(items, moves):
+        for t, target, routing in zip(items, moves, routings):
             if target is not None:
-                self._move(t, self.decode[target])
+                self._move(t, self.decode[target], routing)
 
-    def _move(self, t: Tracked, target) -> None:
-        """The old worker pools the sequence's KV and drops it; the target resumes it."""
+    def _move(self, t: Tracked, target, routing=None) -> None:
+        """The old worker pools the sequence's KV (its partial block too) and drops it; the target
+        resumes it. routing: its routing so far, kept as its history (the target counts afresh)."""
         rid = t.request.request_id
         try:
             released = ray.get(t.worker.release.remote([rid]))
@@ -197,7 +202,9 @@ class RequestRouter:
             return
         if rid not in released:  # it finished meanwhile: its last tokens are in the outbox
             return
-        t.request.kv_node_id = released[rid]
+        t.request.kv_node_id, t.request.kv_tail = released[rid], True
+        if routing is not None:
+            t.routing = routing
         self.num_reseated += 1
         self._submit([t], [target])
 
@@ -210,6 +217,8 @@ class RequestRouter:
                 self._reseat_requested = False
                 self._reseat(tracked)
                 last_reseat = time.monotonic()
+            while self._after_reseat:
+                self._after_reseat.pop(0)()
             active: dict = {}
             for rid, t in tracked.items():
                 if not t.finished:

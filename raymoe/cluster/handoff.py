@@ -18,6 +18,7 @@ class WorkRequest:
     output_token_ids: list[int] = field(default_factory=list)
     kv_node_id: str | None = None  # node whose KV pool holds this request's prompt blocks
     routing: object = None  # numpy [moe layers, experts]: its routing seen so far (decode router's seat)
+    kv_tail: bool = False  # released by a decode worker: its partial block's KV is pooled too
 
 
 @dataclass
