@@ -1,15 +1,20 @@
 """`raymoe replay`: serve a routing trace's sequences through the live cluster and measure placement.
 
     raymoe replay --trace DIR [--calibration DIR] --nodes N --slots-per-node S [--speeds 1,1,2,2]
-                  [--policy NAME] [--requests R] [--max-tokens T] [--address ADDR] [--json]
+                  [--policy NAME] [--requests R] [--max-tokens T] [--replan step|async]
+                  [--address ADDR] [--json]
 
 Starts a local Ray cluster of N nodes (or joins --address), a model of the trace's shape whose
 routers replay the trace (`raymoe.model.replay`), one expert shard and one decode worker per node,
 and applies the policy's plan (from --calibration, default the trace). Request r replays trace
 sequence r mod S: its prompt is the sequence's first tokens (their routing seats it), then it
-decodes T tokens; all R arrive at once. Prints (one JSON object with --json) what the live dispatch measured,
-what `raymoe.policies.evaluate` predicts for the same requests, plan and topology, and whether every
-output equals the one-process engine's.
+decodes T tokens; all R arrive at once. A re-planning policy (regrouping) re-plans before every
+`REPLAN_EVERY_TOKENS`-th decode step from the requests' routing since its last re-plan and re-seats
+the running requests; with `--replan step` (default) the decode workers hold at that step until the
+new placement and the seats are in place, so it applies where the policy decided it; `async` lets
+decoding run on meanwhile. Prints (one JSON object with --json) what the live dispatch measured,
+what `raymoe.policies.evaluate` predicts for the same requests, plan, topology and re-plan steps
+(also per re-plan window), and whether every output equals the one-process engine's.
 """
 
 from __future__ import annotations
@@ -25,8 +30,17 @@ from pathlib import Path
 import numpy as np
 
 from raymoe.errors import ConfigError, RaymoeError
+from raymoe.replay_measure import (
+    PROMPT_TOKENS,
+    dispatch_counts,
+    measure,
+    minus,
+    minus_rows,
+    node_rows,
+    predicted_figures,
+    window_rates,
+)
 
-PROMPT_TOKENS = 16  # recorded tokens each prompt replays (its routing predicts the request's experts)
 REPLAN_EVERY_TOKENS = 6  # re-planning policies re-plan from live requests every this many tokens
 LOAD_REPORT_S = 1.0  # as raymoe.actors.decode.LOAD_REPORT_S
 
@@ -50,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--requests", type=int, default=32, help="concurrent requests (default 32)")
     p.add_argument("--max-tokens", type=int, default=32, help="tokens each request generates (default 32)")
     p.add_argument("--address", default=None, help="join this Ray cluster instead of starting one")
+    p.add_argument("--replan", choices=("step", "async"), default="step",
+                   help="re-planning policies: the decode workers hold at the re-plan's step until it "
+                        "and the re-seating are done (step, the default), or decode on meanwhile (async)")
     p.add_argument("--json", action="store_true", help="print one JSON object (default: a readable summary)")
     return p
 
@@ -104,7 +121,7 @@ def run(args) -> dict:
             live = serve(model, args, topology, calibration, spec, prompts)
         expected = one_process(model, prompts, args.max_tokens)
     sequences = np.arange(args.requests) % len(trace.sequences)
-    predicted = predicted_figures(trace, args, topology, live.pop("plan"), spec, sequences)
+    predicted = predicted_figures(trace, args, topology, live.pop("plan"), spec, sequences, live["replans_at_steps"])
     outputs = live.pop("outputs")
     return {
         "policy": args.policy, "trace": trace.name, "calibration": calibration.name,
@@ -159,7 +176,6 @@ def serve(model: Path, args, topology, calibration, spec, prompts: list[list[int
     from raymoe.cluster.policy_bridge import placement_from_plan
     from raymoe.cluster.topology import SPEED_RESOURCE
     from raymoe.engine.llm_engine import EngineConfig
-    from raymoe.engine.sampling_params import SamplingParams
     from raymoe.policies.stats import Calibration
     from raymoe.policies.topology import Topology
 
@@ -167,8 +183,8 @@ def serve(model: Path, args, topology, calibration, spec, prompts: list[list[int
     if len(alive) < topology.num_nodes:
         raise ConfigError(f"the Ray cluster has {len(alive)} nodes; --nodes asks for {topology.num_nodes}")
     nodes = [n["NodeID"] for n in alive][: topology.num_nodes]
-    engine = EngineConfig(max_num_seqs=max(8, len(prompts)), max_num_batched_tokens=max(512, 2 * PROMPT_TOKENS * len(prompts)),
-                          block_size=16, kv_cache_bytes=64 << 20)  # fmt: skip
+    engine = EngineConfig(max_num_seqs=max(8, len(prompts)), block_size=16, kv_cache_bytes=64 << 20,
+                          max_num_batched_tokens=max(512, 2 * PROMPT_TOKENS * len(prompts)))  # fmt: skip
     config = ClusterConfig(engine=engine, namespace=f"replay-{uuid.uuid4().hex[:8]}", decode_nodes=tuple(nodes),
                            token_placement=spec.is_token_placement, node_watch_s=None, worker_num_cpus=0.1)  # fmt: skip
     cluster = MoECluster(str(model), config)
@@ -180,129 +196,82 @@ def serve(model: Path, args, topology, calibration, spec, prompts: list[list[int
         plan = spec.build(Calibration.from_trace(calibration), plan_topology)
         ray.get(cluster.controller.apply.remote(placement_from_plan(plan, cluster.spec.moe_layer_ids, placement,
                                                                     shard_nodes)))  # fmt: skip
-        params = SamplingParams(temperature=0, max_tokens=args.max_tokens, ignore_eos=True)
-        ray.get([w.take_timings.remote() for w in cluster.decode])
-        before = dispatch_counts(cluster)
-        start = time.perf_counter()
-        replan = REPLAN_EVERY_TOKENS if spec.replan == "regroup" else None
-        extra = topology.num_nodes * topology.slots_per_node - cluster.spec.num_experts
-        outputs, replans, at_decode = generate(cluster, prompts, params, replan, args.policy, extra)
-        wall = time.perf_counter() - start
-        node_load = _minus_rows(node_rows(cluster), at_decode)
-        timings = ray.get([w.take_timings.remote() for w in cluster.decode])
-        counts = [_minus(a, b) for a, b in zip(dispatch_counts(cluster), before)]
-        measured = {**measure(cluster, timings, wall, counts, node_load), "replans_at_tokens": replans}
+        measured, outputs = decode(cluster, args, spec, topology, prompts)
     finally:
         cluster.shutdown()
     return {**measured, "plan": plan, "plan_nodes": len(shard_nodes), "outputs": outputs}
 
 
-def generate(cluster, prompts, params, replan_every: int | None, policy: str, extra_replicas: int) -> tuple:
-    """(every request's token ids, tokens the slowest running request had at each re-plan, the
-    rows run per node when decoding began). With `replan_every`: each time every running
-    request has that many more tokens, the controller re-plans from the live request profiles the
-    workers reported (two phases) and the front re-seats the running requests whose experts moved."""
+def decode(cluster, args, spec, topology, prompts: list[list[int]]) -> tuple[dict, list[list[int]]]:
+    """Serve the requests (re-planning as the policy does); (the measured figures, the outputs)."""
+    import ray
+
+    from raymoe.engine.sampling_params import SamplingParams
+
+    params = SamplingParams(temperature=0, max_tokens=args.max_tokens, ignore_eos=True)
+    ray.get([w.take_timings.remote() for w in cluster.decode])
+    before = dispatch_counts(cluster)
+    start = time.perf_counter()
+    replan = REPLAN_EVERY_TOKENS if spec.replan == "regroup" else None
+    extra = topology.num_nodes * topology.slots_per_node - cluster.spec.num_experts
+    outputs, replans, at_decode, windows = generate(cluster, prompts, params, replan, args.policy, extra,
+                                                    args.replan == "step")  # fmt: skip
+    wall = time.perf_counter() - start
+    node_load = minus_rows(node_rows(cluster), at_decode)
+    timings = ray.get([w.take_timings.remote() for w in cluster.decode])
+    after = dispatch_counts(cluster)
+    counts = [minus(a, b) for a, b in zip(after, before)]
+    stats = ray.get([w.stats.remote() for w in cluster.decode])
+    return {
+        **measure(cluster, timings, wall, counts, node_load),
+        "replan": args.replan if replan else None,
+        "replans_at_steps": replans,
+        "window_local_activation_rate": window_rates([before, *windows, after]) if windows else None,
+        "tail_blocks_moved": sum(s["tail_blocks"] for s in stats),
+    }, outputs
+
+
+def generate(cluster, prompts, params, replan_every: int | None, policy: str, extra_replicas: int,
+             step_aligned: bool = True) -> tuple:
+    """(every request's token ids, the decode step before which each re-plan took effect, the
+    rows run per node when decoding began, each decode worker's dispatch counts at each re-plan).
+
+    With `replan_every`, the policy re-plans from the live request profiles the workers reported
+    (two phases) and the front re-seats the running requests whose experts moved, before decode
+    step `replan_every * i` (the evaluator's schedule; step 0 decodes the prompt's first output
+    token). step_aligned: the decode workers hold there (`DecodeWorker.hold`), report, and go on
+    once the re-plan and the re-seating are done; else decoding runs on meanwhile and the re-plan
+    lands when it lands (recorded: the slowest request's step then)."""
     requests = cluster._requests(prompts, params)
     got = {r.request_id: [] for r in requests}
-    next_replan, replans, at_decode = replan_every, [], None
+    holds = list(range(replan_every + 1, params.max_tokens, replan_every)) if replan_every else []
+    if step_aligned and holds:
+        ray_get([w.hold.remote(holds[0]) for w in cluster.decode])
+    replans, at_decode, windows = [], None, []
     for delta in cluster.router.run(requests):
         if at_decode is None:  # every prompt is prefilled (one batch) before any decode
             at_decode = node_rows(cluster)
         got[delta.request_id].extend(delta.token_ids)
         running = [len(t) for t in got.values() if len(t) < params.max_tokens]
-        if next_replan and running and min(running) >= next_replan:
-            next_replan += replan_every
-            time.sleep(1.2 * LOAD_REPORT_S)  # the workers' next routing reports reach the controller
-            ray_get(cluster.controller.rebalance.remote(extra_replicas, policy))
-            cluster.router.request_reseat()
-            replans.append(min(running))
-    return [got[r.request_id] for r in requests], replans, at_decode
+        if holds and running and min(running) >= holds[0]:
+            holds.pop(0)
+            if step_aligned:  # every worker is held: its reports of the window reach the controller
+                ray_get([w.flush_reports.remote() for w in cluster.decode])
+                windows.append(dispatch_counts(cluster))
+            else:
+                time.sleep(1.2 * LOAD_REPORT_S)  # the workers' next routing reports reach the controller
+            ray_get(cluster.controller.rebalance.remote(extra_replicas, policy, step_aligned))
+            replans.append(min(len(t) for t in got.values() if len(t) < params.max_tokens) - 1)
+            go_on = holds[0] if holds else None
+            cluster.router.request_reseat(then=(lambda h=go_on: ray_get([w.hold.remote(h) for w in cluster.decode]))
+                                          if step_aligned else None)  # fmt: skip
+    return [got[r.request_id] for r in requests], replans, at_decode, windows
 
 
 def ray_get(ref):
     import ray
 
     return ray.get(ref)
-
-
-COUNTS = ("pairs", "token_layers", "rows_local", "rows_process", "rows_node")
-
-
-def dispatch_counts(cluster) -> list[dict]:
-    """Each decode worker's cumulative dispatch counts (`raymoe.cluster.dispatch.DispatchCounts`)."""
-    import ray
-
-    stats = [s.get("dispatch", {}) for s in ray.get([w.stats.remote() for w in cluster.decode])]
-    return [{"node_id": s.get("node_id", ""), **{k: s.get(k, 0) for k in COUNTS}} for s in stats]
-
-
-def _minus(after: dict, before: dict) -> dict:
-    return {"node_id": after["node_id"], **{k: after[k] - before[k] for k in COUNTS}}
-
-
-def node_rows(cluster) -> dict[str, int]:
-    """node id -> expert rows run on it so far: its shards' rows plus its decode worker's in-process ones."""
-    import ray
-
-    _, shards = ray.get(cluster.controller.placement.remote())
-    rows: dict[str, int] = {}
-    for s in ray.get([h.stats.remote() for h in shards]):
-        rows[s["node_id"]] = rows.get(s["node_id"], 0) + s["rows_served"]
-    for c in dispatch_counts(cluster):
-        rows[c["node_id"]] = rows.get(c["node_id"], 0) + c["rows_local"]
-    return rows
-
-
-def _minus_rows(after: dict, before: dict) -> dict:
-    return {n: r - before.get(n, 0) for n, r in after.items()}
-
-
-def measure(cluster, timings: list[dict], wall_s: float, counts: list[dict], node_load: dict) -> dict:
-    """The live figures: decode workers' dispatch counts over the run (where every routed row went),
-    decode throughput, and max_over_mean: the busiest node's expert rows over the mean, over the
-    decode phase (shards' rows and workers' in-process rows; per node, not per step)."""
-    tokens = sum(t["decode_tokens"] for t in timings)
-    total = {k: sum(c[k] for c in counts) for k in COUNTS}
-    per_token = total["token_layers"] / max(1, len(cluster.spec.moe_layer_ids))
-    load = np.array(list(node_load.values()), dtype=np.float64)
-    return {
-        "local_activation_rate": round(1.0 - total["rows_node"] / total["pairs"], 4) if total["pairs"] else None,
-        "rows_crossing_process_per_token": round(total["rows_process"] / max(per_token, 1), 3),
-        "rows_crossing_node_per_token": round(total["rows_node"] / max(per_token, 1), 3),
-        "rows_in_process_per_token": round(total["rows_local"] / max(per_token, 1), 3),
-        "max_over_mean": round(float(load.max() / load.mean()), 4) if load.size and load.mean() > 0 else None,
-        "decode_tokens_per_s": round(tokens / wall_s, 2) if wall_s > 0 else 0.0,
-        "decode_tokens": tokens,
-        "wall_s": round(wall_s, 2),
-        "reseated_sequences": cluster.router.num_reseated,
-        "step_breakdown_ms": step_breakdown_ms(timings),
-        "per_node": [{"node_id": c["node_id"][:12],
-                      "local_activation_rate": round(1.0 - c["rows_node"] / c["pairs"], 4) if c["pairs"] else None}
-                     for c in counts],  # fmt: skip
-    }
-
-
-def step_breakdown_ms(timings: list[dict]) -> dict:
-    """Mean decode step of the decode workers, ms by component (what `raymoe.sim` models)."""
-    steps = sum(t["decode_steps"] for t in timings)
-    keys = {"step_ms": "decode_step_s", "dispatch_ms": "dispatch_s", "expert_ms": "expert_s",
-            "local_expert_ms": "local_expert_s", "combine_ms": "combine_s"}  # fmt: skip
-    return {name: round(1e3 * sum(t.get(k, 0.0) for t in timings) / max(steps, 1), 2) for name, k in keys.items()}
-
-
-def predicted_figures(trace, args, topology, plan, spec, sequences: np.ndarray) -> dict:
-    """What `raymoe.policies.evaluate` predicts for the same requests (all admitted at once,
-    seated from their prompt's routing, re-planned as live), the same plan and topology."""
-    from raymoe.policies.evaluate import replay, summarize
-    from raymoe.policies.traces import request_batches
-
-    batches = request_batches(trace, sequences, PROMPT_TOKENS, args.max_tokens - 1)
-    replan = REPLAN_EVERY_TOKENS if spec.replan == "regroup" else None
-    result = replay(trace, args.policy, topology, batches=batches, plan=plan, warmup_tokens=PROMPT_TOKENS,
-                    replan_every=replan)  # fmt: skip
-    s = summarize(result, topology)
-    return {"plan_local_activation_rate": s["local_activation_rate"], "plan_max_over_mean": s["max_over_mean"],
-            "plan_requests_migrated": s["requests_migrated"]}  # fmt: skip
 
 
 def one_process(model: Path, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:

@@ -17,6 +17,7 @@ from raymoe.model.replay import replay_prompt, write_replay_checkpoint
 from raymoe.policies.registry import get_policy
 from raymoe.policies.stats import Calibration
 from raymoe.policies.topology import Topology
+from raymoe.replay_measure import dispatch_counts
 from tests.policies.tiny import write_tiny_trace
 
 NEW_TOKENS = 12
@@ -54,12 +55,15 @@ def test_seated_requests_return_one_process_tokens(cluster, replay):
 
 
 def test_reseated_requests_return_one_process_tokens(cluster, replay):
-    """Every running request moves to the next worker after its first decoded tokens."""
+    """Every running request moves to the next worker after its first decoded tokens (the workers
+    hold there until all have moved, so none finishes first)."""
     _, _, prompts, expected = replay
     router = cluster.router
     requests = cluster._requests(prompts, GREEDY)
     got = {r.request_id: [] for r in requests}
-    moved, tracked = set(), None
+    moved, tracked, before = set(), None, router.num_reseated
+    counts, tails = dispatch_counts(cluster), _tail_blocks(cluster)
+    ray.get([w.hold.remote(3) for w in cluster.decode])
     stream = router.run(requests)
     for delta in stream:
         got[delta.request_id].extend(delta.token_ids)
@@ -68,8 +72,23 @@ def test_reseated_requests_return_one_process_tokens(cluster, replay):
             tracked = tracked or stream.gi_frame.f_locals["tracked"]
             t = tracked[delta.request_id]
             router._move(t, router.decode[(router.decode.index(t.worker) + 1) % len(router.decode)])
+            if len(moved) == len(prompts):
+                ray.get([w.hold.remote(None) for w in cluster.decode])
     assert [got[r.request_id] for r in requests] == expected
-    assert router.num_reseated >= len(prompts) // 2
+    assert router.num_reseated - before == len(prompts)
+    # a moved sequence's partial KV block went with it (2 of 3 outputs computed), so no token ran twice
+    assert _tail_blocks(cluster) - tails == sum((len(p) + 2) % ENGINE.block_size > 0 for p in prompts)
+    assert _forwards(counts, dispatch_counts(cluster)) == sum(len(p) % ENGINE.block_size + NEW_TOKENS - 1
+                                                              for p in prompts)  # fmt: skip
+
+
+def _tail_blocks(cluster) -> int:
+    return sum(s["tail_blocks"] for s in ray.get([w.stats.remote() for w in cluster.decode]))
+
+
+def _forwards(before: list[dict], after: list[dict]) -> float:
+    """Tokens the decode workers ran through the model between two `dispatch_counts`."""
+    return sum(b["token_layers"] - a["token_layers"] for a, b in zip(before, after)) / SHAPE["num_layers"]
 
 
 @pytest.mark.parametrize("policy", ["contiguous", "eplb_global", "grouping"])
@@ -82,3 +101,20 @@ def test_every_policy_replays_the_same_outputs(cluster, replay, policy):
     epoch = ray.get(cluster.controller.apply.remote(new))
     assert epoch == placement.epoch + 1
     assert [o.token_ids for o in cluster.generate(prompts, GREEDY)] == expected
+
+
+def test_step_aligned_replans_hold_reseat_and_recompute_nothing(cluster, replay):
+    """`raymoe replay`'s re-plans: the decode workers hold before decode steps 4 and 8 while the
+    controller re-plans (regrouping, from the routing since the last re-plan) and the front
+    re-seats; moved sequences take their partial KV block along, so no token runs twice."""
+    from raymoe.replay_run import generate
+
+    _, _, prompts, expected = replay
+    before = dispatch_counts(cluster)
+    outputs, replans, _, windows = generate(cluster, prompts, GREEDY, 4, "regrouping", 4, step_aligned=True)
+    assert outputs == expected
+    assert replans == [4, 8] and len(windows) == 2
+    # each request: its prompt's partial block at the handoff, then 11 decode tokens, once
+    assert _forwards(before, dispatch_counts(cluster)) == sum(len(p) % ENGINE.block_size + NEW_TOKENS - 1
+                                                              for p in prompts)  # fmt: skip
+    assert not any(ray.get([w.flush_reports.remote() for w in cluster.decode]))  # the holds were lifted
