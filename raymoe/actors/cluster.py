@@ -29,6 +29,9 @@ from raymoe.errors import ConfigError
 from raymoe.model.spec import load_spec
 
 READY_TIMEOUT_S = 300
+# generate() returns whole outputs: its polls gather a worker's tokens over this long (about a few
+# decode steps) rather than one round trip per step, whose cost shares the cores with the steps
+GENERATE_LINGER_S = 0.05
 
 
 class MoECluster:
@@ -94,7 +97,7 @@ class MoECluster:
         """Run every prompt to completion; outputs in prompt order (token ids and text)."""
         requests = self._requests(prompts, params)
         results = {r.request_id: RequestOutput(r.request_id, r.prompt_token_ids) for r in requests}
-        for delta in self.router.run(requests):
+        for delta in self.router.run(requests, GENERATE_LINGER_S):
             total = results[delta.request_id]
             total.token_ids.extend(delta.token_ids)
             total.text += delta.text

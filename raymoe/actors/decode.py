@@ -124,26 +124,47 @@ class Outbox:
         self.cond = threading.Condition()
 
     def add(self, deltas: dict[str, TokenDelta]) -> None:
+        """Buffer a step's tokens; wake pollers only when a buffer was empty or a request finished
+        (a lingering poller sleeps through the steps between)."""
         with self.cond:
+            is_news = False
             for rid, d in deltas.items():
                 buf = self.buffers.setdefault(rid, TokenDelta([]))
+                is_news = is_news or not buf.token_ids or d.finished
                 buf.token_ids.extend(d.token_ids)
                 if d.logprobs is not None:
                     buf.logprobs = (buf.logprobs or []) + d.logprobs
                 buf.finished, buf.finish_reason = d.finished, d.finish_reason
-            self.cond.notify_all()
+            if is_news:
+                self.cond.notify_all()
 
-    def take(self, request_ids: list[str] | None, timeout_s: float) -> dict[str, TokenDelta]:
-        """New tokens of any of `request_ids` (None: of every request), waiting up to timeout_s."""
+    def take(self, request_ids: list[str] | None, timeout_s: float, linger_s: float = 0.0) -> dict[str, TokenDelta]:
+        """New tokens of any of `request_ids` (None: of every request), waiting up to timeout_s.
+        linger_s: once some are ready, gather more for up to that long (fewer, larger answers)
+        unless one of them finishes."""
         deadline = time.monotonic() + timeout_s
         with self.cond:
-            while not any(self._ready(r) for r in (self.buffers if request_ids is None else request_ids)):
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return {}
-                self.cond.wait(left)
-            wanted = list(self.buffers) if request_ids is None else request_ids
-            return {r: self.buffers.pop(r) for r in wanted if r in self.buffers}
+            if not self._wait(lambda: any(self._ready(r) for r in self._wanted(request_ids)), deadline):
+                return {}
+            if linger_s > 0:
+                self._wait(lambda: any(self._finished(r) for r in self._wanted(request_ids)),
+                           min(deadline, time.monotonic() + linger_s))  # fmt: skip
+            return {r: self.buffers.pop(r) for r in list(self._wanted(request_ids)) if r in self.buffers}
+
+    def _wait(self, condition, deadline: float) -> bool:
+        while not condition():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            self.cond.wait(left)
+        return True
+
+    def _wanted(self, request_ids: list[str] | None):
+        return self.buffers if request_ids is None else request_ids
+
+    def _finished(self, request_id: str) -> bool:
+        buf = self.buffers.get(request_id)
+        return buf is not None and buf.finished
 
     def _ready(self, request_id: str) -> bool:
         buf = self.buffers.get(request_id)
@@ -238,9 +259,10 @@ class DecodeWorker(WorkerShell):
                 self.core.submit(r)
         self.wake.set()
 
-    def poll(self, request_ids: list[str] | None, timeout_s: float = 1.0) -> dict[str, TokenDelta]:
-        """New tokens of `request_ids` (None: of every request), waiting up to timeout_s for some."""
-        return self.outbox.take(request_ids, timeout_s)
+    def poll(self, request_ids: list[str] | None, timeout_s: float = 1.0, linger_s: float = 0.0) -> dict[str, TokenDelta]:
+        """New tokens of `request_ids` (None: of every request), waiting up to timeout_s for some,
+        then up to linger_s for more (`Outbox.take`)."""
+        return self.outbox.take(request_ids, timeout_s, linger_s)
 
     def abort(self, request_ids: list[str]) -> None:
         with self.lock:

@@ -103,8 +103,10 @@ class RequestRouter:
         """Stop a request (its caller is gone); `run` aborts it on its worker and ends it."""
         self.cancelled.add(request_id)
 
-    def run(self, requests: list[WorkRequest]) -> Iterator[RequestOutput]:
-        """Yield deltas of every request until all finish."""
+    def run(self, requests: list[WorkRequest], linger_s: float = 0.0) -> Iterator[RequestOutput]:
+        """Yield deltas of every request until all finish. linger_s: each poll of a decode worker
+        gathers tokens for up to that long once some are ready (a caller that wants whole outputs
+        only, not a stream, saves per-step round trips; a finishing request answers at once)."""
         tracked = {r.request_id: Tracked(r, self.tokenizer, self.eos_token_ids, self.max_model_len) for r in requests}
         for handoff in self._prefill(requests):
             t = tracked[handoff.request_id]
@@ -115,7 +117,7 @@ class RequestRouter:
             t.finished = out.finished
             yield out
         self._submit([t for t in tracked.values() if not t.finished])
-        yield from self._stream(tracked)
+        yield from self._stream(tracked, linger_s)
 
     def _prefill(self, requests: list[WorkRequest]) -> list[Handoff]:
         """First tokens of `requests`; a prefill worker that dies under the batch is dropped and the
@@ -208,7 +210,7 @@ class RequestRouter:
         self.num_reseated += 1
         self._submit([t], [target])
 
-    def _stream(self, tracked: dict[str, Tracked]) -> Iterator[RequestOutput]:
+    def _stream(self, tracked: dict[str, Tracked], linger_s: float) -> Iterator[RequestOutput]:
         last_reseat = time.monotonic()
         while any(not t.finished for t in tracked.values()):
             self._drop_cancelled(tracked)
@@ -223,7 +225,7 @@ class RequestRouter:
             for rid, t in tracked.items():
                 if not t.finished:
                     active.setdefault(t.worker, []).append(rid)
-            polls = {w.poll.remote(rids, self.poll_timeout_s): (w, rids) for w, rids in active.items()}
+            polls = {w.poll.remote(rids, self.poll_timeout_s, linger_s): (w, rids) for w, rids in active.items()}
             for ref, (worker, rids) in polls.items():
                 try:
                     deltas: dict[str, TokenDelta] = ray.get(ref)
