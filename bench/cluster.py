@@ -1,8 +1,12 @@
 """Decode on the cluster against the one-process engine, and microbatch 1 against 2, on the built-in model.
 
-    python bench/cluster.py [--repeats 3] [--batch 16] [--out bench/out/cluster.json]
+    python bench/cluster.py [--repeats 3] [--batch 16] [--new-tokens 48] [--worker-niceness N]
+        [--out bench/out/cluster.json]
 
-Prints one JSON object. Runs in one process on a 1-node local Ray cluster (loopback only):
+Prints one JSON object. Runs in one process on a 1-node local Ray cluster (loopback only), whose
+worker processes run at this process's niceness unless --worker-niceness says otherwise (Ray's own
+default is 15: on a machine busy with other work that alone slows the actors against a baseline
+at 0). The cluster serves through `MoECluster.generate` (whole outputs: lingering polls).
 - baseline `one_process`: raymoe's engine with every expert in-process;
 - `cluster_colocated`: one prefill and one decode worker, 2 expert shards, all on the one node, so
   the decode worker co-hosts every expert (runs them in its own process); its repeats alternate
