@@ -241,7 +241,7 @@ def generate(cluster, prompts, params, replan_every: int | None, policy: str, ex
     step `replan_every * i` (the evaluator's schedule; step 0 decodes the prompt's first output
     token). step_aligned: the decode workers hold there (`DecodeWorker.hold`), report, and go on
     once the re-plan and the re-seating are done; else decoding runs on meanwhile and the re-plan
-    lands when it lands (recorded: the slowest request's step then)."""
+    lands when it lands (recorded: `landed_at`)."""
     requests = cluster._requests(prompts, params)
     got = {r.request_id: [] for r in requests}
     holds = list(range(replan_every + 1, params.max_tokens, replan_every)) if replan_every else []
@@ -261,11 +261,18 @@ def generate(cluster, prompts, params, replan_every: int | None, policy: str, ex
             else:
                 time.sleep(1.2 * LOAD_REPORT_S)  # the workers' next routing reports reach the controller
             ray_get(cluster.controller.rebalance.remote(extra_replicas, policy, step_aligned))
-            replans.append(min(len(t) for t in got.values() if len(t) < params.max_tokens) - 1)
+            replans.append(landed_at(cluster, params.max_tokens))
             go_on = holds[0] if holds else None
             cluster.router.request_reseat(then=(lambda h=go_on: ray_get([w.hold.remote(h) for w in cluster.decode]))
                                           if step_aligned else None)  # fmt: skip
     return [got[r.request_id] for r in requests], replans, at_decode, windows
+
+
+def landed_at(cluster, max_tokens: int) -> int:
+    """The decode step a new plan lands before: the slowest running sequence's next one (the
+    workers' own count: the front's lags while it waits on the controller)."""
+    running = [p for p in ray_get([w.progress.remote() for w in cluster.decode]) if p is not None]
+    return min(running, default=max_tokens) - 1
 
 
 def ray_get(ref):

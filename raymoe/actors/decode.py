@@ -285,6 +285,11 @@ class DecodeWorker(WorkerShell):
             self.experts.set_placement(placement, handles)
         return placement.epoch
 
+    def progress(self) -> int | None:
+        """The fewest output tokens any unfinished sequence here has (None: none runs)."""
+        with self.lock:
+            return min((seq.num_output_tokens for seq, _ in self.core.engine.requests.values()), default=None)
+
     def stats(self) -> dict:
         bm = self.core.engine.block_manager
         return {**self.core.stats, "running": len(self.core.engine.requests),

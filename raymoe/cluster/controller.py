@@ -20,7 +20,7 @@ import logging
 import threading
 import time
 from collections import deque
-from dataclasses import fields
+from dataclasses import dataclass, fields
 
 import numpy as np
 import ray
@@ -97,7 +97,7 @@ class Controller(NodeSync):
         ray.get([h.ping.remote() for h in self._handles], timeout=CALL_TIMEOUT_S)
         self._workers: dict[str, object] = {}
         self._reports: deque = deque()  # (time, worker id, [layers, experts] counts)
-        self._requests: deque = deque()  # (time, request id, node id, [moe layers, experts] pairs since the last report)
+        self._requests: dict[str, RequestRouting] = {}  # request id -> its reported routing
         self._planned_at: float | None = None  # monotonic time of the last plan from the reports
         self._dispatch: dict[str, dict] = {}  # worker id -> its last dispatch counts (cumulative)
 
@@ -178,28 +178,33 @@ class Controller(NodeSync):
 
     def report_requests(self, node_id: str, routing: dict) -> None:
         """routing: request id -> `[moe layers, experts]` pairs each running request routed on a
-        worker of `node_id` since that worker's last report (the grouping policies' request
-        profiles are sums over a window of these)."""
+        worker of `node_id` since that worker's last report; summed per request, in all and since
+        the last plan (the grouping policies' request profiles)."""
         now = time.monotonic()
         with self._state:
             for rid, counts in routing.items():
-                self._requests.append((now, rid, node_id, np.asarray(counts, dtype=np.float64)))
+                counts = np.asarray(counts, dtype=np.float64)
+                seen = self._requests.get(rid)
+                if seen is None:
+                    self._requests[rid] = RequestRouting(now, node_id, counts.copy(), counts.copy())
+                else:
+                    seen.at, seen.node_id = now, node_id
+                    seen.total += counts
+                    seen.recent += counts
 
-    def request_profiles(self, since: float | None = None) -> tuple[np.ndarray, list[str]]:
+    def request_profiles(self, recent: bool = False, restart: bool = False) -> tuple[np.ndarray, list[str]]:
         """(`[requests, moe layers, experts]` per-token expert shares, node of each) of the requests
-        reported within the window (and since `since`, a monotonic time, when given); a request's
-        node is where it ran at its latest report."""
-        totals: dict[str, np.ndarray] = {}
-        node: dict[str, str] = {}
+        reported within the window: all their routing, or (recent) the routing since the last plan;
+        a request's node is where its latest report came from. restart: a plan reads them now, and
+        the next `recent` window starts here."""
         with self._state:
             horizon = time.monotonic() - self.load_window_s
-            while self._requests and self._requests[0][0] < horizon:
-                self._requests.popleft()
-            for at, rid, node_id, counts in self._requests:
-                if since is None or at >= since:
-                    totals[rid] = totals[rid] + counts if rid in totals else counts
-                    node[rid] = node_id
-        entries = [(c, node[r]) for r, c in totals.items() if c.sum() > 0]
+            self._requests = {r: v for r, v in self._requests.items() if v.at >= horizon}
+            entries = [((v.recent if recent else v.total).copy(), v.node_id) for v in self._requests.values()]
+            if restart:
+                for v in self._requests.values():
+                    v.recent[:] = 0
+        entries = [(c, n) for c, n in entries if c.sum() > 0]
         shape = (0, len(self.spec.moe_layer_ids), self.spec.num_experts)
         if not entries:
             return np.zeros(shape), []
@@ -244,11 +249,11 @@ class Controller(NodeSync):
         extra = self.extra_replicas if extra_replicas is None else extra_replicas
         speeds = [self._speed(n) for n in current.shard_nodes]
         since, self._planned_at = (self._planned_at if recent else None), time.monotonic()
+        profiles, nodes = self.request_profiles(recent, restart=True)
         if policy is not None:
             from raymoe.cluster.policy_bridge import plan_placement
 
             by_node = dict(zip(current.shard_nodes, speeds))
-            profiles, nodes = self.request_profiles(since)
             return plan_placement(policy, self.load(since), self.spec.moe_layer_ids, current, by_node, extra,
                                   profiles, nodes)  # fmt: skip
         return speed_weighted_placement(
@@ -386,6 +391,16 @@ class Controller(NodeSync):
     @staticmethod
     def _call(refs: list) -> list:
         return ray.get(refs, timeout=CALL_TIMEOUT_S)
+
+
+@dataclass
+class RequestRouting:
+    """A running request's routing as its workers reported it: `[moe layers, experts]` pairs."""
+
+    at: float  # monotonic time of its latest report
+    node_id: str  # the node that report came from (where it runs)
+    total: np.ndarray  # all reported
+    recent: np.ndarray  # reported since the last plan
 
 
 class ShardStartError(RaymoeError):

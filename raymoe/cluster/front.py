@@ -139,9 +139,10 @@ class RequestRouter:
         for t, worker in zip(items, workers or self._pick_decode(items)):
             t.worker = self.seat_of[t.request.request_id] = worker
             by_worker.setdefault(t.worker, []).append(t.resume_request())
-        for worker, reqs in by_worker.items():
+        sent = {worker: worker.submit.remote(reqs) for worker, reqs in by_worker.items()}  # all at once
+        for worker, ref in sent.items():
             try:
-                ray.get(worker.submit.remote(reqs))
+                ray.get(ref)
             except ACTOR_DEAD:
                 self._drop(worker)
                 self._submit([t for t in items if t.worker is worker])
@@ -173,14 +174,15 @@ class RequestRouter:
 
     def _reseat(self, tracked: dict[str, Tracked]) -> None:
         """Move running requests whose routing so far favours another worker's node."""
-        running = [t for t in tracked.values() if not t.finished and t.routing is not None]
         by_worker: dict = {}
-        for t in running:
-            by_worker.setdefault(t.worker, []).append(t)
+        for t in tracked.values():
+            if not t.finished and t.routing is not None:
+                by_worker.setdefault(t.worker, []).append(t)
+        asked = {w: w.routing.remote([t.request.request_id for t in ts]) for w, ts in by_worker.items()}
         items, routings = [], []
         for worker, ts in by_worker.items():
             try:
-                seen = ray.get(worker.routing.remote([t.request.request_id for t in ts]))
+                seen = ray.get(asked[worker])
             except ACTOR_DEAD:
                 continue  # the poll loop resumes its requests
             for t in ts:
@@ -190,25 +192,36 @@ class RequestRouter:
             return
         seats = [self.decode.index(t.worker) for t in items]
         moves = self.seating.reseat(routings, seats, self.decode_nodes, self._running())
-        for t, target, routing in zip(items, moves, routings):
-            if target is not None:
-                self._move(t, self.decode[target], routing)
+        self._move_all([(t, self.decode[m], r) for t, m, r in zip(items, moves, routings) if m is not None])
 
     def _move(self, t: Tracked, target, routing=None) -> None:
-        """The old worker pools the sequence's KV (its partial block too) and drops it; the target
-        resumes it. routing: its routing so far, kept as its history (the target counts afresh)."""
-        rid = t.request.request_id
-        try:
-            released = ray.get(t.worker.release.remote([rid]))
-        except ACTOR_DEAD:
-            return
-        if rid not in released:  # it finished meanwhile: its last tokens are in the outbox
-            return
-        t.request.kv_node_id, t.request.kv_tail = released[rid], True
-        if routing is not None:
-            t.routing = routing
-        self.num_reseated += 1
-        self._submit([t], [target])
+        self._move_all([(t, target, routing)])
+
+    def _move_all(self, moves: list[tuple]) -> None:
+        """(request, target worker, its routing so far or None): each old worker pools its moving
+        sequences' KV (partial blocks too) and drops them, in one call; the targets resume them
+        (one call each). The routing is kept as the request's history (the target counts afresh)."""
+        by_source: dict = {}
+        for move in moves:
+            by_source.setdefault(move[0].worker, []).append(move)
+        asked = {w: w.release.remote([t.request.request_id for t, _, _ in ms]) for w, ms in by_source.items()}
+        resumed = []
+        for worker, ms in by_source.items():
+            try:
+                released = ray.get(asked[worker])
+            except ACTOR_DEAD:
+                continue
+            for t, target, routing in ms:
+                rid = t.request.request_id
+                if rid not in released:  # it finished meanwhile: its last tokens are in the outbox
+                    continue
+                t.request.kv_node_id, t.request.kv_tail = released[rid], True
+                if routing is not None:
+                    t.routing = routing
+                self.num_reseated += 1
+                resumed.append((t, target))
+        if resumed:
+            self._submit([t for t, _ in resumed], [w for _, w in resumed])
 
     def _stream(self, tracked: dict[str, Tracked], linger_s: float) -> Iterator[RequestOutput]:
         last_reseat = time.monotonic()
