@@ -10,10 +10,10 @@ from raymoe.model.model import load_model
 
 CONFIG = EngineConfig(max_num_seqs=4, max_num_batched_tokens=64, block_size=4, kv_cache_bytes=1 << 20)
 PROMPT = [(7 * j) % 200 + 3 for j in range(9)]
-GREEDY = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+GREEDY = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
 
 
-def _run(engine, request_id="r", steps=None) -> list[int]:
+def _run(engine, steps=None) -> list[int]:
     out = []
     while engine.has_unfinished() and (steps is None or len(out) < steps):
         for d in engine.step():
@@ -22,15 +22,17 @@ def _run(engine, request_id="r", steps=None) -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def model(checkpoint_dir):
-    return load_model(checkpoint_dir("mixtral"))
+def model_and_expected(checkpoint_dir):
+    """The model and the tokens of an engine that never moves the request."""
+    model = load_model(checkpoint_dir("mixtral"))
+    whole = LLMEngine(model, None, CONFIG)
+    whole.add_request(PROMPT, GREEDY, "r")
+    return model, _run(whole)
 
 
 @pytest.mark.parametrize("pool_keeps_full_blocks", [True, False])
-def test_moved_sequence_takes_its_partial_block(model, pool_keeps_full_blocks):
-    whole = LLMEngine(model, None, CONFIG)
-    whole.add_request(PROMPT, GREEDY, "r")
-    expected = _run(whole)
+def test_moved_sequence_takes_its_partial_block(model_and_expected, pool_keeps_full_blocks):
+    model, expected = model_and_expected
 
     src = LLMEngine(model, None, CONFIG)
     src.add_request(PROMPT, GREEDY, "r")
