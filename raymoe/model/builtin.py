@@ -37,6 +37,11 @@ CORPUS_FILE = "builtin_corpus.txt"
 PACKAGE_FOLDER = "builtin_model"  # raymoe/model/builtin_model/: the trained model, package data
 # SHA-256 of each shipped file, written by tools/ship_builtin.py; builtin_model_path() checks them
 SHIPPED_SHA256 = {
+    "config.json": "785f9be8761316e3d3e7958d30f091d8a8d47a19653da9fa81e0376ae300a706",
+    "generation_config.json": "10bcdba174a5a89e105835bc369a794e8c1f1e3fffadcac0560747119d4db378",
+    "model.safetensors": "7f4ec2f4b215e4cca40240f7bbf180fb36a160252cba5a8510c22b15b9c6625d",
+    "tokenizer.json": "8a53eb69a968b1b31646532b3d04227a4502ecd2c27955653443ce5e0b023f47",
+    "tokenizer_config.json": "1386e8ae1a0bad63b878dd788fc9cb5829bae68c5cd2c1a1b575375a6ec8862c",
 }
 FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
 
@@ -82,8 +87,13 @@ ROPE_THETA = 10000.0
 
 
 def builtin_model_path() -> Path:
-    """The built-in default model's folder (the trained, shipped one once it exists)."""
-    return random_model_path()
+    """The built-in default model's folder: the trained one shipped in the package, its files checked
+    against SHIPPED_SHA256 (the random-weight model while no weights are shipped)."""
+    if not SHIPPED_SHA256:
+        return random_model_path()
+    folder = Path(str(resources.files("raymoe.model").joinpath(PACKAGE_FOLDER)))
+    check_sha256(folder, SHIPPED_SHA256)
+    return folder
 
 
 def check_sha256(folder: Path, expected: dict[str, str]) -> None:

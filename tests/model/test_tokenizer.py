@@ -82,8 +82,9 @@ def test_encode_and_decode_match_transformers(tok, hf_tok, text):
     assert tok.decode(ids, skip_special_tokens=False) == hf_tok.decode(ids, skip_special_tokens=False)
 
 
-def test_special_tokens_and_sizes(tok, hf_tok):
-    assert tok.vocab_size == len(hf_tok) == 4096
+def test_special_tokens_and_sizes(builtin_dir, tok, hf_tok):
+    vocab = json.loads((builtin_dir / "config.json").read_text())["vocab_size"]
+    assert tok.vocab_size == len(hf_tok) == vocab
     assert tok.bos_token_id is None
     assert tok.eos_token_ids == (tok.token_to_id("<|endoftext|>"), tok.token_to_id("<|im_end|>"))
     assert tok.encode("<|im_start|>", add_special_tokens=False) == [tok.token_to_id("<|im_start|>")]

@@ -13,6 +13,7 @@ import httpx
 import pytest
 from openai import OpenAI
 
+from builtin_qa import QA_PARAMS, QA_PROMPTS, QA_REPLIES
 from raymoe.engine.llm import LLM
 from raymoe.engine.sampling_params import SamplingParams
 from serve_harness import API_KEY, CONFIG, MODEL, start_server, stop_server
@@ -285,3 +286,12 @@ def test_sigterm_drains_the_running_stream_then_exits_0(server):
     assert time.monotonic() - start < GRACE_S
     time.sleep(1)
     assert not [p for p in processes if _alive(p)], server.log()
+
+
+def test_answers_document_questions_through_the_cluster(server):
+    """The trained built-in model copies the answer from the documents (prefill and decode workers,
+    expert shards)."""
+    client = OpenAI(base_url=f"{server.base_url}/v1", api_key=API_KEY, timeout=120, max_retries=0)
+    for prompt, reply in zip(QA_PROMPTS, QA_REPLIES):
+        out = client.completions.create(model=MODEL, prompt=prompt, max_tokens=QA_PARAMS.max_tokens, temperature=0)
+        assert out.choices[0].text == reply

@@ -2,6 +2,7 @@
 
 import openai
 import pytest
+from builtin_qa import QA_PARAMS, QA_PROMPTS, QA_REPLIES
 from serve_harness import API_KEY, MODEL
 
 pytestmark = pytest.mark.timeout(300)
@@ -158,3 +159,10 @@ def test_chat_top_logprobs_needs_logprobs(client):
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}], top_logprobs=2)
     assert e.value.body["param"] == "top_logprobs"
+
+
+def test_answers_document_questions(client):
+    """The trained built-in model copies the answer from the documents (engine backend)."""
+    for prompt, reply in zip(QA_PROMPTS, QA_REPLIES):
+        out = client.completions.create(model=MODEL, prompt=prompt, max_tokens=QA_PARAMS.max_tokens, temperature=0)
+        assert out.choices[0].text == reply
