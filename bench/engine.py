@@ -156,13 +156,23 @@ def run_worker(system: str, model_path: Path, task: str, args) -> dict:
     python, env = sys.executable, {**os.environ, "RAYMOE_BENCH_THREADS": str(args.threads),
                                           "RAYMOE_BENCH_DTYPE": args.dtype}
     if system == "vllm" and args.vllm_venv:
+        from vllm_peer import vllm_env
+
         python, env = vllm_env(args.vllm_venv, env)
     cmd = [python, __file__, "--worker", system, "--model", str(model_path), "--task", task,
            "--repeats", str(args.repeats), "--num-requests", str(args.num_requests)]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return last_json_line(proc.stdout)
+
+
+def last_json_line(stdout: str) -> dict:
+    """The worker's result: its last line that is a JSON object (vLLM logs its shutdown after it)."""
+    for line in reversed(stdout.strip().splitlines()):
+        if line.startswith("{"):
+            return json.loads(line)
+    return {"error": "no result line"}
 
 
 def prepare_models(workdir: Path) -> dict[str, Path]:
@@ -177,14 +187,6 @@ def prepare_models(workdir: Path) -> dict[str, Path]:
         for name in ("tokenizer.json", "tokenizer_config.json"):  # same 4096-token vocabulary
             shutil.copy(builtin / name, mixtral / name)
     return {"builtin": builtin, "mixtral_shaped": mixtral}
-
-
-def vllm_env(venv: str, env: dict) -> tuple[str, dict]:
-    """(python, environment) of the vLLM venv that bench/setup_vllm.sh made: its sitecustomize (the
-    version lookup, the AMX permission) on PYTHONPATH, which vLLM's engine process inherits."""
-    site = str(Path(venv) / "raymoe_site")
-    return str(Path(venv) / "bin" / "python"), {**env, "PYTHONPATH": site, "VLLM_TARGET_DEVICE": "cpu",
-                                                 "VLLM_CPU_KVCACHE_SPACE": env.get("VLLM_CPU_KVCACHE_SPACE", "1")}
 
 
 def vllm_available() -> bool:
@@ -208,6 +210,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch threads of every system")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="weights of every system")
     parser.add_argument("--systems", default=None, help="comma-separated subset of raymoe,transformers,vllm")
+    parser.add_argument("--models", default="builtin,mixtral_shaped", help="comma-separated subset")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="> 1: every task's systems again, in turn, per round; ratios per round")
     parser.add_argument("--worker", choices=sorted(SYSTEMS))
     parser.add_argument("--model")
     parser.add_argument("--task")
@@ -224,7 +229,8 @@ def main() -> None:
     report = {"config": {**SERVING, "num_requests": args.num_requests, "repeats": args.repeats,
                          "fixed_batches": FIXED_BATCHES, "threads": args.threads, "dtype": args.dtype, "vllm": "vllm" in systems}}  # fmt: skip
     for name, path in prepare_models(workdir).items():
-        report[name] = measure_model(path, systems, args)
+        if name in args.models.split(","):
+            report[name] = measure_model(path, systems, args)
     text = json.dumps(report, indent=2)
     print(text)
     if args.out:
@@ -233,8 +239,21 @@ def main() -> None:
 
 
 def measure_model(path: Path, systems: list[str], args) -> dict:
-    tasks = args.tasks.split(",")
-    res = {task: {s: run_worker(s, path, task, args) for s in systems} for task in tasks}
+    """{task: {system: result}, "ratios": {...}}; with --rounds > 1 the results per round and each
+    ratio as the list of per-round ratios (the systems run one after the other in every round)."""
+    rounds = []
+    for _ in range(args.rounds):
+        res = {task: {s: run_worker(s, path, task, args) for s in systems} for task in args.tasks.split(",")}
+        res["ratios"] = ratios_of(res, systems)
+        rounds.append(res)
+    if args.rounds == 1:
+        return rounds[0]
+    keys = {k for r in rounds for k in r["ratios"]}
+    return {"rounds": rounds, "ratios": {k: [r["ratios"].get(k) for r in rounds] for k in sorted(keys)}}
+
+
+def ratios_of(res: dict, systems: list[str]) -> dict:
+    """raymoe against each other system: useful tok/s ratio (serving), step-time speed-up (fixed)."""
     ratios = {}
     for task, by_sys in res.items():
         for peer in systems[1:]:
@@ -245,8 +264,7 @@ def measure_model(path: Path, systems: list[str], args) -> dict:
                 ratios[f"serving_tokens_per_s_vs_{peer}"] = r["useful_tokens_per_s"] / p["useful_tokens_per_s"]
             else:
                 ratios[f"{task}_speedup_vs_{peer}"] = p["ms_per_step"] / r["ms_per_step"]
-    res["ratios"] = ratios
-    return res
+    return ratios
 
 
 if __name__ == "__main__":

