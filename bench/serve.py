@@ -365,8 +365,9 @@ def engine_delta(before: dict | None, after: dict | None, report: dict) -> dict 
     out = {"num_steps": steps, "ms_per_step": round(ms_per_step, 2)}
     if "num_messages" in after:
         out["messages_per_step"] = round((after["num_messages"] - before["num_messages"]) / max(steps, 1), 2)
-    if report["tpot_ms"]["p50"]:
-        out["tpot_p50_over_step"] = round(report["tpot_ms"]["p50"] / ms_per_step, 2)
+    tpot = report["median_tpot_ms"] if "median_tpot_ms" in report else report["tpot_ms"]["p50"]  # vllm's client or ours
+    if tpot:
+        out["tpot_p50_over_step"] = round(tpot / ms_per_step, 2)
     return out
 
 
