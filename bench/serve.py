@@ -12,6 +12,12 @@ Without `--url` it runs both arrangements in one run, one after the other, with 
 seed: `colocated` (`backend: engine`: one deployment prefills and decodes) and `disaggregated`
 (`backend: cluster`: prefill and decode worker actors, expert shards, KV pool). `--plot PNG` draws
 their latency distributions.
+
+Against vLLM (issue 15): `--peer vllm` also starts `vllm serve` on the built-in model (its venv from
+bench/setup_vllm.sh); `--client vllm` loads every server with `vllm bench serve` (random dataset,
+`--input-len`); `--rounds N` keeps all servers up and loads them in turn N times; an arrangement
+`colocated@TREE` runs that source tree's raymoe (before/after in one run); `--offline-step` adds the
+engine alone on the same workload each round (bench/offline_step.py).
 """
 
 from __future__ import annotations
