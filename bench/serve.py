@@ -38,7 +38,6 @@ from raymoe.logs import progress
 
 LONG_PROMPT = " ".join(["The history of distributed systems is a history of trade-offs between latency,"
                         " throughput and consistency."] * 12)  # fmt: skip
-RANDOM_VOCAB = 4096  # the built-in model's vocabulary
 SHORT_CHATS = ["Hi!", "What is a mixture of experts?", "Name three colours.", "Say something short."]
 
 
@@ -111,6 +110,7 @@ async def run_load(url: str, api_key: str | None, rate: float, num_requests: int
     rng = random.Random(seed)
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     limit = asyncio.Semaphore(max_concurrency)
+    vocab = builtin_vocab_size() if input_len else 0  # random prompts: ids of the built-in model
     async with httpx.AsyncClient(base_url=url, headers=headers, timeout=300) as client:
         model = (await client.get("/v1/models")).json()["data"][0]["id"]
 
@@ -119,7 +119,7 @@ async def run_load(url: str, api_key: str | None, rate: float, num_requests: int
         async def guarded():
             async with limit:
                 if input_len:
-                    result = await random_request(client, model, rng, max_tokens, input_len, RANDOM_VOCAB)
+                    result = await random_request(client, model, rng, max_tokens, input_len, vocab)
                 else:
                     result = await one_request(client, model, rng, max_tokens)
             bar.update(1)
@@ -134,6 +134,12 @@ async def run_load(url: str, api_key: str | None, rate: float, num_requests: int
         elapsed = time.perf_counter() - start
         bar.close()
     return summarize(results, elapsed, rate, max_concurrency, max_tokens)
+
+
+def builtin_vocab_size() -> int:
+    from raymoe.model.builtin import builtin_model_path
+
+    return json.loads((Path(builtin_model_path()) / "config.json").read_text())["vocab_size"]
 
 
 def summarize(results: list[dict], elapsed: float, rate: float, max_concurrency: int, max_tokens: int,
