@@ -47,7 +47,7 @@ ENGINE = EngineConfig(max_num_seqs=32, max_num_batched_tokens=512)
 
 
 def workload(batch: int, new_tokens: int):
-    prompts = [[(17 * i + 5 * j) % 4000 + 10 for j in range(32)] for i in range(batch)]
+    prompts = [[(17 * i + 5 * j) % 1000 + 10 for j in range(32)] for i in range(batch)]
     return prompts, SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
 
 

@@ -30,7 +30,7 @@ from raymoe.model.builtin import builtin_model_path
 from raymoe.model.model import load_model
 
 ENGINE = EngineConfig(max_num_seqs=16, max_num_batched_tokens=512, dtype="float32", device="cuda")
-PROMPTS = [[(17 * i + 5 * j) % 4000 + 10 for j in range(32)] for i in range(16)]
+PROMPTS = [[(17 * i + 5 * j) % 1000 + 10 for j in range(32)] for i in range(16)]
 PARAMS = SamplingParams(temperature=0, max_tokens=48, ignore_eos=True)
 
 
