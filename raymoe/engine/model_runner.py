@@ -87,7 +87,8 @@ class ModelRunner:
         logits = self.model.compute_logits(hidden[flat.to(hidden.device)])  # [R, V]
         spans = dict(zip(rows, _spans([len(rs) for rs in rows.values()])))  # sequence -> its slice of logits
         plain = [b for b in rows if scheduled[b][0].draft is None]
-        self._sample(logits[[spans[b].start for b in plain]], plain, scheduled, out)
+        starts = torch.tensor([spans[b].start for b in plain], dtype=torch.long)  # host index, moved once
+        self._sample(logits[starts.to(logits.device)], plain, scheduled, out)
         moves = [self._verify(logits[spans[b]], b, scheduled, batch, out) for b in rows if b not in plain]
         src, dst = (torch.cat(m) for m in zip(*moves)) if moves else (None, None)
         if src is not None and src.numel():  # a chain's kept path is already in place

@@ -65,10 +65,12 @@ def decode_replicas(server) -> int:
     return replicas(server, "decode")
 
 
-def streamed_text(server, prompt: str, max_tokens: int = 40, started: threading.Event | None = None) -> str:
+def streamed_text(server, prompt: str, max_tokens: int = 40, started: threading.Event | None = None,
+                  ignore_eos: bool = False) -> str:  # fmt: skip
     """The streamed completion's text; sets `started` once the first token has arrived."""
     client = OpenAI(base_url=f"{server.base_url}/v1", api_key=API_KEY, max_retries=0, timeout=300)
-    stream = client.completions.create(model=MODEL, prompt=prompt, max_tokens=max_tokens, temperature=0, stream=True)
+    stream = client.completions.create(model=MODEL, prompt=prompt, max_tokens=max_tokens, temperature=0, stream=True,
+                                       extra_body={"ignore_eos": True} if ignore_eos else None)  # fmt: skip
     parts = []
     for chunk in stream:
         parts += [c.text for c in chunk.choices]
@@ -144,10 +146,11 @@ def test_streaming_and_admin_report_the_cluster(server):
 
 
 def test_decode_worker_crash_mid_stream_resumes_exactly(server):
-    prompt, max_tokens = PROMPTS[1], 200  # long enough to be mid-stream when the worker dies
-    expected = LLM().generate([prompt], SamplingParams(max_tokens=max_tokens, temperature=0))[0].text
+    prompt, max_tokens = PROMPTS[1], 1500  # long enough (no stop at end of text) to be mid-stream when the worker dies
+    params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+    expected = LLM().generate([prompt], params)[0].text
     with ThreadPoolExecutor(1) as pool:
-        future = pool.submit(streamed_text, server, prompt, max_tokens)
+        future = pool.submit(streamed_text, server, prompt, max_tokens, None, True)
         wait_for(lambda: any(w["kind"] == "decode" and w["running"] for w in status(server)["workers"]), 60,
                  "the sequence to reach a decode worker")  # fmt: skip
         for w in status(server)["workers"]:
@@ -260,18 +263,26 @@ def _alive(pid: int) -> bool:
         return False
 
 
+def test_answers_document_questions_through_the_cluster(server):
+    """The trained built-in model copies the answer from the documents (prefill and decode workers,
+    expert shards)."""
+    client = OpenAI(base_url=f"{server.base_url}/v1", api_key=API_KEY, timeout=120, max_retries=0)
+    for prompt, reply in zip(QA_PROMPTS, QA_REPLIES):
+        out = client.completions.create(model=MODEL, prompt=prompt, max_tokens=QA_PARAMS.max_tokens, temperature=0)
+        assert out.choices[0].text == reply
+
 def test_sigterm_drains_the_running_stream_then_exits_0(server):
     """Kubernetes stops a pod with SIGTERM: new requests get 503, the running stream completes, and
     `raymoe serve` exits 0 within its grace period leaving no process of the Ray it started. Runs
     last: it stops this module's server."""
     prompt, max_tokens = PROMPTS[2], 400  # long enough to be still decoding when the signal lands
-    params = SamplingParams(max_tokens=max_tokens, temperature=0)
+    params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
     expected = LLM().generate([prompt], params)[0].text
     processes = _descendants(server.process.pid)
     assert len(processes) > 3  # the driver, Ray's GCS and raylet, workers
     started = threading.Event()
     with ThreadPoolExecutor(1) as pool:
-        future = pool.submit(streamed_text, server, prompt, max_tokens, started)
+        future = pool.submit(streamed_text, server, prompt, max_tokens, started, True)
         assert started.wait(60), "the stream's first token did not arrive"
         start = time.monotonic()
         server.process.send_signal(signal.SIGTERM)
@@ -287,11 +298,3 @@ def test_sigterm_drains_the_running_stream_then_exits_0(server):
     time.sleep(1)
     assert not [p for p in processes if _alive(p)], server.log()
 
-
-def test_answers_document_questions_through_the_cluster(server):
-    """The trained built-in model copies the answer from the documents (prefill and decode workers,
-    expert shards)."""
-    client = OpenAI(base_url=f"{server.base_url}/v1", api_key=API_KEY, timeout=120, max_retries=0)
-    for prompt, reply in zip(QA_PROMPTS, QA_REPLIES):
-        out = client.completions.create(model=MODEL, prompt=prompt, max_tokens=QA_PARAMS.max_tokens, temperature=0)
-        assert out.choices[0].text == reply

@@ -106,11 +106,13 @@ def test_chat_top_logprobs_equal_transformers_streamed_too(client):
     for j, item in enumerate(content):
         row = rows[len(prompt) - 1 + j]
         assert abs(item.logprob - row[output[j]].item()) < TOL
-        assert [round(t.logprob, 4) for t in item.top_logprobs] == [round(v, 4) for v in row.topk(3).values.tolist()]
+        top = [t.logprob for t in item.top_logprobs]
+        assert len(top) == 3 and all(abs(a - b) < TOL for a, b in zip(top, row.topk(3).values.tolist()))
         assert item.bytes == list(item.token.encode())
     chunks = list(client.chat.completions.create(**args, stream=True))
     streamed = [x.logprob for c in chunks if c.choices[0].logprobs for x in c.choices[0].logprobs.content]
-    assert streamed == [x.logprob for x in content]
+    assert len(streamed) == len(content)  # equal within TOL: another batch may sum in another order
+    assert all(abs(a - b.logprob) < TOL for a, b in zip(streamed, content))
 
 
 def test_n_choices_plain_and_streamed(client):
