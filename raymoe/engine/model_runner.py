@@ -89,7 +89,9 @@ class ModelRunner:
         plain = [b for b in rows if scheduled[b][0].draft is None]
         starts = torch.tensor([spans[b].start for b in plain], dtype=torch.long)  # host index, moved once
         self._sample(logits[starts.to(logits.device)], plain, scheduled, out)
-        moves = [self._verify(logits[spans[b]], b, scheduled, batch, out) for b in rows if b not in plain]
+        drafted = [b for b in rows if b not in plain]
+        argmax = logits.argmax(dim=-1).tolist() if drafted else []  # [R] for greedy drafts, in one transfer
+        moves = [self._verify(logits[spans[b]], argmax[spans[b]], b, scheduled, batch, out) for b in drafted]
         src, dst = (torch.cat(m) for m in zip(*moves)) if moves else (None, None)
         if src is not None and src.numel():  # a chain's kept path is already in place
             move_kv(self.kv_cache, src, dst)
@@ -109,13 +111,15 @@ class ModelRunner:
         for b, token_id in zip(plain, next_ids):
             out[b] = [token_id]
 
-    def _verify(self, logits: torch.Tensor, b: int, scheduled: Scheduled, batch, out: list[list[int]]):
-        """logits: [N + 1, V] raw, every node of sequence b's draft -> its tokens into out[b]; returns
-        (source slots, destination slots) [A] that move the accepted path's KV right behind the root."""
+    def _verify(self, logits: torch.Tensor, argmax: list[int], b: int, scheduled: Scheduled, batch,
+                out: list[list[int]]):  # fmt: skip
+        """logits: [N + 1, V] raw (argmax: their argmax), every node of sequence b's draft -> its tokens
+        into out[b]; returns (source slots, destination slots) [A] that move the accepted path's KV
+        right behind the root."""
         seq, n = scheduled[b]
         draft = seq.draft
         assert n == draft.size + 1, "a draft is verified whole"
-        path, tokens = verify(logits, seq, draft, self.eos_token_ids, self._generator(seq))
+        path, tokens = verify(logits, seq, draft, self.eos_token_ids, self._generator(seq), argmax)
         self.speculator.record(seq, draft, path)
         out[b] = tokens
         if seq.params.logprobs is not None:

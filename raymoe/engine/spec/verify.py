@@ -66,9 +66,13 @@ def accept_sampled(probs: torch.Tensor, draft: Draft, generator: torch.Generator
 
 
 def verify(logits: torch.Tensor, seq, draft: Draft, eos_token_ids: tuple[int, ...],
-           generator: torch.Generator | None) -> tuple[list[int], list[int]]:  # fmt: skip
+           generator: torch.Generator | None, argmax: list[int] | None = None) -> tuple[list[int], list[int]]:  # fmt: skip
     """logits: [N + 1, V] raw, row i for node i of seq's draft -> (the accepted path's nodes after
-    the root, the tokens the step yields: the path's tokens, then the bonus)."""
+    the root, the tokens the step yields: the path's tokens, then the bonus). argmax: the raw
+    logits' argmax per row, if already at hand (one transfer for the whole batch)."""
+    if seq.params.is_greedy and argmax is not None and not seq.params.adjusts_logits:
+        path = accept_greedy(argmax, draft)
+        return path, [draft.token(n) for n in path] + [argmax[path[-1] if path else 0]]
     logits = adjusted_rows(logits, seq, draft, eos_token_ids)
     if seq.params.is_greedy:
         targets = logits.argmax(dim=-1).tolist()
