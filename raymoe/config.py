@@ -47,8 +47,10 @@ class EngineSettings(_Frozen):
     speculative: SpeculativeName = "none"  # drafts from the request itself, verified in the decode step (lossless)
     num_speculative_tokens: int | None = Field(None, gt=0, description="draft tokens per sequence at most; "
                                                "null = the drafter's default")  # fmt: skip
-    speculative_token_budget: int = Field(128, gt=0, description="tokens a step verifies (decodes + drafts); "
+    speculative_token_budget: int = Field(32, gt=0, description="tokens a step verifies (decodes + drafts); "
                                           "drafts shrink to fit as the batch grows")  # fmt: skip
+    speculative_draft_cost: float = Field(0.1, gt=0, le=1, description="a draft token's cost as a share of a "
+                                          "decode step; lower (deeper drafts) where steps wait on round trips")  # fmt: skip
 
     def to_engine_config(self):
         from raymoe.engine.llm_engine import EngineConfig

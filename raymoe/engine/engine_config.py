@@ -27,7 +27,10 @@ class EngineConfig:
     # Speculative decoding (raymoe.engine.spec): drafts from the request itself, verified losslessly.
     speculative: str = "none"  # none | token_recycling | prompt_lookup
     num_speculative_tokens: int | None = None  # draft tokens per sequence at most; None = the drafter's default
-    speculative_token_budget: int = 128  # tokens a step verifies (decodes + drafts); past it drafts shrink
+    speculative_token_budget: int = 32  # tokens a step verifies (decodes + drafts); past it drafts shrink (measured)
+    # a draft token's cost as a share of a decode step: 0.1 measured in one process on the CPU; lower
+    # where a step mostly waits (expert round trips in the cluster, weight reads on a GPU): deeper drafts
+    speculative_draft_cost: float = 0.1
 
     def __post_init__(self):
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "kv_cache_bytes", "threads",
@@ -39,6 +42,9 @@ class EngineConfig:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
         check_device_name(self.device)
         check_speculative(self.speculative)
+        cost = self.speculative_draft_cost
+        if isinstance(cost, bool) or not isinstance(cost, (int, float)) or not 0 < cost <= 1:
+            raise ConfigError(f"speculative_draft_cost must be a number in (0, 1], got {cost!r}")
         if self.dtype not in DTYPES and self.dtype != "auto":
             raise ConfigError(f"dtype must be one of {sorted(DTYPES)} or auto, got {self.dtype!r}")
 

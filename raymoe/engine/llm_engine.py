@@ -64,7 +64,8 @@ class LLMEngine:
         self.max_model_len = min(spec.max_position_embeddings, num_blocks * config.block_size)
         self.block_manager = BlockManager(num_blocks, config.block_size)
         self.speculator = make_speculator(config.speculative, config.num_speculative_tokens,
-                                          config.speculative_token_budget, spec.vocab_size, self.max_model_len)  # fmt: skip
+                                          config.speculative_token_budget, spec.vocab_size, self.max_model_len,
+                                          config.speculative_draft_cost)  # fmt: skip
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
                                    self.speculator)  # fmt: skip
         self.model_runner = ModelRunner(model, num_blocks, config.block_size)

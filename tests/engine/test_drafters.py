@@ -71,8 +71,22 @@ def test_spec_stats_add_up_over_engines():
 
 
 def test_drafts_are_as_deep_as_they_pay():
-    """A sequence whose drafts are kept half the time drafts 4 deep (0.5^4 > DRAFT_COST = 0.05 > 0.5^5)."""
+    """A sequence whose drafts are kept half the time drafts 3 deep (0.5^3 > DRAFT_COST = 0.1 > 0.5^4)."""
     from raymoe.engine.spec.speculator import worth_depth
 
-    assert worth_depth((1.0, 1.0)) == 4
-    assert worth_depth((9.0, 1.0)) == 28 and worth_depth((0.0, 5.0)) == 1
+    assert worth_depth((1.0, 1.0)) == 3
+    assert worth_depth((9.0, 1.0)) == 21 and worth_depth((0.0, 5.0)) == 1
+
+
+def test_token_recycling_measures_its_ranks_and_rebuilds_its_tree(monkeypatch):
+    """A model whose argmax is always the runner-up of the last row for its input token: rank 1
+    comes to lead the template."""
+    from raymoe.engine.spec import token_recycling as tr_module
+
+    monkeypatch.setattr(tr_module, "REBUILD_ROWS", 64)
+    tr = TokenRecycling(vocab_size=4, num_nodes=6, top_k=2)
+    assert tr.template[0] == (0, 0)
+    one_then_two, two_then_one = torch.tensor([[0.0, 3.0, 2.0, 0.0]]), torch.tensor([[0.0, 2.0, 3.0, 0.0]])
+    for i in range(301):
+        tr.observe(torch.tensor([0]), one_then_two if i % 2 == 0 else two_then_one)
+    assert tr.rank_accept()[1] > 0.6 and tr.template[0] == (0, 1)

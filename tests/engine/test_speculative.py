@@ -22,9 +22,9 @@ def run(make_engine, prompts, params=GREEDY, every=2, **config):
 @pytest.mark.parametrize("drafter", DRAFTERS)
 @pytest.mark.parametrize("room", ["roomy", "tight"])
 def test_greedy_tokens_equal_plain_decoding(make_engine, drafter, room):
-    """Mixed lengths joining at different steps, chunked prefill; `tight`: few KV blocks, so
-    sequences are preempted and drafts dropped for want of blocks."""
-    config, prompts = dict(max_num_batched_tokens=32, max_num_seqs=4), PROMPTS
+    """Mixed lengths joining at different steps, chunked prefill, two prompts again (prefix hits);
+    `tight`: few KV blocks, so sequences are preempted and drafts dropped for want of blocks."""
+    config, prompts = dict(max_num_batched_tokens=32, max_num_seqs=4), PROMPTS + PROMPTS[1:3]
     if room == "tight":
         config.update(kv_cache_bytes=7 * BLOCK_BYTES, max_num_seqs=8)
         prompts = PROMPTS[:4] + PROMPTS[5:7]  # all fit the 7 blocks
@@ -88,10 +88,15 @@ def test_stops_logprobs_and_penalties_as_plain_decoding(make_engine, drafter, pa
             assert abs(lp - s_lp) < 1e-4 and [t for t, _ in top] == [t for t, _ in s_top]
 
 
+WIDE = [(0, 0), (0, 1), (0, 2), (0, 3)]  # a root with 4 children: several candidates for one token
+
+
 def joint_counts(make_engine, n: int, seed0: int, temperature: float = 3.0, **config) -> tuple[dict, dict]:
     """Counts of the 3 tokens generated after a fixed prompt, over n seeded requests (the first
     comes from the prefill; drafts decide how the other two are drawn)."""
     engine = make_engine(max_num_seqs=256, max_num_batched_tokens=8192, kv_cache_bytes=8 << 20, **config)
+    if engine.speculator is not None:
+        engine.speculator.drafter.template = WIDE
     for i in range(n):
         params = SamplingParams(temperature=temperature, top_k=3, max_tokens=3, seed=seed0 + i, ignore_eos=True)
         engine.add_request(PROMPTS[2], params, request_id=str(i))
@@ -116,9 +121,10 @@ def chi2_bound(df: int, z: float = 3.72) -> float:
 N_SAMPLES = 1000
 
 
-def test_sampled_outputs_keep_their_distribution(make_engine):
-    """Token Recycling drafts the model's own top candidates: many are accepted, many rejected, and
-    with max_tokens 3 its trees are a root with up to 4 children (the rule for several candidates)."""
+def test_sampled_outputs_keep_their_distribution(make_engine, monkeypatch):
+    """Token Recycling drafts the model's own top candidates: many are accepted, many rejected; its
+    template is fixed to a root with 4 children (the rule for several candidates at one position)."""
+    monkeypatch.setattr("raymoe.engine.spec.token_recycling.REBUILD_ROWS", 10**9)
     plain, _ = joint_counts(make_engine, N_SAMPLES, seed0=0)
     spec, stats = joint_counts(make_engine, N_SAMPLES, seed0=10**6, speculative="token_recycling",
                                num_speculative_tokens=4, speculative_token_budget=4096)  # fmt: skip

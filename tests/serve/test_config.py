@@ -32,6 +32,7 @@ def test_defaults_and_yaml(tmp_path):
     pytest.param({"engine": {"speculative": "medusa"}}, "engine.speculative: Input should be 'none', "
                  "'token_recycling' or 'prompt_lookup', got 'medusa'", id="bad-speculative"),
     pytest.param({"engine": {"num_speculative_tokens": 0}}, "engine.num_speculative_tokens", id="no-drafts"),
+    pytest.param({"engine": {"speculative_draft_cost": 0}}, "engine.speculative_draft_cost", id="free-drafts"),
 ])  # fmt: skip
 def test_errors_say_what_to_fix(data, needle):
     with pytest.raises(ConfigError, match=None) as e:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from raymoe.engine.spec.names import SPECULATIVE_NAMES
 from raymoe.engine.spec.prompt_lookup import PromptLookup
-from raymoe.engine.spec.speculator import Speculator
+from raymoe.engine.spec.speculator import DRAFT_COST, Speculator
 from raymoe.engine.spec.token_recycling import TokenRecycling
 
 DRAFTERS = {"token_recycling": TokenRecycling, "prompt_lookup": PromptLookup}
@@ -17,10 +17,13 @@ def default_num_tokens(name: str) -> int:
 
 
 def make_speculator(name: str, num_tokens: int | None, token_budget: int, vocab_size: int,
-                    max_model_len: int) -> Speculator | None:  # fmt: skip
+                    max_model_len: int, draft_cost: float = DRAFT_COST) -> Speculator | None:  # fmt: skip
     """None for "none"; the names are checked by the config (EngineConfig)."""
     if name == "none":
         return None
     num_tokens = num_tokens or default_num_tokens(name)
-    drafter = TokenRecycling(vocab_size, num_tokens) if name == "token_recycling" else PromptLookup()
-    return Speculator(drafter, num_tokens, token_budget, max_model_len)
+    if name == "token_recycling":
+        drafter = TokenRecycling(vocab_size, num_tokens, min_value=draft_cost)
+    else:
+        drafter = PromptLookup()
+    return Speculator(drafter, num_tokens, token_budget, max_model_len, draft_cost)

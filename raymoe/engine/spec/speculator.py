@@ -1,15 +1,17 @@
 """Speculator: the engine's side of speculative decoding. Which drafter, how many draft tokens a
 sequence gets this step, and counts of how well the drafts did.
 
-A step verifies every running decode's draft in the same forward as its ordinary decode token, so
-drafts are nearly free while a step's cost does not grow with its token count (decoding is bound by
-reading the weights, not by arithmetic). Past `token_budget` tokens a step is compute-bound and each
-draft token costs about what it may save; so the per-sequence draft size shrinks as the batch grows
-(`budget // decodes - 1`), down to none.
+A step verifies every running decode's draft in the same forward as its ordinary decode token. That
+pays while a step's cost grows slowly with its token count: on a GPU while decoding is bound by
+reading the weights; on the CPU here while per-op overheads dominate (bench/speculative.py
+step_cost: 16 tokens cost 1.7-2x one, past ~64 the cost grows in proportion), and in the cluster
+while the expert round trip per layer does. Past `token_budget` tokens a step a draft token costs
+about what it may save, so the per-sequence draft size shrinks as the batch grows
+(`token_budget // decodes - 1`), down to none.
 
 A draft is only as deep as it is likely to pay: if a sequence's draft tokens are each accepted with
-probability a (estimated from its recent steps), the k-th costs `DRAFT_COST` of a step and is kept
-with probability a^k, so drafts stop at depth log(DRAFT_COST) / log(a).
+probability a (estimated from its recent steps), the k-th costs `draft_cost` of a step and is kept
+with probability a^k, so drafts stop at depth log(draft_cost) / log(a).
 
 A draft never makes a sequence overshoot: at most `max_tokens - generated - 1` deep (the bonus token
 comes on top), and it fits the model's context. Stop strings and EOS inside an accepted draft end
@@ -23,9 +25,10 @@ from dataclasses import dataclass
 
 from raymoe.engine.spec.draft import Draft
 
-# A draft token's share of a decode step's time on this machine's CPU at batch 1 to 16 (bench/speculative.py
-# step_cost: a step of 1 + d tokens per sequence costs about 1 + 0.05 d decode steps).
-DRAFT_COST = 0.05
+# A draft token's share of a decode step's time, by default (`EngineConfig.speculative_draft_cost`):
+# bench/speculative.py step_cost on the built-in model, one CPU thread: the first draft tokens of a
+# sequence add 10-30% each to a step at batch 1 to 64.
+DRAFT_COST = 0.1
 DECAY = 0.8  # weight of a sequence's earlier steps in its acceptance estimate
 
 
@@ -53,10 +56,12 @@ class SpecStats:
 
 
 class Speculator:
-    def __init__(self, drafter, num_tokens: int, token_budget: int, max_model_len: int):
+    def __init__(self, drafter, num_tokens: int, token_budget: int, max_model_len: int,
+                 draft_cost: float = DRAFT_COST):  # fmt: skip
         """drafter: has `propose(seq, max_nodes, max_depth) -> Draft | None` and `observe(token_ids
         [R], logits [R, V])`. num_tokens: draft tokens per sequence at most."""
         self.drafter, self.num_tokens, self.token_budget = drafter, num_tokens, token_budget
+        self.draft_cost = draft_cost
         self.max_model_len = max_model_len
         self.stats = SpecStats()
 
@@ -70,7 +75,7 @@ class Speculator:
 
     def propose(self, seq, size: int) -> Draft | None:
         """A draft of at most `size` tokens for a decoding sequence, or None."""
-        max_depth = min(seq.params.max_tokens - seq.num_output_tokens - 1, worth_depth(seq.draft_record))
+        max_depth = min(seq.params.max_tokens - seq.num_output_tokens - 1, worth_depth(seq.draft_record, self.draft_cost))
         max_nodes = min(size, self.max_model_len - len(seq) - 1)
         if max_depth < 1 or max_nodes < 1:
             return None
@@ -94,10 +99,10 @@ class Speculator:
         s.num_emitted_tokens += num_accepted + 1
 
 
-def worth_depth(record: tuple[float, float]) -> int:
+def worth_depth(record: tuple[float, float], cost: float = DRAFT_COST) -> int:
     """The deepest draft token whose chance of being kept, a^k, still beats its cost (at least 1)."""
     accepted, rejected = record
     rate = accepted / (accepted + rejected)
     if rate >= 1 - 1e-9:
         return 1 << 30
-    return max(1, int(math.log(DRAFT_COST) / math.log(rate))) if rate > 0 else 1
+    return max(1, int(math.log(cost) / math.log(rate))) if rate > 0 else 1
