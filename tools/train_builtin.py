@@ -15,12 +15,23 @@ transformers is used here only, for its Qwen3MoeForCausalLM; raymoe serves the r
 Status (docs/benchmarks.md): the shipped built-in model is step 12000 of this script's defaults
 (`--steps 12000`, 1 thread, about 2 hours on this 2-core machine when shared, 0.25 s per step alone).
 
+Continuing a run from a checkpoint, deterministically (`--init-from DIR --start-step N`): the
+weights, config and tokenizer come from DIR, AdamW starts fresh with a short warm-up
+(`--resume-warmup`), the learning rate follows the same schedule from step N (optionally decayed
+linearly to zero by --steps: `--cooldown`), and the text stream is seeded by N (`data_seed`), so a
+continuation is reproducible from its command alone:
+
+    nice -n 5 python tools/train_builtin.py --init-from /tmp/mexp/c2/step12000 --start-step 12000 \
+        --steps 15000 --cooldown --out /tmp/mexp/c3 --save-every 400
+"""
+
 from __future__ import annotations
 
 import argparse
 import json
 import math
 import random
+import re
 import sys
 import time
 from pathlib import Path
@@ -96,6 +107,17 @@ def word_pieces(tok: Tokenizer) -> tuple[str, ...]:
     return tuple(sorted(pieces))
 
 
+def corpus_words() -> tuple[str, ...]:
+    """Lower-case words (3+ letters) of the training prose, less every held-out name and value:
+    extra pieces for training names and values, so that copying real words' tokens is practised."""
+    from raymoe.model import docqa
+
+    words = {w.lower() for text in prose_split()[0] for w in re.findall(r"[A-Za-z]{3,}", text)}
+    held = {w.lower() for w in docqa._HELDOUT_FIRST + docqa._HELDOUT_LAST}
+    held |= {w.lower() for pools in docqa._WORDS.values() for w in pools[1]}
+    return tuple(sorted(words - held))
+
+
 class Batches:
     """Rows of token ids packed with whole examples (each ending in <|endoftext|>).
 
@@ -104,8 +126,9 @@ class Batches:
     number of documents of what follows.
     """
 
-    def __init__(self, tok: Tokenizer, seed: int, pieces: tuple[str, ...], qa_share: float, restate_share: float):
-        self.tok, self.restate_share = tok, restate_share
+    def __init__(self, tok: Tokenizer, seed: int, pieces: tuple[str, ...], qa_share: float, restate_share: float,
+                 no_space_share: float = NO_SPACE_SHARE):  # fmt: skip
+        self.tok, self.restate_share, self.no_space_share = tok, restate_share, no_space_share
         self.mix = (("qa", qa_share), ("prose", 0.75 * (1 - qa_share)), ("numbers", 0.25 * (1 - qa_share)))
         self.gen = CorpusGenerator(seed, TRAIN, pieces)
         self.rng = random.Random(seed + 1)
@@ -137,7 +160,7 @@ class Batches:
                 ids += prompt + answer
                 w += [CONTEXT_WEIGHT] * len(prompt) + [ANSWER_WEIGHT] * len(answer)
                 continue
-            space = self.rng.random() >= NO_SPACE_SHARE  # most prompts end "Answer:" (the answer carries its space)
+            space = self.rng.random() >= self.no_space_share  # most prompts end "Answer:" (the answer carries its space)
             prompt = self._encode(question + "\nAnswer:" + ("" if space else " "))
             answer = self._encode((" " if space else "") + value + "\n")
             ids += prompt + answer
@@ -180,6 +203,42 @@ class Batches:
         ids = torch.tensor([r[0] for r in rows])
         w = torch.tensor([r[1] for r in rows])
         return ids, torch.cat([w[:, 1:], torch.zeros(len(rows), 1)], dim=1)
+
+
+def hf_from_raymoe(weights: dict[str, torch.Tensor], config: dict) -> dict[str, torch.Tensor]:
+    """The inverse of hf_to_raymoe: one tensor per expert -> transformers 5's fused expert tensors."""
+    out, experts = {}, {}
+    for name, t in weights.items():
+        head, sep, tail = name.partition(".mlp.experts.")
+        if not sep:
+            out[name] = t
+            continue
+        e, proj = tail.split(".", 1)
+        experts.setdefault(head, {}).setdefault(proj, {})[int(e)] = t
+    for head, projs in experts.items():
+        n = len(projs["down_proj.weight"])
+        gate_up = [torch.cat([projs["gate_proj.weight"][e], projs["up_proj.weight"][e]]) for e in range(n)]
+        out[f"{head}.mlp.experts.gate_up_proj"] = torch.stack(gate_up)
+        out[f"{head}.mlp.experts.down_proj"] = torch.stack([projs["down_proj.weight"][e] for e in range(n)])
+    return out
+
+
+def load_checkpoint(folder: Path):
+    """(model, tokenizer, config) of a folder this script wrote."""
+    from safetensors.torch import load_file
+
+    config = json.loads((folder / "config.json").read_text())
+    config = {k: v for k, v in config.items() if k not in ("torch_dtype", "dtype")}
+    model = make_model(config)
+    missing, unexpected = model.load_state_dict(hf_from_raymoe(load_file(str(folder / "model.safetensors")), config), strict=False)
+    if unexpected or [k for k in missing if k != "lm_head.weight" or not config.get("tie_word_embeddings")]:
+        raise RuntimeError(f"checkpoint does not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    return model, Tokenizer.from_file(str(folder / "tokenizer.json")), config
+
+
+def data_seed(seed: int, start_step: int) -> int:
+    """Seed of the text stream of a run starting at `start_step` (0: the original run's own seed)."""
+    return seed if start_step == 0 else seed + 1_000_000 + start_step
 
 
 def make_model(config: dict):
@@ -254,6 +313,15 @@ def lr_at(step: int, peak: float, warmup: int) -> float:
     return peak * min(1.0, math.sqrt(CONSTANT_UNTIL / (step + 1)))
 
 
+def resumed_lr(step: int, args) -> float:
+    """lr_at, ramped up over --resume-warmup steps after --start-step (a fresh AdamW), and with
+    --cooldown multiplied by a linear decay that reaches zero at --steps."""
+    lr = lr_at(step, args.lr, args.warmup) * min(1.0, (step - args.start_step + 1) / args.resume_warmup)
+    if args.cooldown:
+        lr *= (args.steps - step) / (args.steps - args.start_step)
+    return lr
+
+
 def stage_at(step: int) -> tuple[int, int, tuple[int, int]]:
     """Short rows with 2-3 documents most of the time at first (copying forms while steps are
     cheap), with medium and long ones mixed in from the start; after LONG_FROM medium and long."""
@@ -277,39 +345,37 @@ def train(args) -> None:
     torch.manual_seed(args.seed)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    tok = train_tokenizer(args.seed, args.vocab)
-    pieces = word_pieces(tok)
-    eos = tok.token_to_id(builtin.EOS_TOKEN)
-    shape = dict(ARCHITECTURE, hidden_size=args.hidden, head_dim=args.head_dim, moe_intermediate_size=args.moe_inter)
-    config = builtin.model_config(tok.get_vocab_size(), bos_token_id=eos, eos_token_id=eos, architecture=shape)
-    model = make_model(config)
-    with torch.no_grad():  # a larger gain lets attention be sharp (pick one document among many) early
-        for name, p in model.named_parameters():
-            if name.endswith(("q_norm.weight", "k_norm.weight")):
-                p.fill_(args.qk_norm_init)
+    if args.init_from:
+        model, tok, config = load_checkpoint(Path(args.init_from))
+        pieces = word_pieces(tok)
+    else:
+        model, tok, config, pieces = fresh_model(args)
     params = sum(p.numel() for p in model.parameters())
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
     other = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05}, {"params": other, "weight_decay": 0.0}],
                             lr=args.lr, betas=(0.9, 0.95))  # fmt: skip
-    batches = Batches(tok, args.seed, pieces, args.qa_share, args.restate_share)
+    if args.corpus_words:
+        pieces += corpus_words()
+    batches = Batches(tok, data_seed(args.seed, args.start_step), pieces, args.qa_share, args.restate_share, args.no_space_share)
     log = (out / "train_log.jsonl").open("w")
     print(f"params {params / 1e6:.2f}M vocab {tok.get_vocab_size()} pieces {len(pieces)}", flush=True)
     start = time.time()
-    for step in range(args.steps):
+    for step in range(args.start_step, args.steps):
         seq_len, rows, docs = stage_at(step) if step >= args.easy_until else SHORT
         batches.easy = (3, 0) if step < args.easy_until else None  # warm-up: short documents, no filler
         batches.stage(seq_len, max(1, int(rows * args.rows_scale)), docs)
         ids, weights = next(batches)
         for group in opt.param_groups:
-            group["lr"] = lr_at(step, args.lr, args.warmup)
+            group["lr"] = resumed_lr(step, args) if args.start_step else lr_at(step, args.lr, args.warmup)
         loss, aux = step_loss(model, ids, weights)
         opt.zero_grad(set_to_none=True)
         (loss + args.aux_coef * aux).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         entry = {"step": step + 1, "loss": round(loss.item(), 4), "aux": round(aux.item(), 4),
-                 "seq_len": batches.seq_len, "elapsed_s": round(time.time() - start, 1)}  # fmt: skip
+                 "seq_len": batches.seq_len, "lr": round(opt.param_groups[0]["lr"], 7),
+                 "elapsed_s": round(time.time() - start, 1)}  # fmt: skip
         if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
             last = step + 1 == args.steps
             entry["eval"] = evaluate(model, tok, pieces, args.seed + 7, args.eval_n, last or (step + 1) % 500 == 0)
@@ -321,7 +387,21 @@ def train(args) -> None:
             save(model, tok, config, out / f"step{step + 1}")
     save(model, tok, config, out)
     if args.plot:
-        plot(out / "train_log.jsonl", Path(args.plot))
+        plot([Path(p) for p in args.prior_log] + [out / "train_log.jsonl"], Path(args.plot))
+
+
+def fresh_model(args):
+    """(model, tokenizer, config, word pieces) of a run from scratch."""
+    tok = train_tokenizer(args.seed, args.vocab)
+    eos = tok.token_to_id(builtin.EOS_TOKEN)
+    shape = dict(ARCHITECTURE, hidden_size=args.hidden, head_dim=args.head_dim, moe_intermediate_size=args.moe_inter)
+    config = builtin.model_config(tok.get_vocab_size(), bos_token_id=eos, eos_token_id=eos, architecture=shape)
+    model = make_model(config)
+    with torch.no_grad():  # a larger gain lets attention be sharp (pick one document among many) early
+        for name, p in model.named_parameters():
+            if name.endswith(("q_norm.weight", "k_norm.weight")):
+                p.fill_(args.qk_norm_init)
+    return model, tok, config, word_pieces(tok)
 
 
 def save(model, tok: Tokenizer, config: dict, out: Path, dtype=torch.float32) -> None:
@@ -335,13 +415,13 @@ def save(model, tok: Tokenizer, config: dict, out: Path, dtype=torch.float32) ->
     save_file(hf_to_raymoe(model.state_dict(), config, dtype), str(out / "model.safetensors"), metadata={"format": "pt"})
 
 
-def plot(log_path: Path, png: Path) -> None:
+def plot(log_paths: list[Path], png: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [json.loads(line) for line in log_path.read_text().splitlines()]
+    rows = [json.loads(line) for path in log_paths for line in path.read_text().splitlines()]
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], lw=0.6, label="training loss (weighted CE)")
     ax.set_xlabel("step")
@@ -375,6 +455,8 @@ def main() -> None:
     p.add_argument("--moe-inter", type=int, default=ARCHITECTURE["moe_intermediate_size"])
     p.add_argument("--rows-scale", type=float, default=1.0, help="rows per step, as a multiple of the stages'")
     p.add_argument("--restate-share", type=float, default=RESTATE_SHARE)
+    p.add_argument("--no-space-share", type=float, default=NO_SPACE_SHARE, help="of answers, those after 'Answer: '")
+    p.add_argument("--corpus-words", action="store_true", help="build names and values from the prose's words too")
     p.add_argument("--easy-until", type=int, default=0, help="steps of warm-up: short rows, 2-3 documents of 2-3 facts, no filler")
     p.add_argument("--qk-norm-init", type=float, default=1.0, help="initial gain of the query and key RMSNorms")
     p.add_argument("--seed", type=int, default=0)
@@ -382,6 +464,11 @@ def main() -> None:
     p.add_argument("--eval-n", type=int, default=40)
     p.add_argument("--save-every", type=int, default=0, help="also write the model every N steps (out/stepN)")
     p.add_argument("--plot", default=None, help="write the loss curve PNG here")
+    p.add_argument("--prior-log", action="append", default=[], help="train_log.jsonl of earlier steps, for the plot")
+    p.add_argument("--init-from", default=None, help="continue from this checkpoint folder (weights, tokenizer)")
+    p.add_argument("--start-step", type=int, default=0, help="the step --init-from was saved at")
+    p.add_argument("--resume-warmup", type=int, default=100, help="lr warm-up steps of the fresh AdamW")
+    p.add_argument("--cooldown", action="store_true", help="decay the lr linearly to zero at --steps")
     train(p.parse_args())
 
 
