@@ -107,14 +107,20 @@ def qa_split(llm: LLM, examples: list, suffix: str, lead: str) -> dict:
     params = SamplingParams(max_tokens=16, temperature=0)
     replies = [o.text for o in llm.generate([e.prompt + suffix for e in examples], params)]
     exact = [r == lead + e.answer + "\n" for r, e in zip(replies, examples)]
-    by_docs = {}
+    by_docs, by_attr = {}, {}
     for e, ok in zip(examples, exact):
         by_docs.setdefault(e.num_docs, []).append(ok)
+        by_attr.setdefault(e.question.split("the ", 1)[1].split(" of ", 1)[0], []).append(ok)
     return {
+        "questions": len(exact),
         "exact_match": statistics.mean(exact),
         "first_line_match": statistics.mean(r.split("\n")[0].strip() == e.answer for r, e in zip(replies, examples)),
+        "exact_match_2_3_docs": statistics.mean(ok for e, ok in zip(examples, exact) if e.num_docs <= 3),
+        "exact_match_4_8_docs": statistics.mean(ok for e, ok in zip(examples, exact) if e.num_docs >= 4),
         "exact_match_by_num_docs": {k: statistics.mean(v) for k, v in sorted(by_docs.items())},
-        "failures": [{"answer": e.answer, "reply": r} for r, e, ok in zip(replies, examples, exact) if not ok][:5],
+        "exact_match_by_attribute": {k: statistics.mean(v) for k, v in sorted(by_attr.items())},
+        "failures": [{"question": e.question, "answer": e.answer, "reply": r, "docs": e.num_docs}
+                     for r, e, ok in zip(replies, examples, exact) if not ok][:12],
     }
 
 
