@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from raymoe.model import paged
+from raymoe.model import paged, ragged
 from raymoe.model.checkpoint import Checkpoint
 from raymoe.model.layers import Linear, RMSNorm
 from raymoe.model.rope import Rotary
@@ -41,6 +41,10 @@ class GQAAttention:
         qk, v = self._rotated_qk_and_v(x, cos_sin)  # [T, heads + kv_heads, d], [T, kv_heads, d]
         q, k = qk[:, : self.heads], qk[:, self.heads :]
         paged.write_kv(cache, batch, k, v)
+        plan = ragged.plan_for(batch)
+        if plan is not None:  # no padding to the step's longest sequence
+            out = ragged.attend_ragged(q, k, v, cache, plan, self.scale, self.sliding_window)
+            return self.o_proj(out.reshape(out.shape[0], -1))
         k_ctx, v_ctx = paged.gather_context(cache[0], batch), paged.gather_context(cache[1], batch)
         out = paged.attend(q, k_ctx, v_ctx, batch, self.scale, self.sliding_window)
         return self.o_proj(out.reshape(out.shape[0], -1))

@@ -60,6 +60,7 @@ class AttentionBatch:
     trees: list | None = None  # [B] per sequence None, or its new tokens' parents (a draft tree, see below)
     tree_mask: torch.Tensor | None = None  # [B, max_q, max_q] new token i may see new token j (trees only)
     _masks: dict = field(default_factory=dict)  # (sliding window (None = full), GQA group) -> mask
+    _plan: object = None  # the unpadded attention's plan (`raymoe.model.ragged`), built on first use
 
     @property
     def num_tokens(self) -> int:
@@ -133,7 +134,7 @@ class AttentionBatch:
     def to(self, device: str | torch.device) -> "AttentionBatch":
         """The same batch with its tensors on `device` (masks are rebuilt there)."""
         move = {f: getattr(self, f).to(device) for f in TENSOR_FIELDS if getattr(self, f) is not None}
-        return dataclasses.replace(self, **move, _masks={})
+        return dataclasses.replace(self, **move, _masks={}, _plan=None)
 
     @property
     def device(self) -> torch.device:

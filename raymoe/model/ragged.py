@@ -1,0 +1,182 @@
+"""Attention over the paged KV without padding every sequence to the step's longest one.
+
+A step mixes decodes (one new token each) and prompt chunks (many). The padded path
+(`paged.attend`) lays all of them out as `[B, max_q, max_ctx]`, so one 200-token prompt beside 31
+decodes makes every decode attend with 200 query rows. Here instead:
+- decodes run as batched SDPA over their gathered context blocks, in a few groups of similar
+  context length (sorted, split where padding to the group's longest costs more than another
+  group's ops);
+- each prompt chunk runs causal SDPA over its own new tokens, plus its cached prefix gathered from
+  the pool when it has one.
+
+`plan_for(batch)` is built once per step (on first use) and shared by every layer: gather indices,
+row indices and additive masks. Batches with draft trees or explicit positions keep the padded path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+GROUP_COST_KEYS = 512  # one more decode group costs about as much as attending over this many keys
+
+
+@dataclass
+class DecodeGroup:
+    """n decodes padded to the same number of context blocks."""
+
+    rows: torch.Tensor | slice  # their rows among the step's T tokens ([n] index, or a slice)
+    blocks: torch.Tensor  # [n * num_blocks] their context blocks, flattened
+    ctx_lens: torch.Tensor  # [n]
+    num_blocks: int
+    masks: dict  # sliding window (None: full) -> [n, 1, 1, num_blocks * block_size] additive mask, or None
+
+
+@dataclass
+class PrefillPart:
+    """One sequence's chunk of new tokens: rows start..stop, its context (cached + new) ctx_len long."""
+
+    start: int
+    stop: int
+    ctx_len: int
+    blocks: torch.Tensor | None  # [num_blocks] its context blocks; None when the chunk is all of it
+    masks: dict  # sliding window -> [q, ctx] additive mask, or None (plain causal over the chunk)
+
+
+@dataclass
+class RaggedPlan:
+    decodes: list[DecodeGroup]
+    prefills: list[PrefillPart]
+    block_size: int
+
+
+def plan_for(batch) -> RaggedPlan | None:
+    """The step's plan (built on first use, cached on the batch); None where the padded path runs."""
+    if batch.trees is not None or batch.explicit_positions:
+        return None
+    if batch._plan is None:
+        batch._plan = build_plan(batch.query_lens, batch.context_lens, batch.block_tables, batch.block_size)
+    return batch._plan
+
+
+def build_plan(query_lens: list[int], context_lens: list[int], tables: torch.Tensor, block_size: int) -> RaggedPlan:
+    """tables: [B, max_blocks] each sequence's blocks (padded)."""
+    dev, bs = tables.device, block_size
+    starts = [0]
+    for q in query_lens:
+        starts.append(starts[-1] + q)
+    decodes = [b for b, q in enumerate(query_lens) if q == 1]
+    groups = []
+    for members in split_groups(sorted(decodes, key=lambda b: context_lens[b]), context_lens, bs):
+        nb = -(-context_lens[members[-1]] // bs)
+        ctx = torch.tensor([context_lens[b] for b in members], device=dev)
+        rows = [starts[b] for b in members]
+        if rows == list(range(rows[0], rows[0] + len(rows))):
+            rows = slice(rows[0], rows[0] + len(rows))
+        else:
+            rows = torch.tensor(rows, device=dev)
+        idx = torch.tensor(members, device=dev)
+        groups.append(DecodeGroup(rows, tables[idx, :nb].reshape(-1), ctx, nb, {}))
+    prefills = []
+    for b, q in enumerate(query_lens):
+        if q == 1:
+            continue
+        ctx = context_lens[b]
+        blocks = None if ctx == q else tables[b, : -(-ctx // bs)]
+        prefills.append(PrefillPart(starts[b], starts[b] + q, ctx, blocks, {}))
+    return RaggedPlan(groups, prefills, bs)
+
+
+def split_groups(order: list[int], context_lens: list[int], block_size: int) -> list[list[int]]:
+    """Decodes sorted by context length -> consecutive groups minimising padded keys plus a fixed cost
+    per group (`GROUP_COST_KEYS`); dynamic programming over the split points."""
+    n = len(order)
+    if n == 0:
+        return []
+    keys = [-(-context_lens[b] // block_size) * block_size for b in order]  # padded length of each
+    best, cut = [0.0] + [float("inf")] * n, [0] * (n + 1)  # best[i]: cost of the first i
+    for i in range(1, n + 1):
+        for j in range(i):  # group j..i-1, padded to keys[i - 1]
+            cost = best[j] + (i - j) * keys[i - 1] + GROUP_COST_KEYS
+            if cost < best[i]:
+                best[i], cut[i] = cost, j
+    groups, i = [], n
+    while i:
+        groups.append(order[cut[i] : i])
+        i = cut[i]
+    return groups[::-1]
+
+
+def decode_mask(group: DecodeGroup, block_size: int, window: int | None, dtype, device) -> torch.Tensor | None:
+    """[n, 1, 1, keys] additive: 0 where a decode sees a key (before its context's end, in window)."""
+    if window not in group.masks:
+        keys = torch.arange(group.num_blocks * block_size, device=device)[None, :]
+        last = group.ctx_lens[:, None] - 1  # each decode's own position
+        seen = keys <= last
+        if window is not None:
+            seen &= keys > last - window
+        full = bool(seen.all())
+        group.masks[window] = None if full else additive(seen, dtype)[:, None, None, :]
+    return group.masks[window]
+
+
+def prefill_mask(part: PrefillPart, keys: int, window: int | None, dtype, device) -> torch.Tensor | None:
+    """[q, keys] additive: causal by position (query i sits at ctx - q + i), in window; None when
+    plain `is_causal` over the chunk's own tokens says the same."""
+    if window not in part.masks:
+        q = part.stop - part.start
+        if part.blocks is None and window is None:
+            part.masks[window] = None
+        else:
+            pos = part.ctx_len - q + torch.arange(q, device=device)[:, None]
+            k = torch.arange(keys, device=device)[None, :]
+            seen = k <= pos
+            if window is not None:
+                seen &= k > pos - window
+            part.masks[window] = additive(seen, dtype)
+    return part.masks[window]
+
+
+def additive(seen: torch.Tensor, dtype) -> torch.Tensor:
+    """bool -> 0 / -inf (SDPA converts a bool mask this way on every call; once per step here)."""
+    return torch.zeros(seen.shape, dtype=dtype, device=seen.device).masked_fill_(~seen, float("-inf"))
+
+
+def attend_ragged(q, k, v, cache, plan: RaggedPlan, scale: float, window: int | None = None) -> torch.Tensor:
+    """q: [T, heads, d]; k, v: [T, kv_heads, d] this step's (already written into `cache`, a
+    (k_cache, v_cache) pool pair) -> [T, heads, v_dim]."""
+    k_cache, v_cache = cache
+    kv_heads, d = k_cache.shape[2], k_cache.shape[3]
+    heads, group = q.shape[1], q.shape[1] // kv_heads
+    only = len(plan.decodes) == 1 and not plan.prefills and plan.decodes[0].rows == slice(0, q.shape[0])
+    only = only and isinstance(plan.decodes[0].rows, slice)
+    out = None if only else q.new_empty(q.shape[0], heads, v_cache.shape[3])
+    for g in plan.decodes:
+        n, keys = g.ctx_lens.shape[0], g.num_blocks * plan.block_size
+        kc = k_cache.index_select(0, g.blocks).view(n, keys, kv_heads, d).transpose(1, 2)  # [n, kv_heads, keys, d]
+        vc = v_cache.index_select(0, g.blocks).view(n, keys, kv_heads, -1).transpose(1, 2)
+        qg = q[g.rows] if isinstance(g.rows, slice) else q.index_select(0, g.rows)
+        mask = decode_mask(g, plan.block_size, window, q.dtype, q.device)
+        res = F.scaled_dot_product_attention(qg.view(n, kv_heads, group, d), kc, vc, attn_mask=mask, scale=scale)
+        res = res.reshape(n, heads, -1)  # query head h read kv head h // group
+        if only:
+            return res
+        if isinstance(g.rows, slice):
+            out[g.rows] = res
+        else:
+            out.index_copy_(0, g.rows, res)
+    for p in plan.prefills:
+        if p.blocks is None:  # the chunk is its whole context: its own new keys
+            kc, vc = k[p.start : p.stop], v[p.start : p.stop]
+        else:
+            kc = k_cache.index_select(0, p.blocks).view(-1, kv_heads, d)
+            vc = v_cache.index_select(0, p.blocks).view(-1, kv_heads, v_cache.shape[3])
+        mask = prefill_mask(p, kc.shape[0], window, q.dtype, q.device)
+        res = F.scaled_dot_product_attention(
+            q[p.start : p.stop].transpose(0, 1)[None], kc.transpose(0, 1)[None], vc.transpose(0, 1)[None],
+            attn_mask=mask, is_causal=mask is None, scale=scale, enable_gqa=group > 1,
+        )  # [1, heads, q, v_dim]
+        out[p.start : p.stop] = res[0].transpose(0, 1)
+    return out

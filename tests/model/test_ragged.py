@@ -1,0 +1,57 @@
+"""The unpadded attention (`raymoe.model.ragged`) gives the padded path's outputs on steps that mix
+decodes of many context lengths with prompt chunks with and without a cached prefix, with GQA and a
+sliding window; decodes are grouped by context length."""
+
+import pytest
+import torch
+
+from raymoe.model import paged, ragged
+
+BS, KV_HEADS, HEADS, D = 4, 2, 4, 8
+
+
+def _step(query_lens, context_lens):
+    """A filled pool, the step's batch (each sequence on its own shuffled blocks), q, k, v."""
+    gen = torch.Generator().manual_seed(sum(context_lens))
+    num_blocks = sum(-(-c // BS) for c in context_lens) + 1
+    cache = [tuple(torch.randn(num_blocks, BS, KV_HEADS, D, generator=gen) for _ in range(2))]
+    perm, tables, at = torch.randperm(num_blocks, generator=gen).tolist(), [], 0
+    for c in context_lens:
+        tables.append(perm[at : at + -(-c // BS)])
+        at += len(tables[-1])
+    batch = paged.AttentionBatch.build(query_lens, context_lens, tables, BS)
+    t = sum(query_lens)
+    q = torch.randn(t, HEADS, D, generator=gen)
+    k, v = (torch.randn(t, KV_HEADS, D, generator=gen) for _ in range(2))
+    paged.write_kv(cache[0], batch, k, v)
+    return cache[0], batch, q, k, v
+
+
+@pytest.mark.parametrize("window", [None, 5])
+@pytest.mark.parametrize(
+    "query_lens,context_lens",
+    [
+        pytest.param([1] * 6, [3, 40, 9, 17, 1, 33], id="decodes"),
+        pytest.param([1, 1, 7, 1, 12, 5], [30, 2, 7, 14, 20, 5], id="mixed"),  # prefixes: 8 cached before 12
+        pytest.param([9], [9], id="prompt"),
+    ],
+)
+def test_ragged_equals_padded(query_lens, context_lens, window):
+    cache, batch, q, k, v = _step(query_lens, context_lens)
+    ctx = [paged.gather_context(part, batch) for part in cache]
+    want = paged.attend(q, *ctx, batch, 0.3, window)
+    got = ragged.attend_ragged(q, k, v, cache, ragged.plan_for(batch), 0.3, window)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+
+
+def test_decodes_split_where_padding_costs_more_than_a_group():
+    short, long_ = [4] * 8, [400] * 8
+    groups = ragged.split_groups(list(range(16)), short + long_, 16)
+    assert groups == [list(range(8)), list(range(8, 16))]
+    assert ragged.split_groups(list(range(4)), [30, 31, 40, 44], 16) == [[0, 1, 2, 3]]  # close: one group
+
+
+def test_trees_and_explicit_positions_keep_the_padded_path():
+    tree = paged.AttentionBatch.build([3], [8], [[0, 1]], BS, trees=[[-1, 0, 0]])
+    explicit = paged.AttentionBatch.build([2], [8], [[0, 1]], BS, positions=[[2, 6]])
+    assert ragged.plan_for(tree) is None and ragged.plan_for(explicit) is None
