@@ -62,13 +62,18 @@ class MoECluster:
         else:
             self.decode = [self._start(DecodeWorker, c.decode_resources) for _ in range(c.num_decode_workers)]
         ray.get([w.ready.remote() for w in self.prefill + self.decode], timeout=READY_TIMEOUT_S)
+        if c.kv_transport != "pool":  # formed here: the front, which passes the KV refs on, runs in this process
+            from raymoe.cluster.kv_direct import form_kv_group
+
+            form_kv_group(self.prefill + self.decode, c.kv_transport, c.namespace)
         self.prefill_nodes = ray.get([w.node_id.remote() for w in self.prefill])
         self.decode_nodes = ray.get([w.node_id.remote() for w in self.decode])
         eos = tuple(self.spec.eos_token_ids) + tuple(getattr(self.tokenizer, "eos_token_ids", ()))
         max_len = self.spec.max_position_embeddings
         self.router = RequestRouter(list(zip(self.prefill, self.prefill_nodes)), self.decode, self.tokenizer,
                                     tuple(sorted(set(eos))), max_len, seating=self._seating(),
-                                    decode_nodes=self.decode_nodes, reseat_every_s=c.reseat_every_s)  # fmt: skip
+                                    decode_nodes=self.decode_nodes, reseat_every_s=c.reseat_every_s,
+                                    kv_transport=c.kv_transport)  # fmt: skip
 
     def _seating(self):
         """Speculative token placement at the front, if on (see ClusterConfig.token_placement)."""
@@ -83,7 +88,8 @@ class MoECluster:
 
     def _start(self, cls, resources: dict | None, node_id: str | None = None):
         strategy = NodeAffinitySchedulingStrategy(node_id, soft=False) if node_id else None
-        actor = ray.remote(cls).options(
+        direct = self.config.kv_transport != "pool"  # RDT methods (take_kv) need it at class level
+        actor = (ray.remote(enable_tensor_transport=True)(cls) if direct else ray.remote(cls)).options(
             num_cpus=self.config.worker_num_cpus, num_gpus=self.config.worker_num_gpus, resources=resources or {},
             max_concurrency=8, max_restarts=0,
             scheduling_strategy=strategy,
@@ -146,6 +152,10 @@ class MoECluster:
         from raymoe.actors.controller import shutdown_controller
         from raymoe.actors.kv_pool import pool_name
 
+        if self.config.kv_transport != "pool":
+            from raymoe.cluster.kv_direct import forget_kv_group
+
+            forget_kv_group(self.config.namespace)
         for w in self.prefill + self.decode:
             ray.kill(w)
         shutdown_controller(self.config.namespace)

@@ -3,6 +3,8 @@
 A handed-over sequence fetches its prompt's KV blocks from the KV pool (the tail of a partly
 filled block is recomputed with the first token, at most block_size tokens), then decodes with the
 rest of the running batch. A background thread steps the engine; the front long-polls for tokens.
+With a direct KV transport the blocks come with the submit instead (`raymoe.cluster.kv_direct`),
+and the pool serves only what they lack.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import time
 
 from raymoe.cluster.handoff import TokenDelta, WorkRequest
 from raymoe.actors.worker_model import WorkerShell, die
+from raymoe.cluster.kv_direct import DirectBlocks, blocks_by_key
 from raymoe.engine.kv_tail import tail_key
 from raymoe.engine.llm_engine import LLMEngine
 
@@ -22,17 +25,20 @@ TIMINGS = {"decode_steps": 0, "decode_step_s": 0.0, "decode_tokens": 0}
 class DecodeCore:
     def __init__(self, engine: LLMEngine, pool):
         self.engine, self.pool = engine, pool
-        self.stats = {"sequences": 0, "tokens": 0, "steps": 0, "prefix_hit_blocks": 0, "tail_blocks": 0}
+        self.stats = {"sequences": 0, "tokens": 0, "steps": 0, "prefix_hit_blocks": 0, "tail_blocks": 0,
+                      "kv_direct_blocks": 0, "kv_pool_blocks": 0}  # fmt: skip
         self.timings = dict(TIMINGS)
         self.reported: dict = {}  # request id -> its tally counts at the last report
         # Output tokens at which every sequence waits (None: no hold): step-aligned re-plans,
         # where the controller re-plans and the front re-seats before decoding goes on.
         self.hold_at: int | None = None
 
-    def submit(self, r: WorkRequest) -> None:
-        """Admit a sequence that already has output tokens (at least the prefill's first)."""
+    def submit(self, r: WorkRequest, direct: dict | None = None) -> None:
+        """Admit a sequence that already has output tokens (at least the prefill's first).
+        direct: pool key -> block sent straight from the prefill worker (`kv_direct.blocks_by_key`);
+        the pool has the rest."""
         tokens = r.prompt_token_ids + r.output_token_ids
-        fetch = lambda keys: self.pool.get_blocks(keys, r.kv_node_id)  # noqa: E731
+        fetch = DirectBlocks(direct or {}, lambda keys: self.pool.get_blocks(keys, r.kv_node_id), self.stats)
         self.stats["prefix_hit_blocks"] += self.engine.import_prefix(tokens, fetch)
         self.engine.add_request(r.prompt_token_ids, r.params, r.request_id, r.output_token_ids)
         key = tail_key(tokens, self.engine.config.block_size) if r.kv_tail else None
@@ -253,10 +259,13 @@ class DecodeWorker(WorkerShell):
         with self.lock:
             return self.core.is_held()
 
-    def submit(self, requests: list[WorkRequest]) -> None:
+    def submit(self, requests: list[WorkRequest], kv: dict | None = None) -> None:
+        """kv: the requests' prompt blocks straight from their prefill worker (a direct KV
+        transport: the front passes `take_kv`'s ref here, and Ray moves the tensor over the group)."""
+        direct = blocks_by_key(kv)
         with self.lock:
             for r in requests:
-                self.core.submit(r)
+                self.core.submit(r, direct)
         self.wake.set()
 
     def poll(self, request_ids: list[str] | None, timeout_s: float = 1.0, linger_s: float = 0.0) -> dict[str, TokenDelta]:

@@ -7,6 +7,9 @@ computing them; the count is reported so tests and metrics can see the skipped p
 A request with chunk reuse (`SamplingParams.chunk_reuse`) assembles its KV from chunk entries of
 the node's pool (computing and storing the ones missing), then publishes its blocks under the
 request's salt (`raymoe.engine.chunks`); the decode worker imports them as it imports any prefix.
+
+With a direct KV transport (`ClusterConfig.kv_transport` gloo or nccl) the worker also keeps each
+handed-off request's blocks until the front takes them with `take_kv` (`raymoe.cluster.kv_direct`).
 """
 
 from __future__ import annotations
@@ -19,16 +22,20 @@ import ray
 from raymoe.cluster.handoff import Handoff, WorkRequest
 from raymoe.actors.worker_model import WorkerShell, die
 from raymoe.cluster.dispatch import ShardFailureError
+from raymoe.cluster.kv_direct import KeptKV
 from raymoe.engine.chunks import request_salt
+from raymoe.engine.kv_transfer import block_numel
 from raymoe.engine.llm_engine import LLMEngine
 
 
 class PrefillCore:
-    def __init__(self, engine: LLMEngine, pool, chunk_store=None):
+    def __init__(self, engine: LLMEngine, pool, chunk_store=None, keep_kv: bool = False):
         """engine: a token-ids engine (see worker_model.build_engine); pool: a KVPoolClient-like
         object with get_blocks(keys) / put_blocks(keys, tensors) / contains(keys); chunk_store: where
-        chunk KV lives (`raymoe.engine.chunks.ChunkStore`, e.g. this node's KVPoolClient)."""
+        chunk KV lives (`raymoe.engine.chunks.ChunkStore`, e.g. this node's KVPoolClient);
+        keep_kv: keep handed-off requests' blocks for `take_kv` (a direct KV transport)."""
         self.engine, self.pool = engine, pool
+        self.kept = KeptKV() if keep_kv else None
         if chunk_store is not None:
             engine.set_chunk_store(chunk_store)
         self.stats = {"prompts": 0, "prompt_tokens": 0, "prefix_hit_tokens": 0}
@@ -44,14 +51,23 @@ class PrefillCore:
                     first[delta.request_id] = (delta.token_ids[0], delta.finish_reason)
                     scores[delta.request_id] = (delta.logprobs, delta.prompt_logprobs)
         block_size = self.engine.config.block_size
+        finish = {r.request_id: self._real_finish(r, first[r.request_id][1]) for r in requests}
         for r in requests:
             salt = request_salt(r.prompt_token_ids, r.params.chunk_reuse, block_size)
-            self._publish(r.prompt_token_ids + r.output_token_ids + [first[r.request_id][0]], salt)
+            keys, blocks = self._publish(r.prompt_token_ids + r.output_token_ids + [first[r.request_id][0]], salt)
+            if self.kept is not None and finish[r.request_id] is None:  # a decode worker takes it over
+                self.kept.keep(r.request_id, keys, blocks)
         tally = self.engine.model.tally
-        return [Handoff(r.request_id, first[r.request_id][0], self._real_finish(r, first[r.request_id][1]),
+        return [Handoff(r.request_id, first[r.request_id][0], finish[r.request_id],
                         hits[r.request_id], routing=tally.pop(r.request_id) if tally else None,
                         logprobs=scores[r.request_id][0], prompt_logprobs=scores[r.request_id][1])
                 for r in requests]  # fmt: skip
+
+    def take_kv(self, request_ids: list[str], device: str) -> dict:
+        """The kept blocks of these requests, dropped here (`KeptKV.take`): {"keys": [n],
+        "blocks": [n, block_numel] on `device`}."""
+        cache = self.engine.model_runner.kv_cache
+        return self.kept.take(request_ids, block_numel(cache), cache[0][0].dtype, device)
 
     def _real_finish(self, r: WorkRequest, reason: str | None) -> str | None:
         """The engine stopped every request at one token; only some are really done."""
@@ -77,15 +93,17 @@ class PrefillCore:
         """The engine's chunk-reuse counters (raymoe.engine.blend.Blender)."""
         return dict(self.engine.blender.stats)
 
-    def _publish(self, token_ids: list[int], salt=None) -> None:
-        """Put the sequence's computed full blocks into the pool (those it lacks)."""
+    def _publish(self, token_ids: list[int], salt=None) -> tuple[list[str], list]:
+        """Put the sequence's computed full blocks into the pool (those it lacks); returns all of
+        them (keys, exported blocks)."""
         keys, blocks = self.engine.export_prefix(token_ids, salt)
         if not keys:
-            return
+            return keys, blocks
         have = self.pool.contains(keys)
         new = [(k, b) for k, b, h in zip(keys, blocks, have) if not h]
         if new:
             self.pool.put_blocks([k for k, _ in new], [b for _, b in new])
+        return keys, blocks
 
 
 class PrefillWorker(WorkerShell):
@@ -99,8 +117,9 @@ class PrefillWorker(WorkerShell):
         from raymoe.actors.worker_model import build_engine
 
         pools = pool_set(namespace, config)
+        self.kv_transport = config.kv_transport
         self.core = PrefillCore(build_engine(model_path, config.engine, self.experts, config.num_microbatches),
-                                pools, pools.client(pools.node_id))  # fmt: skip
+                                pools, pools.client(pools.node_id), keep_kv=config.kv_transport != "pool")  # fmt: skip
 
     def prefill(self, requests: list[WorkRequest]) -> list[Handoff]:
         with self.lock:  # one batch of prompts at a time through the engine
@@ -108,6 +127,12 @@ class PrefillWorker(WorkerShell):
                 return self.core.prefill(requests)
             except (ShardFailureError, ray.exceptions.RayError) as e:  # crash-only: see worker_model.die
                 die(f"prefill failed: {e!r}")
+
+    def take_kv(self, request_ids: list[str]) -> dict:
+        """Called with `.options(tensor_transport=kv_transport)`: Ray moves the returned tensor over
+        the KV group (`raymoe.cluster.kv_direct`); gloo sends host tensors, NCCL device ones."""
+        device = "cpu" if self.kv_transport == "gloo" else self.core.engine.model_runner.kv_cache[0][0].device
+        return self.core.take_kv(request_ids, device)  # not under self.lock: never waits for a prefill
 
     def set_placement(self, placement, handles) -> int:
         with self.lock:  # between prefills: a step boundary

@@ -13,6 +13,9 @@ from raymoe.policies.registry import PolicyName
 # how a decode worker's expert rows reach shards on other processes: Ray actor calls (CPU default), or
 # collective send/recv (`transport_nccl`): "nccl" on GPUs, "gloo" its CPU twin (one group per process)
 TransportName = Literal["actor_call", "nccl", "gloo"]
+# how a prompt's KV blocks reach the decode worker: through the prefill node's KV pool (host staging),
+# or straight from the prefill worker by Ray Direct Transport: "nccl" between GPUs, "gloo" on CPU
+KVTransportName = Literal["pool", "gloo", "nccl"]
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,7 @@ class ClusterConfig:
     reseat_every_s: float | None = None  # move running requests whose routing drifted, this often
     decode_nodes: tuple[str, ...] | None = None  # one decode worker pinned on each of these node ids
     transport: TransportName = "actor_call"  # decode workers' rows to shards (prefill: actor calls)
+    kv_transport: KVTransportName = "pool"  # prompt KV from prefill to decode workers (resumes: the pool)
 
     def __post_init__(self):
         for name in ("shards_per_node", "replicas", "num_prefill_workers", "num_decode_workers", "num_microbatches"):
@@ -53,3 +57,15 @@ class ClusterConfig:
                               "(shard_num_gpus > 0) or use 'actor_call'")  # fmt: skip
         if self.transport == "gloo" and self.num_decode_workers != 1:
             raise ConfigError("transport 'gloo' allows one group per shard process: use num_decode_workers 1")
+        self._check_kv_transport()
+
+    def _check_kv_transport(self) -> None:
+        if self.kv_transport not in get_args(KVTransportName):
+            raise ConfigError(f"kv_transport must be one of {get_args(KVTransportName)}, got {self.kv_transport!r}")
+        if self.kv_transport == "nccl" and not self.worker_num_gpus > 0:
+            raise ConfigError("kv_transport 'nccl' moves KV blocks between the workers' GPUs: give the workers a "
+                              "GPU share (worker_num_gpus > 0), or use 'pool' ('gloo' on CPU)")  # fmt: skip
+        if self.kv_transport == "gloo" and self.transport == "gloo":
+            raise ConfigError("kv_transport 'gloo' and transport 'gloo' would both need the decode worker's one "
+                              "gloo group (torch.distributed holds one world per process): use transport "
+                              "'actor_call' (or 'nccl' on GPUs), or kv_transport 'pool'")  # fmt: skip

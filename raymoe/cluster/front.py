@@ -12,6 +12,10 @@ holds most of its prompt's experts, under a per-worker cap; every `reseat_every_
 requests whose routing drifted are moved when the gain beats the move (`Seating.reseat`): the old
 worker puts the sequence's KV blocks into its node's pool and drops it, the new one resumes it
 from the tokens delivered, importing that KV (exact: the same tokens, the same KV).
+
+With a direct KV transport (`kv_transport` "gloo" or "nccl"), a request's first submit passes its
+prefill worker's `take_kv` ref to the decode worker, so the prompt's blocks move over the KV group
+(`raymoe.cluster.kv_direct`); resumes and moves read the pool as before.
 """
 
 from __future__ import annotations
@@ -77,8 +81,10 @@ class Tracked:
 class RequestRouter:
     def __init__(self, prefill_workers: list, decode_workers: list, tokenizer, eos_token_ids, max_model_len: int,
                  poll_timeout_s: float = 0.5, seating=None, decode_nodes: list[str] | None = None,
-                 reseat_every_s: float | None = None):  # fmt: skip
+                 reseat_every_s: float | None = None, kv_transport: str = "pool"):  # fmt: skip
         self.prefill = list(prefill_workers)  # (handle, node_id)
+        self.kv_transport = kv_transport  # "pool", or the RDT transport of take_kv ("gloo", "nccl")
+        self.kv_source: dict[str, object] = {}  # request id -> the prefill worker keeping its blocks
         self.decode = list(decode_workers)  # handles
         self.decode_nodes = list(decode_nodes) if decode_nodes is not None else [None] * len(self.decode)
         self.seating, self.reseat_every_s = seating, reseat_every_s  # a raymoe.cluster.seating.Seating
@@ -129,23 +135,40 @@ class RequestRouter:
             for r in requests:
                 r.kv_node_id = worker[1]  # where its prompt KV will be pooled
             try:
-                return ray.get(worker[0].prefill.remote(requests))
+                handoffs = ray.get(worker[0].prefill.remote(requests))
             except ACTOR_DEAD:
                 self.prefill.remove(worker)
                 self.num_prefill_retries += 1
+                continue
+            if self.kv_transport != "pool":
+                self.kv_source.update({h.request_id: worker[0] for h in handoffs if h.finish_reason is None})
+            return handoffs
 
     def _submit(self, items: list[Tracked], workers: list | None = None) -> None:
-        by_worker: dict = {}
+        """Admit `items` on decode workers (picked here unless given), all at once; a request's first
+        submit after its prefill brings its blocks directly under a direct KV transport."""
+        groups: dict = {}  # (decode worker, prefill worker keeping the blocks or None) -> items
         for t, worker in zip(items, workers or self._pick_decode(items)):
             t.worker = self.seat_of[t.request.request_id] = worker
-            by_worker.setdefault(t.worker, []).append(t.resume_request())
-        sent = {worker: worker.submit.remote(reqs) for worker, reqs in by_worker.items()}  # all at once
-        for worker, ref in sent.items():
+            groups.setdefault((worker, self.kv_source.pop(t.request.request_id, None)), []).append(t)
+        sent = {key: self._send(*key, ts) for key, ts in groups.items()}
+        for (worker, source), ref in sent.items():
             try:
                 ray.get(ref)
             except ACTOR_DEAD:
                 self._drop(worker)
                 self._submit([t for t in items if t.worker is worker])
+            except ray.exceptions.RayError:
+                if source is None:
+                    raise
+                self._submit(groups[(worker, source)], [worker] * len(groups[(worker, source)]))  # from the pool
+
+    def _send(self, worker, source, items: list[Tracked]):
+        reqs = [t.resume_request() for t in items]
+        if source is None:
+            return worker.submit.remote(reqs)
+        kv = source.take_kv.options(tensor_transport=self.kv_transport).remote([r.request_id for r in reqs])
+        return worker.submit.remote(reqs, kv)  # a top-level argument: Ray moves the tensor over the group
 
     def _pick_decode(self, items: list[Tracked]) -> list:
         if not self.decode:

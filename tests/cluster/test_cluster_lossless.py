@@ -101,6 +101,33 @@ def test_rows_through_a_collective_group_are_lossless(ray_cluster, checkpoint_di
     assert counts["rows_process"] > 0
 
 
+def test_prompt_kv_comes_straight_from_the_prefill_worker(ray_cluster, checkpoint_dir, expected):
+    """`kv_transport: gloo` (Ray Direct Transport over a gloo group, NCCL's CPU twin): prefill on
+    node B hands every prompt's blocks straight to two decode workers on node C, none through the
+    pool; same tokens."""
+    path = checkpoint_dir("mixtral")
+    config = ClusterConfig(engine=ENGINE, namespace=f"lossless-{next(_namespaces)}", num_shards=1,
+                           num_decode_workers=2, kv_transport="gloo", **SPLIT)  # fmt: skip
+    cluster = MoECluster(path, config)
+
+    def gloo_world_size(worker) -> int:  # nested: pickled by value
+        import torch.distributed
+
+        return torch.distributed.get_world_size()
+
+    try:
+        got = [o.token_ids for o in cluster.generate(PROMPTS, GREEDY)]
+        decode = cluster.stats()["decode"]
+        world = ray.get(cluster.prefill[0].__ray_call__.remote(gloo_world_size), timeout=60)
+    finally:
+        cluster.shutdown()
+    assert got == expected("mixtral") and world == 3  # 1 prefill + 2 decode workers
+    full_blocks = sum(len(p) // ENGINE.block_size for p in PROMPTS)
+    assert sum(s["kv_direct_blocks"] for s in decode) == full_blocks > 0
+    assert sum(s["kv_pool_blocks"] for s in decode) == 0
+    assert all(s["sequences"] > 0 for s in decode)  # both decode workers took blocks over the group
+
+
 def test_drafts_ride_the_same_expert_round_trips(ray_cluster, checkpoint_dir, expected):
     """Speculative decoding in the decode worker (Token Recycling; 2 shards, 2 microbatches,
     prefill and decode on different nodes): the same tokens, and each step, however many drafts it

@@ -96,7 +96,7 @@ def test_every_config_path_carries_the_device():
 
 def test_a_cpu_install_imports_the_cluster_without_cupy():
     code = ("import sys; sys.modules['cupy'] = None\n"  # any `import cupy` now fails
-            "import raymoe.cluster.transport_nccl, raymoe.actors.cluster, raymoe.serve.app\n"
+            "import raymoe.cluster.transport_nccl, raymoe.cluster.kv_direct, raymoe.actors.cluster, raymoe.serve.app\n"
             "print('ok')")  # fmt: skip
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
