@@ -9,6 +9,7 @@ import pytest
 import ray
 
 from checkpoints import assert_same_greedy, engine_greedy, load_reference, reference_greedy
+from progress import generate_while
 from raymoe.actors.cluster import MoECluster
 from raymoe.cluster.cluster import ClusterConfig
 from raymoe.engine.llm_engine import EngineConfig
@@ -119,6 +120,8 @@ def test_prompt_kv_comes_straight_from_the_prefill_worker(ray_cluster, checkpoin
         got = [o.token_ids for o in cluster.generate(PROMPTS, GREEDY)]
         decode = cluster.stats()["decode"]
         world = ray.get(cluster.prefill[0].__ray_call__.remote(gloo_world_size), timeout=60)
+        victim = cluster.router.decode[0]  # a decode worker of the group dies: its sequences resume from the pool
+        resumed, _ = generate_while(cluster, PROMPTS, GREEDY, lambda: ray.kill(victim, no_restart=True), 20)
     finally:
         cluster.shutdown()
     assert got == expected("mixtral") and world == 3  # 1 prefill + 2 decode workers
@@ -126,6 +129,7 @@ def test_prompt_kv_comes_straight_from_the_prefill_worker(ray_cluster, checkpoin
     assert sum(s["kv_direct_blocks"] for s in decode) == full_blocks > 0
     assert sum(s["kv_pool_blocks"] for s in decode) == 0
     assert all(s["sequences"] > 0 for s in decode)  # both decode workers took blocks over the group
+    assert resumed == expected("mixtral") and cluster.router.num_resumed > 0
 
 
 def test_drafts_ride_the_same_expert_round_trips(ray_cluster, checkpoint_dir, expected):
