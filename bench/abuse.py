@@ -35,18 +35,20 @@ from serve import percentile  # noqa: E402
 
 NORMAL_TOKENS = 4
 CHUNK_TOKENS = 48
+VOCAB = range(10, 1000)  # token ids inside the built-in model's 1024-token vocabulary
 
 
 def normal_body(model: str) -> dict:
-    return {"model": model, "prompt": "Say something short.", "max_tokens": NORMAL_TOKENS, "temperature": 0}
+    return {"model": model, "prompt": "Say something short.", "max_tokens": NORMAL_TOKENS, "temperature": 0,
+            "ignore_eos": True}  # the trained model may end its text early: always 4 tokens
 
 
 def abuse_body(model: str, kind: str, rng: random.Random, max_chunks: int) -> dict:
     if kind == "many_spans":
-        prompt = [rng.randrange(10, 4000) for _ in range(1544)]
+        prompt = [rng.choice(VOCAB) for _ in range(1544)]
         return {"model": model, "prompt": prompt, "max_tokens": 1, "raymoe_chunks": [[t] for t in prompt[4:1540]]}
-    chunks = [[rng.randrange(10, 4000) for _ in range(CHUNK_TOKENS)] for _ in range(max_chunks)]
-    prompt = [1] + [t for c in chunks for t in c] + [rng.randrange(10, 4000) for _ in range(7)]
+    chunks = [[rng.choice(VOCAB) for _ in range(CHUNK_TOKENS)] for _ in range(max_chunks)]
+    prompt = [1] + [t for c in chunks for t in c] + [rng.choice(VOCAB) for _ in range(7)]
     return {"model": model, "prompt": prompt, "max_tokens": 1, "raymoe_chunks": chunks}
 
 
