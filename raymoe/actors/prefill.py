@@ -90,7 +90,7 @@ class PrefillCore:
         return hit_tokens
 
     def chunk_stats(self) -> dict:
-        """The engine's chunk-reuse counters (raymoe.engine.blend.Blender)."""
+        """The engine's chunk-reuse counters (raymoe.engine.chunk_work.Blender)."""
         return dict(self.engine.blender.stats)
 
     def _publish(self, token_ids: list[int], salt=None) -> tuple[list[str], list]:

@@ -11,11 +11,11 @@ at its new position (keys re-rotated), then
   whole context, overwriting their KV; the other chunk tokens keep the placed KV.
 
 With a share of 1 every token is active: the same arithmetic as a plain prefill of the region.
+A `BlendJob` runs this in pieces of a step's token budget (`raymoe.engine.chunk_work.Blender`).
 """
 
 from __future__ import annotations
 
-import weakref
 from dataclasses import dataclass
 
 import torch
@@ -46,41 +46,120 @@ def place_chunk(model, kv: ChunkKV, rows: slice, start: int) -> ChunkKV:
     return out
 
 
+@dataclass
+class BlendJob:
+    """One sequence's blend of positions [start, start + R), run in pieces over steps.
+
+    Pass 1 (`run_first`) takes the region in order: layer 0 for each token with the full context,
+    layer 1's fresh KV, and each chunk token's deviation from its placed KV. Once every token has
+    had it, the active set is chosen over the whole region (as in one go) and pass 2
+    (`run_active`) runs layers 1.. for the active tokens in order. Causal attention makes pieces
+    the same arithmetic as one pass: a piece sees only KV written by earlier pieces or placed.
+
+    tokens: [R] long; hidden: [R, H] layer-0 output; deviation: [N] per placed chunk token;
+    active: [A] long region offsets (set when pass 1 ends)."""
+
+    start: int
+    tokens: torch.Tensor
+    placed: PlacedChunks
+    share: float | None
+    hidden: torch.Tensor | None = None
+    deviation: torch.Tensor | None = None
+    num_first: int = 0  # region tokens through pass 1
+    active: torch.Tensor | None = None
+    num_active_done: int = 0  # active tokens through pass 2
+    token_layers: int = 0
+
+    @property
+    def is_done(self) -> bool:
+        return self.active is not None and self.num_active_done == self.active.numel()
+
+
+def start_job(model, kv_cache, block_table: list[int], block_size: int, token_ids: torch.Tensor,
+              start: int, placed: PlacedChunks, share: float | None) -> BlendJob:  # fmt: skip
+    """A blend of positions [start, start + R) of a sequence whose KV before `start` is cached;
+    writes the placed chunk KV of layers 1.. (layer 0 is computed for every token).
+    token_ids: [R] the region's tokens."""
+    end = start + token_ids.shape[0]
+    table = AttentionBatch.build([token_ids.shape[0]], [end], [block_table], block_size, device=token_ids.device)
+    slots = table.slot_mapping[placed.offsets]
+    for (k, v), cache in list(zip(placed.kv, kv_cache))[1:]:
+        _write_rows(cache, slots, k, v)
+    return BlendJob(start, token_ids, placed, share)
+
+
 @torch.inference_mode()
+def run_first(model, kv_cache, block_table: list[int], block_size: int, job: BlendJob, num_tokens: int) -> None:
+    """Pass 1 for the next `num_tokens` region tokens (at least one); picks the active set after the last."""
+    a = job.num_first
+    b = min(a + max(num_tokens, 1), job.tokens.shape[0])
+    device, start = job.tokens.device, job.start
+    batch = AttentionBatch.build([b - a], [start + b], [block_table], block_size, device=device)
+    cos_sin = model.rotary.cos_sin(batch.positions, model.dtype)
+    h = model.layers[0](model.embed[job.tokens[a:b]], batch, kv_cache[0], cos_sin, model.experts)  # [b - a, H]
+    if job.hidden is None:
+        job.hidden = h.new_empty(job.tokens.shape[0], h.shape[1])
+        job.deviation = torch.zeros(job.placed.offsets.numel(), device=device)
+    job.hidden[a:b] = h
+    if len(model.layers) > 1:
+        _first_layer_kv(model, kv_cache[1], batch, job, h, cos_sin, (a, b))
+    job.num_first, job.token_layers = b, job.token_layers + b - a
+    if b == job.tokens.shape[0] and len(model.layers) > 1:
+        job.active = _active(job)
+    elif b == job.tokens.shape[0]:  # one layer: layer 0 computed every token exactly, nothing left
+        job.active, job.num_active_done = torch.arange(b, device=device), b
+
+
+def _first_layer_kv(model, cache, batch: AttentionBatch, job: BlendJob, h, cos_sin, piece: tuple[int, int]) -> None:
+    """Layer 1's fresh KV of the piece [a, b) into the cache, and its chunk tokens' deviations."""
+    a, b = piece
+    layer = model.layers[1]
+    fresh_k, fresh_v = layer.attn.cache_entries(layer.input_norm(h), cos_sin)  # [b - a, h, d]
+    offsets = job.placed.offsets
+    lo, hi = (int(torch.searchsorted(offsets, x)) for x in (a, b))  # the piece's placed tokens
+    if hi > lo:
+        rows = offsets[lo:hi] - a
+        k1, v1 = job.placed.kv[1]
+        job.deviation[lo:hi] = kv_deviation(fresh_k[rows], None if fresh_v is None else fresh_v[rows],
+                                            k1[lo:hi], None if v1 is None else v1[lo:hi])  # fmt: skip
+    write_kv(cache, batch, fresh_k, fresh_v)
+
+
+def _active(job: BlendJob) -> torch.Tensor:
+    """[A] long, ascending: the tokens layers 1.. compute: every non-chunk token and the chosen chunk tokens."""
+    num_tokens, idx = job.tokens.shape[0], job.placed.offsets
+    active_mask = torch.ones(num_tokens, dtype=torch.bool, device=job.tokens.device)
+    active_mask[idx] = False
+    active_mask[idx[select_recompute(job.deviation, job.share)]] = True
+    return active_mask.nonzero().flatten()
+
+
+@torch.inference_mode()
+def run_active(model, kv_cache, block_table: list[int], block_size: int, job: BlendJob, num_tokens: int) -> None:
+    """Pass 2 for the next `num_tokens` active tokens (at least one): layers 1.. over the whole context."""
+    layers = model.layers
+    a = job.num_active_done
+    b = min(a + max(num_tokens, 1), job.active.numel())
+    idx = job.active[a:b]
+    positions = (idx + job.start).tolist()
+    sub = AttentionBatch.build([b - a], [positions[-1] + 1], [block_table], block_size,
+                               positions=[positions], device=job.tokens.device)  # fmt: skip
+    cos_sin = model.rotary.cos_sin(sub.positions, model.dtype)
+    h = job.hidden[idx]
+    for layer, cache in zip(layers[1:], kv_cache[1:]):
+        h = layer(h, sub, cache, cos_sin, model.experts)
+    job.num_active_done, job.token_layers = b, job.token_layers + (b - a) * (len(layers) - 1)
+
+
 def blend_forward(model, kv_cache, block_table: list[int], block_size: int, token_ids: torch.Tensor,
                   start: int, placed: PlacedChunks, share: float | None) -> tuple[torch.Tensor, int]:  # fmt: skip
-    """Fill the KV of positions [start, start + R) of a sequence whose KV before `start` is cached.
-
-    token_ids: [R] the region's tokens. Returns (active offsets [A] long: the tokens computed in every
-    layer, ascending; token-layers computed)."""
-    num_tokens, end, device = token_ids.shape[0], start + token_ids.shape[0], token_ids.device
-    full = AttentionBatch.build([num_tokens], [end], [block_table], block_size, device=device)
-    cos, sin = model.rotary.cos_sin(full.positions, model.dtype)
-    slots = full.slot_mapping[placed.offsets]
-    for (k, v), cache in list(zip(placed.kv, kv_cache))[1:]:  # layer 0 is computed for every token
-        _write_rows(cache, slots, k, v)
-    experts, layers = model.experts, model.layers
-    h = layers[0](model.embed[token_ids], full, kv_cache[0], (cos, sin), experts)
-    if len(layers) == 1:
-        return torch.arange(num_tokens, device=device), num_tokens
-    fresh_k, fresh_v = layers[1].attn.cache_entries(layers[1].input_norm(h), (cos, sin))  # [R, h, d]
-    k1, v1 = placed.kv[1]
-    idx = placed.offsets
-    dev = kv_deviation(fresh_k[idx], None if fresh_v is None else fresh_v[idx], k1, v1)
-    write_kv(kv_cache[1], full, fresh_k, fresh_v)
-    is_chunk = torch.zeros(num_tokens, dtype=torch.bool, device=device)
-    is_chunk[idx] = True
-    active_mask = ~is_chunk
-    active_mask[idx[select_recompute(dev, share)]] = True
-    active = active_mask.nonzero().flatten()  # [A] ascending
-    if active.numel() == 0:
-        return active, num_tokens
-    sub = AttentionBatch.build([active.numel()], [end], [block_table], block_size,
-                               positions=[(active + start).tolist()], device=device)  # fmt: skip
-    h, cos_sin = h[active], (cos[active], sin[active])
-    for layer, cache in zip(layers[1:], kv_cache[1:]):
-        h = layer(h, sub, cache, cos_sin, experts)
-    return active, num_tokens + active.numel() * (len(layers) - 1)
+    """The whole blend of [start, start + R) at once. Returns (active offsets [A] long, ascending;
+    token-layers computed)."""
+    job = start_job(model, kv_cache, block_table, block_size, token_ids, start, placed, share)
+    run_first(model, kv_cache, block_table, block_size, job, token_ids.shape[0])
+    if not job.is_done:
+        run_active(model, kv_cache, block_table, block_size, job, job.active.numel())
+    return job.active, job.token_layers
 
 
 def _write_rows(cache: tuple[torch.Tensor, torch.Tensor], slots: torch.Tensor, k: torch.Tensor, v) -> None:
@@ -103,138 +182,3 @@ def gather_rows(kv_cache, block_table: list[int], block_size: int, num_tokens: i
         v = v_cache.view(-1, *v_cache.shape[2:]).index_select(0, slots) if v_cache.shape[-1] else None
         out.append((k, v))
     return out
-
-
-class Blender:
-    """The engine's chunk-reuse step: before a step runs, each newly admitted sequence with a
-    `BlendPlan` gets its blend region filled (`blend_forward`) and its cached count moved to the
-    plan's end; the rest of its prompt then prefills as usual. Without a chunk store (a decode
-    worker) a plan is ignored: the prompt computes in full, or comes from imported blocks.
-
-    Chunk work shares the scheduler's token budget: the tokens a step schedules for such a sequence
-    pay first for its chunks missing from the store (each computed alone, at least one per step),
-    then for the blend region; the prompt's remaining tokens get what is left. A sequence still
-    gathering chunks sits the model run out, so one request with many chunks cannot stall a step."""
-
-    def __init__(self, runner, block_manager, block_size: int, store=None):
-        self.runner, self.block_manager, self.block_size, self.store = runner, block_manager, block_size, store
-        self.stats = {"blended_requests": 0, "chunk_tokens_placed": 0, "chunk_tokens_recomputed": 0,
-                      "blend_token_layers": 0, "chunk_prefill_tokens": 0}  # fmt: skip
-        # chunk KV gathered so far per sequence (index in its plan -> KV, None: compute as usual);
-        # weak keys: an aborted sequence's entry goes with it
-        self._gathered: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-    @property
-    def model(self):
-        """The MoEModel (under a microbatch pipeline wrapper, if any)."""
-        m = self.runner.model
-        return m if hasattr(m, "layers") else m.model
-
-    def run_pending(self, scheduled: list) -> list:
-        """Gather chunks and blend where due, within each sequence's scheduled tokens; returns the
-        schedule with each such sequence's new-token count cut to what its budget has left (a
-        sequence left with none is dropped from this step's run)."""
-        out = []
-        for seq, n in scheduled:
-            plan = seq.blend_plan
-            if plan is not None and self.store is not None and seq.num_cached_tokens < plan.end:
-                n = self._advance(seq, plan, n)
-            if n > 0:
-                out.append((seq, n))
-        return out
-
-    def _advance(self, seq, plan, budget: int) -> int:
-        """Spend up to `budget` tokens on seq's chunks and blend; returns the tokens left for its prompt."""
-        start = seq.num_cached_tokens
-        todo = [i for i, (_, e) in enumerate(plan.spans) if e > start]
-        kvs, spent = self._chunk_kvs(seq, plan, todo, budget)
-        region = plan.end - start
-        if kvs is None or (spent and spent + region > budget):
-            return 0  # chunks still missing, or no room left for the region: the next steps
-        self._gathered.pop(seq, None)
-        if not self._blend(seq, plan, todo, kvs):
-            return budget - spent
-        return min(max(budget - spent - region, 0), len(seq) - seq.num_cached_tokens)
-
-    def _blend(self, seq, plan, todo: list[int], kvs: dict) -> bool:
-        start = seq.num_cached_tokens
-        offsets, parts, used = [], [], []
-        for i in todo:
-            if kvs[i] is None:
-                continue  # not cached and no room to compute it alone: its tokens compute as usual
-            s, e = plan.spans[i]
-            lo = max(s, start)
-            parts.append(place_chunk(self.model, kvs[i], slice(lo - s, e - s), s))
-            offsets.append(torch.arange(lo - start, e - start, device=self.runner.device))
-            used.append(i)
-        if not used:
-            return False
-        layers = list(zip(*parts))  # per layer: one (k, v) per chunk
-        kv = [(torch.cat([k for k, _ in layer]), None if layer[0][1] is None else torch.cat([v for _, v in layer]))
-              for layer in layers]  # fmt: skip
-        placed = PlacedChunks(torch.cat(offsets), kv)
-        tokens = torch.tensor(seq.token_ids[start : plan.end], dtype=torch.long).to(self.runner.device)
-        active, token_layers = blend_forward(self.model, self.runner.kv_cache, seq.block_table, self.block_size,
-                                             tokens, start, placed, plan.share)  # fmt: skip
-        seq.num_cached_tokens = plan.end
-        is_active = torch.zeros(len(tokens), dtype=torch.bool, device=tokens.device)
-        is_active[active] = True
-        saved = [int((~is_active[o]).sum()) for o in offsets]
-        self._account(plan, used, sum(o.numel() for o in offsets), saved, token_layers)
-        return True
-
-    def _account(self, plan, used: list[int], placed: int, saved: list[int], token_layers: int) -> None:
-        """Statistics; `saved`: per used chunk, its placed tokens not recomputed."""
-        st = self.stats
-        st["blended_requests"] += 1
-        st["chunk_tokens_placed"] += placed
-        st["chunk_tokens_recomputed"] += placed - sum(saved)
-        st["blend_token_layers"] += token_layers
-        self.store.credit_chunks([plan.keys[i] for i in used], saved)
-
-    def _chunk_kvs(self, seq, plan, todo: list[int], budget: int) -> tuple[dict | None, int]:
-        """KV of the plan's chunks `todo` (None while some are still missing) and the tokens spent:
-        stored ones are read; misses are computed alone (and stored) while `budget` lasts."""
-        from raymoe.engine.chunks import pack_chunk_kv, unpack_chunk_kv
-
-        have = self._gathered.setdefault(seq, {})
-        missing = [i for i in todo if i not in have]
-        got = self.store.get_chunks([plan.keys[i] for i in missing]) if missing else []
-        spent, new = 0, []
-        for i, flat in zip(missing, got):
-            s = plan.spans[i][0]
-            if flat is not None:
-                have[i] = unpack_chunk_kv(flat.to(self.runner.device), plan.lengths[i], self.model.kv_layout())
-            elif spent < budget:
-                have[i] = self._compute_alone(seq.token_ids[s : s + plan.lengths[i]])
-                spent += plan.lengths[i]
-                if have[i] is not None:
-                    new.append(i)
-        if new:
-            self.store.put_chunks([plan.keys[i] for i in new], [pack_chunk_kv(have[i]) for i in new],
-                                  [plan.lengths[i] for i in new])  # fmt: skip
-        return (have if all(i in have for i in todo) else None), spent
-
-    def _compute_alone(self, tokens: list[int]):
-        """A chunk's KV computed on its own at positions 0.. (None: no free blocks for it). Its full
-        blocks stay cached as plain prefix blocks: that is exactly what they are."""
-        from raymoe.engine.sampling_params import SamplingParams
-        from raymoe.engine.sequence import Sequence
-
-        bm, n = self.block_manager, len(tokens)
-        scratch = Sequence(tokens, SamplingParams())
-        if not bm.can_allocate(scratch):
-            return None
-        cached = bm.allocate(scratch)
-        try:
-            device = self.runner.device
-            batch = AttentionBatch.build([n - cached], [n], [scratch.block_table], self.block_size, device=device)
-            ids = torch.tensor(tokens[cached:], dtype=torch.long).to(device)
-            self.runner.model.forward(ids, batch, self.runner.kv_cache)
-            self.stats["chunk_prefill_tokens"] += n - cached
-            kv = gather_rows(self.runner.kv_cache, scratch.block_table, self.block_size, n)
-            scratch.num_cached_tokens = n
-            bm.cache_blocks(scratch)
-        finally:
-            bm.free(scratch)
-        return kv

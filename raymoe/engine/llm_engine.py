@@ -12,9 +12,9 @@ from pathlib import Path
 
 import torch
 
-from raymoe.engine.blend import Blender
 from raymoe.engine.block_hash import CacheSalt, block_hash, chain_parent
 from raymoe.engine.block_manager import BlockManager
+from raymoe.engine.chunk_work import Blender
 from raymoe.engine.chunks import plan_blend
 from raymoe.engine.engine_config import EngineConfig
 from raymoe.engine.kv_tail import adopt_tails, export_tail, tail_span
@@ -139,12 +139,12 @@ class LLMEngine:
         self.blender.store = store
 
     def chunk_stats(self) -> dict[str, float]:
-        """Chunk-reuse counters, and `computed_tokens`: prefill + decode tokens computed, a blend's
-        partial layers counted as the equivalent whole tokens."""
+        """Chunk-reuse counters, and `computed_tokens`: prefill + decode tokens computed (missing
+        chunks too: they run in the steps' forwards), a blend's partial layers counted as the
+        equivalent whole tokens."""
         num_layers = len(self.model.kv_layout())
         st = dict(self.blender.stats)
-        st["computed_tokens"] = (self.model_runner.num_computed_tokens + st["chunk_prefill_tokens"]
-                                 + st["blend_token_layers"] / num_layers)  # fmt: skip
+        st["computed_tokens"] = self.model_runner.num_computed_tokens + st["blend_token_layers"] / num_layers
         return st
 
     def _plan_chunks(self, seq: Sequence, last_import) -> None:
@@ -220,6 +220,7 @@ class LLMEngine:
         scheduled = self.blender.run_pending(self.scheduler.schedule())
         scheduled = adopt_tails(scheduled, self.model_runner.kv_cache, self.config.block_size)
         token_ids = self.model_runner.run(scheduled)
+        scheduled, token_ids = self.blender.finish_step(scheduled, token_ids)
         sampled = self.scheduler.postprocess(scheduled, token_ids)
         outputs = [self._check_stop(seq, num_new) for seq, num_new in sampled]
         seqs = [seq for seq, _ in sampled]

@@ -41,12 +41,13 @@ def num_kv_blocks(
 
 def logit_rows(scheduled: Scheduled, ends: list[int]) -> dict[int, list[int]]:
     """Rows of the step's hidden states that need logits, by index into scheduled: every row of a
-    verified draft, the last row of a sequence whose chunk reaches its end, none mid-prompt."""
+    verified draft, the last row of a sequence whose chunk reaches its end, none mid-prompt or for
+    a KV-only sequence (a chunk computed for chunk reuse)."""
     rows = {}
     for b, ((seq, n), end) in enumerate(zip(scheduled, ends)):
         if seq.draft is not None:
             rows[b] = list(range(end - n + 1, end + 1))
-        elif seq.num_cached_tokens + n == len(seq):
+        elif seq.num_cached_tokens + n == len(seq) and not seq.kv_only:
             rows[b] = [end]
     return rows
 

@@ -41,6 +41,7 @@ class Sequence:
         self.cache_salt = None  # a CacheSalt when chunk-cache reuse makes its KV differ from plain prefill
         self.blend_plan = None  # a chunks.BlendPlan: cached chunks to place before the normal prefill
         self.kv_tail = None  # (tokens, exported block): its partial block's KV, adopted when admitted (kv_tail.py)
+        self.kv_only = False  # a chunk computed for its KV alone (chunk reuse): no logits, no token
         self.index = 0  # which of the request's samples (SamplingParams.n) this is
         self.new_logprobs: list = []  # logprobs.Entry of each token of the last step, when params.logprobs asks
         self.draft = None  # a spec.Draft verified in this step (speculative decoding), else None
