@@ -9,7 +9,8 @@ the node's pool (computing and storing the ones missing), then publishes its blo
 request's salt (`raymoe.engine.chunks`); the decode worker imports them as it imports any prefix.
 
 With a direct KV transport (`ClusterConfig.kv_transport` gloo or nccl) the worker also keeps each
-handed-off request's blocks until the front takes them with `take_kv` (`raymoe.cluster.kv_direct`).
+handed-off request's blocks until the front takes them with `take_kv`, and publishes to the pool
+on a background thread (`raymoe.cluster.kv_direct`).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import ray
 from raymoe.cluster.handoff import Handoff, WorkRequest
 from raymoe.actors.worker_model import WorkerShell, die
 from raymoe.cluster.dispatch import ShardFailureError
-from raymoe.cluster.kv_direct import KeptKV
+from raymoe.cluster.kv_direct import KeptKV, Publisher
 from raymoe.engine.chunks import request_salt
 from raymoe.engine.kv_transfer import block_numel
 from raymoe.engine.llm_engine import LLMEngine
@@ -36,6 +37,7 @@ class PrefillCore:
         keep_kv: keep handed-off requests' blocks for `take_kv` (a direct KV transport)."""
         self.engine, self.pool = engine, pool
         self.kept = KeptKV() if keep_kv else None
+        self.publisher = Publisher(self._put_new) if keep_kv else None  # off the hand-off's path
         if chunk_store is not None:
             engine.set_chunk_store(chunk_store)
         self.stats = {"prompts": 0, "prompt_tokens": 0, "prefix_hit_tokens": 0}
@@ -94,16 +96,19 @@ class PrefillCore:
         return dict(self.engine.blender.stats)
 
     def _publish(self, token_ids: list[int], salt=None) -> tuple[list[str], list]:
-        """Put the sequence's computed full blocks into the pool (those it lacks); returns all of
-        them (keys, exported blocks)."""
-        keys, blocks = self.engine.export_prefix(token_ids, salt)
-        if not keys:
-            return keys, blocks
+        """Put the sequence's computed full blocks into the pool (in the background under a direct
+        KV transport); returns all of them (keys, exported blocks)."""
+        keys, blocks = self.engine.export_prefix(token_ids, salt)  # copies: the cache may change next
+        if keys:
+            (self.publisher.submit if self.publisher else self._put_new)(keys, blocks)
+        return keys, blocks
+
+    def _put_new(self, keys: list[str], blocks: list) -> None:
+        """The blocks the pool lacks, into the pool."""
         have = self.pool.contains(keys)
         new = [(k, b) for k, b, h in zip(keys, blocks, have) if not h]
         if new:
             self.pool.put_blocks([k for k, _ in new], [b for _, b in new])
-        return keys, blocks
 
 
 class PrefillWorker(WorkerShell):

@@ -8,19 +8,25 @@ a top-level argument of the decode worker's `submit`, so Ray moves the one tenso
 `[n_blocks, block_numel]` over the group (NCCL between GPUs, gloo on CPU) instead of the object
 store. The decode worker imports the blocks from it (`DirectBlocks`) and asks the pool only for
 what it lacks. The prefill worker still publishes to its node's pool, which serves what the direct
-path cannot: resumes after a decode worker dies, moves between decode workers, prefix hits.
+path cannot: resumes after a decode worker dies, moves between decode workers, prefix hits; it does
+so on a background thread (`Publisher`), off the hand-off's path. A reader that comes before a
+publish lands misses and recomputes those blocks: slower, never wrong (KV is content-keyed).
 
 Import-guarded: nothing here imports `ray.util.collective` or cupy at import time.
 """
 
 from __future__ import annotations
 
+import logging
+import queue
 import threading
 from collections import OrderedDict
 
 import torch
 
 from raymoe.errors import RaymoeError
+
+logger = logging.getLogger(__name__)
 
 KEPT_MAX_REQUESTS = 256  # handed-off requests whose blocks a prefill worker keeps for take_kv at most
 BACKENDS = {"gloo": "torch_gloo", "nccl": "nccl"}  # kv_transport -> Ray collective backend
@@ -110,3 +116,30 @@ class DirectBlocks:
         self.stats["kv_direct_blocks"] += len(keys) - len(missing)
         self.stats["kv_pool_blocks"] += sum(v is not None for v in pooled.values())
         return [self.by_key[k] if k in self.by_key else pooled[k] for k in keys]
+
+
+class Publisher:
+    """Runs `publish(keys, blocks)` calls in order on one daemon thread, so a prefill hands off
+    before its blocks reach the pool. A failed publish is logged: its blocks are recomputed where
+    a pool read misses them."""
+
+    def __init__(self, publish):
+        self.publish, self.jobs = publish, queue.Queue()
+        threading.Thread(target=self._run, daemon=True, name="kv-publish").start()
+
+    def submit(self, keys: list[str], blocks: list[torch.Tensor]) -> None:
+        self.jobs.put((keys, blocks))
+
+    def drain(self) -> None:
+        """Wait until every submitted publish has run."""
+        self.jobs.join()
+
+    def _run(self) -> None:
+        while True:
+            keys, blocks = self.jobs.get()
+            try:
+                self.publish(keys, blocks)
+            except Exception as e:  # noqa: BLE001 (the pool is a cache: a lost publish costs recompute)
+                logger.warning("KV publish of %d blocks failed: %r", len(keys), e)
+            finally:
+                self.jobs.task_done()

@@ -114,12 +114,14 @@ def test_prompt_kv_comes_straight_from_the_prefill_worker(ray_cluster, checkpoin
     def gloo_world_size(worker) -> int:  # nested: pickled by value
         import torch.distributed
 
+        worker.core.publisher.drain()  # the pool publishes run in the background: wait for them
         return torch.distributed.get_world_size()
 
     try:
         got = [o.token_ids for o in cluster.generate(PROMPTS, GREEDY)]
         decode = cluster.stats()["decode"]
         world = ray.get(cluster.prefill[0].__ray_call__.remote(gloo_world_size), timeout=60)
+        pooled = cluster.pool_stats()[cluster.prefill_nodes[0]]["num_entries"]  # the fallback has them too
         victim = cluster.router.decode[0]  # a decode worker of the group dies: its sequences resume from the pool
         resumed, _ = generate_while(cluster, PROMPTS, GREEDY, lambda: ray.kill(victim, no_restart=True), 20)
     finally:
@@ -127,7 +129,7 @@ def test_prompt_kv_comes_straight_from_the_prefill_worker(ray_cluster, checkpoin
     assert got == expected("mixtral") and world == 3  # 1 prefill + 2 decode workers
     full_blocks = sum(len(p) // ENGINE.block_size for p in PROMPTS)
     assert sum(s["kv_direct_blocks"] for s in decode) == full_blocks > 0
-    assert sum(s["kv_pool_blocks"] for s in decode) == 0
+    assert sum(s["kv_pool_blocks"] for s in decode) == 0 and pooled == full_blocks
     assert all(s["sequences"] > 0 for s in decode)  # both decode workers took blocks over the group
     assert resumed == expected("mixtral") and cluster.router.num_resumed > 0
 

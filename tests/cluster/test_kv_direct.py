@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from raymoe.cluster.cluster import ClusterConfig
-from raymoe.cluster.kv_direct import DirectBlocks, KeptKV, blocks_by_key, kv_group_name
+from raymoe.cluster.kv_direct import DirectBlocks, KeptKV, Publisher, blocks_by_key, kv_group_name
 from raymoe.errors import ConfigError
 
 
@@ -56,3 +56,18 @@ def test_direct_blocks_first_then_the_pool():
     assert got[0][0].item() == 2 and got[1][0].item() == 9 and got[2] is None and asked == [["k4", "k5"]]
     assert stats == {"kv_direct_blocks": 3, "kv_pool_blocks": 1}
     assert blocks_by_key(None) == {}
+
+
+def test_publishes_run_in_order_in_the_background_and_survive_a_failure():
+    done = []
+
+    def publish(keys, blocks):
+        if keys == ["bad"]:
+            raise ConnectionError("pool gone")  # a lost publish: readers recompute those blocks
+        done.append(keys)
+
+    publisher = Publisher(publish)
+    for keys in (["a"], ["bad"], ["b"], ["c"]):
+        publisher.submit(keys, blocks(1))
+    publisher.drain()
+    assert done == [["a"], ["b"], ["c"]]
