@@ -6,7 +6,8 @@
 #    close to float32 (tests/model/test_cuda.py), plus the device-placement tests;
 # 3. the engine on CUDA, bfloat16, against transformers on the same GPU (bench/gpu_engine.py);
 # 4. a 2-shard cluster on the one GPU with fractional num_gpus, lossless against the one-process
-#    engine on CUDA: co-located, rows staged through the host, rows over NCCL (bench/gpu_cluster.py).
+#    engine on CUDA: co-located, rows staged through the host, rows over NCCL, prompt KV from prefill
+#    to decode worker over NCCL (Ray Direct Transport), rows and KV both over NCCL (bench/gpu_cluster.py).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/out/gpu}
@@ -33,6 +34,6 @@ timeout 150 python bench/gpu_engine.py --dtype bfloat16 --repeats 3 --out "$OUT/
 echo "engine rc=$?" | tee -a "$OUT/steps.log"
 
 step cluster
-timeout 150 python bench/gpu_cluster.py --out "$OUT/gpu_cluster.json" >"$OUT/gpu_cluster.log" 2>&1
+timeout 210 python bench/gpu_cluster.py --out "$OUT/gpu_cluster.json" >"$OUT/gpu_cluster.log" 2>&1
 echo "cluster rc=$?" | tee -a "$OUT/steps.log"
 step done

@@ -6,8 +6,11 @@ engine on the same GPU, and decode tokens/s of each arrangement.
 One local Ray node (loopback) with the machine's GPU; prefill and decode workers and 2 expert
 shards each reserve 0.2 of it. Arrangements: co-located (the decode worker runs every expert on
 its device), co-location off with rows staged through the host to the shards (the actor-call
-transport) and co-location off with rows over NCCL (`transport: nccl`, cupy). float32, greedy,
-built-in model. Prints one JSON object.
+transport), co-location off with rows over NCCL (`transport: nccl`, cupy), prompt KV from the
+prefill to the decode worker over NCCL by Ray Direct Transport (`kv_transport: nccl`; the others
+hand it over through the host's KV pool), and rows and KV both over NCCL (the two groups in the same
+actors). float32, greedy, built-in model. Each cluster arrangement reports where its decode worker's
+prompt blocks came from (`kv_direct_blocks`, `kv_pool_blocks`). Prints one JSON object.
 """
 
 from __future__ import annotations
@@ -45,23 +48,29 @@ def one_process(path: str) -> tuple[list[list[int]], float]:
     return [out[str(i)] for i in range(len(PROMPTS))], time.perf_counter() - start
 
 
-ARRANGEMENTS = {  # name -> (colocate_experts, transport)
-    "colocated": (True, "actor_call"),
-    "shards_over_host": (False, "actor_call"),
-    "shards_over_nccl": (False, "nccl"),
+ARRANGEMENTS = {  # name -> (colocate_experts, transport, kv_transport)
+    "colocated": (True, "actor_call", "pool"),
+    "shards_over_host": (False, "actor_call", "pool"),
+    "shards_over_nccl": (False, "nccl", "pool"),
+    "kv_over_nccl": (True, "actor_call", "nccl"),
+    "rows_and_kv_over_nccl": (False, "nccl", "nccl"),
 }
 
 
-def on_cluster(path: str, name: str) -> tuple[list[list[int]], float]:
-    colocate, transport = ARRANGEMENTS[name]
+def on_cluster(path: str, name: str) -> tuple[list[list[int]], float, dict]:
+    colocate, transport, kv_transport = ARRANGEMENTS[name]
     config = ClusterConfig(engine=ENGINE, num_shards=2, shard_num_gpus=0.2, worker_num_gpus=0.2,
-                           colocate_experts=colocate, transport=transport, namespace=f"gpu-{name}")  # fmt: skip
+                           colocate_experts=colocate, transport=transport, kv_transport=kv_transport,
+                           namespace=f"gpu-{name}")  # fmt: skip
     cluster = MoECluster(path, config)
     try:
         cluster.generate(PROMPTS[:2], SamplingParams(max_tokens=4, ignore_eos=True))  # warm-up
         start = time.perf_counter()
         outs = cluster.generate(PROMPTS, PARAMS)
-        return [o.token_ids for o in outs], time.perf_counter() - start
+        seconds = time.perf_counter() - start
+        decode = cluster.stats()["decode"][0]
+        blocks = {k: decode[k] for k in ("kv_direct_blocks", "kv_pool_blocks")}
+        return [o.token_ids for o in outs], seconds, blocks
     finally:
         cluster.shutdown()
 
@@ -77,11 +86,12 @@ def main() -> None:
     report = {"one_process": {"tokens_per_s": round(tokens / base_s, 1)}}
     for name in ARRANGEMENTS:
         try:
-            got, seconds = on_cluster(path, name)
+            got, seconds, blocks = on_cluster(path, name)
         except Exception as e:  # one arrangement failing (e.g. cupy missing) still reports the others
             report[name] = {"error": f"{type(e).__name__}: {e}"[:500]}
             continue
-        report[name] = {"tokens_per_s": round(tokens / seconds, 1), "identical_to_one_process": got == expected}
+        report[name] = {"tokens_per_s": round(tokens / seconds, 1), "identical_to_one_process": got == expected,
+                        **blocks}  # fmt: skip
     ray.shutdown()
     text = json.dumps(report, indent=2)
     print(text)

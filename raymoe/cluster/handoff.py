@@ -1,5 +1,6 @@
 """What crosses from the front to a prefill worker and from a prefill to a decode worker:
-token ids and small metadata only; the KV itself moves through the KV pool by content key."""
+token ids and small metadata only; the KV itself moves through the KV pool by content key, or
+straight from the prefill worker (`kv_transport` gloo / nccl: `raymoe.cluster.kv_direct`)."""
 
 from __future__ import annotations
 
