@@ -2,6 +2,7 @@
 
     python bench/abuse.py                          # starts `raymoe serve` (built-in model), then loads it
     python bench/abuse.py --num-normal 48 --repeats 2 --out abuse.json
+    python bench/abuse.py --long-prefill-token-threshold 64   # the server's prefills at most 64 tokens a step
 
 Normal traffic is short completions (4 tokens) arriving as a Poisson process, at most
 `--max-concurrency` (<= 64) in flight. Two phases alternate on the same server with the same
@@ -120,6 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-chunks", type=int, default=32, help="the server's serve.max_chunks_per_request")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--long-prefill-token-threshold", type=int, default=None,
+                        help="the started server's engine.long_prefill_token_threshold (default: its default)")
     parser.add_argument("--out", default=None, help="also write the JSON here")
     args = parser.parse_args(argv)
     if args.max_concurrency > 64:
@@ -140,7 +143,10 @@ def against_new_server(args) -> dict:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "serve"))
     import serve_harness
 
-    config = {"engine": serve_harness.CONFIG["engine"], "serve": {"max_queue_len": 64},
+    engine = dict(serve_harness.CONFIG["engine"])
+    if args.long_prefill_token_threshold is not None:
+        engine["long_prefill_token_threshold"] = args.long_prefill_token_threshold
+    config = {"engine": engine, "serve": {"max_queue_len": 64},
               "ingress": {"num_cpus": 0}, "decode": {"num_cpus": 0}}  # keys older versions know too
     server = serve_harness.start_server(Path(tempfile.mkdtemp()), config)
     try:

@@ -37,6 +37,9 @@ class EngineSettings(_Frozen):
 
     max_num_seqs: int = Field(32, gt=0, description="running sequences at most (the decode batch size)")
     max_num_batched_tokens: int = Field(512, gt=0, description="new tokens per step; prompts chunk to fit")
+    long_prefill_token_threshold: int | None = Field(None, gt=0, description="a prefill's new tokens per step at "
+                                                     "most (short steps for decodes beside a long prompt); "
+                                                     "null = the whole step budget")  # fmt: skip
     block_size: int = Field(16, gt=0, description="tokens per KV block: allocation and prefix-sharing unit")
     kv_cache_bytes: int = Field(256 << 20, gt=0, description="KV pool size per engine")
     dtype: DtypeName = "auto"  # auto: float32 on CPU (identical to transformers), bfloat16 on CUDA

@@ -19,6 +19,9 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 class EngineConfig:
     max_num_seqs: int = 32  # running sequences at most (the decode batch size)
     max_num_batched_tokens: int = 512  # new tokens per step: bounds a step's time; prompts chunk to fit
+    # a prefill's new tokens per step at most (chunk-reuse work included): short steps for the decodes
+    # beside a long prompt, at the price of more steps for it; None = the whole step budget
+    long_prefill_token_threshold: int | None = None
     block_size: int = 16  # tokens per KV block: the unit of allocation and of prefix sharing
     kv_cache_bytes: int = 256 << 20  # KV pool size; capped at what max_num_seqs full contexts need
     dtype: str = "auto"  # weights and KV: auto = float32 on CPU (identical to transformers), bfloat16 on CUDA
@@ -34,9 +37,9 @@ class EngineConfig:
 
     def __post_init__(self):
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "kv_cache_bytes", "threads",
-                     "num_speculative_tokens", "speculative_token_budget"):
+                     "num_speculative_tokens", "speculative_token_budget", "long_prefill_token_threshold"):
             value = getattr(self, name)
-            if name in ("threads", "num_speculative_tokens") and value is None:
+            if name in ("threads", "num_speculative_tokens", "long_prefill_token_threshold") and value is None:
                 continue
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")

@@ -67,7 +67,7 @@ class LLMEngine:
                                           config.speculative_token_budget, spec.vocab_size, self.max_model_len,
                                           config.speculative_draft_cost)  # fmt: skip
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
-                                   self.speculator)  # fmt: skip
+                                   self.speculator, config.long_prefill_token_threshold)  # fmt: skip
         self.model_runner = ModelRunner(model, num_blocks, config.block_size)
         self.model_runner.eos_token_ids = self.eos_token_ids
         self.model_runner.speculator = self.speculator

@@ -3,7 +3,9 @@
 Each step has a budget of `max_num_batched_tokens` new tokens and at most `max_num_seqs` running
 sequences. Running sequences go first, decodes before unfinished prefills, so a long prompt never
 stalls the decodes; then waiting sequences are admitted in order while blocks and budget last. A
-prompt longer than the remaining budget is prefilled in chunks over several steps.
+prompt longer than the remaining budget is prefilled in chunks over several steps; with
+`long_prefill_token_threshold` a prefill takes at most that many tokens a step (vLLM's option of the
+same name), so decodes beside a long prompt run in short steps.
 
 Blocks for all of a sequence's tokens are taken at admission; a decode that crosses a block boundary
 needs one more. When none is free, the newest running sequence not yet scheduled this step is
@@ -28,11 +30,12 @@ Scheduled = list[tuple[Sequence, int]]  # (sequence, number of new tokens comput
 
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
-                 speculator=None):  # fmt: skip
+                 speculator=None, long_prefill_token_threshold: int | None = None):  # fmt: skip
         self.block_manager = block_manager
         self.speculator = speculator  # a spec.Speculator, or None: no drafts
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.long_prefill_token_threshold = long_prefill_token_threshold  # a prefill's tokens a step at most
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in admission order: the last is the newest
         self.num_preemptions = 0
@@ -96,10 +99,18 @@ class Scheduler:
                 self._draft(seq, draft_size)
             if not self._reserve_blocks(seq, scheduled):
                 continue  # had to preempt itself
-            n = min(seq.num_uncomputed_tokens + seq.num_draft_tokens, budget)
+            n = self._num_new_tokens(seq, budget)
             scheduled.append((seq, n))
             budget -= n
         return scheduled
+
+    def _num_new_tokens(self, seq: Sequence, budget: int) -> int:
+        """Its tokens to compute (and draft to verify) within the budget; a prefill's at most
+        `long_prefill_token_threshold`, so a long prompt never fills the steps of the decodes beside it."""
+        n = seq.num_uncomputed_tokens + seq.num_draft_tokens
+        if self.long_prefill_token_threshold is not None and seq.num_uncomputed_tokens > 1:
+            n = min(n, self.long_prefill_token_threshold)
+        return min(n, budget)
 
     def _draft_size(self, budget: int) -> int:
         if self.speculator is None:
@@ -146,7 +157,7 @@ class Scheduler:
             seq.num_cached_tokens = self.block_manager.allocate(seq)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
-            n = min(seq.num_uncomputed_tokens, budget)
+            n = self._num_new_tokens(seq, budget)
             scheduled.append((seq, n))
             budget -= n
         return scheduled

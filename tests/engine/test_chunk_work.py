@@ -1,6 +1,6 @@
-"""Chunk work under the step's token budget: the blend region runs in pieces over steps, beside
-a decoding request that gets a token every step, with the same result as blending it at once
-(exact at a 100% share), also when the request is preempted halfway."""
+"""Chunk work under the step's token budget (and `long_prefill_token_threshold`): the blend region
+runs in pieces over steps, beside a decoding request that gets a token every step, with the same
+result as blending it at once (exact at a 100% share), also when the request is preempted halfway."""
 
 import pytest
 from test_chunks import BLOCK, IN_ORDER, PROMPT, greedy, run
@@ -54,6 +54,17 @@ def test_blend_region_runs_in_pieces_of_the_budget_and_equals_a_full_prefill(mod
     pieces = [n for n in per_step if n]
     assert len(pieces) >= 4 and max(pieces) <= BUDGET * num_layers
     assert engine.chunk_stats()["blended_requests"] == 1
+
+
+def test_long_prefill_token_threshold_bounds_chunk_work_too(model, store):
+    threshold = 6
+    config = EngineConfig(block_size=BLOCK, kv_cache_bytes=8 << 20, max_num_batched_tokens=128,
+                          long_prefill_token_threshold=threshold)  # fmt: skip
+    expected = run(LLMEngine(model, None, config), PROMPT, greedy())
+    engine = LLMEngine(model, None, config, store)
+    got, per_step = steps_beside_a_decode(engine, ChunkReuse(IN_ORDER, 1.0))
+    assert got == expected
+    assert max(per_step) <= threshold * len(model.layers) and len([n for n in per_step if n]) >= 8
 
 
 def test_partial_share_in_pieces_equals_one_pass(model, store):

@@ -37,6 +37,15 @@ def test_chunked_prefill_keeps_decodes_going():
     ]
 
 
+def test_long_prefill_token_threshold_caps_a_prefill_per_step():
+    s = Scheduler(BlockManager(64, BS), 8, 8, long_prefill_token_threshold=3)
+    s.add(seq(3, name="a"))
+    assert step(s) == [("a", 3)]
+    s.add(seq(8, start=100, name="b"))  # the budget would take 7; the threshold takes 3 a step
+    assert [step(s) for _ in range(4)] == [[("a", 1), ("b", 3)], [("a", 1), ("b", 3)], [("a", 1), ("b", 2)],
+                                           [("a", 1), ("b", 1)]]  # fmt: skip
+
+
 def test_decodes_go_before_unfinished_prefills():
     s = make(budget=6)
     s.add(seq(30, name="long"))

@@ -14,6 +14,8 @@ def test_defaults_and_yaml(tmp_path):
     assert config.engine.to_engine_config().max_num_seqs == 4
     spec = parse_config({"engine": {"speculative": "token_recycling", "num_speculative_tokens": 8}}).engine
     assert spec.to_engine_config().speculative == "token_recycling" and spec.to_engine_config().num_speculative_tokens == 8
+    capped = parse_config({"engine": {"long_prefill_token_threshold": 64}}).engine.to_engine_config()
+    assert capped.long_prefill_token_threshold == 64 and RaymoeConfig().engine.long_prefill_token_threshold is None
     assert load_config(None) == RaymoeConfig()
     with pytest.raises(Exception):
         config.serve.port = 1  # frozen
@@ -33,6 +35,8 @@ def test_defaults_and_yaml(tmp_path):
                  "'token_recycling' or 'prompt_lookup', got 'medusa'", id="bad-speculative"),
     pytest.param({"engine": {"num_speculative_tokens": 0}}, "engine.num_speculative_tokens", id="no-drafts"),
     pytest.param({"engine": {"speculative_draft_cost": 0}}, "engine.speculative_draft_cost", id="free-drafts"),
+    pytest.param({"engine": {"long_prefill_token_threshold": 0}}, "engine.long_prefill_token_threshold",
+                 id="no-prefill-tokens"),
 ])  # fmt: skip
 def test_errors_say_what_to_fix(data, needle):
     with pytest.raises(ConfigError, match=None) as e:
