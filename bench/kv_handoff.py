@@ -18,6 +18,10 @@ as the decode worker does. Methods, all in the same run, timed from the driver (
   next hand-off;
 - publish_then_direct: the publish first, then direct (were the publish kept on the path);
 - object_store: the same ref without tensor_transport (Ray's object store), for reference.
+With --cluster R, also end to end on real workers: two `MoECluster`s side by side (prefill worker
+on one node, decode worker on the other, `kv_transport` pool and gloo), R alternating rounds of
+`generate` over --batch fresh prompts of --prompt-len tokens and 2 output tokens (prefill, hand-off,
+one decode step), median seconds per round and the decode worker's block sources.
 Prints one JSON object: per method and block count the median and p90 milliseconds per hand-off.
 """
 
@@ -132,6 +136,37 @@ def methods(producer, consumer, n: int) -> dict:
             "publish_then_direct": publish_then_direct, "object_store": object_store}  # fmt: skip
 
 
+def cluster_rounds(rounds: int, batch: int, prompt_len: int) -> dict:
+    """generate() seconds per round on a split cluster, pool against gloo, rounds alternating."""
+    from raymoe.actors.cluster import MoECluster
+    from raymoe.cluster.cluster import ClusterConfig
+    from raymoe.engine.llm_engine import EngineConfig
+    from raymoe.engine.sampling_params import SamplingParams
+
+    engine = EngineConfig(max_num_seqs=16, max_num_batched_tokens=512, dtype="float32", device="cpu")
+    clusters = {kind: MoECluster(None, ClusterConfig(engine=engine, kv_transport=kind, namespace=f"kvh-{kind}",
+                                                     prefill_resources={"kv_prefill": 0.01},
+                                                     decode_resources={"kv_decode": 0.01}))
+                for kind in ("pool", "gloo")}  # fmt: skip
+    params, seconds = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True), {k: [] for k in clusters}
+    try:
+        for r in range(rounds + 1):  # round 0 warms up
+            for kind, cluster in clusters.items():
+                prompts = [[(31 * r + 7 * i + 13 * j * j + len(kind)) % 1000 + 10 for j in range(prompt_len)]
+                           for i in range(batch)]  # fmt: skip (fresh every round: no prefix hits)
+                start = time.perf_counter()
+                cluster.generate(prompts, params)
+                if r:
+                    seconds[kind].append(time.perf_counter() - start)
+        stats = {k: c.stats()["decode"][0] for k, c in clusters.items()}
+    finally:
+        for c in clusters.values():
+            c.shutdown()
+    return {k: {"median_s": round(statistics.median(v), 3), "rounds": len(v),
+                "kv_direct_blocks": stats[k]["kv_direct_blocks"], "kv_pool_blocks": stats[k]["kv_pool_blocks"]}
+            for k, v in seconds.items()}  # fmt: skip
+
+
 def block_numel() -> int:
     from raymoe.model.builtin import builtin_model_path
     from raymoe.model.model import load_model
@@ -144,6 +179,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--iters", type=int, default=30)
     parser.add_argument("--blocks", type=int, nargs="+", default=[4, 16, 64])
+    parser.add_argument("--cluster", type=int, default=0, help="rounds end to end on real workers (0: none)")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--prompt-len", type=int, default=256)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # loopback only, before Ray starts
@@ -153,8 +191,8 @@ def main(argv=None) -> int:
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     numel = block_numel()
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
-    cluster.add_node(num_cpus=2)
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "resources": {"kv_prefill": 1}})
+    cluster.add_node(num_cpus=2, resources={"kv_decode": 1})
     cluster.wait_for_nodes()
     ray.init(address=cluster.address, runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
     try:
@@ -172,11 +210,14 @@ def main(argv=None) -> int:
         for n in args.blocks:
             for name, fn in methods(producer, consumer, n).items():
                 results.setdefault(name, {})[n] = timed(fn, args.iters)
+        if args.cluster:
+            results["cluster_generate"] = cluster_rounds(args.cluster, args.batch, args.prompt_len)
     finally:
         ray.shutdown()
         cluster.shutdown()
     report = {"bench": "kv_handoff", "baseline": "pool",
               "shape": {"block_size": 16, "block_numel": numel, "dtype": "float32", "blocks": args.blocks,
+                        "cluster": {"rounds": args.cluster, "batch": args.batch, "prompt_len": args.prompt_len},
                         "mib_per_block": round(numel * 4 / 2**20, 4)},
               "machine": {"cpus": os.cpu_count(), "torch_threads": 1}, "results": results}  # fmt: skip
     text = json.dumps(report, indent=2)
