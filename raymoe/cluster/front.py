@@ -85,6 +85,7 @@ class RequestRouter:
         self.prefill = list(prefill_workers)  # (handle, node_id)
         self.kv_transport = kv_transport  # "pool", or the RDT transport of take_kv ("gloo", "nccl")
         self.kv_source: dict[str, object] = {}  # request id -> the prefill worker keeping its blocks
+        self.num_kv_fallbacks = 0  # direct submits that failed and went again through the pool
         self.decode = list(decode_workers)  # handles
         self.decode_nodes = list(decode_nodes) if decode_nodes is not None else [None] * len(self.decode)
         self.seating, self.reseat_every_s = seating, reseat_every_s  # a raymoe.cluster.seating.Seating
@@ -155,13 +156,16 @@ class RequestRouter:
         for (worker, source), ref in sent.items():
             try:
                 ray.get(ref)
-            except ACTOR_DEAD:
-                self._drop(worker)
-                self._submit([t for t in items if t.worker is worker])
-            except ray.exceptions.RayError:
-                if source is None:
+            except ray.exceptions.RayError as e:
+                if source is not None:  # maybe the blocks failed (their prefill worker died), not the worker:
+                    again = [t for t in groups[(worker, source)] if t.worker is worker]
+                    self.num_kv_fallbacks += 1
+                    self._submit(again, [worker] * len(again))  # again from the pool; a dead worker fails there
+                elif isinstance(e, ACTOR_DEAD):
+                    self._drop(worker)
+                    self._submit([t for t in items if t.worker is worker])
+                else:
                     raise
-                self._submit(groups[(worker, source)], [worker] * len(groups[(worker, source)]))  # from the pool
 
     def _send(self, worker, source, items: list[Tracked]):
         reqs = [t.resume_request() for t in items]

@@ -3,6 +3,7 @@ of the one-process engine and of transformers: any shard count, replicas, microb
 and decode on different nodes, two model families."""
 
 import itertools
+import time
 from dataclasses import replace
 
 import pytest
@@ -124,6 +125,8 @@ def test_prompt_kv_comes_straight_from_the_prefill_worker(ray_cluster, checkpoin
         pooled = cluster.pool_stats()[cluster.prefill_nodes[0]]["num_entries"]  # the fallback has them too
         victim = cluster.router.decode[0]  # a decode worker of the group dies: its sequences resume from the pool
         resumed, _ = generate_while(cluster, PROMPTS, GREEDY, lambda: ray.kill(victim, no_restart=True), 20)
+        cluster.router._send = kill_sender_first(cluster.router._send)  # the prefill worker dies before sending
+        refetched = [o.token_ids for o in cluster.generate(PROMPTS, GREEDY)]
     finally:
         cluster.shutdown()
     assert got == expected("mixtral") and world == 3  # 1 prefill + 2 decode workers
@@ -132,6 +135,24 @@ def test_prompt_kv_comes_straight_from_the_prefill_worker(ray_cluster, checkpoin
     assert sum(s["kv_pool_blocks"] for s in decode) == 0 and pooled == full_blocks
     assert all(s["sequences"] > 0 for s in decode)  # both decode workers took blocks over the group
     assert resumed == expected("mixtral") and cluster.router.num_resumed > 0
+    # its blocks never come: the decode worker is kept and gets them from the pool (or recomputes)
+    assert refetched == expected("mixtral") and cluster.router.num_kv_fallbacks == 1
+    assert len(cluster.router.decode) == 1
+
+
+def kill_sender_first(send):
+    """Wrap RequestRouter._send: kill the prefill worker holding the blocks, and wait for its death."""
+
+    def send_after_kill(worker, source, items):
+        if source is not None:
+            ray.kill(source, no_restart=True)
+            with pytest.raises(ray.exceptions.RayActorError):
+                for _ in range(200):
+                    ray.get(source.ready.remote(), timeout=30)
+                    time.sleep(0.05)
+        return send(worker, source, items)
+
+    return send_after_kill
 
 
 def test_drafts_ride_the_same_expert_round_trips(ray_cluster, checkpoint_dir, expected):
