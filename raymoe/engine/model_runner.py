@@ -156,7 +156,8 @@ class ModelRunner:
         for seq, n in scheduled:
             input_ids.extend(seq.token_ids[seq.num_cached_tokens : seq.num_cached_tokens + n - seq.num_draft_tokens])
             input_ids.extend(seq.draft.tokens if seq.draft is not None else ())
-        trees = [None if seq.draft is None else seq.draft.tree_parents() for seq, _ in scheduled]
+        # a chain is verified with the plain causal mask at its own slots: no tree to lay out
+        trees = [None if seq.draft is None or seq.draft.is_chain else seq.draft.tree_parents() for seq, _ in scheduled]
         batch = AttentionBatch.build(
             query_lens=[n for _, n in scheduled],
             context_lens=[seq.num_cached_tokens + n for seq, n in scheduled],

@@ -46,7 +46,7 @@ class Sequence:
         self.new_logprobs: list = []  # logprobs.Entry of each token of the last step, when params.logprobs asks
         self.draft = None  # a spec.Draft verified in this step (speculative decoding), else None
         self.draft_state = None  # the drafter's own state for this sequence (e.g. an n-gram index)
-        self.draft_record = (1.0, 1.0)  # the Speculator's (accepted, rejected) draft tokens, decayed
+        self.draft_record = None  # the Speculator's (accepted, rejected) draft tokens, decayed (None: none yet)
         self.prompt_logprobs: list = []  # logprobs.Entry of prompt tokens 1.. (params.prompt_logprobs)
 
     @classmethod

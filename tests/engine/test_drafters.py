@@ -22,12 +22,14 @@ def test_prompt_lookup_takes_the_longest_tail_and_its_latest_occurrence():
     assert PromptLookup(1, 3).propose(seq([1, 2, 3]), 8, 8) is None  # "3" never occurred before
 
 
-def test_prompt_lookup_index_grows_with_the_sequence():
+def test_prompt_lookup_buffer_grows_with_the_sequence():
     drafter, s = PromptLookup(2, 2), seq([4, 5, 6])
     assert drafter.propose(s, 4, 4) is None
     s.token_ids += [4, 5]
     assert drafter.propose(s, 4, 4).tokens == (6, 4, 5)
-    assert s.draft_state.num_indexed == len(s) - 1
+    s.token_ids += [9, 4] * 200  # past the buffer's first size; tail "9 4" last seen 2 tokens back
+    assert drafter.propose(s, 4, 4).tokens == (9, 4) and s.draft_state.n == len(s)
+    assert drafter.propose(seq([4, 7, 4]), 4, 4) is None  # "7 4" never occurred before (min_ngram 2)
 
 
 def test_tree_template_is_best_first_and_every_prefix_is_a_tree():

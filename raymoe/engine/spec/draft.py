@@ -33,6 +33,11 @@ class Draft:
         """Draft tokens (nodes besides the root)."""
         return len(self.tokens)
 
+    @property
+    def is_chain(self) -> bool:
+        """Every node's parent is the node before it: causal attention lays it out already."""
+        return all(p == i for i, p in enumerate(self.parents))
+
     def tree_parents(self) -> list[int]:
         """[N + 1] parent of every node, the root's -1 (`AttentionBatch.build`'s trees)."""
         return [-1, *self.parents]

@@ -4,37 +4,49 @@ The longest tail of `max_ngram` down to `min_ngram` tokens that occurred earlier
 the output picks the draft: the tokens after its most recent earlier occurrence, as a chain. Text
 that copies its context (answers quoting a document, code edits, repeated lists) is drafted right.
 
-Each sequence keeps an index n-gram -> the end of its latest occurrence, extended as tokens come
-(amortised O(max_ngram) per token, not a scan of the context per step).
+Each sequence keeps its tokens in a numpy buffer, extended as tokens come; a step's match is a few
+vectorised comparisons over it (the positions of the last token, narrowed one token back at a
+time), microseconds for thousands of tokens, with no index to build on a long prompt's first step.
 """
 
 from __future__ import annotations
 
+import numpy as np
+
 from raymoe.engine.spec.draft import Draft
 
 
-class NgramIndex:
-    """One sequence's n-grams: (tokens) -> index of the last token of their latest occurrence,
-    for every occurrence that ends before the sequence's last token."""
+class TokenBuffer:
+    """One sequence's token ids as a growing int array (`tokens` [n])."""
 
-    def __init__(self, min_ngram: int, max_ngram: int):
-        self.min_ngram, self.max_ngram = min_ngram, max_ngram
-        self.latest: dict[tuple[int, ...], int] = {}
-        self.num_indexed = 0  # occurrences ending at positions < this are in `latest`
+    def __init__(self):
+        self.data, self.n = np.zeros(256, dtype=np.int64), 0
 
-    def update(self, token_ids: list[int]) -> None:
-        for end in range(self.num_indexed, len(token_ids) - 1):
-            for n in range(self.min_ngram, min(self.max_ngram, end + 1) + 1):
-                self.latest[tuple(token_ids[end - n + 1 : end + 1])] = end
-        self.num_indexed = max(self.num_indexed, len(token_ids) - 1)
+    def sync(self, token_ids: list[int]) -> np.ndarray:
+        """The buffer holding exactly token_ids (appends the new ones; rebuilt if they shrank)."""
+        if len(token_ids) < self.n:
+            self.n = 0
+        if len(token_ids) > self.data.shape[0]:
+            grown = np.zeros(max(2 * self.data.shape[0], len(token_ids)), dtype=np.int64)
+            grown[: self.n] = self.data[: self.n]
+            self.data = grown
+        self.data[self.n : len(token_ids)] = token_ids[self.n :]
+        self.n = len(token_ids)
+        return self.data[: self.n]
 
-    def match(self, token_ids: list[int]) -> int | None:
-        """End of the latest earlier occurrence of the longest tail that has one, or None."""
-        for n in range(min(self.max_ngram, len(token_ids)), self.min_ngram - 1, -1):
-            end = self.latest.get(tuple(token_ids[-n:]))
-            if end is not None:
-                return end
-        return None
+
+def latest_match(tokens: np.ndarray, min_ngram: int, max_ngram: int) -> int | None:
+    """tokens [L] -> end index (< L - 1) of the latest earlier occurrence of the longest tail of
+    min_ngram..max_ngram tokens that has one, or None."""
+    ends = np.flatnonzero(tokens[:-1] == tokens[-1])  # occurrences of the 1-token tail
+    best, length = (int(ends[-1]) if ends.size else None), 1
+    for k in range(1, min(max_ngram, len(tokens) - 1)):
+        ends = ends[ends >= k]
+        ends = ends[tokens[ends - k] == tokens[-1 - k]]
+        if not ends.size:
+            break
+        best, length = int(ends[-1]), k + 1
+    return best if best is not None and length >= min_ngram else None
 
 
 class PromptLookup:
@@ -46,16 +58,15 @@ class PromptLookup:
         self.min_ngram, self.max_ngram = min_ngram, max_ngram
 
     def propose(self, seq, max_nodes: int, max_depth: int) -> Draft | None:
-        """seq: a `Sequence` (its `draft_state` holds the index). A chain of at most
+        """seq: a `Sequence` (its `draft_state` holds its token buffer). A chain of at most
         min(max_nodes, max_depth) tokens, or None when the tail occurred nowhere before."""
         if seq.draft_state is None:
-            seq.draft_state = NgramIndex(self.min_ngram, self.max_ngram)
-        index, tokens = seq.draft_state, seq.token_ids
-        index.update(tokens)
-        end = index.match(tokens)
+            seq.draft_state = TokenBuffer()
+        tokens = seq.draft_state.sync(seq.token_ids)
+        end = latest_match(tokens, self.min_ngram, self.max_ngram)
         if end is None:
             return None
-        follow = tokens[end + 1 : end + 1 + min(max_nodes, max_depth)]
+        follow = tokens[end + 1 : end + 1 + min(max_nodes, max_depth)].tolist()
         return Draft.chain(follow) if follow else None
 
     def observe(self, token_ids, logits) -> None:

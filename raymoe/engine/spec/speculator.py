@@ -10,7 +10,7 @@ about what it may save, so the per-sequence draft size shrinks as the batch grow
 (`token_budget // decodes - 1`), down to none.
 
 A draft is only as deep as it is likely to pay: if a sequence's draft tokens are each accepted with
-probability a (estimated from its recent steps), the k-th costs `draft_cost` of a step and is kept
+probability a (estimated from its recent steps, starting from how recent sequences did), the k-th costs `draft_cost` of a step and is kept
 with probability a^k, so drafts stop at depth log(draft_cost) / log(a).
 
 A draft never makes a sequence overshoot: at most `max_tokens - generated - 1` deep (the bonus token
@@ -30,6 +30,8 @@ from raymoe.engine.spec.draft import Draft
 # sequence add 10-30% each to a step at batch 1 to 64.
 DRAFT_COST = 0.1
 DECAY = 0.8  # weight of a sequence's earlier steps in its acceptance estimate
+PRIOR_DECAY = 0.99  # the same over every sequence's steps: a new sequence's starting estimate
+PRIOR_WEIGHT = 2.0  # how many tokens' worth of evidence a new sequence starts from
 
 
 @dataclass
@@ -64,6 +66,14 @@ class Speculator:
         self.draft_cost = draft_cost
         self.max_model_len = max_model_len
         self.stats = SpecStats()
+        self.overall = (1.0, 1.0)  # (accepted, rejected) over every sequence's steps, decayed
+
+    def prior(self) -> tuple[float, float]:
+        """A new sequence's (accepted, rejected): how the drafts of recent sequences did, with the
+        weight of PRIOR_WEIGHT tokens (a short answer gets deep drafts at once where drafts pay)."""
+        accepted, rejected = self.overall
+        scale = PRIOR_WEIGHT / (accepted + rejected)
+        return accepted * scale, rejected * scale
 
     def draft_size(self, num_decodes: int, step_budget: int) -> int:
         """Draft tokens each of `num_decodes` sequences may get, when the step holds `step_budget`
@@ -75,7 +85,8 @@ class Speculator:
 
     def propose(self, seq, size: int) -> Draft | None:
         """A draft of at most `size` tokens for a decoding sequence, or None."""
-        max_depth = min(seq.params.max_tokens - seq.num_output_tokens - 1, worth_depth(seq.draft_record, self.draft_cost))
+        worth = worth_depth(seq.draft_record or self.prior(), self.draft_cost)
+        max_depth = min(seq.params.max_tokens - seq.num_output_tokens - 1, worth)
         max_nodes = min(size, self.max_model_len - len(seq) - 1)
         if max_depth < 1 or max_nodes < 1:
             return None
@@ -88,9 +99,11 @@ class Speculator:
     def record(self, seq, draft: Draft, path: list[int]) -> None:
         """After verifying seq's draft: path = the accepted nodes. A path that ends at a node with
         children counts as a rejection (one ending at a leaf was not tested further)."""
-        accepted, rejected = seq.draft_record
+        accepted, rejected = seq.draft_record or self.prior()
         was_rejected = bool(draft.children(path[-1] if path else 0))
         seq.draft_record = (DECAY * accepted + len(path), DECAY * rejected + was_rejected)
+        accepted, rejected = self.overall
+        self.overall = (PRIOR_DECAY * accepted + len(path), PRIOR_DECAY * rejected + was_rejected)
         num_accepted = len(path)
         s = self.stats
         s.num_verify_steps += 1
