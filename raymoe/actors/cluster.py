@@ -145,6 +145,7 @@ class MoECluster:
             "resumed_sequences": self.router.num_resumed,
             "reseated_sequences": self.router.num_reseated,
             "prefill_retries": self.router.num_prefill_retries,
+            "kv_fallbacks": self.router.num_kv_fallbacks,  # direct KV submits that went through the pool
         }
 
     def shutdown(self) -> None:
