@@ -32,6 +32,7 @@ class DecodeGroup:
     ctx_lens: torch.Tensor  # [n]
     num_blocks: int
     masks: dict  # sliding window (None: full) -> [n, 1, 1, num_blocks * block_size] additive mask, or None
+    all_full: bool = False  # every member's context fills its num_blocks (known on the host)
 
 
 @dataclass
@@ -71,14 +72,15 @@ def build_plan(query_lens: list[int], context_lens: list[int], tables: torch.Ten
     groups = []
     for members in split_groups(sorted(decodes, key=lambda b: context_lens[b]), context_lens, bs):
         nb = -(-context_lens[members[-1]] // bs)
-        ctx = torch.tensor([context_lens[b] for b in members], device=dev)
+        ctx = torch.tensor([context_lens[b] for b in members]).to(dev)  # made on the host, then moved
         rows = [starts[b] for b in members]
         if rows == list(range(rows[0], rows[0] + len(rows))):
             rows = slice(rows[0], rows[0] + len(rows))
         else:
-            rows = torch.tensor(rows, device=dev)
-        idx = torch.tensor(members, device=dev)
-        groups.append(DecodeGroup(rows, tables[idx, :nb].reshape(-1), ctx, nb, {}))
+            rows = torch.tensor(rows).to(dev)
+        idx = torch.tensor(members).to(dev)
+        all_full = all(context_lens[b] == nb * bs for b in members)
+        groups.append(DecodeGroup(rows, tables[idx, :nb].reshape(-1), ctx, nb, {}, all_full))
     prefills = []
     for b, q in enumerate(query_lens):
         if q == 1:
@@ -112,13 +114,16 @@ def split_groups(order: list[int], context_lens: list[int], block_size: int) -> 
 def decode_mask(group: DecodeGroup, block_size: int, window: int | None, dtype, device) -> torch.Tensor | None:
     """[n, 1, 1, keys] additive: 0 where a decode sees a key (before its context's end, in window)."""
     if window not in group.masks:
-        keys = torch.arange(group.num_blocks * block_size, device=device)[None, :]
+        num_keys = group.num_blocks * block_size
+        if group.all_full and (window is None or window >= num_keys):  # sees every key: no mask
+            group.masks[window] = None
+            return None
+        keys = torch.arange(num_keys).to(device)[None, :]
         last = group.ctx_lens[:, None] - 1  # each decode's own position
         seen = keys <= last
         if window is not None:
             seen &= keys > last - window
-        full = bool(seen.all())
-        group.masks[window] = None if full else additive(seen, dtype)[:, None, None, :]
+        group.masks[window] = additive(seen, dtype)[:, None, None, :]
     return group.masks[window]
 
 
@@ -130,8 +135,8 @@ def prefill_mask(part: PrefillPart, keys: int, window: int | None, dtype, device
         if part.blocks is None and window is None:
             part.masks[window] = None
         else:
-            pos = part.ctx_len - q + torch.arange(q, device=device)[:, None]
-            k = torch.arange(keys, device=device)[None, :]
+            pos = part.ctx_len - q + torch.arange(q).to(device)[:, None]
+            k = torch.arange(keys).to(device)[None, :]
             seen = k <= pos
             if window is not None:
                 seen &= k > pos - window
