@@ -4,7 +4,8 @@
 
 `LLMEngine` in this process, 1 torch thread, the serving requests of `bench/engine.py` (prompts 4-200,
 outputs 8-256, at most 32 running, 512 tokens per step). Prints JSON: wall time, useful tok/s, ms per
-step by kind (pure decode, mixed prefill + decode) and, with --profile N, torch.profiler's top ops by
+step by kind (pure decode, mixed prefill + decode), CPU seconds of the process (steadier than wall time
+on a shared machine) and, with --profile N, torch.profiler's top ops by
 self CPU time over N mixed and pure steps, plus the share of time inside attention (`attention`
 region), MoE FFN (`ffn`) and the LM head (`head`).
 """
@@ -79,7 +80,7 @@ def run(num_requests: int, dtype: str, profile_steps: int, top: int = 25) -> dic
 
     runner.run = timed_run
     prof, profiled, steps = None, 0, 0
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     while engine.has_unfinished():
         if prof is None and profiled == 0 and profile_steps and len(engine.scheduler.running) >= 16:
             prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
@@ -94,9 +95,10 @@ def run(num_requests: int, dtype: str, profile_steps: int, top: int = 25) -> dic
                 paused = time.perf_counter()
                 table, prof = profile_summary(prof, top), None
                 start += time.perf_counter() - paused  # the summary is not the engine's time
-    wall = time.perf_counter() - start
+    wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     useful = sum(n for _, n in requests)
     out = {"seconds": round(wall, 2), "useful_tokens_per_s": round(useful / wall, 1), "steps": steps,
+           "cpu_seconds": round(cpu, 2), "useful_tokens_per_cpu_s": round(useful / cpu, 1),
            "model_seconds": round(sum(map(sum, kinds.values())), 2)}
     for k, ts in kinds.items():
         out[f"{k}_steps"] = len(ts)

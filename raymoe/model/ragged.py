@@ -15,7 +15,7 @@ row indices and additive masks. Batches with draft trees or explicit positions k
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -51,6 +51,17 @@ class RaggedPlan:
     decodes: list[DecodeGroup]
     prefills: list[PrefillPart]
     block_size: int
+    max_blocks: int  # the most blocks one gather takes (a decode group's, or a prefix's)
+    buffers: dict = field(default_factory=dict)  # (k or v, dtype) -> gather target, reused by every layer
+
+    def gather(self, part: str, pool: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+        """pool [num_blocks, block_size, heads, d] -> its `blocks` [N] as [N, block_size, heads, d], in
+        a buffer of this step (a fresh allocation per layer costs as much as the copy itself)."""
+        key = (part, pool.dtype, pool.shape[2:])
+        buf = self.buffers.get(key)
+        if buf is None:
+            buf = self.buffers[key] = pool.new_empty(self.max_blocks, *pool.shape[1:])
+        return torch.index_select(pool, 0, blocks, out=buf[: blocks.shape[0]])
 
 
 def plan_for(batch) -> RaggedPlan | None:
@@ -88,7 +99,8 @@ def build_plan(query_lens: list[int], context_lens: list[int], tables: torch.Ten
         ctx = context_lens[b]
         blocks = None if ctx == q else tables[b, : -(-ctx // bs)]
         prefills.append(PrefillPart(starts[b], starts[b] + q, ctx, blocks, {}))
-    return RaggedPlan(groups, prefills, bs)
+    sizes = [g.blocks.shape[0] for g in groups] + [p.blocks.shape[0] for p in prefills if p.blocks is not None]
+    return RaggedPlan(groups, prefills, bs, max(sizes, default=0))
 
 
 def split_groups(order: list[int], context_lens: list[int], block_size: int) -> list[list[int]]:
@@ -160,8 +172,8 @@ def attend_ragged(q, k, v, cache, plan: RaggedPlan, scale: float, window: int | 
     out = None if only else q.new_empty(q.shape[0], heads, v_cache.shape[3])
     for g in plan.decodes:
         n, keys = g.ctx_lens.shape[0], g.num_blocks * plan.block_size
-        kc = k_cache.index_select(0, g.blocks).view(n, keys, kv_heads, d).transpose(1, 2)  # [n, kv_heads, keys, d]
-        vc = v_cache.index_select(0, g.blocks).view(n, keys, kv_heads, -1).transpose(1, 2)
+        kc = plan.gather("k", k_cache, g.blocks).view(n, keys, kv_heads, d).transpose(1, 2)  # [n, kv_heads, keys, d]
+        vc = plan.gather("v", v_cache, g.blocks).view(n, keys, kv_heads, -1).transpose(1, 2)
         qg = q[g.rows] if isinstance(g.rows, slice) else q.index_select(0, g.rows)
         mask = decode_mask(g, plan.block_size, window, q.dtype, q.device)
         res = F.scaled_dot_product_attention(qg.view(n, kv_heads, group, d), kc, vc, attn_mask=mask, scale=scale)
@@ -176,8 +188,8 @@ def attend_ragged(q, k, v, cache, plan: RaggedPlan, scale: float, window: int | 
         if p.blocks is None:  # the chunk is its whole context: its own new keys
             kc, vc = k[p.start : p.stop], v[p.start : p.stop]
         else:
-            kc = k_cache.index_select(0, p.blocks).view(-1, kv_heads, d)
-            vc = v_cache.index_select(0, p.blocks).view(-1, kv_heads, v_cache.shape[3])
+            kc = plan.gather("k", k_cache, p.blocks).view(-1, kv_heads, d)
+            vc = plan.gather("v", v_cache, p.blocks).view(-1, kv_heads, v_cache.shape[3])
         mask = prefill_mask(p, kc.shape[0], window, q.dtype, q.device)
         res = F.scaled_dot_product_attention(
             q[p.start : p.stop].transpose(0, 1)[None], kc.transpose(0, 1)[None], vc.transpose(0, 1)[None],
