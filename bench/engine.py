@@ -10,7 +10,9 @@ system's alone), on two models: the built-in one and a Mixtral-shaped one (hidde
   batch runs until its longest output). Figure: useful (requested) output tokens per second.
 - fixed: B equal prompts of 32 tokens, B in 1, 8, 32: decode time per step, from
   (time for 65 tokens - time for 1 token) / 64.
-Medians over `--repeats`; `--dtype bfloat16` runs every system in bfloat16. vLLM's CPU build joins as
+Medians over `--repeats`; `--dtype bfloat16` runs every system in bfloat16. Beside wall time each
+result has the CPU seconds of the worker's whole process tree (vLLM's engine core included), the
+steadier figure on a shared machine. vLLM's CPU build joins as
 an optional peer when importable.
 """
 
@@ -133,23 +135,48 @@ def worker(system: str, model_path: str, task: str, repeats: int, num_requests: 
         requests = serving_requests(vocab, num_requests)
         sys_ = SYSTEMS[system](model_path, SERVING["max_num_seqs"])
         sys_.run(requests[:4])  # warm-up
-        times = [sys_.run(requests) for _ in range(repeats)]
+        times, cpu = [], []
+        for _ in range(repeats):
+            cpu_start = tree_cpu_seconds()
+            times.append(sys_.run(requests))
+            cpu.append(tree_cpu_seconds() - cpu_start)
         useful = sum(n for _, n in requests)
         result = {"seconds": statistics.median(times), "useful_tokens": useful,
-                  "useful_tokens_per_s": useful / statistics.median(times), "all_seconds": times}  # fmt: skip
+                  "useful_tokens_per_s": useful / statistics.median(times), "all_seconds": times,
+                  "cpu_seconds": statistics.median(cpu), "useful_tokens_per_cpu_s": useful / statistics.median(cpu)}  # fmt: skip
     else:
         batch = int(task.split("_")[1])
         sys_ = SYSTEMS[system](model_path, batch)
         prompts = fixed_prompts(vocab, batch)
         sys_.run([(p, 2) for p in prompts])  # warm-up
-        per_step = []
+        per_step, cpu_per_step = [], []
         for _ in range(repeats):
+            c0 = tree_cpu_seconds()
             t_short = sys_.run([(p, 1) for p in prompts])
+            c1 = tree_cpu_seconds()
             t_long = sys_.run([(p, FIXED_DECODE + 1) for p in prompts])
             per_step.append((t_long - t_short) / FIXED_DECODE)
-        result = {"ms_per_step": 1000 * statistics.median(per_step), "all_ms": [1000 * t for t in per_step]}
+            cpu_per_step.append(((tree_cpu_seconds() - c1) - (c1 - c0)) / FIXED_DECODE)
+        result = {"ms_per_step": 1000 * statistics.median(per_step), "all_ms": [1000 * t for t in per_step],
+                  "cpu_ms_per_step": 1000 * statistics.median(cpu_per_step)}
     result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return result
+
+
+def tree_cpu_seconds() -> float:
+    """CPU seconds (user + system) so far of this process and every live descendant (vLLM's engine
+    core is a child process): on a shared machine the steadier figure than wall time."""
+    total, pids = 0, [os.getpid()]
+    while pids:
+        pid = pids.pop()
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15 of stat)
+            for task in os.listdir(f"/proc/{pid}/task"):
+                pids += [int(c) for c in Path(f"/proc/{pid}/task/{task}/children").read_text().split()]
+        except OSError:
+            continue  # exited meanwhile
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 def run_worker(system: str, model_path: Path, task: str, args) -> dict:
@@ -262,8 +289,12 @@ def ratios_of(res: dict, systems: list[str]) -> dict:
                 continue
             if task == "serving":
                 ratios[f"serving_tokens_per_s_vs_{peer}"] = r["useful_tokens_per_s"] / p["useful_tokens_per_s"]
+                if "cpu_seconds" in r and "cpu_seconds" in p:
+                    ratios[f"serving_tokens_per_cpu_s_vs_{peer}"] = p["cpu_seconds"] / r["cpu_seconds"]
             else:
                 ratios[f"{task}_speedup_vs_{peer}"] = p["ms_per_step"] / r["ms_per_step"]
+                if "cpu_ms_per_step" in r and "cpu_ms_per_step" in p:
+                    ratios[f"{task}_cpu_speedup_vs_{peer}"] = p["cpu_ms_per_step"] / r["cpu_ms_per_step"]
     return ratios
 
 
