@@ -14,12 +14,19 @@ def seq(tokens) -> Sequence:
 
 
 def test_prompt_lookup_takes_the_longest_tail_and_its_latest_occurrence():
-    s = seq([5, 6, 7, 8, 1, 6, 7, 9, 2, 6, 7])
-    draft = PromptLookup(1, 3).propose(s, max_nodes=8, max_depth=8)
-    assert draft.tokens == (9, 2, 6, 7) and draft.parents == (0, 1, 2, 3)  # after the latest "6 7"
+    s = seq([5, 6, 7, 8, 1, 6, 9, 2, 6, 7])  # "6 7" occurred once before, "7" once, "6" twice
+    draft = PromptLookup(1, 3).propose(s, max_nodes=4, max_depth=8)
+    assert draft.tokens == (8, 1, 6, 9) and draft.parents == (0, 1, 2, 3)  # max_nodes caps the chain
     s.token_ids += [8]  # tail "7 8" (and "6 7 8") occurred once, at the start
-    assert PromptLookup(1, 3).propose(s, 8, 2).tokens == (1, 6)  # max_depth caps the chain
+    assert PromptLookup(1, 3).propose(s, 8, 2).tokens == (1, 6)  # max_depth caps it too
     assert PromptLookup(1, 3).propose(seq([1, 2, 3]), 8, 8) is None  # "3" never occurred before
+
+
+def test_prompt_lookup_drafts_an_ambiguous_tail_as_far_as_its_latest_continuations_agree():
+    # "1 2" twice before: then "3 8 ..." (latest) and "3 9 ...": they agree on "3" only
+    assert PromptLookup(1, 3).propose(seq([1, 2, 3, 9, 1, 2, 3, 8, 5, 1, 2]), 8, 8).tokens == (3,)
+    # "6 7" twice before, then 9 and 8: no draft (a common tail says little)
+    assert PromptLookup(1, 3).propose(seq([5, 6, 7, 8, 1, 6, 7, 9, 2, 6, 7]), 8, 8) is None
 
 
 def test_prompt_lookup_buffer_grows_with_the_sequence():
