@@ -185,7 +185,7 @@ def median_time(fn, n: int) -> float:
 
 
 def on_cluster(model_path: str, batches, repeats: int, num_tokens: int | None, draft_cost: float,
-               niceness: int) -> dict:  # fmt: skip
+               niceness: int, workloads=tuple(PARAMS), sequences: int = 4) -> dict:  # fmt: skip
     import ray
 
     os.environ["RAY_worker_niceness"] = str(niceness)  # read by the raylet Ray starts below (its default: 15)
@@ -196,14 +196,14 @@ def on_cluster(model_path: str, batches, repeats: int, num_tokens: int | None, d
     ray.init(address="local", num_cpus=8, runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}}, include_dashboard=False)
     out = {}
     try:
-        for workload in PARAMS:
+        for workload in workloads:
             for batch in batches:
                 clusters = {m: MoECluster(model_path, ClusterConfig(
                     engine=engine_config(m, batch, num_tokens, draft_cost), namespace=f"spec-{workload}-{batch}-{m}",
                     num_shards=2, colocate_experts=False)) for m in METHODS}  # fmt: skip
                 try:
                     run = lambda m, t, p: cluster_round(clusters[m], t, p)  # noqa: E731
-                    out[f"{workload}/b{batch}"] = compare(run, workload, batch, repeats, waves(batch, 4))
+                    out[f"{workload}/b{batch}"] = compare(run, workload, batch, repeats, waves(batch, sequences))
                 finally:
                     for c in clusters.values():
                         c.shutdown()
@@ -239,6 +239,8 @@ def main() -> None:
     ap.add_argument("--cluster-draft-cost", type=float, default=0.1, help="engine.speculative_draft_cost there")
     ap.add_argument("--worker-niceness", type=int, default=os.nice(0),
                     help="niceness of Ray's worker processes (Ray's default 15); default: this process's")
+    ap.add_argument("--cluster-workloads", default="prose,docqa")
+    ap.add_argument("--cluster-sequences", type=int, default=4, help="sequences a cluster round runs at least")
     ap.add_argument("--skip-one-process", action="store_true", help="only the cluster part (with --cluster)")
     ap.add_argument("--out", default="bench/out/speculative.json")
     ap.add_argument("--plot", default=None, help="also draw speed-up against batch size here (a .png)")
@@ -261,7 +263,8 @@ def main() -> None:
     if args.cluster:
         cluster_batches = [int(b) for b in args.cluster_batches.split(",")]
         result["cluster"] = on_cluster(args.model, cluster_batches, args.cluster_repeats, args.num_speculative_tokens,
-                                       args.cluster_draft_cost, args.worker_niceness)
+                                       args.cluster_draft_cost, args.worker_niceness,
+                                       args.cluster_workloads.split(","), args.cluster_sequences)  # fmt: skip
         result["cluster_draft_cost"] = args.cluster_draft_cost
         Path(args.out).write_text(json.dumps(result, indent=1))
     print(json.dumps(result, indent=1))
