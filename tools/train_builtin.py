@@ -12,8 +12,9 @@ generation_config.json, model.safetensors (named as raymoe's builtin.weight_shap
 tokenizer.json, tokenizer_config.json, plus train_log.jsonl and, with --plot, the loss curve.
 transformers is used here only, for its Qwen3MoeForCausalLM; raymoe serves the result itself.
 
-Status (docs/benchmarks.md): the shipped built-in model is step 12000 of this script's defaults
-(`--steps 12000`, 1 thread, about 2 hours on this 2-core machine when shared, 0.25 s per step alone).
+Status (docs/benchmarks.md): the shipped built-in model is this script's defaults to step 12000
+(`--steps 12000`, 1 thread, about 2 hours on this 2-core machine when shared, 0.25 s per step alone),
+continued with the command below to step 15000 (49 minutes, shared).
 
 Continuing a run from a checkpoint, deterministically (`--init-from DIR --start-step N`): the
 weights, config and tokenizer come from DIR, AdamW starts fresh with a short warm-up
@@ -21,8 +22,8 @@ weights, config and tokenizer come from DIR, AdamW starts fresh with a short war
 linearly to zero by --steps: `--cooldown`), and the text stream is seeded by N (`data_seed`), so a
 continuation is reproducible from its command alone:
 
-    nice -n 5 python tools/train_builtin.py --init-from /tmp/mexp/c2/step12000 --start-step 12000 \
-        --steps 15000 --cooldown --out /tmp/mexp/c3 --save-every 400
+    nice -n 5 python tools/train_builtin.py --init-from /tmp/builtin/step12000 --start-step 12000 \
+        --steps 15000 --cooldown --qa-share 0.9 --no-space-share 0.4 --corpus-words --out /tmp/builtin-c3
 """
 
 from __future__ import annotations

@@ -39,7 +39,7 @@ PACKAGE_FOLDER = "builtin_model"  # raymoe/model/builtin_model/: the trained mod
 SHIPPED_SHA256 = {
     "config.json": "785f9be8761316e3d3e7958d30f091d8a8d47a19653da9fa81e0376ae300a706",
     "generation_config.json": "10bcdba174a5a89e105835bc369a794e8c1f1e3fffadcac0560747119d4db378",
-    "model.safetensors": "7f4ec2f4b215e4cca40240f7bbf180fb36a160252cba5a8510c22b15b9c6625d",
+    "model.safetensors": "047c7ab4de3c74400d27a6d73cc6b5dd52c393b5455023079305503eefb871a2",
     "tokenizer.json": "8a53eb69a968b1b31646532b3d04227a4502ecd2c27955653443ce5e0b023f47",
     "tokenizer_config.json": "1386e8ae1a0bad63b878dd788fc9cb5829bae68c5cd2c1a1b575375a6ec8862c",
 }
