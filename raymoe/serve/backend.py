@@ -120,6 +120,7 @@ class EngineBackend:
             "num_free_kv_blocks": bm.num_free_blocks, "num_engine_requests": len(self.engine.requests),
             "backend": "engine", "nodes": len(ray_state.live_nodes()),
             "speculative": {"method": self.engine.config.speculative, **self.engine.spec_stats()},
+            "chunks": self.engine.chunk_stats(),
             "replicas": {name: d["running"] for name, d in ray_state.deployments().items()},
         }  # fmt: skip
 

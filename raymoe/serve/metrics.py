@@ -7,6 +7,7 @@ counters are read from the backend at scrape time, so they are never stale.
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
@@ -35,6 +36,7 @@ class ServeMetrics:
                                       "share of token-expert pairs served on the token's own node", registry=r)  # fmt: skip
         self.expert_load = Gauge("raymoe_expert_load", "recent tokens per expert", ["layer", "expert"], registry=r)
         self.spec = SpecGauges(r)
+        self.chunks = ChunkCounters(r)
         self.cluster = ClusterGauges(r)
 
     def observe_request(self, route: str, status: int) -> None:
@@ -64,6 +66,7 @@ class ServeMetrics:
             for expert, load in enumerate(row):
                 self.expert_load.labels(layer=str(layer), expert=str(expert)).set(load)
         self.spec.update(stats.get("speculative") or {})
+        self.chunks.update(stats.get("chunks") or {})
         self.cluster.update(stats)
 
     def render(self) -> bytes:
@@ -89,6 +92,39 @@ class SpecGauges:
     def update(self, spec: dict) -> None:
         for key, gauge in self.gauges.items():
             gauge.set(spec.get(key, 0))
+
+
+class ChunkCounters:
+    """Chunk reuse (`raymoe_chunks`, docs/chunks.md): the engine's `chunk_stats()` totals as
+    Prometheus counters (`_total`), read from the backend at scrape time (backend: engine only: the
+    cluster backend's stats lack its prefill workers' counters, /admin/cluster shows them per worker).
+    Reused = placed - recomputed: chunk tokens whose KV came from the pool as placed."""
+
+    FIELDS = {
+        "blended_requests": ("raymoe_chunk_requests", "requests whose chunks were placed (blended)"),
+        "chunk_tokens_placed": ("raymoe_chunk_tokens_placed", "chunk tokens placed from stored chunk KV"),
+        "chunk_tokens_reused": ("raymoe_chunk_tokens_reused", "placed chunk tokens kept, not recomputed"),
+        "chunk_tokens_recomputed": ("raymoe_chunk_tokens_recomputed", "placed chunk tokens recomputed (the share)"),
+        "chunk_prefill_tokens": ("raymoe_chunk_tokens_computed", "chunk tokens computed on their own (not stored yet)"),
+        "computed_tokens": ("raymoe_computed_tokens", "prefill + decode tokens computed, blends as whole tokens"),
+    }  # fmt: skip
+
+    def __init__(self, r: CollectorRegistry):
+        self.values: dict[str, float] = {}
+        r.register(self)
+
+    def update(self, chunks: dict) -> None:
+        values = dict(chunks)
+        if "chunk_tokens_placed" in values:
+            values["chunk_tokens_reused"] = values["chunk_tokens_placed"] - values.get("chunk_tokens_recomputed", 0)
+        self.values = values
+
+    def collect(self):
+        """Nothing without counters (backend: cluster), rather than zeros that look measured."""
+        if not self.values:
+            return
+        for key, (name, doc) in self.FIELDS.items():
+            yield CounterMetricFamily(name, doc, value=self.values.get(key, 0))
 
 
 class ClusterGauges:

@@ -1,7 +1,8 @@
 """The chunk-cache extension of the OpenAI API (`raymoe_chunks`, `raymoe_chunk_share`): validated into
 the request's ChunkReuse, bad values answered 400 naming the field; through a running server and the
-raymoe SDK, a 100% recompute share returns the plain completion."""
+raymoe SDK, a 100% recompute share returns the plain completion, and /metrics counts the reused tokens."""
 
+import httpx
 import pytest
 from serve_harness import API_KEY, MODEL
 
@@ -50,8 +51,17 @@ def test_sdk_chunks_through_the_server(server):
         assert full.choices[0].text == plain.choices[0].text
         reused = client.complete(prompt, model=MODEL, max_tokens=8, temperature=0, chunks=[doc], chunk_share=0.1)
         assert reused.usage.completion_tokens == 8
+        assert metric(server, "raymoe_chunk_tokens_reused_total") > 0  # share 0.1: most placed tokens kept
         with pytest.raises(BadRequestError, match="not a sub-span"):
             client.complete(prompt, model=MODEL, max_tokens=4, chunks=[list(range(1, 9))])
+
+
+def metric(server, name: str) -> float:
+    """A metric's value on the server's /metrics (0 when absent)."""
+    for line in httpx.get(server.base_url + "/metrics", timeout=30).text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    return 0.0
 
 
 @pytest.mark.timeout(300)

@@ -125,6 +125,7 @@ def test_admin(http):
     status = http.get("/admin/cluster").json()
     assert status["backend"] == "engine" and status["model"] == MODEL and status["workers"]
     assert status["workers"][0]["num_finished"] >= 1 and len(status["nodes"]) == 1
+    assert status["workers"][0]["chunks"]["computed_tokens"] > 0  # the engine's chunk_stats()
     assert status["deployments"]["engine"]["running"] == 1
     text = httpx.get(http.base_url.join("/metrics"), timeout=30).text
     for line in ("raymoe_nodes 1.0", 'raymoe_replicas{deployment="engine"} 1.0',
