@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from raymoe.engine.chunks import ChunkKV, kv_deviation, select_recompute
-from raymoe.model.paged import AttentionBatch, write_kv
+from raymoe.model.paged import AttentionBatch, write_kv, write_slots
 
 
 @dataclass
@@ -84,7 +84,7 @@ def start_job(model, kv_cache, block_table: list[int], block_size: int, token_id
     table = AttentionBatch.build([token_ids.shape[0]], [end], [block_table], block_size, device=token_ids.device)
     slots = table.slot_mapping[placed.offsets]
     for (k, v), cache in list(zip(placed.kv, kv_cache))[1:]:
-        _write_rows(cache, slots, k, v)
+        write_slots(cache, slots, k, v)
     return BlendJob(start, token_ids, placed, share)
 
 
@@ -149,25 +149,6 @@ def run_active(model, kv_cache, block_table: list[int], block_size: int, job: Bl
     for layer, cache in zip(layers[1:], kv_cache[1:]):
         h = layer(h, sub, cache, cos_sin, model.experts)
     job.num_active_done, job.token_layers = b, job.token_layers + (b - a) * (len(layers) - 1)
-
-
-def blend_forward(model, kv_cache, block_table: list[int], block_size: int, token_ids: torch.Tensor,
-                  start: int, placed: PlacedChunks, share: float | None) -> tuple[torch.Tensor, int]:  # fmt: skip
-    """The whole blend of [start, start + R) at once. Returns (active offsets [A] long, ascending;
-    token-layers computed)."""
-    job = start_job(model, kv_cache, block_table, block_size, token_ids, start, placed, share)
-    run_first(model, kv_cache, block_table, block_size, job, token_ids.shape[0])
-    if not job.is_done:
-        run_active(model, kv_cache, block_table, block_size, job, job.active.numel())
-    return job.active, job.token_layers
-
-
-def _write_rows(cache: tuple[torch.Tensor, torch.Tensor], slots: torch.Tensor, k: torch.Tensor, v) -> None:
-    """Write KV rows k [N, h, k_dim], v [N, h, v_dim] (or None) into flat pool slots [N]."""
-    k_cache, v_cache = cache
-    k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slots, k.to(k_cache.dtype))
-    if v is not None and v_cache.shape[-1]:
-        v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slots, v.to(v_cache.dtype))
 
 
 def gather_rows(kv_cache, block_table: list[int], block_size: int, num_tokens: int) -> ChunkKV:

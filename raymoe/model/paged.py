@@ -216,10 +216,16 @@ def move_kv(kv_cache: KVCache, src: torch.Tensor, dst: torch.Tensor) -> None:
 
 def write_kv(cache: tuple[torch.Tensor, torch.Tensor], batch: AttentionBatch, k: torch.Tensor, v: torch.Tensor):
     """Store this step's keys/values. k: [T, kv_heads, k_dim], v: [T, kv_heads, v_dim]."""
+    write_slots(cache, batch.slot_mapping, k, v)
+
+
+def write_slots(cache: tuple[torch.Tensor, torch.Tensor], slots: torch.Tensor, k: torch.Tensor, v) -> None:
+    """Write KV rows k [N, kv_heads, k_dim], v [N, kv_heads, v_dim] (or None: no values) into flat
+    pool slots [N]."""
     k_cache, v_cache = cache
-    k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, batch.slot_mapping, k.to(k_cache.dtype))
-    if v_cache.shape[-1]:
-        v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, batch.slot_mapping, v.to(v_cache.dtype))
+    k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slots, k.to(k_cache.dtype))
+    if v is not None and v_cache.shape[-1]:
+        v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slots, v.to(v_cache.dtype))
 
 
 def gather_context(cache_part: torch.Tensor, batch: AttentionBatch) -> torch.Tensor:
