@@ -16,7 +16,8 @@ their latency distributions.
 Against vLLM (issue 15): `--peer vllm` also starts `vllm serve` on the built-in model (its venv from
 bench/setup_vllm.sh); `--client vllm` loads every server with `vllm bench serve` (random dataset,
 `--input-len`); `--rounds N` keeps all servers up and loads them in turn N times; an arrangement
-`colocated@TREE` runs that source tree's raymoe (before/after in one run); `--offline-step` adds the
+`colocated@TREE` runs that source tree's raymoe (before/after in one run), `colocated+threads=2`
+with 2 torch threads in its engine, `colocated+replicas=2` with two engine replicas; `--offline-step` adds the
 engine alone on the same workload each round (bench/offline_step.py).
 """
 
@@ -240,7 +241,8 @@ def side_by_side(args) -> dict:
     with contextlib.ExitStack() as stack:
         servers = {}
         for name in filter(None, args.arrangements.split(",")):
-            url = stack.enter_context(raymoe_server(ARRANGEMENTS[name.split("@")[0]], args, tree_of(name)))
+            base, options = arrangement_options(name)
+            url = stack.enter_context(raymoe_server(ARRANGEMENTS[base], args, tree_of(name), options))
             servers[name] = (url, serve_harness.API_KEY)
         if args.peer == "vllm":
             import vllm_peer
@@ -284,20 +286,39 @@ def measure_server(args, name: str, url: str, api_key: str | None) -> dict:
     return report
 
 
+def arrangement_options(name: str) -> tuple[str, dict[str, int]]:
+    """`colocated+threads=2+replicas=2@TREE` -> ("colocated", {"threads": 2, "replicas": 2}): the
+    engine's torch threads and the engine deployment's replicas (default 1 and 1)."""
+    base, *mods = name.split("@", 1)[0].split("+")
+    options = {}
+    for mod in mods:
+        key, _, value = mod.partition("=")
+        if key not in ("threads", "replicas") or not value.isdigit():
+            raise SystemExit(f"arrangement {name!r}: options are +threads=N and +replicas=N")
+        options[key] = int(value)
+    return base, options
+
+
 def tree_of(name: str) -> str | None:
     """`colocated@/tmp/raymoe-before`: that source tree's raymoe (a before/after in one run)."""
     return name.split("@", 1)[1] if "@" in name else None
 
 
 @contextlib.contextmanager
-def raymoe_server(backend: str, args, tree: str | None = None):
+def raymoe_server(backend: str, args, tree: str | None = None, options: dict | None = None):
     """`raymoe serve` with `backend` (a subprocess on a free loopback port), from `tree` (a source
-    tree put first on PYTHONPATH) if given; yields its URL."""
+    tree put first on PYTHONPATH) if given, with `arrangement_options`; yields its URL."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "serve"))
     import serve_harness
 
     config = {**serve_harness.CONFIG, "backend": backend}
     config["engine"] = {**config["engine"], "dtype": args.dtype}
+    options = options or {}
+    if "threads" in options:
+        config["engine"]["threads"] = options["threads"]
+    if "replicas" in options:
+        n = options["replicas"]
+        config["decode"] = {**config["decode"], "autoscaling": {"min_replicas": n, "max_replicas": n}}
     if args.max_num_seqs is not None:
         config["engine"]["max_num_seqs"] = args.max_num_seqs
         config["serve"] = {**config["serve"], "max_queue_len": max(4 * args.max_num_seqs, config["serve"]["max_queue_len"])}
