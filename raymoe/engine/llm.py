@@ -6,11 +6,14 @@
         print(delta.text, end="")
     # chunk-cache reuse (RAG): documents' KV computed once, reused at any position
     llm.generate([["Answer from:", Chunk(doc_a), Chunk(doc_b), "Q?"]], chunk_share=0.15)
+    with raymoe.LLM(data_parallel_size=2) as llm:        # two engine replicas (Ray actors), both cores
+        outs = llm.generate(prompts, params)             # same token ids as one engine, input order
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,7 +21,7 @@ from raymoe.engine.chunk_cache import LocalChunkStore
 from raymoe.engine.chunks import DEFAULT_SHARE, Chunk, build_prompt
 from raymoe.engine.llm_engine import EngineConfig, LLMEngine, RequestOutput
 from raymoe.engine.sampling_params import SamplingParams
-from raymoe.errors import InvalidSamplingParams
+from raymoe.errors import ConfigError, InvalidSamplingParams, UnsupportedOperationError
 
 Prompt = str | list[int] | list  # text, token ids, or parts (str / Chunk / token ids) with a Chunk
 
@@ -37,6 +40,7 @@ class LLM:
         device: str = "auto",
         speculative: str = "none",
         num_speculative_tokens: int | None = None,
+        data_parallel_size: int = 1,
     ):
         """model: a Hugging Face MoE checkpoint folder; None = the built-in model.
         chunk_cache_bytes: budget of the in-process chunk-KV cache (prompts with Chunk parts).
@@ -46,16 +50,52 @@ class LLM:
         speculative: "token_recycling" | "prompt_lookup" drafts tokens from the request itself and
         verifies them in the decode step (greedy output unchanged, sampled output distributed the
         same); num_speculative_tokens: draft tokens per sequence at most (None: the drafter's
-        default). Off ("none") by default."""
+        default). Off ("none") by default.
+        data_parallel_size: 1 = one engine in this process. N > 1 = N engine replicas, each a Ray
+        actor (its own process, so N cores run Python at once) on the CPU, with `threads` torch
+        threads each (None: 1) and ceil(max_num_seqs / N) running sequences each, so about
+        max_num_seqs run in all; kv_cache_bytes, chunk_cache_bytes and max_num_batched_tokens are
+        per replica. `generate` splits its prompts between them (balancing prompt + max_tokens)
+        and returns the outputs in prompt order, token ids equal to one engine's. Ray starts on
+        loopback if this process has not joined a cluster (and stops at `shutdown()`/the end of a
+        `with` block); in a joined cluster each replica reserves `threads` CPUs."""
         if model is None:
             from raymoe.model.builtin import builtin_model_path
 
             model = builtin_model_path()
-        config = EngineConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
-                              block_size=block_size, kv_cache_bytes=kv_cache_bytes, dtype=dtype, threads=threads,
-                              device=device, speculative=speculative, num_speculative_tokens=num_speculative_tokens)
+        options = dict(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+                       block_size=block_size, kv_cache_bytes=kv_cache_bytes, dtype=dtype, threads=threads,
+                       device=device, speculative=speculative, num_speculative_tokens=num_speculative_tokens)  # fmt: skip
+        config = EngineConfig(**options)  # validated here, before any replica starts
+        self.replicas = None
+        if _check_data_parallel(data_parallel_size, device) > 1:
+            self._start_replicas(model, options, chunk_cache_bytes, data_parallel_size)
+            return
         self.engine = LLMEngine.from_path(model, config, LocalChunkStore(chunk_cache_bytes))
         self.tokenizer = self.engine.tokenizer
+
+    def _start_replicas(self, model, options: dict, chunk_cache_bytes: int, n: int) -> None:
+        from raymoe.actors.engine_replica import EngineReplicas
+        from raymoe.model.tokenizer import Tokenizer
+
+        threads = options["threads"] or 1
+        options = {**options, "threads": threads, "device": "cpu", "chunk_cache_bytes": chunk_cache_bytes,
+                   "max_num_seqs": math.ceil(options["max_num_seqs"] / n)}  # fmt: skip
+        self.engine, self._next_request = None, 0
+        self.tokenizer = Tokenizer.from_dir(model)
+        self.replicas = EngineReplicas(model, options, n, threads)
+
+    def shutdown(self) -> None:
+        """Stop the data-parallel replicas (and the Ray this LLM started); nothing to do for one engine."""
+        if self.replicas is not None:
+            self.replicas.shutdown()
+            self.replicas = None
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
 
     def generate(
         self,
@@ -70,6 +110,8 @@ class LLM:
         prompts = _as_prompt_list(prompts)
         params_list = params_per_prompt(params, len(prompts))
         prompts, params_list = self._resolve_chunks(prompts, params_list, chunk_share)
+        if self.replicas is not None:
+            return self._generate_replicated(prompts, params_list)
         request_ids = self._add_all(prompts, params_list)
         results = {rid: None for rid in request_ids}
         while any(r is None or not r.finished for r in results.values()):
@@ -79,9 +121,29 @@ class LLM:
                     results[delta.request_id] = _merge(results[delta.request_id], delta)
         return [results[rid] for rid in request_ids]
 
+    def _generate_replicated(self, prompts: list, params_list: list[SamplingParams]) -> list[RequestOutput]:
+        """generate over the replicas; request ids numbered in prompt order, as one engine does."""
+        costs = [self._cost(p, params) for p, params in zip(prompts, params_list)]
+        outputs = self.replicas.generate(prompts, params_list, costs)
+        for out in outputs:
+            out.request_id = f"req-{self._next_request}"
+            self._next_request += 1
+        return outputs
+
+    def _cost(self, prompt: str | list[int], params: SamplingParams | None) -> int:
+        """Prompt tokens + tokens asked for: the policy's measure of a request's work."""
+        max_tokens = (params if isinstance(params, SamplingParams) else SamplingParams()).max_tokens
+        return len(self.tokenizer.encode(prompt) if isinstance(prompt, str) else prompt) + max_tokens
+
     def generate_stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[RequestOutput]:
         """Yield deltas (new token ids and text) as they are produced; the last has finished=True.
-        Closing the iterator early aborts the request."""
+        Closing the iterator early aborts the request. One engine only (data_parallel_size 1)."""
+        if self.replicas is not None:
+            raise UnsupportedOperationError("generate_stream runs on one engine: build the LLM with "
+                                            "data_parallel_size=1, or use generate for batches")  # fmt: skip
+        return self._stream(prompt, params)
+
+    def _stream(self, prompt: Prompt, params: SamplingParams | None) -> Iterator[RequestOutput]:
         request_id = self.engine.add_request(prompt, params)
         finished = False
         try:
@@ -118,6 +180,15 @@ class LLM:
                 self.engine.abort(rid)
             raise
         return request_ids
+
+
+def _check_data_parallel(size, device: str) -> int:
+    if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+        raise ConfigError(f"data_parallel_size must be a positive integer, got {size!r}")
+    if size > 1 and device not in ("auto", "cpu"):
+        raise ConfigError(f"data_parallel_size > 1 runs CPU replicas, got device {device!r}: "
+                          "pass device='cpu' (or 'auto'), or data_parallel_size=1 for one engine on the GPU")  # fmt: skip
+    return size
 
 
 def _is_parts(prompt) -> bool:
