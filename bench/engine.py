@@ -13,7 +13,9 @@ system's alone), on two models: the built-in one and a Mixtral-shaped one (hidde
 Medians over `--repeats`; `--dtype bfloat16` runs every system in bfloat16. Beside wall time each
 result has the CPU seconds of the worker's whole process tree (vLLM's engine core included), the
 steadier figure on a shared machine. vLLM's CPU build joins as
-an optional peer when importable.
+an optional peer when importable. `--systems raymoe,raymoe-dp2,...` adds raymoe with
+data_parallel_size=2 (two 1-thread engine replicas as Ray actors; serving only; its tree CPU
+includes the Ray processes, `replica_cpu_seconds` the replicas alone).
 """
 
 from __future__ import annotations
@@ -73,6 +75,24 @@ class RaymoeSystem:
         return elapsed
 
 
+class RaymoeDp2System(RaymoeSystem):
+    """raymoe.LLM(data_parallel_size=2): two engine replicas (Ray actors) of 1 torch thread each,
+    max_num_seqs split between them. Its Ray processes (replicas, raylet, GCS) are children of
+    this worker, so tree_cpu_seconds counts them; `replica_cpu_seconds` is the replicas' alone."""
+
+    def __init__(self, model_path: str, max_num_seqs: int):
+        from raymoe.engine.llm import LLM
+
+        self.llm = LLM(model=model_path, max_num_seqs=max_num_seqs, max_num_batched_tokens=512, dtype=bench_dtype(),
+                       data_parallel_size=2, threads=1)  # fmt: skip
+
+    def replica_cpu_seconds(self) -> float:
+        return self.llm.replicas.cpu_seconds()
+
+    def close(self) -> None:
+        self.llm.shutdown()
+
+
 class TransformersSystem:
     def __init__(self, model_path: str, batch_size: int):
         import torch
@@ -122,7 +142,9 @@ def bench_dtype() -> str:
     return os.environ.get("RAYMOE_BENCH_DTYPE", "float32")
 
 
-SYSTEMS = {"raymoe": RaymoeSystem, "transformers": TransformersSystem, "vllm": VllmSystem}
+SYSTEMS = {"raymoe": RaymoeSystem, "raymoe-dp2": RaymoeDp2System, "transformers": TransformersSystem,
+           "vllm": VllmSystem}  # fmt: skip
+SERVING_ONLY = {"raymoe-dp2"}  # the fixed-batch tasks measure one engine's step
 
 
 # ----- one worker process ----------------------------------------------------------------------------
@@ -135,15 +157,19 @@ def worker(system: str, model_path: str, task: str, repeats: int, num_requests: 
         requests = serving_requests(vocab, num_requests)
         sys_ = SYSTEMS[system](model_path, SERVING["max_num_seqs"])
         sys_.run(requests[:4])  # warm-up
-        times, cpu = [], []
+        times, cpu, replica_cpu = [], [], []
+        replica_clock = getattr(sys_, "replica_cpu_seconds", lambda: 0.0)
         for _ in range(repeats):
-            cpu_start = tree_cpu_seconds()
+            cpu_start, replica_start = tree_cpu_seconds(), replica_clock()
             times.append(sys_.run(requests))
             cpu.append(tree_cpu_seconds() - cpu_start)
+            replica_cpu.append(replica_clock() - replica_start)
         useful = sum(n for _, n in requests)
         result = {"seconds": statistics.median(times), "useful_tokens": useful,
                   "useful_tokens_per_s": useful / statistics.median(times), "all_seconds": times,
                   "cpu_seconds": statistics.median(cpu), "useful_tokens_per_cpu_s": useful / statistics.median(cpu)}  # fmt: skip
+        if hasattr(sys_, "replica_cpu_seconds"):
+            result["replica_cpu_seconds"] = statistics.median(replica_cpu)
     else:
         batch = int(task.split("_")[1])
         sys_ = SYSTEMS[system](model_path, batch)
@@ -159,7 +185,8 @@ def worker(system: str, model_path: str, task: str, repeats: int, num_requests: 
             cpu_per_step.append(((tree_cpu_seconds() - c1) - (c1 - c0)) / FIXED_DECODE)
         result = {"ms_per_step": 1000 * statistics.median(per_step), "all_ms": [1000 * t for t in per_step],
                   "cpu_ms_per_step": 1000 * statistics.median(cpu_per_step)}
-    result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # this process's
+    getattr(sys_, "close", lambda: None)()
     return result
 
 
@@ -180,6 +207,8 @@ def tree_cpu_seconds() -> float:
 
 
 def run_worker(system: str, model_path: Path, task: str, args) -> dict:
+    if system in SERVING_ONLY and task != "serving":
+        return {"skipped": "serving only"}
     python, env = sys.executable, {**os.environ, "RAYMOE_BENCH_THREADS": str(args.threads),
                                           "RAYMOE_BENCH_DTYPE": args.dtype}
     if system == "vllm" and args.vllm_venv:
@@ -236,7 +265,8 @@ def main() -> None:
     parser.add_argument("--vllm-venv", default="/work/vllm-venv", help="its venv (bench/setup_vllm.sh)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads of every system")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="weights of every system")
-    parser.add_argument("--systems", default=None, help="comma-separated subset of raymoe,transformers,vllm")
+    parser.add_argument("--systems", default=None,
+                        help="comma-separated subset of raymoe,raymoe-dp2,transformers,vllm (raymoe-dp2: serving only)")
     parser.add_argument("--models", default="builtin,mixtral_shaped", help="comma-separated subset")
     parser.add_argument("--rounds", type=int, default=1,
                         help="> 1: every task's systems again, in turn, per round; ratios per round")
@@ -251,8 +281,8 @@ def main() -> None:
         args.num_requests, args.repeats = 16, 1
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="raymoe-bench-"))
     systems = ["raymoe", "transformers"] + (["vllm"] if args.peer == "vllm" or vllm_available() else [])
-    if args.systems:
-        systems = [s for s in systems if s in args.systems.split(",")]
+    if args.systems:  # raymoe-dp2 only when named
+        systems = [s for s in ["raymoe", "raymoe-dp2"] + systems[1:] if s in args.systems.split(",")]
     report = {"config": {**SERVING, "num_requests": args.num_requests, "repeats": args.repeats,
                          "fixed_batches": FIXED_BATCHES, "threads": args.threads, "dtype": args.dtype, "vllm": "vllm" in systems}}  # fmt: skip
     for name, path in prepare_models(workdir).items():
@@ -280,23 +310,29 @@ def measure_model(path: Path, systems: list[str], args) -> dict:
 
 
 def ratios_of(res: dict, systems: list[str]) -> dict:
-    """raymoe against each other system: useful tok/s ratio (serving), step-time speed-up (fixed)."""
+    """raymoe against each other system: useful tok/s ratio (serving), step-time speed-up (fixed).
+    raymoe-dp2 against the others too, its keys prefixed `raymoe-dp2_`."""
     ratios = {}
-    for task, by_sys in res.items():
-        for peer in systems[1:]:
-            r, p = by_sys["raymoe"], by_sys[peer]
-            if "error" in r or "error" in p:
-                continue
-            if task == "serving":
-                ratios[f"serving_tokens_per_s_vs_{peer}"] = r["useful_tokens_per_s"] / p["useful_tokens_per_s"]
-                if "cpu_seconds" in r and "cpu_seconds" in p:
-                    ratios[f"serving_tokens_per_cpu_s_vs_{peer}"] = p["cpu_seconds"] / r["cpu_seconds"]
-            else:
-                ratios[f"{task}_speedup_vs_{peer}"] = p["ms_per_step"] / r["ms_per_step"]
-                if "cpu_ms_per_step" in r and "cpu_ms_per_step" in p:
-                    ratios[f"{task}_cpu_speedup_vs_{peer}"] = p["cpu_ms_per_step"] / r["cpu_ms_per_step"]
+    for base in [s for s in ("raymoe", "raymoe-dp2") if s in systems]:
+        prefix = "" if base == "raymoe" else f"{base}_"
+        for task, by_sys in res.items():
+            for peer in [s for s in systems if s != base and not (base == "raymoe-dp2" and s == "raymoe")]:
+                ratios |= {prefix + k: v for k, v in pair_ratios(task, by_sys[base], by_sys[peer], peer).items()}
     return ratios
 
+
+def pair_ratios(task: str, r: dict, p: dict, peer: str) -> dict:
+    if "error" in r or "error" in p or "skipped" in r or "skipped" in p:
+        return {}
+    if task == "serving":
+        ratios = {f"serving_tokens_per_s_vs_{peer}": r["useful_tokens_per_s"] / p["useful_tokens_per_s"]}
+        if "cpu_seconds" in r and "cpu_seconds" in p:
+            ratios[f"serving_tokens_per_cpu_s_vs_{peer}"] = p["cpu_seconds"] / r["cpu_seconds"]
+        return ratios
+    ratios = {f"{task}_speedup_vs_{peer}": p["ms_per_step"] / r["ms_per_step"]}
+    if "cpu_ms_per_step" in r and "cpu_ms_per_step" in p:
+        ratios[f"{task}_cpu_speedup_vs_{peer}"] = p["cpu_ms_per_step"] / r["cpu_ms_per_step"]
+    return ratios
 
 if __name__ == "__main__":
     main()
