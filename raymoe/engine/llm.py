@@ -75,8 +75,14 @@ class LLM:
         self.tokenizer = self.engine.tokenizer
 
     def _start_replicas(self, model, options: dict, chunk_cache_bytes: int, n: int) -> None:
-        from raymoe.actors.engine_replica import EngineReplicas
         from raymoe.model.tokenizer import Tokenizer
+
+        try:
+            from raymoe.actors.engine_replica import EngineReplicas
+        except ModuleNotFoundError as error:  # Ray comes with the 'serve' / 'cluster' extras
+            from raymoe.extras import missing_extra_message
+
+            raise ModuleNotFoundError(missing_extra_message(error) or str(error), name=error.name) from None
 
         threads = options["threads"] or 1
         options = {**options, "threads": threads, "device": "cpu", "chunk_cache_bytes": chunk_cache_bytes,
