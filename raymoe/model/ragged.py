@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 GROUP_COST_KEYS = 512  # one more decode group costs about as much as attending over this many keys
+GATHER_BYTES = 512 << 10  # most K + V bytes one decode SDPA call gathers (about a quarter of an L2)
 
 
 @dataclass
@@ -33,6 +34,20 @@ class DecodeGroup:
     num_blocks: int
     masks: dict  # sliding window (None: full) -> [n, 1, 1, num_blocks * block_size] additive mask, or None
     all_full: bool = False  # every member's context fills its num_blocks (known on the host)
+
+    def pieces(self, block_bytes: int) -> list[slice]:
+        """Ranges of members whose gathered K + V (block_bytes a block) fit GATHER_BYTES, one member
+        at least: SDPA then reads the copy from the core's cache. Each member's attention is the
+        same computation whichever call it is in."""
+        n = self.ctx_lens.shape[0]
+        per = max(1, GATHER_BYTES // (self.num_blocks * block_bytes))
+        return [slice(s, min(n, s + per)) for s in range(0, n, per)]
+
+    def rows_of(self, part: slice) -> torch.Tensor | slice:
+        """The step's rows of members `part`."""
+        if isinstance(self.rows, slice):
+            return slice(self.rows.start + part.start, self.rows.start + part.stop)
+        return self.rows[part]
 
 
 @dataclass
@@ -161,6 +176,22 @@ def additive(seen: torch.Tensor, dtype) -> torch.Tensor:
     return torch.zeros(seen.shape, dtype=dtype, device=seen.device).masked_fill_(~seen, float("-inf"))
 
 
+def attend_decodes(q, cache, plan: RaggedPlan, g: DecodeGroup, part: slice, mask, scale: float) -> torch.Tensor:
+    """The decodes `part` (a range of members) of group g: q [T, heads, d] -> [m, heads, v_dim];
+    mask: the group's [n, 1, 1, keys] or None."""
+    k_cache, v_cache = cache
+    kv_heads, d = k_cache.shape[2], k_cache.shape[3]
+    m, nb = part.stop - part.start, g.num_blocks
+    keys, blocks = nb * plan.block_size, g.blocks[part.start * nb : part.stop * nb]
+    kc = plan.gather("k", k_cache, blocks).view(m, keys, kv_heads, d).transpose(1, 2)  # [m, kv_heads, keys, d]
+    vc = plan.gather("v", v_cache, blocks).view(m, keys, kv_heads, -1).transpose(1, 2)
+    rows = g.rows_of(part)
+    qg = q[rows] if isinstance(rows, slice) else q.index_select(0, rows)
+    mask = None if mask is None else mask[part]
+    res = F.scaled_dot_product_attention(qg.view(m, kv_heads, -1, d), kc, vc, attn_mask=mask, scale=scale)
+    return res.reshape(m, q.shape[1], -1)  # query head h read kv head h // group
+
+
 def attend_ragged(q, k, v, cache, plan: RaggedPlan, scale: float, window: int | None = None) -> torch.Tensor:
     """q: [T, heads, d]; k, v: [T, kv_heads, d] this step's (already written into `cache`, a
     (k_cache, v_cache) pool pair) -> [T, heads, v_dim]."""
@@ -170,20 +201,19 @@ def attend_ragged(q, k, v, cache, plan: RaggedPlan, scale: float, window: int | 
     only = len(plan.decodes) == 1 and not plan.prefills and plan.decodes[0].rows == slice(0, q.shape[0])
     only = only and isinstance(plan.decodes[0].rows, slice)
     out = None if only else q.new_empty(q.shape[0], heads, v_cache.shape[3])
+    block_bytes = k_cache[0].nbytes + v_cache[0].nbytes  # one block of K and of V
     for g in plan.decodes:
-        n, keys = g.ctx_lens.shape[0], g.num_blocks * plan.block_size
-        kc = plan.gather("k", k_cache, g.blocks).view(n, keys, kv_heads, d).transpose(1, 2)  # [n, kv_heads, keys, d]
-        vc = plan.gather("v", v_cache, g.blocks).view(n, keys, kv_heads, -1).transpose(1, 2)
-        qg = q[g.rows] if isinstance(g.rows, slice) else q.index_select(0, g.rows)
         mask = decode_mask(g, plan.block_size, window, q.dtype, q.device)
-        res = F.scaled_dot_product_attention(qg.view(n, kv_heads, group, d), kc, vc, attn_mask=mask, scale=scale)
-        res = res.reshape(n, heads, -1)  # query head h read kv head h // group
-        if only:
-            return res
-        if isinstance(g.rows, slice):
-            out[g.rows] = res
-        else:
-            out.index_copy_(0, g.rows, res)
+        pieces = g.pieces(block_bytes)
+        if only and len(pieces) == 1:
+            return attend_decodes(q, cache, plan, g, pieces[0], mask, scale)
+        out = q.new_empty(q.shape[0], heads, v_cache.shape[3]) if out is None else out
+        for part in pieces:
+            res, rows = attend_decodes(q, cache, plan, g, part, mask, scale), g.rows_of(part)
+            if isinstance(rows, slice):
+                out[rows] = res
+            else:
+                out.index_copy_(0, rows, res)
     for p in plan.prefills:
         if p.blocks is None:  # the chunk is its whole context: its own new keys
             kc, vc = k[p.start : p.stop], v[p.start : p.stop]

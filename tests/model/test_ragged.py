@@ -55,3 +55,15 @@ def test_trees_and_explicit_positions_keep_the_padded_path():
     tree = paged.AttentionBatch.build([3], [8], [[0, 1]], BS, trees=[[-1, 0, 0]])
     explicit = paged.AttentionBatch.build([2], [8], [[0, 1]], BS, positions=[[2, 6]])
     assert ragged.plan_for(tree) is None and ragged.plan_for(explicit) is None
+
+
+@pytest.mark.parametrize("window", [None, 5])
+def test_decode_groups_in_pieces_give_the_same_bits(monkeypatch, window):
+    """A group gathered and attended a few members at a time equals it done whole, bit for bit."""
+    cache, batch, q, k, v = _step([1] * 7 + [5], [30, 28, 31, 29, 27, 32, 26, 9])
+    whole = ragged.attend_ragged(q, k, v, cache, ragged.plan_for(batch), 0.3, window)
+    block_bytes = cache[0][0].nbytes + cache[1][0].nbytes
+    monkeypatch.setattr(ragged, "GATHER_BYTES", 2 * 8 * block_bytes)  # two members of 8 blocks a piece
+    plan = ragged.build_plan(batch.query_lens, batch.context_lens, batch.block_tables, BS)
+    assert [len(g.pieces(block_bytes)) for g in plan.decodes] == [4]
+    assert torch.equal(ragged.attend_ragged(q, k, v, cache, plan, 0.3, window), whole)
