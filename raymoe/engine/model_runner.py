@@ -11,7 +11,7 @@ import torch
 
 from raymoe.engine.logits_process import adjust_logits
 from raymoe.engine.logprobs import entries
-from raymoe.engine.sampler import make_generator, sample
+from raymoe.engine.sampler import argmax_rows, make_generator, sample
 from raymoe.engine.scheduler import Scheduled
 from raymoe.engine.sequence import Sequence
 from raymoe.engine.spec.verify import verify
@@ -91,7 +91,7 @@ class ModelRunner:
         starts = torch.tensor([spans[b].start for b in plain], dtype=torch.long)  # host index, moved once
         self._sample(logits[starts.to(logits.device)], plain, scheduled, out)
         drafted = [b for b in rows if b not in plain]
-        argmax = logits.argmax(dim=-1).tolist() if drafted else []  # [R] for greedy drafts, in one transfer
+        argmax = argmax_rows(logits).tolist() if drafted else []  # [R] for greedy drafts, in one transfer
         moves = [self._verify(logits[spans[b]], argmax[spans[b]], b, scheduled, batch, out) for b in drafted]
         src, dst = (torch.cat(m) for m in zip(*moves)) if moves else (None, None)
         if src is not None and src.numel():  # a chain's kept path is already in place

@@ -23,6 +23,12 @@ def test_greedy_is_argmax():
     assert sample(x, [SamplingParams(temperature=0)] * 6, [None] * 6).tolist() == x.argmax(-1).tolist()
 
 
+def test_greedy_takes_argmax_first_of_ties_and_nan():
+    x = torch.randint(-2, 2, (64, V), generator=torch.Generator().manual_seed(1)).float()  # many ties
+    x[::7, 3], x[::5, 9], x[1::6, 0] = float("nan"), float("inf"), -0.0
+    assert sample(x, [SamplingParams(temperature=0)] * 64, [None] * 64).tolist() == x.argmax(-1).tolist()
+
+
 def test_top_k_one_and_tiny_top_p_equal_greedy():
     x = logits(8)
     params = [SamplingParams(top_k=1, temperature=1.5)] * 4 + [SamplingParams(top_p=1e-6, temperature=2.0)] * 4
