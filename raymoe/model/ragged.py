@@ -125,6 +125,8 @@ def split_groups(order: list[int], context_lens: list[int], block_size: int) -> 
     if n == 0:
         return []
     keys = [-(-context_lens[b] // block_size) * block_size for b in order]  # padded length of each
+    if n * keys[-1] - sum(keys) < GROUP_COST_KEYS:  # one group pads less than a second group costs:
+        return [order]  # every split costs more (the search below finds the same)
     best, cut = [0.0] + [float("inf")] * n, [0] * (n + 1)  # best[i]: cost of the first i
     for i in range(1, n + 1):
         for j in range(i):  # group j..i-1, padded to keys[i - 1]
