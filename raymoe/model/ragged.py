@@ -34,6 +34,7 @@ class DecodeGroup:
     num_blocks: int
     masks: dict  # sliding window (None: full) -> [n, 1, 1, num_blocks * block_size] additive mask, or None
     all_full: bool = False  # every member's context fills its num_blocks (known on the host)
+    row_list: tuple = ()  # [n] rows on the host, ascending
 
     def pieces(self, block_bytes: int) -> list[slice]:
         """Ranges of members whose gathered K + V (block_bytes a block) fit GATHER_BYTES, one member
@@ -47,7 +48,7 @@ class DecodeGroup:
         """The step's rows of members `part`."""
         if isinstance(self.rows, slice):
             return slice(self.rows.start + part.start, self.rows.start + part.stop)
-        return self.rows[part]
+        return _as_slice(self.row_list[part]) or self.rows[part]
 
 
 @dataclass
@@ -97,16 +98,14 @@ def build_plan(query_lens: list[int], context_lens: list[int], tables: torch.Ten
     decodes = [b for b, q in enumerate(query_lens) if q == 1]
     groups = []
     for members in split_groups(sorted(decodes, key=lambda b: context_lens[b]), context_lens, bs):
-        nb = -(-context_lens[members[-1]] // bs)
+        nb = -(-context_lens[members[-1]] // bs)  # the longest member's
+        members = sorted(members)  # in row order, so runs of rows are slices (any order gives the same bits)
         ctx = torch.tensor([context_lens[b] for b in members]).to(dev)  # made on the host, then moved
-        rows = [starts[b] for b in members]
-        if rows == list(range(rows[0], rows[0] + len(rows))):
-            rows = slice(rows[0], rows[0] + len(rows))
-        else:
-            rows = torch.tensor(rows).to(dev)
+        row_list = tuple(starts[b] for b in members)
+        rows = _as_slice(row_list) or torch.tensor(row_list).to(dev)
         idx = torch.tensor(members).to(dev)
         all_full = all(context_lens[b] == nb * bs for b in members)
-        groups.append(DecodeGroup(rows, tables[idx, :nb].reshape(-1), ctx, nb, {}, all_full))
+        groups.append(DecodeGroup(rows, tables[idx, :nb].reshape(-1), ctx, nb, {}, all_full, row_list))
     prefills = []
     for b, q in enumerate(query_lens):
         if q == 1:
@@ -116,6 +115,11 @@ def build_plan(query_lens: list[int], context_lens: list[int], tables: torch.Ten
         prefills.append(PrefillPart(starts[b], starts[b] + q, ctx, blocks, {}))
     sizes = [g.blocks.shape[0] for g in groups] + [p.blocks.shape[0] for p in prefills if p.blocks is not None]
     return RaggedPlan(groups, prefills, bs, max(sizes, default=0))
+
+
+def _as_slice(rows: tuple) -> slice | None:
+    """Ascending rows -> the slice they make when consecutive, else None."""
+    return slice(rows[0], rows[-1] + 1) if rows[-1] - rows[0] == len(rows) - 1 else None
 
 
 def split_groups(order: list[int], context_lens: list[int], block_size: int) -> list[list[int]]:

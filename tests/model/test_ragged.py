@@ -67,3 +67,11 @@ def test_decode_groups_in_pieces_give_the_same_bits(monkeypatch, window):
     plan = ragged.build_plan(batch.query_lens, batch.context_lens, batch.block_tables, BS)
     assert [len(g.pieces(block_bytes)) for g in plan.decodes] == [4]
     assert torch.equal(ragged.attend_ragged(q, k, v, cache, plan, 0.3, window), whole)
+
+
+def test_group_members_in_row_order_make_slices():
+    """Decodes scheduled longest first (the running order) still index their rows by slices."""
+    cache, batch, q, k, v = _step([1] * 4, [31, 30, 29, 28])
+    plan = ragged.plan_for(batch)
+    assert [g.rows for g in plan.decodes] == [slice(0, 4)]
+    assert plan.decodes[0].rows_of(slice(1, 3)) == slice(1, 3)
