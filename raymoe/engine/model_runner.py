@@ -16,6 +16,7 @@ from raymoe.engine.scheduler import Scheduled
 from raymoe.engine.sequence import Sequence
 from raymoe.engine.spec.verify import verify
 from raymoe.errors import ConfigError
+from raymoe.model.host import ints
 from raymoe.model.paged import AttentionBatch, allocate_kv_cache, kv_bytes_per_block, move_kv
 
 
@@ -78,17 +79,17 @@ class ModelRunner:
         if tally is not None:
             tally.end_step([seq.request_id for seq, _ in scheduled], batch.query_lens)
         self.num_computed_tokens += batch.num_tokens
-        ends = torch.tensor(batch.query_lens).cumsum(0) - 1  # [B] index of each sequence's last token
+        ends = ints(batch.query_lens).cumsum(0) - 1  # [B] index of each sequence's last token
         self._score_prompts(hidden, scheduled, ends)
         out: list[list[int]] = [[] for _ in scheduled]
         rows = logit_rows(scheduled, ends.tolist())  # sequence -> its rows, in schedule order
         if not rows:
             return out
-        flat = torch.tensor([r for rs in rows.values() for r in rs])
+        flat = ints([r for rs in rows.values() for r in rs])
         logits = self.model.compute_logits(hidden[flat.to(hidden.device)])  # [R, V]
         spans = dict(zip(rows, _spans([len(rs) for rs in rows.values()])))  # sequence -> its slice of logits
         plain = [b for b in rows if scheduled[b][0].draft is None]
-        starts = torch.tensor([spans[b].start for b in plain], dtype=torch.long)  # host index, moved once
+        starts = ints([spans[b].start for b in plain])  # host index, moved once
         self._sample(logits[starts.to(logits.device)], plain, scheduled, out)
         drafted = [b for b in rows if b not in plain]
         argmax = argmax_rows(logits).tolist() if drafted else []  # [R] for greedy drafts, in one transfer
@@ -167,7 +168,7 @@ class ModelRunner:
             device=self.device,
             trees=trees,
         )
-        return torch.tensor(input_ids, dtype=torch.long).to(self.device), batch
+        return ints(input_ids).to(self.device), batch
 
     @staticmethod
     def _generator(seq: Sequence) -> torch.Generator | None:

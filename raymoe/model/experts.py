@@ -21,6 +21,7 @@ from raymoe.model.matmul import matmul, widen
 
 from raymoe.logs import progress
 from raymoe.model.checkpoint import Checkpoint
+from raymoe.model.host import ints
 from raymoe.model.layers import SwiGLU
 from raymoe.model.spec import ModelSpec
 
@@ -92,7 +93,7 @@ class LayerExperts:
     def run_grouped(self, rows: torch.Tensor, counts: list[int]) -> torch.Tensor:
         """rows [P, H] in contiguous groups, counts[j] rows for held expert j (stack order) -> [P, H].
         Two grouped matmuls for the whole layer; each group's rows get the same `mm` as `run_one`."""
-        offs = torch.tensor(counts, dtype=torch.int32).cumsum(0, dtype=torch.int32)  # [n] group ends
+        offs = ints(counts, torch.int32).cumsum(0, dtype=torch.int32)  # [n] group ends
         gate, up = torch._grouped_mm(rows, self.gate_up_t, offs=offs).chunk(2, dim=-1)
         return torch._grouped_mm(F.silu(gate) * up, self.down_t, offs=offs)
 

@@ -19,6 +19,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from raymoe.model.host import ints
+
 KVCache = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: (k_cache, v_cache)
 TENSOR_FIELDS = ("positions", "slot_mapping", "block_tables", "query_index", "token_index", "sequence_tags",
                  "tree_mask")
@@ -97,7 +99,7 @@ class AttentionBatch:
         assert len(query_lens) == len(context_lens) == len(block_tables)
         max_q, max_ctx = max(query_lens), max(context_lens)
         max_blocks = (max_ctx + block_size - 1) // block_size
-        tables = torch.tensor([t[:max_blocks] + [0] * (max_blocks - len(t[:max_blocks])) for t in block_tables])
+        tables = ints([t[:max_blocks] + [0] * (max_blocks - len(t[:max_blocks])) for t in block_tables])
         rows = [b for b, q in enumerate(query_lens) for _ in range(q)]  # [T] sequence of each token
         explicit = positions is not None
         if positions is None:
@@ -105,7 +107,7 @@ class AttentionBatch:
         else:
             assert [len(p) for p in positions] == list(query_lens), "one position per new token"
             cols = [p for ps in positions for p in ps]
-        rows_t, slots = torch.tensor(rows, dtype=torch.long), torch.tensor(cols, dtype=torch.long)
+        rows_t, slots = ints(rows), ints(cols)
         tree_mask, positions = None, slots
         if trees is not None and any(t is not None for t in trees):
             assert not explicit, "a draft tree takes the next slots"
@@ -113,7 +115,7 @@ class AttentionBatch:
             positions = slots + shift
         firsts = firsts_of(query_lens)
         j = torch.arange(max_q)
-        query_index = torch.where(j[None, :] < torch.tensor(query_lens)[:, None], firsts[:, None] + j, sum(query_lens))
+        query_index = torch.where(j[None, :] < ints(query_lens)[:, None], firsts[:, None] + j, sum(query_lens))
         within = torch.arange(len(rows)) - firsts[rows_t]  # [T] index of a token within its sequence
         batch = cls(
             query_lens=list(query_lens),
@@ -125,7 +127,7 @@ class AttentionBatch:
             token_index=rows_t * max_q + within,
             block_size=block_size,
             explicit_positions=explicit,
-            sequence_tags=None if tags is None else torch.tensor(tags, dtype=torch.long)[rows_t],
+            sequence_tags=None if tags is None else ints(tags)[rows_t],
             trees=None if tree_mask is None else list(trees),
             tree_mask=tree_mask,
         )
@@ -179,7 +181,7 @@ class AttentionBatch:
 
 def firsts_of(query_lens: list[int]) -> torch.Tensor:
     """[B] flat index of each sequence's first new token."""
-    return torch.tensor([0] + list(query_lens[:-1]), dtype=torch.long).cumsum(0)
+    return ints([0] + list(query_lens[:-1])).cumsum(0)
 
 
 def tree_layout(query_lens: list[int], trees: list[list[int] | None]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from raymoe.model.host import ints
+
 GROUP_COST_KEYS = 512  # one more decode group costs about as much as attending over this many keys
 GATHER_BYTES = 512 << 10  # most K + V bytes one decode SDPA call gathers (about a quarter of an L2)
 
@@ -100,10 +102,10 @@ def build_plan(query_lens: list[int], context_lens: list[int], tables: torch.Ten
     for members in split_groups(sorted(decodes, key=lambda b: context_lens[b]), context_lens, bs):
         nb = -(-context_lens[members[-1]] // bs)  # the longest member's
         members = sorted(members)  # in row order, so runs of rows are slices (any order gives the same bits)
-        ctx = torch.tensor([context_lens[b] for b in members]).to(dev)  # made on the host, then moved
+        ctx = ints([context_lens[b] for b in members]).to(dev)  # made on the host, then moved
         row_list = tuple(starts[b] for b in members)
-        rows = _as_slice(row_list) or torch.tensor(row_list).to(dev)
-        idx = torch.tensor(members).to(dev)
+        rows = _as_slice(row_list) or ints(row_list).to(dev)
+        idx = ints(members).to(dev)
         all_full = all(context_lens[b] == nb * bs for b in members)
         groups.append(DecodeGroup(rows, tables[idx, :nb].reshape(-1), ctx, nb, {}, all_full, row_list))
     prefills = []
