@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from raymoe.model.grouped import can_group
-from raymoe.model.matmul import matmul, widen
+from raymoe.model.matmul import matmul, pad_pays, widen
 
 from raymoe.logs import progress
 from raymoe.model.checkpoint import Checkpoint
@@ -97,19 +97,17 @@ class LayerExperts:
         gate, up = torch._grouped_mm(rows, self.gate_up_t, offs=offs).chunk(2, dim=-1)
         return torch._grouped_mm(F.silu(gate) * up, self.down_t, offs=offs)
 
-    def run_padded(self, rows: torch.Tensor, groups: TokenGroups) -> torch.Tensor:
-        """All groups in two batched matmuls, each group padded to the largest: [P, H] -> [P, H].
-        Few ops instead of a chain per expert; pays off while groups are small (decode)."""
-        present = [e for e, _, _ in groups.expert_ranges()]
-        counts = torch.tensor([groups.counts[e] for e in present])
-        cap = int(counts.max())
-        starts = counts.cumsum(0) - counts
-        group_of_row = torch.repeat_interleave(torch.arange(len(present)), counts)
+    def run_padded(self, rows: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        """rows [P, H] in contiguous groups, counts[j] rows for held expert j (stack order, zeros
+        allowed) -> [P, H]. Two batched matmuls over every held expert, each group padded to the
+        largest: few ops instead of a chain per expert; pays off while groups are small (decode)."""
+        n, sizes, cap = len(counts), torch.tensor(counts), max(counts)
+        starts = sizes.cumsum(0) - sizes
+        group_of_row = torch.repeat_interleave(torch.arange(n), sizes)
         dest = group_of_row * cap + torch.arange(rows.shape[0]) - starts[group_of_row]  # [P]
         dest = dest.to(rows.device)  # built on the host from the counts, moved once
-        padded = rows.new_zeros(len(present) * cap, rows.shape[1]).index_copy_(0, dest, rows)
-        assert present == self.expert_ids, "padded path runs every held expert, each with rows"
-        gate, up = torch.bmm(padded.view(len(present), cap, -1), self.gate_up_t).chunk(2, dim=-1)
+        padded = rows.new_zeros(n * cap, rows.shape[1]).index_copy_(0, dest, rows)
+        gate, up = torch.bmm(padded.view(n, cap, -1), self.gate_up_t).chunk(2, dim=-1)
         out = torch.bmm(F.silu(gate) * up, self.down_t)  # [n, cap, H]
         return out.view(-1, out.shape[-1])[dest]
 
@@ -148,7 +146,9 @@ class ExpertStore:
     def run_groups(self, layer: int, rows: torch.Tensor, groups: TokenGroups) -> torch.Tensor:
         """rows: [P, H] sorted by expert -> [P, H] expert outputs (every row's expert is held).
 
-        Two grouped matmuls over the held experts where `torch._grouped_mm` runs (`can_group`). Else
+        In bfloat16 on a CPU with bf16 instructions, two batched matmuls over every held expert
+        padded to the largest group where that pays (`pad_pays`: 1.2-2x faster than grouped at
+        8-256 tokens). Else two grouped matmuls where `torch._grouped_mm` runs (`can_group`). Else
         two batched matmuls over every held expert when each has rows and padding at most quadruples
         them (decode batches); else one matmul chain per expert, reading only the experts used (and,
         in bfloat16 on a CPU without bf16 instructions, widening only those: `raymoe.model.matmul`)."""
@@ -156,13 +156,15 @@ class ExpertStore:
         if not present:
             return torch.empty_like(rows)
         held = self.layers[layer]
+        counts = [groups.counts[e] for e in held.expert_ids]
+        assert sum(counts) == rows.shape[0], "a row's expert is not held here"
+        if pad_pays(rows, counts):  # bf16 on a bf16 CPU: 2 batched calls, not 2 per expert
+            return held.run_padded(rows, counts)
         if can_group(rows, held.gate_up_t, held.down_t):
-            counts = [groups.counts[e] for e in held.expert_ids]
-            assert sum(counts) == rows.shape[0], "a row's expert is not held here"
             return held.run_grouped(rows, counts)
         dense = len(present) == len(held.expert_ids) and max(present) * len(present) <= 4 * rows.shape[0]
         if dense and not widen(rows):
-            return held.run_padded(rows, groups)
+            return held.run_padded(rows, counts)
         out = torch.empty_like(rows)
         for expert, start, end in groups.expert_ranges():
             out[start:end] = held.run_one(expert, rows[start:end])

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from raymoe.model.matmul import linear
+from raymoe.model.matmul import f32_copy, linear
 
 PACK_ROWS = 32  # rows the packed weight is laid out for (the default decode batch)
 MAX_PACKED_BYTES = 16 << 20  # the packed copy doubles the head's memory (and the check costs): small heads
@@ -26,12 +26,13 @@ class HeadLinear:
     def __init__(self, weight: torch.Tensor):
         self.weight = weight
         self.packed, self.exact_rows = _pack(weight)
+        self.weight_f32 = f32_copy(weight)  # small bfloat16 heads: a few rows run in float32
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x: [N, H] -> [N, V]."""
         n = x.shape[0]
         if n not in self.exact_rows:
-            return linear(x, self.weight)
+            return linear(x, self.weight, weight_f32=self.weight_f32)
         padded = torch.cat([x, x.new_zeros(PACK_ROWS - n, x.shape[1])]) if n < PACK_ROWS else x
         return torch.ops.mkl._mkl_linear(padded, self.packed, self.weight, None, PACK_ROWS)[:n]
 

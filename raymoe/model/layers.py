@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from raymoe.model.checkpoint import Checkpoint
-from raymoe.model.matmul import linear
+from raymoe.model.matmul import f32_copy, linear
 
 
 class RMSNorm:
@@ -23,10 +23,11 @@ class RMSNorm:
 
 
 class Linear:
-    """y = x W^T (+ b). W: [out, in]."""
+    """y = x W^T (+ b). W: [out, in]; for small bfloat16 weights a float32 copy beside it (`f32_copy`)."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
         self.weight, self.bias = weight, bias
+        self.weight_f32 = f32_copy(weight)
 
     @classmethod
     def load(cls, ckpt: Checkpoint, prefix: str, dtype: torch.dtype) -> "Linear":
@@ -42,7 +43,7 @@ class Linear:
         return cls(torch.cat([p.weight for p in parts]), bias)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias, self.weight_f32)
 
     @property
     def out_features(self) -> int:

@@ -7,9 +7,13 @@ which moves those logits by up to their whole range (deepseek_v3), as it would i
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from checkpoints import FAMILIES
-from raymoe.model.matmul import linear, matmul
+from raymoe.model import matmul as matmul_policy
+from raymoe.model.experts import ExpertStore, LayerExperts, group_tokens
+from raymoe.model.layers import Linear
+from raymoe.model.matmul import f32_copy, linear, matmul, pad_pays
 from raymoe.model.model import load_model
 from raymoe.model.paged import AttentionBatch, allocate_kv_cache
 
@@ -39,3 +43,62 @@ def test_low_precision_matmuls_keep_their_dtype():
     x, w = torch.randn(5, 16).bfloat16(), torch.randn(8, 16).bfloat16()
     assert linear(x, w).dtype == torch.bfloat16 and matmul(x, w.t()).dtype == torch.bfloat16
     assert (linear(x, w).float() - x.float() @ w.float().t()).abs().max() < 0.1
+
+
+@pytest.fixture
+def bf16_cpu(monkeypatch):
+    """The policy of a CPU with bf16 instructions, wherever the test runs (slow but exact elsewhere)."""
+    monkeypatch.setattr(matmul_policy, "cpu_has_bf16", lambda: True)
+
+
+def _close(got: torch.Tensor, want: torch.Tensor) -> bool:
+    return ((got.float() - want).abs().max() / want.abs().max()).item() < TOLERANCE / 5
+
+
+@pytest.mark.parametrize("rows", [1, 8, 32, 64, 512])
+def test_small_bf16_linears_run_in_float32(rows, bf16_cpu):
+    """Each op takes the path its size calls for: float32 from the kept copy up to F32_MAX_WORK
+    multiply-adds, bfloat16 above; both within the bf16 tolerance of a float32 reference."""
+    gen = torch.Generator().manual_seed(rows)
+    for out_features in (8, 256, 1024):  # router, fused qkv, LM head of the built-in model
+        layer = Linear(torch.randn(out_features, 128, generator=gen).bfloat16())
+        x = torch.randn(rows, 128, generator=gen).bfloat16()
+        assert layer.weight_f32 is not None and layer.weight_f32.dtype == torch.float32
+        small = rows * out_features * 128 <= matmul_policy.F32_MAX_WORK
+        want = F.linear(x.float(), layer.weight.float()).bfloat16() if small else F.linear(x, layer.weight)
+        assert torch.equal(layer(x), want), f"{rows} x {out_features}: not on the {'float32' if small else 'bf16'} path"
+        assert _close(layer(x), F.linear(x.float(), layer.weight.float()))
+
+
+def test_padding_pays_from_four_groups_while_padding_is_bounded(bf16_cpu):
+    rows = lambda counts: torch.zeros(sum(counts), 16).bfloat16()  # noqa: E731
+    for counts, want in [([1, 0, 1, 0, 0, 0, 0, 0], False), ([1, 1, 0, 1, 0, 0, 0, 1], True),
+                         ([20, 0, 30, 0, 0, 40, 0, 6], False), ([136, 126, 134, 133, 120, 107, 144, 124], True)]:  # fmt: skip
+        assert pad_pays(rows(counts), counts) == want, counts
+
+
+def test_copies_only_for_small_low_precision_weights(bf16_cpu):
+    assert f32_copy(torch.randn(8, 128)) is None  # float32 is never touched
+    assert f32_copy(torch.randn(4096, 256).bfloat16()) is None  # too big to pay at one row
+    assert not pad_pays(torch.randn(64, 16), [8] * 8)  # float32 keeps the grouped path
+
+
+@pytest.mark.parametrize("num_tokens", [1, 3, 8, 32, 200])
+def test_experts_take_a_path_at_every_size_within_tolerance(num_tokens, bf16_cpu):
+    """bfloat16 experts: padded batched matmuls where `pad_pays`, grouped elsewhere; every size
+    within the bf16 tolerance of the float32 per-expert loop."""
+    gen = torch.Generator().manual_seed(num_tokens)
+    gate_up = torch.randn(8, 64, 96, generator=gen) * 0.1  # [E, H, 2I]
+    down = torch.randn(8, 48, 64, generator=gen) * 0.1  # [E, I, H]
+    ids = torch.stack([torch.randperm(8, generator=gen)[:2] for _ in range(num_tokens)])  # [T, 2]
+    groups = group_tokens(ids, torch.full((num_tokens, 2), 0.5), 8)
+    rows = torch.randn(num_tokens, 64, generator=gen)[groups.token_of_row]  # [P, H]
+    held32 = LayerExperts(list(range(8)), gate_up, down)
+    held = LayerExperts(list(range(8)), gate_up.bfloat16(), down.bfloat16())
+    padded = pad_pays(rows.bfloat16(), groups.counts)
+    assert padded == (num_tokens >= 3), f"{num_tokens} tokens, counts {groups.counts}"  # 1: 2 groups
+    want = torch.cat([held32.run_one(e, rows[a:b]) for e, a, b in groups.expert_ranges()])
+    got = ExpertStore({0: held}).run_groups(0, rows.bfloat16(), groups)
+    assert got.dtype == torch.bfloat16 and _close(got, want)
+    if padded:  # the padded path's rows equal the grouped path's up to bf16 summation order
+        assert _close(held.run_grouped(rows.bfloat16(), groups.counts), want)
