@@ -7,7 +7,8 @@ One thread, median of `--iters` calls (µs), the built-in model's shapes (hidden
 `F.linear`; oneDNN with the weight prepacked once (`torch.ops.mkldnn._linear_pointwise`); the bf16
 weight widened to float32 per call; a float32 copy of the weight kept beside it. Expert paths, per
 step of M tokens (2M rows over 8 experts, routed at random): `torch._grouped_mm` in bf16 (one oneDNN
-call per expert); two padded `bmm`s in bf16; a per-expert loop of prepacked oneDNN linears; grouped
+call per expert); two padded `bmm`s in bf16; a per-expert loop of prepacked oneDNN linears; the
+per-expert chain with each matmul on its per-shape path (float32 widened while rows are few); grouped
 float32 over float32 copies. "policy" / the key's "policy": what raymoe runs for that shape
 (`raymoe.model.matmul`). Prints one JSON object; every path's error against float32 beside its time.
 """
@@ -23,7 +24,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from raymoe.model.experts import LayerExperts
+from raymoe.model.experts import ExpertStore, LayerExperts, TokenGroups
 from raymoe.model.layers import Linear
 from raymoe.model.matmul import pad_pays
 
@@ -78,11 +79,21 @@ def expert_paths(gate_up_t: torch.Tensor, down_t: torch.Tensor) -> dict:
             start += n
         return out
 
+    def policy(rows, counts):  # what the engine runs (`ExpertStore.run_groups`)
+        groups = TokenGroups(torch.arange(rows.shape[0]), torch.ones(rows.shape[0]), counts)
+        return ExpertStore({0: held}).run_groups(0, rows, groups)
+
+    def chain(rows, counts):  # one matmul chain per expert, each matmul on its per-shape path
+        groups = TokenGroups(torch.arange(rows.shape[0]), torch.ones(rows.shape[0]), counts)
+        return torch.cat([held.run_one(e, rows[a:b]) for e, a, b in groups.expert_ranges()])
+
     return {
         "grouped_bf16": held.run_grouped,
         "padded_bmm_bf16": held.run_padded,
         "prepacked_loop": loop,
+        "chain_per_shape": chain,
         "grouped_f32_copy": lambda rows, counts: held32.run_grouped(rows.float(), counts).to(rows.dtype),
+        "policy": policy,
     }
 
 
@@ -124,7 +135,7 @@ def main() -> None:
     for m in rows:
         counts = route(m, gen)
         x = torch.randn(sum(counts), HIDDEN, generator=gen).bfloat16()
-        key = f"{m} tokens, counts {counts}, policy {'padded' if pad_pays(x, counts) else 'grouped'}"
+        key = f"{m} tokens, counts {counts}, policy {'padded' if pad_pays(x, counts) else 'chain'}"
         result["experts"][key] = measure(paths, (x, counts), reference.run_grouped(x.float(), counts), args.iters // 2)
         print(key, {p: v["us"] for p, v in result["experts"][key].items()}, flush=True)
     text = json.dumps(result, indent=1)

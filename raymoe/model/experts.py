@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from raymoe.model.grouped import can_group
-from raymoe.model.matmul import matmul, pad_pays, widen
+from raymoe.model.matmul import matmul, native_low, pad_pays, widen
 
 from raymoe.logs import progress
 from raymoe.model.checkpoint import Checkpoint
@@ -146,25 +146,28 @@ class ExpertStore:
     def run_groups(self, layer: int, rows: torch.Tensor, groups: TokenGroups) -> torch.Tensor:
         """rows: [P, H] sorted by expert -> [P, H] expert outputs (every row's expert is held).
 
-        In bfloat16 on a CPU with bf16 instructions, two batched matmuls over every held expert
-        padded to the largest group where that pays (`pad_pays`: 1.2-2x faster than grouped at
-        8-256 tokens). Else two grouped matmuls where `torch._grouped_mm` runs (`can_group`). Else
-        two batched matmuls over every held expert when each has rows and padding at most quadruples
-        them (decode batches); else one matmul chain per expert, reading only the experts used (and,
-        in bfloat16 on a CPU without bf16 instructions, widening only those: `raymoe.model.matmul`)."""
+        In low precision on a CPU with bf16 instructions (`raymoe.model.matmul`): two batched matmuls
+        over every held expert padded to the largest group where that pays (`pad_pays`: 1.2-2x
+        faster than grouped at 8-256 tokens), else the chain per expert (each matmul in float32
+        while its rows are few): torch's grouped call makes the same bf16 calls. Else two grouped
+        matmuls where `torch._grouped_mm` runs (`can_group`). Else two batched matmuls over every
+        held expert when each has rows and padding at most quadruples them (decode batches); else
+        one matmul chain per expert, reading only the experts used (and, in bfloat16 on a CPU
+        without bf16 instructions, widening only those)."""
         present = [c for c in groups.counts if c]
         if not present:
             return torch.empty_like(rows)
         held = self.layers[layer]
         counts = [groups.counts[e] for e in held.expert_ids]
         assert sum(counts) == rows.shape[0], "a row's expert is not held here"
-        if pad_pays(rows, counts):  # bf16 on a bf16 CPU: 2 batched calls, not 2 per expert
-            return held.run_padded(rows, counts)
-        if can_group(rows, held.gate_up_t, held.down_t):
+        if native_low(rows):  # bf16 on a bf16 CPU: the calls are what costs
+            if pad_pays(rows, counts):
+                return held.run_padded(rows, counts)
+        elif can_group(rows, held.gate_up_t, held.down_t):
             return held.run_grouped(rows, counts)
-        dense = len(present) == len(held.expert_ids) and max(present) * len(present) <= 4 * rows.shape[0]
-        if dense and not widen(rows):
-            return held.run_padded(rows, counts)
+        elif len(present) == len(held.expert_ids) and max(present) * len(present) <= 4 * rows.shape[0]:
+            if not widen(rows):
+                return held.run_padded(rows, counts)
         out = torch.empty_like(rows)
         for expert, start, end in groups.expert_ranges():
             out[start:end] = held.run_one(expert, rows[start:end])

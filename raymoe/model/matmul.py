@@ -1,21 +1,25 @@
-"""Matmuls of bfloat16 / float16 weights, per op on the path that pays on this machine.
+"""Matmuls of bfloat16 / float16 weights, per op and shape on the path that pays on this machine.
 
 A CPU without bfloat16 instructions (no `avx512_bf16`, no `amx_bf16` flag) runs torch's bfloat16
 GEMMs 9-38x slower than float32 ones at the shapes of an engine step (docs/benchmarks.md), while
 widening the operands to float32 for the one op costs 1.0-1.5x the float32 time. So there the
 weights stay in bfloat16 (half the memory) and each matmul computes in float32, rounding its
-output back; with the instructions, or on an accelerator, the op runs in bfloat16. float32 is
-never touched.
+output back.
 
-With the instructions (AVX512-BF16 / AMX) a bfloat16 GEMM still has a fixed cost of ~15 µs a call
-at one thread (oneDNN builds its descriptors anew each call, ~60 aligned mallocs; its kernel runs
-3-9 µs), against ~2-3 µs for MKL's float32 one, so small ones run faster in float32. The rule,
-from `bench/bf16_shapes.py` (docs/benchmarks.md): an op of M rows over a [N, K] weight computes in
-float32, from a float32 copy of the weight kept beside the bfloat16 one, while M * N * K <=
-`F32_MAX_WORK`; above that bfloat16 pays. Only weights small enough to take that path at one row
-(N * K <= `F32_MAX_WORK`, 2 MiB in float32) get a copy (`f32_copy`): the attention projections,
-router and LM head of small models, never experts. A fixed rule rather than a timing probe at
-load, so which path an op takes (and so its rounding) does not depend on the machine's load.
+With the instructions (AVX512-BF16 / AMX) a bfloat16 GEMM still costs ~15 µs a call at one thread
+before any work (oneDNN builds its descriptors anew each call, ~60 aligned mallocs; its kernel runs
+in 3-9 µs), against ~2-3 µs for MKL's float32 one, so small ops run faster in float32
+(`bench/bf16_shapes.py`, docs/benchmarks.md). For an op of M rows over an [N, K] weight:
+- from a float32 copy kept beside the bfloat16 weight while M N K <= `F32_MAX_WORK`. Only weights
+  that take that path at one row (N K <= F32_MAX_WORK, 2 MiB in float32) get a copy (`f32_copy`):
+  the attention projections, router and LM head of small models; never experts;
+- else widened per call while (M + `WIDEN_ROWS`) N K <= F32_MAX_WORK (widening the weight costs
+  about as much as 4 rows of float32 work): experts with few rows;
+- else in bfloat16; and experts padded into two batched calls where that beats two per expert
+  (`pad_pays`).
+Fixed rules rather than a timing probe at load, so which path an op takes (and so its rounding)
+does not depend on the machine's load. On an accelerator the op runs in its dtype; float32 is
+never touched.
 """
 
 from __future__ import annotations
@@ -27,7 +31,8 @@ import torch
 import torch.nn.functional as F
 
 LOW = (torch.bfloat16, torch.float16)
-F32_MAX_WORK = 1 << 19  # M * N * K at or under which a bf16 op runs faster in float32 (bf16 CPU)
+F32_MAX_WORK = 1 << 19  # multiply-adds up to which a low-precision op runs faster in float32 (bf16 CPU)
+WIDEN_ROWS = 4  # widening a weight per call costs about this many rows of float32 work
 
 
 @functools.cache
@@ -40,24 +45,39 @@ def cpu_has_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+def low_on_cpu(t: torch.Tensor) -> bool:
+    return t.dtype in LOW and t.device.type == "cpu"
+
+
 def widen(t: torch.Tensor) -> bool:
-    """True where a matmul on `t` should compute in float32: low precision on a CPU without bf16."""
-    return t.dtype in LOW and t.device.type == "cpu" and not cpu_has_bf16()
+    """True where every matmul on `t` computes in float32: low precision on a CPU without bf16."""
+    return low_on_cpu(t) and not cpu_has_bf16()
+
+
+def native_low(t: torch.Tensor) -> bool:
+    """Low precision on a CPU with bf16 instructions: the per-shape rules of this module apply."""
+    return low_on_cpu(t) and cpu_has_bf16()
+
+
+def widen_op(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """x [..., K] times weight ([N, K] or [K, N]): compute in float32, widening the weight for this call."""
+    if widen(weight):
+        return True
+    rows = x.numel() // max(x.shape[-1], 1)
+    return native_low(weight) and (rows + WIDEN_ROWS) * weight.numel() <= F32_MAX_WORK
 
 
 def f32_copy(weight: torch.Tensor) -> torch.Tensor | None:
-    """weight [out, in]: its float32 copy where small low-precision ops on it run faster in float32
-    (low precision on a CPU with bf16 instructions, out * in <= F32_MAX_WORK), else None."""
-    small = weight.numel() <= F32_MAX_WORK and weight.dtype in LOW and weight.device.type == "cpu"
-    return weight.float() if small and cpu_has_bf16() else None
+    """weight [out, in]: its float32 copy where ops of a few rows on it run faster in float32 from
+    one (low precision on a CPU with bf16 instructions, out * in <= F32_MAX_WORK), else None."""
+    return weight.float() if native_low(weight) and weight.numel() <= F32_MAX_WORK else None
 
 
 def pad_pays(rows: torch.Tensor, counts: list[int]) -> bool:
     """rows [P, H] in groups of `counts` rows (one per expert, zeros allowed): True where two batched
-    matmuls over every group padded to the largest beat two per non-empty group. Only in low precision
-    on a CPU with bf16 instructions (each oneDNN call costs ~15 µs before any work), from at least 4
-    non-empty groups, while the padded rows are at most 2 P + 64 (bench/bf16_shapes.py, docs/benchmarks.md)."""
-    if rows.dtype not in LOW or rows.device.type != "cpu" or not cpu_has_bf16():
+    matmuls over every group padded to the largest beat two per non-empty group: low precision on a
+    CPU with bf16 instructions, at least 4 non-empty groups, padded rows at most 2 P + 64."""
+    if not native_low(rows):
         return False
     return sum(1 for c in counts if c) >= 4 and len(counts) * max(counts) <= 2 * rows.shape[0] + 64
 
@@ -69,13 +89,13 @@ def linear(
     `f32_copy`) serves ops of at most F32_MAX_WORK multiply-adds."""
     if weight_f32 is not None and x.numel() * weight.shape[0] <= F32_MAX_WORK:
         weight = weight_f32
-    elif not widen(weight):
+    elif not widen_op(x, weight):
         return F.linear(x, weight, bias)
     return F.linear(x.float(), weight.float(), None if bias is None else bias.float()).to(x.dtype)
 
 
 def matmul(x: torch.Tensor, weight_t: torch.Tensor) -> torch.Tensor:
     """x [N, in] @ weight_t [in, out] -> [N, out] in x's dtype."""
-    if not widen(weight_t):
+    if not widen_op(x, weight_t):
         return x @ weight_t
     return (x.float() @ weight_t.float()).to(x.dtype)
