@@ -1,5 +1,6 @@
 """bfloat16 on the CPU (weights and KV in bfloat16; matmuls widened to float32 per op where the CPU
-lacks bf16 instructions, `raymoe.model.matmul`) stays close to float32. Stated tolerance: at the
+lacks bf16 instructions, and chosen per op and shape where it has them, `raymoe.model.matmul`) stays
+close to float32. Stated tolerance: at the
 median position, max |bf16 - f32| within 5 % of max |f32| (measured: 0.8-2.3 % on the test families),
 and at least 80 % of positions keep their argmax (measured: 89-95 %). Not every position: on these
 random checkpoints a router's near-tied experts swap under bfloat16 rounding at a few positions,
