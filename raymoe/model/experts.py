@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterable, Protocol
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -101,11 +102,10 @@ class LayerExperts:
         """rows [P, H] in contiguous groups, counts[j] rows for held expert j (stack order, zeros
         allowed) -> [P, H]. Two batched matmuls over every held expert, each group padded to the
         largest: few ops instead of a chain per expert; pays off while groups are small (decode)."""
-        n, sizes, cap = len(counts), torch.tensor(counts), max(counts)
-        starts = sizes.cumsum(0) - sizes
-        group_of_row = torch.repeat_interleave(torch.arange(n), sizes)
-        dest = group_of_row * cap + torch.arange(rows.shape[0]) - starts[group_of_row]  # [P]
-        dest = dest.to(rows.device)  # built on the host from the counts, moved once
+        n, sizes, cap = len(counts), np.array(counts), max(counts)
+        group_of_row = np.repeat(np.arange(n), sizes)
+        dest = group_of_row * cap + np.arange(rows.shape[0]) - (sizes.cumsum() - sizes)[group_of_row]  # [P]
+        dest = torch.from_numpy(dest).to(rows.device)  # built on the host from the counts, moved once
         padded = rows.new_zeros(n * cap, rows.shape[1]).index_copy_(0, dest, rows)
         gate, up = torch.bmm(padded.view(n, cap, -1), self.gate_up_t).chunk(2, dim=-1)
         out = torch.bmm(F.silu(gate) * up, self.down_t)  # [n, cap, H]
