@@ -15,7 +15,8 @@ result has the CPU seconds of the worker's whole process tree (vLLM's engine cor
 steadier figure on a shared machine. vLLM's CPU build joins as
 an optional peer when importable. `--systems raymoe,raymoe-dp2,...` adds raymoe with
 data_parallel_size=2 (two 1-thread engine replicas as Ray actors; serving only; its tree CPU
-includes the Ray processes, `replica_cpu_seconds` the replicas alone).
+includes the Ray processes, `replica_cpu_seconds` the replicas alone); `raymoe-dp2-each32` is
+the same with 32 running sequences per replica (64 in all).
 """
 
 from __future__ import annotations
@@ -93,6 +94,14 @@ class RaymoeDp2System(RaymoeSystem):
         self.llm.shutdown()
 
 
+class RaymoeDp2Each32System(RaymoeDp2System):
+    """raymoe-dp2 with max_num_seqs doubled: each replica runs as many sequences as the one engine
+    (vLLM's data parallelism counts max_num_seqs per engine): fewer, fuller steps per replica."""
+
+    def __init__(self, model_path: str, max_num_seqs: int):
+        super().__init__(model_path, 2 * max_num_seqs)
+
+
 class TransformersSystem:
     def __init__(self, model_path: str, batch_size: int):
         import torch
@@ -142,9 +151,9 @@ def bench_dtype() -> str:
     return os.environ.get("RAYMOE_BENCH_DTYPE", "float32")
 
 
-SYSTEMS = {"raymoe": RaymoeSystem, "raymoe-dp2": RaymoeDp2System, "transformers": TransformersSystem,
-           "vllm": VllmSystem}  # fmt: skip
-SERVING_ONLY = {"raymoe-dp2"}  # the fixed-batch tasks measure one engine's step
+SYSTEMS = {"raymoe": RaymoeSystem, "raymoe-dp2": RaymoeDp2System, "raymoe-dp2-each32": RaymoeDp2Each32System,
+           "transformers": TransformersSystem, "vllm": VllmSystem}  # fmt: skip
+SERVING_ONLY = {"raymoe-dp2", "raymoe-dp2-each32"}  # the fixed-batch tasks measure one engine's step
 
 
 # ----- one worker process ----------------------------------------------------------------------------
@@ -266,7 +275,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch threads of every system")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="weights of every system")
     parser.add_argument("--systems", default=None,
-                        help="comma-separated subset of raymoe,raymoe-dp2,transformers,vllm (raymoe-dp2: serving only)")
+                        help="comma-separated subset of raymoe,raymoe-dp2,raymoe-dp2-each32,transformers,vllm "
+                             "(the dp2 systems: serving only)")
     parser.add_argument("--models", default="builtin,mixtral_shaped", help="comma-separated subset")
     parser.add_argument("--rounds", type=int, default=1,
                         help="> 1: every task's systems again, in turn, per round; ratios per round")
@@ -281,8 +291,9 @@ def main() -> None:
         args.num_requests, args.repeats = 16, 1
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="raymoe-bench-"))
     systems = ["raymoe", "transformers"] + (["vllm"] if args.peer == "vllm" or vllm_available() else [])
-    if args.systems:  # raymoe-dp2 only when named
-        systems = [s for s in ["raymoe", "raymoe-dp2"] + systems[1:] if s in args.systems.split(",")]
+    if args.systems:  # the raymoe-dp2 systems only when named
+        named = ["raymoe", *sorted(SERVING_ONLY)] + systems[1:]
+        systems = [s for s in named if s in args.systems.split(",")]
     report = {"config": {**SERVING, "num_requests": args.num_requests, "repeats": args.repeats,
                          "fixed_batches": FIXED_BATCHES, "threads": args.threads, "dtype": args.dtype, "vllm": "vllm" in systems}}  # fmt: skip
     for name, path in prepare_models(workdir).items():
@@ -311,12 +322,12 @@ def measure_model(path: Path, systems: list[str], args) -> dict:
 
 def ratios_of(res: dict, systems: list[str]) -> dict:
     """raymoe against each other system: useful tok/s ratio (serving), step-time speed-up (fixed).
-    raymoe-dp2 against the others too, its keys prefixed `raymoe-dp2_`."""
+    The raymoe-dp2 systems against the non-raymoe ones too, their keys prefixed `raymoe-dp2..._`."""
     ratios = {}
-    for base in [s for s in ("raymoe", "raymoe-dp2") if s in systems]:
+    for base in [s for s in ("raymoe", *sorted(SERVING_ONLY)) if s in systems]:
         prefix = "" if base == "raymoe" else f"{base}_"
         for task, by_sys in res.items():
-            for peer in [s for s in systems if s != base and not (base == "raymoe-dp2" and s == "raymoe")]:
+            for peer in [s for s in systems if s != base and (base == "raymoe" or not s.startswith("raymoe"))]:
                 ratios |= {prefix + k: v for k, v in pair_ratios(task, by_sys[base], by_sys[peer], peer).items()}
     return ratios
 
