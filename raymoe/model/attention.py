@@ -25,7 +25,7 @@ class GQAAttention:
             self.q_norm = RMSNorm(ckpt.get(f"{p}.q_norm.weight", dtype), eps)
             self.k_norm = RMSNorm(ckpt.get(f"{p}.k_norm.weight", dtype), eps)
         self.qk_head_weight = None  # [heads + kv_heads, d]: Qwen3's q and k head norms as one op
-        if spec.qk_norm == "head" and dtype == torch.float32:
+        if spec.qk_norm == "head":
             q_w, k_w = self.q_norm.weight, self.k_norm.weight
             self.qk_head_weight = torch.cat([q_w.expand(self.heads, -1), k_w.expand(self.kv_heads, -1)])
         self.clip_qkv = spec.clip_qkv
@@ -71,8 +71,8 @@ class GQAAttention:
             qkv = qkv.clamp(-self.clip_qkv, self.clip_qkv)
         qkv = qkv.view(-1, heads + 2 * kv_heads, d)
         qk, v = qkv[:, : heads + kv_heads], qkv[:, heads + kv_heads :]
-        if self.qk_head_weight is not None:  # Qwen3 normalises each head; same math as below, one op
-            qk = F.rms_norm(qk, (d,), None, self.q_norm.eps) * self.qk_head_weight
+        if self.qk_head_weight is not None:  # Qwen3 normalises each head; RMSNorm's math, in one op
+            qk = F.rms_norm(qk.float(), (d,), None, self.q_norm.eps).to(qk.dtype) * self.qk_head_weight
         elif self.qk_norm == "head":
             qk = torch.cat([self.q_norm(qk[:, :heads]), self.k_norm(qk[:, heads:])], dim=1)
         cos, sin = cos_sin
