@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Iterator
 
 import ray
 
@@ -37,6 +38,15 @@ class EngineReplica:
         """Prompts are text or token ids (chunk parts are resolved by the driver)."""
         return self.llm.generate(prompts, params_list)
 
+    def stream(self, prompt, params: SamplingParams | None) -> Iterator[RequestOutput]:
+        """`LLM.generate_stream` here; the driver's `ray.cancel` closes it (the request aborts)."""
+        yield from self.llm.generate_stream(prompt, params)
+
+    def work(self) -> dict:
+        """Requests not finished, and tokens computed so far (prefill + decode)."""
+        engine = self.llm.engine
+        return {"unfinished": engine.has_unfinished(), "computed_tokens": engine.chunk_stats()["computed_tokens"]}
+
     def cpu_seconds(self) -> float:
         """CPU seconds (user + system, every thread) of this replica's process so far."""
         return time.process_time()
@@ -50,9 +60,16 @@ class EngineReplicas:
         if cpus < num_replicas * threads:
             raise ConfigError(f"data_parallel_size={num_replicas} with threads={threads} needs "
                               f"{num_replicas * threads} CPUs, the Ray cluster has {cpus:g}: lower either")  # fmt: skip
+        self._turn = 0  # the replica the next stream goes to
         actor_cls = ray.remote(EngineReplica).options(num_cpus=threads, max_restarts=0)
         self.actors = [actor_cls.remote(str(model), options) for _ in range(num_replicas)]
-        self.info = ray.get([a.ready.remote() for a in self.actors], timeout=READY_TIMEOUT_S)
+        try:
+            self.info = ray.get([a.ready.remote() for a in self.actors], timeout=READY_TIMEOUT_S)
+        except ray.exceptions.GetTimeoutError:
+            self.shutdown()
+            raise ConfigError(f"the {num_replicas} engine replicas did not start in {READY_TIMEOUT_S} s: each "
+                              f"waits for {threads} free CPUs in the Ray cluster; free some, or lower "
+                              "data_parallel_size or threads") from None  # fmt: skip
 
     def generate(self, prompts: list, params_list: list[SamplingParams], costs: list[int]) -> list[RequestOutput]:
         """costs [requests]: prompt + max tokens of each; outputs in input order."""
@@ -64,6 +81,19 @@ class EngineReplicas:
             for i, out in zip(indices, _get(ref)):
                 outputs[i] = out
         return outputs
+
+    def stream(self, prompt, params: SamplingParams | None) -> Iterator[RequestOutput]:
+        """One request's deltas from the next replica in turn; closing early cancels it there."""
+        actor = self.actors[self._turn % len(self.actors)]
+        self._turn += 1
+        deltas, finished = actor.stream.remote(prompt, params), False
+        try:
+            for ref in deltas:
+                yield _get(ref)
+            finished = True
+        finally:
+            if not finished:
+                ray.cancel(deltas)
 
     def cpu_seconds(self) -> float:
         """The replicas' CPU seconds so far, summed."""

@@ -21,7 +21,7 @@ from raymoe.engine.chunk_cache import LocalChunkStore
 from raymoe.engine.chunks import DEFAULT_SHARE, Chunk, build_prompt
 from raymoe.engine.llm_engine import EngineConfig, LLMEngine, RequestOutput
 from raymoe.engine.sampling_params import SamplingParams
-from raymoe.errors import ConfigError, InvalidSamplingParams, UnsupportedOperationError
+from raymoe.errors import ConfigError, InvalidSamplingParams
 
 Prompt = str | list[int] | list  # text, token ids, or parts (str / Chunk / token ids) with a Chunk
 
@@ -143,11 +143,21 @@ class LLM:
 
     def generate_stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[RequestOutput]:
         """Yield deltas (new token ids and text) as they are produced; the last has finished=True.
-        Closing the iterator early aborts the request. One engine only (data_parallel_size 1)."""
+        Closing the iterator early aborts the request. With data_parallel_size > 1 each stream
+        runs on the next replica in turn."""
         if self.replicas is not None:
-            raise UnsupportedOperationError("generate_stream runs on one engine: build the LLM with "
-                                            "data_parallel_size=1, or use generate for batches")  # fmt: skip
+            return self._stream_replicated(prompt, params)
         return self._stream(prompt, params)
+
+    def _stream_replicated(self, prompt: Prompt, params: SamplingParams | None) -> Iterator[RequestOutput]:
+        request_id, self._next_request = f"req-{self._next_request}", self._next_request + 1
+        deltas = self.replicas.stream(prompt, params)
+        try:
+            for delta in deltas:
+                delta.request_id = request_id
+                yield delta
+        finally:
+            deltas.close()  # closed early: the replica aborts the request
 
     def _stream(self, prompt: Prompt, params: SamplingParams | None) -> Iterator[RequestOutput]:
         request_id = self.engine.add_request(prompt, params)

@@ -7,7 +7,7 @@ import pytest
 
 import raymoe
 from raymoe import ConfigError, SamplingParams
-from raymoe.errors import PromptTooLongError, UnsupportedOperationError
+from raymoe.errors import PromptTooLongError
 
 OPTIONS = dict(max_num_seqs=4, max_num_batched_tokens=32, kv_cache_bytes=8 << 20)
 PROMPTS = ["Hello world", "The sky is blue and the sea is deep, said the old sailor", "A",
@@ -47,11 +47,33 @@ def test_same_token_ids_as_one_engine_in_prompt_order(dp_llm):
     assert len({o.request_id for o in two}) == len(PROMPTS)
 
 
+def test_streams_take_turns_and_closing_one_aborts_it(dp_llm):
+    import ray
+
+    whole = dp_llm.generate(PROMPTS[:2], PARAMS[:2])
+    for prompt, params, out in zip(PROMPTS[:2], PARAMS[:2], whole):  # one stream on each replica
+        deltas = list(dp_llm.generate_stream(prompt, params))
+        assert [len(d.token_ids) for d in deltas] == [1] * params.max_tokens and deltas[-1].finished
+        assert sum((d.token_ids for d in deltas), []) == out.token_ids
+
+    def work():
+        return ray.get([a.work.remote() for a in dp_llm.replicas.actors])
+
+    before = sum(w["computed_tokens"] for w in work())
+    long = SamplingParams(temperature=0, max_tokens=1500, ignore_eos=True)
+    stream = dp_llm.generate_stream("Once upon a time", long)
+    next(stream)
+    stream.close()
+    after = work()  # waits for the replica's stream to end: at once when cancelled, 1500 tokens if not
+    assert not any(w["unfinished"] for w in after)
+    assert sum(w["computed_tokens"] for w in after) - before < 500
+
+
 def test_replica_errors_stay_typed(dp_llm):
     with pytest.raises(PromptTooLongError):
         dp_llm.generate(["Hi", [5] * 100_000])
-    with pytest.raises(UnsupportedOperationError, match="data_parallel_size=1"):
-        dp_llm.generate_stream("Hi")
+    with pytest.raises(PromptTooLongError):
+        next(dp_llm.generate_stream([5] * 100_000))
 
 
 @pytest.mark.parametrize(
