@@ -59,6 +59,7 @@ class Rotary:
         self.inv_freq = inv_freq  # [dim / 2] float32, on the host until the first table is built
         self.interleaved = interleaved
         self._table: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._sin: tuple[torch.Tensor, torch.Tensor] | None = None  # (the last sin, its signed form)
 
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """positions [T] -> cos, sin [T, 1, dim] (broadcast over heads), from a table grown on demand."""
@@ -92,5 +93,14 @@ class Rotary:
             c, s = cos[..., :half], sin[..., :half]
             x1, x2 = x[..., 0::2], x[..., 1::2]
             return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1)
-        x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2 :]
-        return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+        # x * cos + cat(-x2, x1) * sin, as cat(x2, x1) * cat(-sin1, sin2) (same products: negating a
+        # factor is exact) in 4 ops instead of 7
+        return x * cos + x.roll(x.shape[-1] // 2, -1) * self._signed(sin)
+
+    def _signed(self, sin: torch.Tensor) -> torch.Tensor:
+        """sin [..., dim] -> cat(-first half, second half), made once per step's table (every layer
+        passes the same `sin`)."""
+        if self._sin is None or self._sin[0] is not sin:
+            half = sin.shape[-1] // 2
+            self._sin = sin, torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+        return self._sin[1]
