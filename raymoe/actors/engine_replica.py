@@ -32,7 +32,7 @@ class EngineReplica:
         self.llm = LLM(model, **options)
 
     def ready(self) -> dict:
-        return {"pid": os.getpid(), "node_ip": ray.util.get_node_ip_address()}
+        return {"pid": os.getpid(), "node_ip": ray.util.get_node_ip_address(), "nice": os.nice(0)}
 
     def generate(self, prompts: list, params_list: list[SamplingParams]) -> list[RequestOutput]:
         """Prompts are text or token ids (chunk parts are resolved by the driver)."""
@@ -115,6 +115,9 @@ def start_local_ray(num_cpus: int) -> bool:
     if ray.is_initialized():
         return False
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # before Ray starts: loopback only
+    # Ray renices its workers to 15: the replicas would yield every core to any other process, where
+    # the one-process engine runs at the caller's priority. Theirs too, unless the caller said otherwise.
+    os.environ.setdefault("RAY_worker_niceness", "0")
     ray.init(address="local", num_cpus=max(os.cpu_count() or 1, num_cpus), include_dashboard=False,
              log_to_driver=False)  # fmt: skip
     return True

@@ -34,6 +34,8 @@ def test_replicas_run_on_loopback_in_their_own_processes(dp_llm):
     assert all(n["NodeManagerAddress"] == "127.0.0.1" for n in ray.nodes() if n["Alive"])
     pids = {info["pid"] for info in dp_llm.replicas.info}
     assert len(pids) == 2 and os.getpid() not in pids
+    if dp_llm.replicas.owns_ray:  # its own Ray: replicas at this process's priority (Ray's default: 15)
+        assert all(info["nice"] == os.nice(0) for info in dp_llm.replicas.info)
     assert dp_llm.replicas.cpu_seconds() > 0
 
 
