@@ -146,14 +146,21 @@ class VllmSystem:
         return time.perf_counter() - start
 
 
+class Vllm64System(VllmSystem):
+    """vLLM with max_num_seqs doubled: the peer of raymoe-dp2-each32 at the same 64 running."""
+
+    def __init__(self, model_path: str, max_num_seqs: int):
+        super().__init__(model_path, 2 * max_num_seqs)
+
+
 def bench_dtype() -> str:
     """Weights' dtype of every system (`--dtype`, passed to the workers in the environment)."""
     return os.environ.get("RAYMOE_BENCH_DTYPE", "float32")
 
 
 SYSTEMS = {"raymoe": RaymoeSystem, "raymoe-dp2": RaymoeDp2System, "raymoe-dp2-each32": RaymoeDp2Each32System,
-           "transformers": TransformersSystem, "vllm": VllmSystem}  # fmt: skip
-SERVING_ONLY = {"raymoe-dp2", "raymoe-dp2-each32"}  # the fixed-batch tasks measure one engine's step
+           "transformers": TransformersSystem, "vllm": VllmSystem, "vllm-64": Vllm64System}  # fmt: skip
+SERVING_ONLY = {"raymoe-dp2", "raymoe-dp2-each32", "vllm-64"}  # the fixed-batch tasks measure one engine's step
 
 
 # ----- one worker process ----------------------------------------------------------------------------
@@ -220,7 +227,7 @@ def run_worker(system: str, model_path: Path, task: str, args) -> dict:
         return {"skipped": "serving only"}
     python, env = sys.executable, {**os.environ, "RAYMOE_BENCH_THREADS": str(args.threads),
                                           "RAYMOE_BENCH_DTYPE": args.dtype}
-    if system == "vllm" and args.vllm_venv:
+    if system.startswith("vllm") and args.vllm_venv:
         from vllm_peer import vllm_env
 
         python, env = vllm_env(args.vllm_venv, env)
