@@ -7,7 +7,7 @@ EOS ids) live in the engine, never written back. Unknown keys are errors, so a t
     model: null                 # Hugging Face MoE folder; null = the built-in model
     backend: engine             # "engine": one-process engine per replica; "cluster": MoECluster
     engine: {max_num_seqs: 32, dtype: float32}
-    serve: {port: 8000, max_queue_len: 64, api_key: null}
+    serve: {port: 8000, max_queue_len: 64, api_key: null, ingress_in_engine: false}
     prefill: {autoscaling: {min_replicas: 1, max_replicas: 4, target_ongoing_requests: 8}}
 """
 
@@ -118,6 +118,9 @@ class ServeSettings(_Frozen):
     shutdown_grace_s: float = Field(20.0, ge=0, description="running requests finish this long on SIGTERM")
     max_chunks_per_request: int = Field(32, gt=0, description="raymoe_chunks / raymoe_documents per request")
     min_chunk_tokens: int = Field(8, gt=0, description="shorter raymoe_chunks get 400 (each costs a forward)")
+    ingress_in_engine: bool = Field(False, description="backend: engine only: the HTTP ingress runs inside each "
+                                    "engine replica (one deployment, sized by `decode`), so streamed tokens skip "
+                                    "a hop between Ray processes (raymoe.serve.local_backend)")  # fmt: skip
 
     @field_validator("api_key")
     @classmethod
@@ -164,6 +167,13 @@ class RaymoeConfig(_Frozen):
     decode: DeploymentSettings = Field(default_factory=DeploymentSettings)
     cluster: ClusterSettings = Field(default_factory=ClusterSettings)
 
+    @model_validator(mode="after")
+    def _inline_needs_engine(self):
+        if self.serve.ingress_in_engine and self.backend != "engine":
+            raise ValueError("serve.ingress_in_engine runs the ingress inside the engine replica, which only "
+                             "backend: engine has; set serve.ingress_in_engine: false or backend: engine")  # fmt: skip
+        return self
+
 
 def parse_config(data: dict[str, Any] | None, source: str = "config") -> RaymoeConfig:
     """Validate a dict (parsed YAML); raise ConfigError listing every bad field and how to fix it."""
@@ -195,7 +205,9 @@ def _explain(error: ValidationError) -> str:
     lines = []
     for err in error.errors():
         where = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        if err["type"] == "extra_forbidden":
+        if not err["loc"]:  # a check across sections: its input is the whole config (the API key too)
+            lines.append(f"  {err['msg']}")
+        elif err["type"] == "extra_forbidden":
             lines.append(f"  {where}: unknown setting; remove it or check its spelling")
         elif err["type"] == "literal_error":
             lines.append(f"  {where}: {err['msg']}, got {err.get('input')!r}")

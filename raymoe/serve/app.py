@@ -77,6 +77,8 @@ def build_app(config: RaymoeConfig):
     config = sized(config)
     model_path, model_name = resolve_model(config)
     data = config.model_dump()
+    if config.serve.ingress_in_engine:  # one deployment: the ingress holds the engine in its process
+        return Ingress.options(name=backend_name(config), **_engine_options(config)).bind(data, model_path, model_name)
     backend = _cluster_backend(config, data, model_path) if config.backend == "cluster" else _engine_backend(
         config, data, model_path)  # fmt: skip
     return Ingress.options(**deployment_options(config.ingress)).bind(data, model_path, model_name, backend)
@@ -85,10 +87,15 @@ def build_app(config: RaymoeConfig):
 def _engine_backend(config: RaymoeConfig, data: dict, model_path: str):
     from raymoe.serve.backend import EngineBackend
 
+    return EngineBackend.options(**_engine_options(config)).bind(data, model_path)
+
+
+def _engine_options(config: RaymoeConfig) -> dict:
+    """The engine deployment's options (`decode` settings): the backend bounds its own queue
+    (max_queue_len); Serve must not hold requests in front of it."""
     opts = deployment_options(config.decode)
-    # the backend bounds its own queue (max_queue_len); Serve must not hold requests in front of it
     opts["max_ongoing_requests"] = max(opts["max_ongoing_requests"], config.serve.max_queue_len + 8)
-    return EngineBackend.options(**opts).bind(data, model_path)
+    return opts
 
 
 def _cluster_backend(config: RaymoeConfig, data: dict, model_path: str):
@@ -211,7 +218,8 @@ def build_health_app(config: RaymoeConfig):
 
 
 def backend_name(config: RaymoeConfig) -> str:
-    """The deployment the ingress sends generation to (see build_app)."""
+    """The deployment the ingress sends generation to (see build_app); with serve.ingress_in_engine
+    the ingress itself, named so."""
     return "cluster" if config.backend == "cluster" else "engine"
 
 

@@ -2,7 +2,9 @@
 
 `EngineBackend` prefills and decodes in one replica (the colocated arrangement): an `EngineLoop`
 steps the engine in a background thread, with bounded admission. Serve's autoscaler adds replicas
-as their ongoing requests grow (the `decode` deployment settings of the config).
+as their ongoing requests grow (the `decode` deployment settings of the config). It is a thin
+deployment over the plain class `LocalEngine`, which the ingress also holds in its own process
+when `serve.ingress_in_engine` is set (`raymoe.serve.local_backend`).
 
 The disaggregated arrangement is `raymoe.serve.cluster_backend.ClusterBackend` (`backend: cluster`).
 The ingress only needs `generate`, `info`, `stats`, `cluster_status`, `rebalance` and `scale` from a
@@ -56,8 +58,9 @@ def error_item(kind: str, message: str) -> dict:
     return {"error": {"kind": kind, "message": message}}
 
 
-@serve.deployment(name="engine")
-class EngineBackend:
+class LocalEngine:
+    """The engine and its stepping loop in this process; `EngineBackend` is its Serve deployment."""
+
     def __init__(self, config: dict, model_path: str):
         self.config = parse_config(config)
         self.model_path = model_path
@@ -149,3 +152,6 @@ class EngineBackend:
         loop = getattr(self, "loop", None)
         if loop is not None:
             loop.shutdown()
+
+
+EngineBackend = serve.deployment(name="engine")(LocalEngine)

@@ -4,6 +4,10 @@ It validates (pydantic), tokenizes (chat template included), checks the context,
 backend's deltas out as JSON or SSE. Every client mistake is a 4xx with an OpenAI-style error body;
 full queues are a 503 with Retry-After before any byte is sent; a client that disconnects cancels
 its backend stream, which aborts the sequence.
+
+The backend is a deployment handle, or (`serve.ingress_in_engine`, backend None) the engine in this
+replica's own process behind the same calls (`raymoe.serve.local_backend`); then this deployment
+is the app's "engine" and answers the handle calls /health and draining make (`info`, `stats`).
 """
 
 import asyncio
@@ -24,6 +28,7 @@ from raymoe.serve.documents import chat_documents, completion_parts, split_rende
 from raymoe.serve.drain import DrainMark
 from raymoe.serve.generation import Echo, Generation
 from raymoe.serve.health import report
+from raymoe.serve.local_backend import LocalBackend, local_engine
 from raymoe.serve.logprobs_format import LogprobsFormat
 from raymoe.serve.metrics import ServeMetrics
 from raymoe.serve.openai_api import (
@@ -59,13 +64,13 @@ async def _unexpected(request: Request, exc: Exception):
 @serve.deployment(name="ingress")
 @serve.ingress(app)
 class Ingress:
-    def __init__(self, config: dict, model_path: str, model_name: str, backend):
+    def __init__(self, config: dict, model_path: str, model_name: str, backend=None):
         self.config = parse_config(config)
-        self.backend = backend
+        self.backend = backend if backend is not None else local_engine(config, model_path)
         self.tokenizer = Tokenizer.from_dir(model_path)
         self.model_name = model_name
         self.metrics = ServeMetrics(model_name)
-        self.admin = AdminRoutes(backend, self.config, model_name)
+        self.admin = AdminRoutes(self.backend, self.config, model_name)
         self._info: dict | None = None
         self.draining = DrainMark()
 
@@ -207,6 +212,22 @@ class Ingress:
         if self._info is None:
             self._info = await self.backend.info.remote()
         return self._info
+
+    # ----- handle calls: the engine in this replica (serve.ingress_in_engine) ------------------
+    async def info(self) -> dict:
+        return await self.backend.info.remote()
+
+    async def stats(self) -> dict:
+        return await self.backend.stats.remote()
+
+    def check_health(self) -> None:
+        """Serve calls this; a dead stepping thread of an engine held here replaces the replica."""
+        if isinstance(self.backend, LocalBackend):
+            self.backend.check_health()
+
+    def __del__(self):
+        if isinstance(getattr(self, "backend", None), LocalBackend):
+            self.backend.close()
 
     # ----- operations ------------------------------------------------------------------------
     @app.get("/health")

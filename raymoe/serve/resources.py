@@ -4,6 +4,7 @@
 the cluster has, less the ingress's, shared by every worker the deployments may scale to, at most 1
 and at least MIN_AUTO_CPUS each. So `backend: cluster` with nothing else starts on a 2-CPU laptop
 (ingress 0.5, prefill and decode workers 0.75 each), and a big node keeps 1 CPU per worker.
+With `serve.ingress_in_engine` there is no ingress deployment: the engine's replicas take it all.
 
 `check_fits` compares what the deployments ask for at start (min replicas) with the nodes of a
 fixed cluster (the local one `raymoe serve` starts) and says what cannot be had, before Serve
@@ -41,6 +42,7 @@ def sized_config(config: RaymoeConfig, cluster_cpus: float | None) -> RaymoeConf
     if config.ingress.num_cpus is None:
         config = config.model_copy(update={"ingress": config.ingress.model_copy(update={"num_cpus": INGRESS_CPUS})})
     ingress = config.ingress.num_cpus * config.ingress.autoscaling.max_replicas
+    ingress *= not config.serve.ingress_in_engine  # then the engine's replicas are the ingress
     workers = [name for name in SIZED if _uses(config, name)]
     slots = sum(getattr(config, name).autoscaling.max_replicas for name in workers)
     share = 1.0 if cluster_cpus is None else (cluster_cpus - ingress) / max(slots, 1)
@@ -57,8 +59,9 @@ def _uses(config: RaymoeConfig, name: str) -> bool:
 
 def asks(config: RaymoeConfig) -> list[Ask]:
     """What a sized config reserves at start, per deployment (the cluster backend's worker replicas
-    reserve nothing themselves: their worker actors hold the deployment's resources)."""
-    out = [_ask("ingress", config.ingress)]
+    reserve nothing themselves: their worker actors hold the deployment's resources; with
+    serve.ingress_in_engine the ingress is the decode deployment, not one of its own)."""
+    out = [] if config.serve.ingress_in_engine else [_ask("ingress", config.ingress)]
     out += [_ask(name, getattr(config, name)) for name in SIZED if _uses(config, name)]
     return out
 

@@ -2,6 +2,8 @@
 
 It runs as a subprocess (its own local Ray on 127.0.0.1, a free port), exactly as a user starts
 it, and is stopped with SIGINT (Ctrl-C) at the end, which also checks the clean shutdown.
+With RAYMOE_TEST_INGRESS_IN_ENGINE=1 it runs with serve.ingress_in_engine (`inline_config`), so
+both suites check that arrangement too.
 """
 
 from __future__ import annotations
@@ -33,6 +35,13 @@ CONFIG = {
     "ingress": {"num_cpus": 0, "max_ongoing_requests": INGRESS_SLOTS},
     "decode": {"num_cpus": 0},
 }
+
+
+def inline_config(config: dict) -> dict:
+    """`config` with the ingress inside the engine replica; the engine deployment then takes the
+    ingress's slots (the stalled-bodies test fills them)."""
+    decode = {**config["decode"], "max_ongoing_requests": config["ingress"]["max_ongoing_requests"]}
+    return {**config, "serve": {**config["serve"], "ingress_in_engine": True}, "decode": decode}
 
 
 @dataclass
@@ -95,7 +104,8 @@ _shared: dict = {"server": None, "users": 0}
 
 def acquire(tmp_dir: Path) -> Server:
     if _shared["server"] is None:
-        _shared["server"] = start_server(tmp_dir)
+        inline = os.environ.get("RAYMOE_TEST_INGRESS_IN_ENGINE") == "1"
+        _shared["server"] = start_server(tmp_dir, inline_config(CONFIG) if inline else None)
     _shared["users"] += 1
     return _shared["server"]
 

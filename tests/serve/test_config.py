@@ -37,11 +37,13 @@ def test_defaults_and_yaml(tmp_path):
     pytest.param({"engine": {"speculative_draft_cost": 0}}, "engine.speculative_draft_cost", id="free-drafts"),
     pytest.param({"engine": {"long_prefill_token_threshold": 0}}, "engine.long_prefill_token_threshold",
                  id="no-prefill-tokens"),
+    pytest.param({"backend": "cluster", "serve": {"ingress_in_engine": True, "api_key": "s3cret"}},
+                 "set serve.ingress_in_engine: false or backend: engine", id="inline-needs-the-engine"),
 ])  # fmt: skip
 def test_errors_say_what_to_fix(data, needle):
     with pytest.raises(ConfigError, match=None) as e:
         parse_config(data)
-    assert needle in str(e.value)
+    assert needle in str(e.value) and "s3cret" not in str(e.value)
 
 
 def test_missing_and_invalid_file(tmp_path):
