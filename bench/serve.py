@@ -17,7 +17,8 @@ Against vLLM (issue 15): `--peer vllm` also starts `vllm serve` on the built-in 
 bench/setup_vllm.sh); `--client vllm` loads every server with `vllm bench serve` (random dataset,
 `--input-len`); `--rounds N` keeps all servers up and loads them in turn N times; an arrangement
 `colocated@TREE` runs that source tree's raymoe (before/after in one run), `colocated+threads=2`
-with 2 torch threads in its engine, `colocated+replicas=2` with two engine replicas; `--offline-step` adds the
+with 2 torch threads in its engine, `colocated+replicas=2` with two engine replicas, `colocated+inline` with
+the HTTP ingress inside the engine replica (serve.ingress_in_engine); `--offline-step` adds the
 engine alone on the same workload each round (bench/offline_step.py).
 """
 
@@ -287,15 +288,19 @@ def measure_server(args, name: str, url: str, api_key: str | None) -> dict:
 
 
 def arrangement_options(name: str) -> tuple[str, dict[str, int]]:
-    """`colocated+threads=2+replicas=2@TREE` -> ("colocated", {"threads": 2, "replicas": 2}): the
-    engine's torch threads and the engine deployment's replicas (default 1 and 1)."""
+    """`colocated+threads=2+replicas=2+inline@TREE` -> ("colocated", {"threads": 2, "replicas": 2,
+    "inline": 1}): the engine's torch threads, the engine deployment's replicas (default 1 and 1),
+    and the ingress inside the engine replica (colocated only)."""
     base, *mods = name.split("@", 1)[0].split("+")
     options = {}
     for mod in mods:
         key, _, value = mod.partition("=")
-        if key not in ("threads", "replicas") or not value.isdigit():
-            raise SystemExit(f"arrangement {name!r}: options are +threads=N and +replicas=N")
-        options[key] = int(value)
+        if mod == "inline" and base == "colocated":
+            options["inline"] = 1
+        elif key in ("threads", "replicas") and value.isdigit():
+            options[key] = int(value)
+        else:
+            raise SystemExit(f"arrangement {name!r}: options are +threads=N, +replicas=N and (colocated) +inline")
     return base, options
 
 
@@ -322,6 +327,8 @@ def raymoe_server(backend: str, args, tree: str | None = None, options: dict | N
     if args.max_num_seqs is not None:
         config["engine"]["max_num_seqs"] = args.max_num_seqs
         config["serve"] = {**config["serve"], "max_queue_len": max(4 * args.max_num_seqs, config["serve"]["max_queue_len"])}
+    if options.get("inline"):
+        config = serve_harness.inline_config(config)
     for attempt in range(3):  # a loaded machine can time out Serve's proxy start: try again
         try:
             server = serve_harness.start_server(Path(tempfile.mkdtemp()), config, env=tree_env(tree))
