@@ -214,7 +214,7 @@ def build_health_app(config: RaymoeConfig):
     """/health on its own (raymoe.serve.health): it answers while the ingress is saturated."""
     from raymoe.serve.health import Health
 
-    return Health.bind(APP_NAME, backend_name(config), resolve_model(config)[1])
+    return Health.bind(APP_NAME, backend_name(config), resolve_model(config)[1], config.serve.ingress_in_engine)
 
 
 def backend_name(config: RaymoeConfig) -> str:

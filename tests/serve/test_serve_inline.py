@@ -1,7 +1,7 @@
 """`serve.ingress_in_engine`: the HTTP ingress inside the engine replica (one deployment, no hop
 between the ingress and the engine) answers like the two-deployment arrangement: the one-process
 engine's greedy output, the official client, 503 when the queue is full, a disconnect that aborts,
-/health, /metrics and /admin. The checks shared with the shared server's are the same functions,
+/health (also while stalled clients hold every slot), /metrics and /admin. The checks shared with the shared server's are the same functions,
 run here against this module's server (RAYMOE_TEST_INGRESS_IN_ENGINE=1 runs every suite so)."""
 
 import pytest
@@ -9,7 +9,7 @@ from openai import OpenAI
 from serve_harness import API_KEY, CONFIG, MODEL, inline_config, start_server, stop_server
 from test_serve_errors import (  # noqa: F401  (fixtures and tests, run again on this server)
     http, test_admin, test_disconnect_mid_stream_aborts, test_health_and_metrics_open,
-    test_overload_rejects_excess_and_finishes_accepted,
+    test_overload_rejects_excess_and_finishes_accepted, test_stalled_bodies_time_out_and_health_answers,
 )  # fmt: skip
 from test_serve_openai import client, test_chat_and_chat_stream, test_completion_stream_matches_non_stream  # noqa: F401
 
