@@ -7,7 +7,7 @@ its backend stream, which aborts the sequence.
 
 The backend is a deployment handle, or (`serve.ingress_in_engine`, backend None) the engine in this
 replica's own process behind the same calls (`raymoe.serve.local_backend`); then this deployment
-is the app's "engine" and answers the handle calls /health and draining make (`info`, `stats`).
+is the app's "engine" and answers the engine's handle calls made of it (`stats` while draining).
 """
 
 import asyncio
