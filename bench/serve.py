@@ -17,8 +17,9 @@ Against vLLM (issue 15): `--peer vllm` also starts `vllm serve` on the built-in 
 bench/setup_vllm.sh); `--client vllm` loads every server with `vllm bench serve` (random dataset,
 `--input-len`); `--rounds N` keeps all servers up and loads them in turn N times; an arrangement
 `colocated@TREE` runs that source tree's raymoe (before/after in one run), `colocated+threads=2`
-with 2 torch threads in its engine, `colocated+replicas=2` with two engine replicas, `colocated+inline` with
-the HTTP ingress inside the engine replica (serve.ingress_in_engine); `--offline-step` adds the
+with 2 torch threads in its engine, `colocated+replicas=2` with two engine replicas, `colocated+separate`
+with the HTTP ingress as a deployment of its own (`serve.ingress_in_engine: false`; by default, and
+with `+inline`, it runs inside the engine replica); `--offline-step` adds the
 engine alone on the same workload each round (bench/offline_step.py).
 """
 
@@ -290,17 +291,18 @@ def measure_server(args, name: str, url: str, api_key: str | None) -> dict:
 def arrangement_options(name: str) -> tuple[str, dict[str, int]]:
     """`colocated+threads=2+replicas=2+inline@TREE` -> ("colocated", {"threads": 2, "replicas": 2,
     "inline": 1}): the engine's torch threads, the engine deployment's replicas (default 1 and 1),
-    and the ingress inside the engine replica (colocated only)."""
+    and the ingress inside the engine replica (colocated only; the default since it paid, so
+    `+inline` says it explicitly and `+separate` runs the ingress as a deployment of its own)."""
     base, *mods = name.split("@", 1)[0].split("+")
     options = {}
     for mod in mods:
         key, _, value = mod.partition("=")
-        if mod == "inline" and base == "colocated":
-            options["inline"] = 1
+        if mod in ("inline", "separate") and base == "colocated":
+            options[mod] = 1
         elif key in ("threads", "replicas") and value.isdigit():
             options[key] = int(value)
         else:
-            raise SystemExit(f"arrangement {name!r}: options are +threads=N, +replicas=N and (colocated) +inline")
+            raise SystemExit(f"arrangement {name!r}: options are +threads=N, +replicas=N and (colocated) +inline or +separate")
     return base, options
 
 
@@ -329,6 +331,8 @@ def raymoe_server(backend: str, args, tree: str | None = None, options: dict | N
         config["serve"] = {**config["serve"], "max_queue_len": max(4 * args.max_num_seqs, config["serve"]["max_queue_len"])}
     if options.get("inline"):
         config = serve_harness.inline_config(config)
+    if options.get("separate"):
+        config = serve_harness.separate_config(config)
     for attempt in range(3):  # a loaded machine can time out Serve's proxy start: try again
         try:
             server = serve_harness.start_server(Path(tempfile.mkdtemp()), config, env=tree_env(tree))

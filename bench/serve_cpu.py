@@ -1,15 +1,16 @@
 """Where `raymoe serve`'s CPU goes at 32 streams: CPU ms per output token of every process of the server.
 
     python bench/serve_cpu.py --rounds 3 [--env '{"RAY_SERVE_USE_GRPC_BY_DEFAULT": "0"}'] [--tree /tmp/before]
-    python bench/serve_cpu.py --rounds 3 --arrangements colocated,colocated+inline
+    python bench/serve_cpu.py --rounds 3 --arrangements colocated+separate,colocated
 
 Starts the server (backend: engine, max_num_seqs 32), sends the random workload of bench/serve.py
 (128-token prompts, 64 output tokens, 32 in flight), and over a window in the middle of the load
 reads each process's CPU time from /proc (user + system, every thread) and the engine's counters
 (tokens, steps, messages). CPU time, unlike wall time, barely moves with what else the machine runs,
 so two settings compare on a shared machine. Each --env entry is one setting (JSON of environment
-for the server), and each of --arrangements (bench/serve.py's names: `colocated+inline` has the
-ingress inside the engine replica, so "engine replica" counts the ingress's work too), run in turn
+for the server), and each of --arrangements (bench/serve.py's names: `colocated`, the default, has the
+ingress inside the engine replica, so "engine replica" counts the ingress's work too;
+`colocated+separate` runs it as a deployment of its own), run in turn
 each round; prints one JSON line per run.
 """
 
@@ -65,11 +66,13 @@ def cpu_seconds(procs: list[tuple[int, str]]) -> dict[str, float]:
     return out
 
 
-def one_run(env: dict, tree: str | None, window_s: float, num_requests: int, inline: bool = False) -> dict:
+def one_run(env: dict, tree: str | None, window_s: float, num_requests: int, options: dict | None = None) -> dict:
     config = {**serve_harness.CONFIG, "backend": "engine"}
     config["engine"] = {**config["engine"], "max_num_seqs": 32}
     config["serve"] = {**config["serve"], "max_queue_len": 128}
-    config = serve_harness.inline_config(config) if inline else config
+    options = options or {}
+    config = serve_harness.inline_config(config) if options.get("inline") else config
+    config = serve_harness.separate_config(config) if options.get("separate") else config
     env = {**env, **(bench_serve.tree_env(tree) or {})}
     server = serve_harness.start_server(Path(tempfile.mkdtemp()), config, env=env)
     url, key = server.base_url, serve_harness.API_KEY
@@ -107,13 +110,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--window", type=float, default=12.0, help="seconds of load measured")
     parser.add_argument("--num-requests", type=int, default=160, help="enough for the load to outlast the window")
-    parser.add_argument("--arrangements", default="colocated", help="comma-separated: colocated, colocated+inline")
+    parser.add_argument("--arrangements", default="colocated", help="comma-separated: colocated (the default arrangement), colocated+separate, colocated+inline")
     args = parser.parse_args()
     for _ in range(args.rounds):
         for name in args.arrangements.split(","):
-            inline = bool(bench_serve.arrangement_options(name)[1].get("inline"))
+            options = bench_serve.arrangement_options(name)[1]
             for env in args.env or ["{}"]:
-                run = one_run(json.loads(env), args.tree, args.window, args.num_requests, inline)
+                run = one_run(json.loads(env), args.tree, args.window, args.num_requests, options)
                 print(json.dumps({"arrangement": name, **run}), flush=True)
 
 

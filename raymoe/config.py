@@ -7,7 +7,7 @@ EOS ids) live in the engine, never written back. Unknown keys are errors, so a t
     model: null                 # Hugging Face MoE folder; null = the built-in model
     backend: engine             # "engine": one-process engine per replica; "cluster": MoECluster
     engine: {max_num_seqs: 32, dtype: float32}
-    serve: {port: 8000, max_queue_len: 64, api_key: null, ingress_in_engine: false}
+    serve: {port: 8000, max_queue_len: 64, api_key: null, ingress_in_engine: null}
     prefill: {autoscaling: {min_replicas: 1, max_replicas: 4, target_ongoing_requests: 8}}
 """
 
@@ -118,9 +118,10 @@ class ServeSettings(_Frozen):
     shutdown_grace_s: float = Field(20.0, ge=0, description="running requests finish this long on SIGTERM")
     max_chunks_per_request: int = Field(32, gt=0, description="raymoe_chunks / raymoe_documents per request")
     min_chunk_tokens: int = Field(8, gt=0, description="shorter raymoe_chunks get 400 (each costs a forward)")
-    ingress_in_engine: bool = Field(False, description="backend: engine only: the HTTP ingress runs inside each "
-                                    "engine replica (one deployment, sized by `decode`), so streamed tokens skip "
-                                    "a hop between Ray processes (raymoe.serve.local_backend)")  # fmt: skip
+    ingress_in_engine: bool | None = Field(None, description="backend: engine only: the HTTP ingress runs inside "
+                                           "each engine replica (one deployment, sized by `decode`), so streamed "
+                                           "tokens skip a hop between Ray processes (raymoe.serve.local_backend); "
+                                           "null: on with backend: engine, off with backend: cluster")  # fmt: skip
 
     @field_validator("api_key")
     @classmethod
@@ -166,6 +167,12 @@ class RaymoeConfig(_Frozen):
     prefill: DeploymentSettings = Field(default_factory=DeploymentSettings)
     decode: DeploymentSettings = Field(default_factory=DeploymentSettings)
     cluster: ClusterSettings = Field(default_factory=ClusterSettings)
+
+    @property
+    def ingress_in_engine(self) -> bool:
+        """serve.ingress_in_engine, resolved: null means on exactly when the backend is the engine."""
+        explicit = self.serve.ingress_in_engine
+        return self.backend == "engine" if explicit is None else explicit
 
     @model_validator(mode="after")
     def _inline_needs_engine(self):

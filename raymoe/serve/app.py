@@ -74,10 +74,13 @@ def deployment_options(settings: DeploymentSettings, autoscaling: dict | None = 
 def build_app(config: RaymoeConfig):
     from raymoe.serve.ingress import Ingress
 
+    if config.ingress_in_engine and config.ingress != DeploymentSettings():
+        logger.warning("the ingress settings are not used: the ingress runs inside each engine replica, sized by "
+                       "`decode` (set serve.ingress_in_engine: false for an ingress deployment of its own)")  # fmt: skip
     config = sized(config)
     model_path, model_name = resolve_model(config)
     data = config.model_dump()
-    if config.serve.ingress_in_engine:  # one deployment: the ingress holds the engine in its process
+    if config.ingress_in_engine:  # one deployment: the ingress holds the engine in its process
         return Ingress.options(name=backend_name(config), **_engine_options(config)).bind(data, model_path, model_name)
     backend = _cluster_backend(config, data, model_path) if config.backend == "cluster" else _engine_backend(
         config, data, model_path)  # fmt: skip
@@ -214,7 +217,7 @@ def build_health_app(config: RaymoeConfig):
     """/health on its own (raymoe.serve.health): it answers while the ingress is saturated."""
     from raymoe.serve.health import Health
 
-    return Health.bind(APP_NAME, backend_name(config), resolve_model(config)[1], config.serve.ingress_in_engine)
+    return Health.bind(APP_NAME, backend_name(config), resolve_model(config)[1], config.ingress_in_engine)
 
 
 def backend_name(config: RaymoeConfig) -> str:

@@ -42,7 +42,7 @@ def sized_config(config: RaymoeConfig, cluster_cpus: float | None) -> RaymoeConf
     if config.ingress.num_cpus is None:
         config = config.model_copy(update={"ingress": config.ingress.model_copy(update={"num_cpus": INGRESS_CPUS})})
     ingress = config.ingress.num_cpus * config.ingress.autoscaling.max_replicas
-    ingress *= not config.serve.ingress_in_engine  # then the engine's replicas are the ingress
+    ingress *= not config.ingress_in_engine  # then the engine's replicas are the ingress
     workers = [name for name in SIZED if _uses(config, name)]
     slots = sum(getattr(config, name).autoscaling.max_replicas for name in workers)
     share = 1.0 if cluster_cpus is None else (cluster_cpus - ingress) / max(slots, 1)
@@ -61,7 +61,7 @@ def asks(config: RaymoeConfig) -> list[Ask]:
     """What a sized config reserves at start, per deployment (the cluster backend's worker replicas
     reserve nothing themselves: their worker actors hold the deployment's resources; with
     serve.ingress_in_engine the ingress is the decode deployment, not one of its own)."""
-    out = [] if config.serve.ingress_in_engine else [_ask("ingress", config.ingress)]
+    out = [] if config.ingress_in_engine else [_ask("ingress", config.ingress)]
     out += [_ask(name, getattr(config, name)) for name in SIZED if _uses(config, name)]
     return out
 

@@ -2,7 +2,8 @@
 
 It runs as a subprocess (its own local Ray on 127.0.0.1, a free port), exactly as a user starts
 it, and is stopped with SIGINT (Ctrl-C) at the end, which also checks the clean shutdown.
-With RAYMOE_TEST_INGRESS_IN_ENGINE=1 it runs with serve.ingress_in_engine (`inline_config`), so
+It runs the default arrangement (backend: engine, the ingress inside the engine replica); with
+RAYMOE_TEST_INGRESS_IN_ENGINE=0 the ingress is a deployment of its own (`separate_config`), so
 both suites check that arrangement too.
 """
 
@@ -33,15 +34,19 @@ CONFIG = {
     "serve": {"max_queue_len": MAX_QUEUE_LEN, "max_body_bytes": 512 << 10, "retry_after_s": 2,
               "body_timeout_s": BODY_TIMEOUT_S},
     "ingress": {"num_cpus": 0, "max_ongoing_requests": INGRESS_SLOTS},
-    "decode": {"num_cpus": 0},
+    # the ingress inside the engine (the default) takes the decode deployment's slots: the stalled-bodies test fills them
+    "decode": {"num_cpus": 0, "max_ongoing_requests": INGRESS_SLOTS},
 }
 
 
 def inline_config(config: dict) -> dict:
-    """`config` with the ingress inside the engine replica; the engine deployment then takes the
-    ingress's slots (the stalled-bodies test fills them)."""
-    decode = {**config["decode"], "max_ongoing_requests": config["ingress"]["max_ongoing_requests"]}
-    return {**config, "serve": {**config["serve"], "ingress_in_engine": True}, "decode": decode}
+    """`config` with the ingress inside the engine replica (the default with backend: engine), said explicitly."""
+    return {**config, "serve": {**config["serve"], "ingress_in_engine": True}}
+
+
+def separate_config(config: dict) -> dict:
+    """`config` with the ingress a deployment of its own in front of the engine deployment."""
+    return {**config, "serve": {**config["serve"], "ingress_in_engine": False}}
 
 
 @dataclass
@@ -104,8 +109,8 @@ _shared: dict = {"server": None, "users": 0}
 
 def acquire(tmp_dir: Path) -> Server:
     if _shared["server"] is None:
-        inline = os.environ.get("RAYMOE_TEST_INGRESS_IN_ENGINE") == "1"
-        _shared["server"] = start_server(tmp_dir, inline_config(CONFIG) if inline else None)
+        separate = os.environ.get("RAYMOE_TEST_INGRESS_IN_ENGINE") == "0"
+        _shared["server"] = start_server(tmp_dir, separate_config(CONFIG) if separate else None)
     _shared["users"] += 1
     return _shared["server"]
 

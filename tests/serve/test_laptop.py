@@ -34,10 +34,11 @@ def test_sizing_fits_two_cpus_and_keeps_one_cpu_per_worker_on_a_big_node():
 
 def test_the_ingress_inside_the_engine_leaves_every_cpu_to_the_engine_replicas():
     two = {"decode": {"autoscaling": {"max_replicas": 2}}}
-    apart = asks(sized_config(parse_config(two), 2.0))
+    apart = asks(sized_config(parse_config({**two, "serve": {"ingress_in_engine": False}}), 2.0))
     assert {a.deployment: a.per_replica["CPU"] for a in apart} == {"ingress": 0.5, "decode": 0.75}
-    inline = asks(sized_config(parse_config({**two, "serve": {"ingress_in_engine": True}}), 2.0))
-    assert {a.deployment: a.per_replica["CPU"] for a in inline} == {"decode": 1.0}
+    for inline in ({}, {"serve": {"ingress_in_engine": True}}):  # the default with backend: engine, and said
+        inline = asks(sized_config(parse_config({**two, **inline}), 2.0))
+        assert {a.deployment: a.per_replica["CPU"] for a in inline} == {"decode": 1.0}
 
 
 def test_an_impossible_request_fails_fast_naming_it(tmp_path):

@@ -1,6 +1,7 @@
 """Bad input, auth, overload and disconnects: 4xx/503 with OpenAI-style bodies; the server stays up."""
 
 import asyncio
+import os
 import re
 import socket
 import time
@@ -118,6 +119,11 @@ def test_health_and_metrics_open(server, http):
                  "raymoe_time_per_output_token_seconds_bucket", "raymoe_queue_depth", "raymoe_kv_cache_usage",
                  "raymoe_spec_acceptance_rate"):  # fmt: skip
         assert name in text
+
+
+def test_the_ingress_lives_in_the_engine_replica_by_default(http):
+    separate = os.environ.get("RAYMOE_TEST_INGRESS_IN_ENGINE") == "0"  # the suite run on the other arrangement
+    assert set(http.get("/admin/cluster").json()["deployments"]) == ({"ingress", "engine"} if separate else {"engine"})
 
 
 def test_admin(http):

@@ -1,15 +1,17 @@
-"""`serve.ingress_in_engine`: the HTTP ingress inside the engine replica (one deployment, no hop
-between the ingress and the engine) answers like the two-deployment arrangement: the one-process
-engine's greedy output, the official client, 503 when the queue is full, a disconnect that aborts,
-/health (also while stalled clients hold every slot), /metrics and /admin. The checks shared with the shared server's are the same functions,
-run here against this module's server (RAYMOE_TEST_INGRESS_IN_ENGINE=1 runs every suite so)."""
+"""`serve.ingress_in_engine: false`: the HTTP ingress as a deployment of its own in front of the engine
+deployment (the arrangement before the ingress moved into the engine replica) answers like the
+default: the one-process engine's greedy output, the official client, 503 when the queue is full, a
+disconnect that aborts, /health, /metrics and /admin. The checks shared with the shared server's are
+the same functions, run here against this module's server (RAYMOE_TEST_INGRESS_IN_ENGINE=0 runs
+every suite so)."""
 
+import httpx
 import pytest
 from openai import OpenAI
-from serve_harness import API_KEY, CONFIG, MODEL, inline_config, start_server, stop_server
+from serve_harness import API_KEY, CONFIG, MODEL, separate_config, start_server, stop_server
 from test_serve_errors import (  # noqa: F401  (fixtures and tests, run again on this server)
     http, test_admin, test_disconnect_mid_stream_aborts, test_health_and_metrics_open,
-    test_overload_rejects_excess_and_finishes_accepted, test_stalled_bodies_time_out_and_health_answers,
+    test_overload_rejects_excess_and_finishes_accepted,
 )  # fmt: skip
 from test_serve_openai import client, test_chat_and_chat_stream, test_completion_stream_matches_non_stream  # noqa: F401
 
@@ -24,13 +26,15 @@ GREEDY = SamplingParams(max_tokens=12, temperature=0)
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    s = start_server(tmp_path_factory.mktemp("inline-serve"), inline_config(CONFIG))
+    s = start_server(tmp_path_factory.mktemp("separate-ingress"), separate_config(CONFIG))
     yield s
     assert stop_server(s) == 0, s.log()
 
 
-def test_one_deployment_greedy_equals_the_one_process_engine(server, http):
-    assert set(http.get("/admin/cluster").json()["deployments"]) == {"engine"}  # no ingress of its own
+def test_two_deployments_greedy_equals_the_one_process_engine(server):
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    status = httpx.get(f"{server.base_url}/admin/cluster", headers=headers, timeout=60).json()
+    assert set(status["deployments"]) == {"ingress", "engine"}
     client = OpenAI(base_url=f"{server.base_url}/v1", api_key=API_KEY, max_retries=0, timeout=120)
     llm = LLM()
     for prompt in PROMPTS:
