@@ -7,7 +7,7 @@ EOS ids) live in the engine, never written back. Unknown keys are errors, so a t
     model: null                 # Hugging Face MoE folder; null = the built-in model
     backend: engine             # "engine": one-process engine per replica; "cluster": MoECluster
     engine: {max_num_seqs: 32, dtype: float32}
-    serve: {port: 8000, max_queue_len: 64, api_key: null, ingress_in_engine: null}
+    serve: {port: 8000, max_queue_len: 64, api_key: null, ingress_in_engine: null, direct_http: null}
     prefill: {autoscaling: {min_replicas: 1, max_replicas: 4, target_ongoing_requests: 8}}
 """
 
@@ -122,6 +122,10 @@ class ServeSettings(_Frozen):
                                            "each engine replica (one deployment, sized by `decode`), so streamed "
                                            "tokens skip a hop between Ray processes (raymoe.serve.local_backend); "
                                            "null: on with backend: engine, off with backend: cluster")  # fmt: skip
+    direct_http: bool | None = Field(None, description="the ingress replica listens on `port` itself (Ray Serve's "
+                                     "direct ingress): no HTTP proxy process in between (raymoe.serve.direct); "
+                                     "null: on when `raymoe serve` starts its own Ray and the ingress deployment "
+                                     "has one replica")  # fmt: skip
 
     @field_validator("api_key")
     @classmethod
@@ -179,6 +183,16 @@ class RaymoeConfig(_Frozen):
         if self.serve.ingress_in_engine and self.backend != "engine":
             raise ValueError("serve.ingress_in_engine runs the ingress inside the engine replica, which only "
                              "backend: engine has; set serve.ingress_in_engine: false or backend: engine")  # fmt: skip
+        return self
+
+    @model_validator(mode="after")
+    def _direct_needs_one_ingress(self):
+        settings = self.decode if self.ingress_in_engine else self.ingress
+        if self.serve.direct_http and settings.autoscaling.max_replicas > 1:
+            where = "decode" if self.ingress_in_engine else "ingress"
+            raise ValueError(f"serve.direct_http serves serve.port from the one ingress replica; {where} may have "
+                             f"{settings.autoscaling.max_replicas} (each would get a port of its own): set "
+                             f"{where}.autoscaling.max_replicas: 1 or serve.direct_http: false")  # fmt: skip
         return self
 
 

@@ -154,10 +154,18 @@ def app_builder(args: dict):
 
 
 def start(config: RaymoeConfig, address: str | None = None) -> None:
-    """Start (or join) Ray, start Serve on config.serve.host:port, deploy and wait until ready."""
+    """Start (or join) Ray, start Serve on config.serve.host:port (with direct HTTP the ingress replica
+    listens there: raymoe.serve.direct), deploy and wait until ready."""
     import ray
     from ray import serve
 
+    from raymoe.serve import direct
+
+    own_cluster = address is None and not ray.is_initialized()
+    direct_http = direct.use_direct_http(config, own_cluster)
+    if direct_http:
+        direct.check_port_free(config.serve.host, config.serve.port)
+        os.environ.update(direct.direct_env(config.serve.port))
     if address is None:
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # keep a local cluster on loopback
         for name, value in SERVE_FAST_PATH.items():  # before Ray starts: its workers inherit them
@@ -177,14 +185,16 @@ def start(config: RaymoeConfig, address: str | None = None) -> None:
     started = time.monotonic()
     logger.info("deploying the %s backend (the model loads in the replicas; their logs: %s/logs/serve)",
                 config.backend, _session_dir())  # fmt: skip
-    serve.start(http_options={"host": config.serve.host, "port": config.serve.port})
+    proxy_port = direct.free_port(config.serve.host) if direct_http else config.serve.port  # direct: unused
+    serve.start(http_options={"host": config.serve.host, "port": proxy_port})
     from raymoe.serve import drain
 
     drain.clear()
-    serve.run(build_health_app(config), name=HEALTH_APP, route_prefix="/health", blocking=False)  # 503 until up
+    if not direct_http:  # direct: each ingress replica is an HTTP server of its own, /health its route
+        serve.run(build_health_app(config), name=HEALTH_APP, route_prefix="/health", blocking=False)  # 503 until up
     serve.run(build_app(config), name=APP_NAME, route_prefix="/", blocking=False)
-    _wait_ready(HEALTH_APP, READY_TIMEOUT_S)
-    _wait_ready(APP_NAME, READY_TIMEOUT_S)
+    for name in (APP_NAME,) if direct_http else (HEALTH_APP, APP_NAME):
+        _wait_ready(name, READY_TIMEOUT_S)
     logger.info("ready in %.0f s", time.monotonic() - started)
 
 
@@ -293,4 +303,5 @@ def drain_app(backend: str, grace_s: float, cut_short) -> None:
     except Exception as e:  # the app is broken already: nothing to wait for
         logger.warning("raymoe: could not wait for running requests: %r", e)
     for name in (APP_NAME, HEALTH_APP):
-        serve.delete(name)
+        if name in serve.status().applications:  # with direct HTTP there is no health app
+            serve.delete(name)

@@ -49,11 +49,25 @@ def separate_config(config: dict) -> dict:
     return {**config, "serve": {**config["serve"], "ingress_in_engine": False}}
 
 
+def proxied_config(config: dict) -> dict:
+    """`config` with Serve's HTTP proxy in front of the ingress replica (serve.direct_http: false)."""
+    return {**config, "serve": {**config["serve"], "direct_http": False}}
+
+
+def is_direct(config: dict) -> bool:
+    """Whether `raymoe serve` (its own Ray) lets the ingress replica listen on the port itself."""
+    from raymoe.config import parse_config
+    from raymoe.serve.direct import use_direct_http
+
+    return use_direct_http(parse_config(config), own_cluster=True)
+
+
 @dataclass
 class Server:
     base_url: str
     process: subprocess.Popen
     log_path: Path
+    direct: bool = False  # the ingress replica listens on the port itself (no Serve proxy, no health app)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")[-4000:]
@@ -76,7 +90,7 @@ def start_server(tmp_dir: Path, config: dict | None = None, env: dict | None = N
     cmd = [sys.executable, "-m", "raymoe", "serve", "--config", str(config_path), "--port", str(port)]
     with open(log_path, "wb") as log:
         process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-    server = Server(f"http://127.0.0.1:{port}", process, log_path)
+    server = Server(f"http://127.0.0.1:{port}", process, log_path, is_direct(CONFIG if config is None else config))
     deadline = time.monotonic() + START_TIMEOUT_S
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -109,8 +123,10 @@ _shared: dict = {"server": None, "users": 0}
 
 def acquire(tmp_dir: Path) -> Server:
     if _shared["server"] is None:
-        separate = os.environ.get("RAYMOE_TEST_INGRESS_IN_ENGINE") == "0"
-        _shared["server"] = start_server(tmp_dir, separate_config(CONFIG) if separate else None)
+        config = separate_config(CONFIG) if os.environ.get("RAYMOE_TEST_INGRESS_IN_ENGINE") == "0" else CONFIG
+        if os.environ.get("RAYMOE_TEST_DIRECT_HTTP") == "0":  # every suite through Serve's HTTP proxy
+            config = proxied_config(config)
+        _shared["server"] = start_server(tmp_dir, config)
     _shared["users"] += 1
     return _shared["server"]
 

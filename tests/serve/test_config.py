@@ -39,6 +39,10 @@ def test_defaults_and_yaml(tmp_path):
                  id="no-prefill-tokens"),
     pytest.param({"backend": "cluster", "serve": {"ingress_in_engine": True, "api_key": "s3cret"}},
                  "set serve.ingress_in_engine: false or backend: engine", id="inline-needs-the-engine"),
+    pytest.param({"serve": {"direct_http": True}, "decode": {"autoscaling": {"max_replicas": 2}}},
+                 "set decode.autoscaling.max_replicas: 1 or serve.direct_http: false", id="direct-needs-one-replica"),
+    pytest.param({"serve": {"direct_http": True, "ingress_in_engine": False}, "ingress": {"autoscaling": {
+                 "max_replicas": 3}}}, "ingress may have 3", id="direct-needs-one-ingress"),
 ])  # fmt: skip
 def test_errors_say_what_to_fix(data, needle):
     with pytest.raises(ConfigError, match=None) as e:

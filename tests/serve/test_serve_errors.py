@@ -126,6 +126,14 @@ def test_the_ingress_lives_in_the_engine_replica_by_default(http):
     assert set(http.get("/admin/cluster").json()["deployments"]) == ({"ingress", "engine"} if separate else {"engine"})
 
 
+def test_the_ingress_replica_listens_on_the_port_itself(server):
+    """By default (raymoe's own Ray, one ingress replica: test_direct.py) no Serve proxy sits in front:
+    Serve's /-/routes, answered by whatever listens, names only the app that replica serves, not the
+    proxy's table of both apps."""
+    routes = httpx.get(server.base_url + "/-/routes", timeout=30).json()
+    assert routes == ({"/": "raymoe"} if server.direct else {"/": "raymoe", "/health": "raymoe-health"})
+
+
 def test_admin(http):
     http.post("/v1/completions", json=OK)
     status = http.get("/admin/cluster").json()
@@ -239,15 +247,18 @@ def http_get(server, path: str) -> httpx.Response:
 
 
 def test_stalled_bodies_time_out_and_health_answers(server):
-    """Clients that send headers and part of a body, then nothing, fill every ingress slot: /health
-    still answers (its own Serve app), and each gets 408 after body_timeout_s, freeing its slot."""
+    """Clients that send headers and part of a body, then nothing, fill every ingress slot: a probe
+    still answers (behind Serve's proxy /health, its own Serve app; with the replica listening itself
+    Serve's /-/healthz, answered before admission), and each gets 408 after body_timeout_s, freeing
+    its slot."""
     socks = [_raw_request(server, b'{"model":', declared=1000) for _ in range(INGRESS_SLOTS)]
     try:
         start = time.monotonic()
         time.sleep(0.5)  # every one holds an ingress slot now
         with ThreadPoolExecutor(1) as pool:  # an ingress route waits for a slot: saturated indeed
             queued = pool.submit(lambda: (http_get(server, "/v1/models"), time.monotonic() - start))
-            health = httpx.get(server.base_url + "/health", timeout=BODY_TIMEOUT_S)
+            probe = "/-/healthz" if server.direct else "/health"  # direct: /health is a route like the rest
+            health = httpx.get(server.base_url + probe, timeout=BODY_TIMEOUT_S)
             assert health.status_code == 200 and time.monotonic() - start < BODY_TIMEOUT_S, health.text
             models, waited = queued.result(timeout=BODY_TIMEOUT_S + 60)
             assert models.status_code == 200 and waited > BODY_TIMEOUT_S - 1

@@ -1,5 +1,6 @@
 """`serve.ingress_in_engine: false`: the HTTP ingress as a deployment of its own in front of the engine
-deployment (the arrangement before the ingress moved into the engine replica) answers like the
+deployment (the arrangement before the ingress moved into the engine replica), here also behind
+Serve's HTTP proxy (`serve.direct_http: false`, as on a cluster raymoe joins), answers like the
 default: the one-process engine's greedy output, the official client, 503 when the queue is full, a
 disconnect that aborts, /health, /metrics and /admin. The checks shared with the shared server's are
 the same functions, run here against this module's server (RAYMOE_TEST_INGRESS_IN_ENGINE=0 runs
@@ -8,10 +9,10 @@ every suite so)."""
 import httpx
 import pytest
 from openai import OpenAI
-from serve_harness import API_KEY, CONFIG, MODEL, separate_config, start_server, stop_server
+from serve_harness import API_KEY, CONFIG, MODEL, proxied_config, separate_config, start_server, stop_server
 from test_serve_errors import (  # noqa: F401  (fixtures and tests, run again on this server)
     http, test_admin, test_disconnect_mid_stream_aborts, test_health_and_metrics_open,
-    test_overload_rejects_excess_and_finishes_accepted,
+    test_overload_rejects_excess_and_finishes_accepted, test_the_ingress_replica_listens_on_the_port_itself,
 )  # fmt: skip
 from test_serve_openai import client, test_chat_and_chat_stream, test_completion_stream_matches_non_stream  # noqa: F401
 
@@ -26,7 +27,7 @@ GREEDY = SamplingParams(max_tokens=12, temperature=0)
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    s = start_server(tmp_path_factory.mktemp("separate-ingress"), separate_config(CONFIG))
+    s = start_server(tmp_path_factory.mktemp("separate-ingress"), proxied_config(separate_config(CONFIG)))
     yield s
     assert stop_server(s) == 0, s.log()
 
