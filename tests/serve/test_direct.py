@@ -1,9 +1,16 @@
 """When `raymoe serve` lets the ingress replica listen on serve.port itself (raymoe.serve.direct), and
-the clear error for a port already taken. The server-level checks are in test_serve_errors.py."""
+the clear error for a port already taken; a replica that dies is replaced on the same port. The
+checks on the shared server are in test_serve_errors.py."""
 
+import contextlib
+import os
+import signal
 import socket
+import time
 
+import httpx
 import pytest
+from serve_harness import API_KEY, CONFIG, MODEL, start_server, stop_server
 
 from raymoe.config import parse_config
 from raymoe.errors import ConfigError
@@ -43,3 +50,49 @@ def test_a_taken_port_is_named():
         with pytest.raises(ConfigError, match=f"cannot serve on 127.0.0.1:{port}: .*pass a free --port"):
             check_port_free("127.0.0.1", port)
     check_port_free("127.0.0.1", free_port("127.0.0.1"))  # free: no error
+
+
+def _engine_replica(server) -> int:
+    """The engine replica's pid among this server's descendants (Ray's workers are under the raylet
+    the `raymoe serve` process started), read from /proc."""
+    parents, cmdlines = {}, {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        with contextlib.suppress(OSError):
+            parents[int(pid)] = int(open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[1])
+            cmdlines[int(pid)] = open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\0", b" ").decode(errors="replace")
+    mine, grew = {server.process.pid}, True
+    while grew:
+        found = {pid for pid, parent in parents.items() if parent in mine} - mine
+        mine, grew = mine | found, bool(found)
+    replicas = [pid for pid in mine if "ServeReplica:raymoe:engine" in cmdlines.get(pid, "")]
+    assert len(replicas) == 1, f"engine replicas under the server: {replicas}\n{server.log()}"
+    return replicas[0]
+
+
+REPLACED_WITHIN_S = 60  # ~10 s here; with Serve's default port quarantine (~2 min) it would not be
+
+
+@pytest.mark.timeout(300)
+def test_a_replica_that_dies_is_replaced_on_the_same_port(tmp_path):
+    """The replica listening on serve.port dies (SIGKILL): Serve starts another, which takes the port
+    back at once (no port quarantine), and the server answers there again, greedy as before."""
+    server = start_server(tmp_path, CONFIG)
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    body = {"model": MODEL, "prompt": "The quick brown fox", "max_tokens": 8, "temperature": 0}
+    try:
+        assert server.direct
+        before = httpx.post(f"{server.base_url}/v1/completions", json=body, headers=headers, timeout=60).json()
+        old = _engine_replica(server)
+        os.kill(old, signal.SIGKILL)
+        deadline, reply = time.monotonic() + REPLACED_WITHIN_S, None
+        while time.monotonic() < deadline:
+            with contextlib.suppress(httpx.HTTPError):
+                reply = httpx.post(f"{server.base_url}/v1/completions", json=body, headers=headers, timeout=60)
+                if reply.status_code == 200:
+                    break
+            time.sleep(1)
+        assert reply is not None and reply.status_code == 200, server.log()
+        assert _engine_replica(server) != old
+        assert reply.json()["choices"][0]["text"] == before["choices"][0]["text"]
+    finally:
+        assert stop_server(server) == 0, server.log()
