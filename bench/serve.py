@@ -20,7 +20,8 @@ bench/setup_vllm.sh); `--client vllm` loads every server with `vllm bench serve`
 with 2 torch threads in its engine, `colocated+replicas=2` with two engine replicas, `colocated+separate`
 with the HTTP ingress as a deployment of its own (`serve.ingress_in_engine: false`; by default, and
 with `+inline`, it runs inside the engine replica), `+proxy` behind Serve's HTTP proxy
-(`serve.direct_http: false`; by default one ingress replica listens itself); `--offline-step` adds the
+(`serve.direct_http: false`; by default one ingress replica listens itself), `+thread` with the engine
+stepping in a thread of its replica (`serve.engine_process: false`); `--offline-step` adds the
 engine alone on the same workload each round (bench/offline_step.py).
 """
 
@@ -294,17 +295,18 @@ def arrangement_options(name: str) -> tuple[str, dict[str, int]]:
     "inline": 1}): the engine's torch threads, the engine deployment's replicas (default 1 and 1),
     and the ingress inside the engine replica (colocated only; the default since it paid, so
     `+inline` says it explicitly and `+separate` runs the ingress as a deployment of its own);
-    `+proxy` puts Serve's HTTP proxy in front (serve.direct_http: false)."""
+    `+proxy` puts Serve's HTTP proxy in front (serve.direct_http: false), `+thread` steps the engine in
+    a thread of its replica (serve.engine_process: false)."""
     base, *mods = name.split("@", 1)[0].split("+")
     options = {}
     for mod in mods:
         key, _, value = mod.partition("=")
-        if mod in ("inline", "separate") and base == "colocated" or mod == "proxy":
+        if mod in ("inline", "separate") and base == "colocated" or mod in ("proxy", "thread"):
             options[mod] = 1
         elif key in ("threads", "replicas") and value.isdigit():
             options[key] = int(value)
         else:
-            raise SystemExit(f"arrangement {name!r}: options are +threads=N, +replicas=N, +proxy and (colocated) "
+            raise SystemExit(f"arrangement {name!r}: options are +threads=N, +replicas=N, +proxy, +thread and (colocated) "
                              "+inline or +separate")
     return base, options
 
@@ -338,6 +340,8 @@ def raymoe_server(backend: str, args, tree: str | None = None, options: dict | N
         config = serve_harness.separate_config(config)
     if options.get("proxy"):
         config = serve_harness.proxied_config(config)
+    if options.get("thread"):
+        config = {**config, "serve": {**config["serve"], "engine_process": False}}
     for attempt in range(3):  # a loaded machine can time out Serve's proxy start: try again
         try:
             server = serve_harness.start_server(Path(tempfile.mkdtemp()), config, env=tree_env(tree))

@@ -74,6 +74,7 @@ def one_run(env: dict, tree: str | None, window_s: float, num_requests: int, opt
     config = serve_harness.inline_config(config) if options.get("inline") else config
     config = serve_harness.separate_config(config) if options.get("separate") else config
     config = serve_harness.proxied_config(config) if options.get("proxy") else config
+    config = {**config, "serve": {**config["serve"], "engine_process": False}} if options.get("thread") else config
     env = {**env, **(bench_serve.tree_env(tree) or {})}
     server = serve_harness.start_server(Path(tempfile.mkdtemp()), config, env=env)
     url, key = server.base_url, serve_harness.API_KEY
@@ -112,7 +113,7 @@ def main() -> None:
     parser.add_argument("--window", type=float, default=12.0, help="seconds of load measured")
     parser.add_argument("--num-requests", type=int, default=160, help="enough for the load to outlast the window")
     parser.add_argument("--arrangements", default="colocated", help="comma-separated: colocated (the default arrangement), colocated+separate, colocated+inline, "
-                        "+proxy (Serve's HTTP proxy in front)")
+                        "+proxy (Serve's HTTP proxy in front), +thread (the engine in a thread of its replica)")
     args = parser.parse_args()
     for _ in range(args.rounds):
         for name in args.arrangements.split(","):

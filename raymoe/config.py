@@ -122,6 +122,9 @@ class ServeSettings(_Frozen):
                                            "each engine replica (one deployment, sized by `decode`), so streamed "
                                            "tokens skip a hop between Ray processes (raymoe.serve.local_backend); "
                                            "null: on with backend: engine, off with backend: cluster")  # fmt: skip
+    engine_process: bool = Field(True, description="backend: engine: the engine steps in a child process of its "
+                                 "replica (as vLLM's engine core), so the replica's HTTP work does not hold the GIL "
+                                 "its steps need (raymoe.serve.engine_process); false: a thread in the replica")  # fmt: skip
     direct_http: bool | None = Field(None, description="the ingress replica listens on `port` itself (Ray Serve's "
                                      "direct ingress): no HTTP proxy process in between (raymoe.serve.direct); "
                                      "null: on when `raymoe serve` starts its own Ray and the ingress deployment "

@@ -20,18 +20,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import replace
-
+import os
 from ray import serve
 
 from raymoe.config import parse_config
-from raymoe.engine.chunk_cache import LocalChunkStore
 from raymoe.engine.chunks import locate_chunks
-from raymoe.engine.llm_engine import LLMEngine, RequestOutput
+from raymoe.engine.llm_engine import RequestOutput
 from raymoe.engine.sampling_params import SamplingParams
 from raymoe.errors import InvalidRequestError, OverloadedError, RaymoeError, UnsupportedOperationError
 from raymoe.serve import ray_state
 from raymoe.serve.engine_loop import EngineLoop
+from raymoe.serve.engine_process import EngineProcess, build_engine, engine_info, engine_stats
 
 CHUNK_CACHE_BYTES = 64 << 20  # chunk KV of requests with raymoe_chunks (docs/chunks.md)
 
@@ -58,25 +57,42 @@ def error_item(kind: str, message: str) -> dict:
     return {"error": {"kind": kind, "message": message}}
 
 
+def _end_replica_if_actor():
+    """In a Serve replica: a callback that ends the replica's process, so Serve replaces it at once
+    rather than after failed health checks; elsewhere (tests, no Ray) None."""
+    import ray
+
+    if not ray.is_initialized() or ray.get_runtime_context().get_actor_id() is None:
+        return None
+
+    def end(reason: str) -> None:
+        logger.error("%s: ending this replica so Serve starts another", reason)
+        os._exit(1)
+
+    return end
+
+
 class LocalEngine:
     """The engine and its stepping loop in this process; `EngineBackend` is its Serve deployment."""
 
     def __init__(self, config: dict, model_path: str):
         self.config = parse_config(config)
         self.model_path = model_path
-        engine_config = replace(self.config.engine.to_engine_config(), threads=engine_threads(self.config))
-        self.engine = LLMEngine.from_path(model_path, engine_config, LocalChunkStore(CHUNK_CACHE_BYTES))
-        self.loop = EngineLoop(self.engine, self.config.serve.max_queue_len)
+        threads, max_pending = engine_threads(self.config), self.config.serve.max_queue_len
+        if self.config.serve.engine_process:  # stepping in a child process (raymoe.serve.engine_process)
+            self.engine = None
+            self.loop = EngineProcess(config, model_path, threads, max_pending, on_death=_end_replica_if_actor())
+        else:
+            self.engine = build_engine(config, model_path, threads)
+            self.loop = EngineLoop(self.engine, max_pending)
 
     def info(self) -> dict:
-        spec = self.engine.model.spec
-        return {"max_model_len": self.engine.max_model_len, "vocab_size": spec.vocab_size,
-                "model_path": self.model_path, "backend": "engine"}  # fmt: skip
+        return self.loop.info if self.engine is None else engine_info(self.engine, self.model_path)
 
     def check_health(self) -> None:
-        """Serve calls this; a dead stepping thread marks the replica unhealthy and replaces it."""
-        if not self.loop._thread.is_alive():
-            raise RuntimeError("the engine loop thread died")
+        """Serve calls this; a dead stepping thread or engine process marks the replica unhealthy and
+        replaces it."""
+        self.loop.check_alive()
 
     async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams):
         try:
@@ -113,17 +129,13 @@ class LocalEngine:
 
     def stats(self) -> dict:
         s = self.loop.stats
-        bm = self.engine.block_manager
+        own = self.loop.engine_stats() if self.engine is None else engine_stats(self.engine)
         return {
             "num_admitted": s.num_admitted, "num_running": s.num_running, "num_rejected": s.num_rejected,
             "num_finished": s.num_finished, "num_aborted": s.num_aborted, "num_steps": s.num_steps,
             "num_generated_tokens": s.num_generated_tokens, "step_time_s": s.step_time_s,
-            "num_messages": s.num_messages,
-            "max_queue_len": self.loop.max_pending, "num_kv_blocks": bm.num_blocks,
-            "num_free_kv_blocks": bm.num_free_blocks, "num_engine_requests": len(self.engine.requests),
+            "num_messages": s.num_messages, "max_queue_len": self.loop.max_pending, **own,
             "backend": "engine", "nodes": len(ray_state.live_nodes()),
-            "speculative": {"method": self.engine.config.speculative, **self.engine.spec_stats()},
-            "chunks": self.engine.chunk_stats(),
             "replicas": {name: d["running"] for name, d in ray_state.deployments().items()},
         }  # fmt: skip
 

@@ -76,6 +76,10 @@ class EngineLoop:
             self._commands.append(("abort", request_id))
             self._wake.notify()
 
+    def check_alive(self) -> None:
+        if not self._thread.is_alive():
+            raise RuntimeError("the engine loop thread died")
+
     def shutdown(self) -> None:
         with self._wake:
             self._stopped = True
@@ -146,7 +150,7 @@ class EngineLoop:
         self.stats.num_messages += len(items)
         for loop, batch in by_loop.items():
             try:
-                loop.call_soon_threadsafe(_deliver, batch)
+                loop.call_soon_threadsafe(deliver, batch)
             except RuntimeError:  # the caller's event loop is gone: nobody is listening
                 for request_id, _, _ in batch:
                     self.abort(request_id)
@@ -160,6 +164,6 @@ class EngineLoop:
             self.stats.num_finished += not aborted
 
 
-def _deliver(batch: list[tuple[str, asyncio.Queue, object]]) -> None:
+def deliver(batch: list[tuple[str, asyncio.Queue, object]]) -> None:
     for _, queue, item in batch:
         queue.put_nowait(item)

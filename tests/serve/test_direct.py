@@ -1,5 +1,6 @@
 """When `raymoe serve` lets the ingress replica listen on serve.port itself (raymoe.serve.direct), and
-the clear error for a port already taken; a replica that dies is replaced on the same port. The
+the clear error for a port already taken; a replica, or its engine process, that dies is replaced
+on the same port. The
 checks on the shared server are in test_serve_errors.py."""
 
 import contextlib
@@ -52,9 +53,9 @@ def test_a_taken_port_is_named():
     check_port_free("127.0.0.1", free_port("127.0.0.1"))  # free: no error
 
 
-def _engine_replica(server) -> int:
-    """The engine replica's pid among this server's descendants (Ray's workers are under the raylet
-    the `raymoe serve` process started), read from /proc."""
+def _descendants(server) -> dict[int, str]:
+    """pid -> command line of every process under the `raymoe serve` process (Ray's workers are under
+    the raylet it started), read from /proc."""
     parents, cmdlines = {}, {}
     for pid in filter(str.isdigit, os.listdir("/proc")):
         with contextlib.suppress(OSError):
@@ -64,35 +65,42 @@ def _engine_replica(server) -> int:
     while grew:
         found = {pid for pid, parent in parents.items() if parent in mine} - mine
         mine, grew = mine | found, bool(found)
-    replicas = [pid for pid in mine if "ServeReplica:raymoe:engine" in cmdlines.get(pid, "")]
-    assert len(replicas) == 1, f"engine replicas under the server: {replicas}\n{server.log()}"
-    return replicas[0]
+    return {pid: cmdlines.get(pid, "") for pid in mine}
 
 
-REPLACED_WITHIN_S = 60  # ~10 s here; with Serve's default port quarantine (~2 min) it would not be
+def _one(server, marker: str) -> int:
+    pids = [pid for pid, cmdline in _descendants(server).items() if marker in cmdline]
+    assert len(pids) == 1, f"processes with {marker!r} under the server: {pids}\n{server.log()}"
+    return pids[0]
+
+
+REPLICA, ENGINE = "ServeReplica:raymoe:engine", "raymoe.serve.engine_process"
+REPLACED_WITHIN_S = 60  # ~10-20 s here; with Serve's default port quarantine (~2 min) it would not be
 
 
 @pytest.mark.timeout(300)
-def test_a_replica_that_dies_is_replaced_on_the_same_port(tmp_path):
-    """The replica listening on serve.port dies (SIGKILL): Serve starts another, which takes the port
-    back at once (no port quarantine), and the server answers there again, greedy as before."""
+@pytest.mark.parametrize("victim", [REPLICA, ENGINE])
+def test_a_replica_or_its_engine_that_dies_is_replaced_on_the_same_port(tmp_path, victim):
+    """The replica listening on serve.port, or the engine process it started, dies (SIGKILL): Serve
+    replaces the replica (its health check fails when the engine process is gone), the new one takes
+    the port back at once (no port quarantine), and the server answers there again, greedy as before."""
     server = start_server(tmp_path, CONFIG)
     headers = {"Authorization": f"Bearer {API_KEY}"}
     body = {"model": MODEL, "prompt": "The quick brown fox", "max_tokens": 8, "temperature": 0}
     try:
         assert server.direct
         before = httpx.post(f"{server.base_url}/v1/completions", json=body, headers=headers, timeout=60).json()
-        old = _engine_replica(server)
-        os.kill(old, signal.SIGKILL)
+        old_replica = _one(server, REPLICA)
+        os.kill(_one(server, victim), signal.SIGKILL)
         deadline, reply = time.monotonic() + REPLACED_WITHIN_S, None
         while time.monotonic() < deadline:
             with contextlib.suppress(httpx.HTTPError):
                 reply = httpx.post(f"{server.base_url}/v1/completions", json=body, headers=headers, timeout=60)
-                if reply.status_code == 200:
+                if reply.status_code == 200 and _one(server, REPLICA) != old_replica:
                     break
             time.sleep(1)
         assert reply is not None and reply.status_code == 200, server.log()
-        assert _engine_replica(server) != old
+        assert _one(server, REPLICA) != old_replica
         assert reply.json()["choices"][0]["text"] == before["choices"][0]["text"]
     finally:
         assert stop_server(server) == 0, server.log()
