@@ -1,7 +1,8 @@
 """The generation backend the ingress talks to: a Serve deployment around the one-process engine.
 
-`EngineBackend` prefills and decodes in one replica (the colocated arrangement): an `EngineLoop`
-steps the engine in a background thread, with bounded admission. Serve's autoscaler adds replicas
+`EngineBackend` prefills and decodes in one replica (the colocated arrangement): the engine steps in
+a child process of the replica (`raymoe.serve.engine_process`, `serve.engine_process`) or, with that
+off, an `EngineLoop` steps it in a background thread; admission is bounded either way. Serve's autoscaler adds replicas
 as their ongoing requests grow (the `decode` deployment settings of the config). It is a thin
 deployment over the plain class `LocalEngine`, which the ingress also holds in its own process
 when `serve.ingress_in_engine` is set (`raymoe.serve.local_backend`).

@@ -221,7 +221,7 @@ class Ingress:
         return await self.backend.stats.remote()
 
     def check_health(self) -> None:
-        """Serve calls this; a dead stepping thread of an engine held here replaces the replica."""
+        """Serve calls this; a dead engine process or stepping thread held here replaces the replica."""
         if isinstance(self.backend, LocalBackend):
             self.backend.check_health()
 

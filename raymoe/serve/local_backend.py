@@ -3,8 +3,8 @@ makes on a deployment handle.
 
 With `backend: engine` each chunk of deltas otherwise crosses two Ray processes (engine replica ->
 ingress replica -> HTTP proxy), about 8 per engine step. With the switch on, one deployment is both:
-its ingress holds a `LocalEngine`, and a step's chunks go from the stepping thread to the replica's
-own event loop, then to the proxy. `LocalBackend` answers what the ingress asks of a handle,
+its ingress holds a `LocalEngine`, and a step's chunks go from the engine (its process or thread)
+to the replica's own event loop, then to the client. `LocalBackend` answers what the ingress asks of a handle,
 
     stream = backend.options(stream=True).generate.remote(request_id, prompt_ids, params)
     first = await stream.__anext__(); async for deltas in stream: ...; stream.cancel()
@@ -38,7 +38,7 @@ class LocalBackend:
         return _Method(getattr(self.target, name))
 
     def check_health(self) -> None:
-        """Raises if the engine's stepping thread died (the replica's own health check)."""
+        """Raises if the engine's process or stepping thread died (the replica's own health check)."""
         self.target.check_health()
 
     def close(self) -> None:
