@@ -6,7 +6,7 @@
 Starts the server (backend: engine, max_num_seqs 32), sends the random workload of bench/serve.py
 (128-token prompts, 64 output tokens, 32 in flight), and over a window in the middle of the load
 reads each process's CPU time from /proc (user + system, every thread) and the engine's counters
-(tokens, steps, messages). CPU time, unlike wall time, barely moves with what else the machine runs,
+(tokens, steps, messages); the engine replica's figure includes its engine process. CPU time, unlike wall time, barely moves with what else the machine runs,
 so two settings compare on a shared machine. Each --env entry is one setting (JSON of environment
 for the server), and each of --arrangements (bench/serve.py's names: `colocated`, the default, has the
 ingress inside the engine replica, so "engine replica" counts the ingress's work too;
@@ -45,7 +45,8 @@ def process_tree(pid: int) -> list[tuple[int, str]]:
         parent = todo.pop()
         for child, ppid, args in rows:
             if int(ppid) == parent:
-                out.append((int(child), args.split()[0].replace("ray::", "")))
+                name = "Serve:engine process" if "raymoe.serve.engine_process" in args else args.split()[0]
+                out.append((int(child), name.replace("ray::", "")))
                 todo.append(int(child))
     return out
 
@@ -56,11 +57,10 @@ def cpu_seconds(procs: list[tuple[int, str]]) -> dict[str, float]:
     for pid, name in procs:
         if not any(s in name for s in ("Serve", "Proxy", "driver", "client")):
             name = "ray:" + name.split("/")[-1][:24]
-        try:
-            for tid in os.listdir(f"/proc/{pid}/task"):
-                stat = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
-                fields = stat[stat.rindex(")") + 2 :].split()
-                out[name] += (int(fields[11]) + int(fields[12])) / TICKS
+        try:  # the process's own figure: every thread, those that ended too
+            stat = Path(f"/proc/{pid}/stat").read_text()
+            fields = stat[stat.rindex(")") + 2 :].split()
+            out[name] += (int(fields[11]) + int(fields[12])) / TICKS
         except (FileNotFoundError, ProcessLookupError):
             pass
     return out
@@ -95,7 +95,7 @@ def one_run(env: dict, tree: str | None, window_s: float, num_requests: int, opt
     tokens = eng1["num_generated_tokens"] - eng0["num_generated_tokens"]
     steps = eng1["num_steps"] - eng0["num_steps"]
     per_token = {k: round(1000 * (cpu1[k] - cpu0.get(k, 0.0)) / tokens, 3) for k in cpu1}
-    engine = next(v for k, v in per_token.items() if k.endswith(":engine"))
+    engine = sum(v for k, v in per_token.items() if k.endswith(":engine") or k.endswith("engine process"))
     return {"env": env, "tokens": tokens, "steps": steps,
             "messages_per_step": round((eng1["num_messages"] - eng0["num_messages"]) / max(steps, 1), 2),
             "server_step_ms": round(1000 * (eng1["step_time_s"] - eng0["step_time_s"]) / max(steps, 1), 1),
