@@ -3,8 +3,8 @@ core runs apart from its API server.
 
 In one process the replica's HTTP work (uvicorn, FastAPI, SSE framing, Serve's bookkeeping) and the
 stepping thread share one GIL. A step is hundreds of small torch ops, each releasing the GIL and
-taking it back; with another thread holding it even 15 % of the time, a step takes ~1.45x as long
-(docs/benchmarks.md). So the replica starts `python -m raymoe.serve.engine_process`, which builds
+taking it back; with another thread holding it even 15 % of the time, a step takes 1.2-1.5x as
+long (docs/benchmarks.md, bench/gil_contention.py). So the replica starts `python -m raymoe.serve.engine_process`, which builds
 the engine and runs the same `EngineLoop` there; the two talk over a socket pair with
 `multiprocessing.connection` (pickled messages):
 
