@@ -148,12 +148,7 @@ class EngineLoop:
             if sink is not None:
                 by_loop.setdefault(sink[0], []).append((request_id, sink[1], item))
         self.stats.num_messages += len(items)
-        for loop, batch in by_loop.items():
-            try:
-                loop.call_soon_threadsafe(deliver, batch)
-            except RuntimeError:  # the caller's event loop is gone: nobody is listening
-                for request_id, _, _ in batch:
-                    self.abort(request_id)
+        hand_over(by_loop, self.abort)
 
     def _finish(self, request_id: str, aborted: bool = False) -> None:
         self._pending.pop(request_id, None)
@@ -162,6 +157,17 @@ class EngineLoop:
                 self.stats.num_admitted -= 1
             self.stats.num_aborted += aborted
             self.stats.num_finished += not aborted
+
+
+def hand_over(by_loop: dict, abort) -> None:
+    """Each event loop's batch of (request, queue, item) in one call; where the caller's event loop is
+    gone nobody is listening, so its requests are aborted."""
+    for loop, batch in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(deliver, batch)
+        except RuntimeError:
+            for request_id, _, _ in batch:
+                abort(request_id)
 
 
 def deliver(batch: list[tuple[str, asyncio.Queue, object]]) -> None:

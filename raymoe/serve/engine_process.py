@@ -35,7 +35,7 @@ from multiprocessing.connection import Connection
 
 from raymoe.engine.sampling_params import SamplingParams
 from raymoe.errors import InvalidRequestError, OverloadedError, RaymoeError
-from raymoe.serve.engine_loop import EngineLoop, LoopStats, deliver
+from raymoe.serve.engine_loop import EngineLoop, LoopStats, hand_over
 
 START_TIMEOUT_S = 600  # building the engine: loading a large checkpoint
 CALL_TIMEOUT_S = 30
@@ -179,12 +179,7 @@ class EngineProcess:
                 if sink[2] <= 0:
                     self._leave(request_id)
             by_loop.setdefault(sink[0], []).append((request_id, sink[1], chunk))
-        for loop, batch in by_loop.items():
-            try:
-                loop.call_soon_threadsafe(deliver, batch)
-            except RuntimeError:  # the caller's event loop is gone: nobody is listening
-                for request_id, _, _ in batch:
-                    self.abort(request_id)
+        hand_over(by_loop, self.abort)
 
     def _leave(self, request_id: str) -> bool:
         with self._lock:
