@@ -302,6 +302,7 @@ def drain_app(backend: str, grace_s: float, cut_short) -> None:
             logger.warning("raymoe: the grace period ended with requests still running; stopping them")
     except Exception as e:  # the app is broken already: nothing to wait for
         logger.warning("raymoe: could not wait for running requests: %r", e)
+    running = serve.status().applications
     for name in (APP_NAME, HEALTH_APP):
-        if name in serve.status().applications:  # with direct HTTP there is no health app
+        if name in running:  # with direct HTTP there is no health app
             serve.delete(name)

@@ -2,8 +2,8 @@
 
 `EngineBackend` prefills and decodes in one replica (the colocated arrangement): the engine steps in
 a child process of the replica (`raymoe.serve.engine_process`, `serve.engine_process`) or, with that
-off, an `EngineLoop` steps it in a background thread; admission is bounded either way. Serve's autoscaler adds replicas
-as their ongoing requests grow (the `decode` deployment settings of the config). It is a thin
+off, an `EngineLoop` steps it in a background thread; admission is bounded either way. Serve's
+autoscaler adds replicas as their ongoing requests grow (the `decode` deployment settings). It is a thin
 deployment over the plain class `LocalEngine`, which the ingress also holds in its own process
 when `serve.ingress_in_engine` is set (`raymoe.serve.local_backend`).
 
@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+
 from ray import serve
 
 from raymoe.config import parse_config
@@ -30,10 +31,8 @@ from raymoe.engine.llm_engine import RequestOutput
 from raymoe.engine.sampling_params import SamplingParams
 from raymoe.errors import InvalidRequestError, OverloadedError, RaymoeError, UnsupportedOperationError
 from raymoe.serve import ray_state
-from raymoe.serve.engine_loop import EngineLoop
-from raymoe.serve.engine_process import EngineProcess, build_engine, engine_info, engine_stats
-
-CHUNK_CACHE_BYTES = 64 << 20  # chunk KV of requests with raymoe_chunks (docs/chunks.md)
+from raymoe.serve.engine_loop import EngineLoop, build_engine, engine_info
+from raymoe.serve.engine_process import EngineProcess
 
 logger = logging.getLogger(__name__)
 
@@ -81,14 +80,14 @@ class LocalEngine:
         self.model_path = model_path
         threads, max_pending = engine_threads(self.config), self.config.serve.max_queue_len
         if self.config.serve.engine_process:  # stepping in a child process (raymoe.serve.engine_process)
-            self.engine = None
             self.loop = EngineProcess(config, model_path, threads, max_pending, on_death=_end_replica_if_actor())
+            self._info = self.loop.info
         else:
-            self.engine = build_engine(config, model_path, threads)
-            self.loop = EngineLoop(self.engine, max_pending)
+            engine = build_engine(config, model_path, threads)
+            self.loop, self._info = EngineLoop(engine, max_pending), engine_info(engine, model_path)
 
     def info(self) -> dict:
-        return self.loop.info if self.engine is None else engine_info(self.engine, self.model_path)
+        return dict(self._info)
 
     def check_health(self) -> None:
         """Serve calls this; a dead stepping thread or engine process marks the replica unhealthy and
@@ -130,7 +129,7 @@ class LocalEngine:
 
     def stats(self) -> dict:
         s = self.loop.stats
-        own = self.loop.engine_stats() if self.engine is None else engine_stats(self.engine)
+        own = self.loop.engine_stats()
         return {
             "num_admitted": s.num_admitted, "num_running": s.num_running, "num_rejected": s.num_rejected,
             "num_finished": s.num_finished, "num_aborted": s.num_aborted, "num_steps": s.num_steps,

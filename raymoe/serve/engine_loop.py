@@ -24,6 +24,7 @@ from raymoe.engine.sampling_params import SamplingParams
 from raymoe.errors import OverloadedError
 
 MESSAGES_PER_STEP = 8  # chunks sent per engine step, about: bounds the per-message cost at any batch
+CHUNK_CACHE_BYTES = 64 << 20  # chunk KV of requests with raymoe_chunks (docs/chunks.md)
 
 
 def stream_interval(num_sampled: int) -> int:
@@ -72,9 +73,16 @@ class EngineLoop:
         return queue
 
     def abort(self, request_id: str) -> None:
+        self._push(("abort", request_id))
+
+    def _push(self, command: tuple) -> None:
+        """Queue a command for the stepping thread and wake it."""
         with self._wake:
-            self._commands.append(("abort", request_id))
+            self._commands.append(command)
             self._wake.notify()
+
+    def engine_stats(self) -> dict:
+        return engine_stats(self.engine)
 
     def check_alive(self) -> None:
         if not self._thread.is_alive():
@@ -173,3 +181,28 @@ def hand_over(by_loop: dict, abort) -> None:
 def deliver(batch: list[tuple[str, asyncio.Queue, object]]) -> None:
     for _, queue, item in batch:
         queue.put_nowait(item)
+
+
+def build_engine(config: dict, model_path: str, threads: int) -> LLMEngine:
+    """The engine a serve replica steps (in its thread or its engine process), from the config dict."""
+    from dataclasses import replace
+
+    from raymoe.config import parse_config
+    from raymoe.engine.chunk_cache import LocalChunkStore
+
+    engine_config = replace(parse_config(config).engine.to_engine_config(), threads=threads)
+    return LLMEngine.from_path(model_path, engine_config, LocalChunkStore(CHUNK_CACHE_BYTES))
+
+
+def engine_info(engine: LLMEngine, model_path: str) -> dict:
+    return {"max_model_len": engine.max_model_len, "vocab_size": engine.model.spec.vocab_size,
+            "model_path": model_path, "backend": "engine"}  # fmt: skip
+
+
+def engine_stats(engine: LLMEngine) -> dict:
+    """The engine's own figures: KV blocks, requests, speculation, chunk cache."""
+    bm = engine.block_manager
+    return {"num_kv_blocks": bm.num_blocks, "num_free_kv_blocks": bm.num_free_blocks,
+            "num_engine_requests": len(engine.requests),
+            "speculative": {"method": engine.config.speculative, **engine.spec_stats()},
+            "chunks": engine.chunk_stats()}  # fmt: skip

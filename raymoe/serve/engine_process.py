@@ -4,9 +4,9 @@ core runs apart from its API server.
 In one process the replica's HTTP work (uvicorn, FastAPI, SSE framing, Serve's bookkeeping) and the
 stepping thread share one GIL. A step is hundreds of small torch ops, each releasing the GIL and
 taking it back; with another thread holding it even 15 % of the time, a step takes 1.2-1.5x as
-long (docs/benchmarks.md, bench/gil_contention.py). So the replica starts `python -m raymoe.serve.engine_process`, which builds
-the engine and runs the same `EngineLoop` there; the two talk over a socket pair with
-`multiprocessing.connection` (pickled messages):
+long (docs/benchmarks.md, bench/gil_contention.py). So the replica starts `python -m
+raymoe.serve.engine_process`, which builds the engine and runs the same `EngineLoop` there; the two
+talk over a socket pair with `multiprocessing.connection` (pickled messages):
 
     parent -> child   ("init", config, model_path, threads) | ("add", rid, prompt_ids, params)
                       | ("abort", rid) | ("stats", call_id) | ("stop",)
@@ -14,7 +14,7 @@ the engine and runs the same `EngineLoop` there; the two talk over a socket pair
                       | ("stats", call_id, dict, counters)
 
 `EngineProcess` offers what `LocalEngine` uses of an `EngineLoop` (submit, abort, stats, shutdown,
-engine_info, engine_stats, check_alive). Admission is counted here, so overload is an immediate 503;
+engine_stats, check_alive) and the engine's `info`. Admission is counted here, so overload is an immediate 503;
 a request leaves once all its samples finished, it failed, or it was aborted. The child exits when
 the connection closes (the replica died); a dead child fails every open stream and the replica's
 health check, and a replica ends itself then (`on_death`), so Serve replaces it at once.
@@ -30,28 +30,19 @@ import subprocess
 import sys
 import threading
 from collections.abc import Callable
-from dataclasses import astuple, dataclass
 from multiprocessing.connection import Connection
 
 from raymoe.engine.sampling_params import SamplingParams
 from raymoe.errors import InvalidRequestError, OverloadedError, RaymoeError
-from raymoe.serve.engine_loop import EngineLoop, LoopStats, hand_over
+from raymoe.serve.engine_loop import EngineLoop, LoopStats, build_engine, engine_info, hand_over
 
 START_TIMEOUT_S = 600  # building the engine: loading a large checkpoint
 CALL_TIMEOUT_S = 30
 
 
-@dataclass
-class Counters:
-    """The child's share of LoopStats, sent with every output message."""
-
-    num_running: int = 0
-    num_finished: int = 0
-    num_aborted: int = 0
-    num_steps: int = 0
-    num_generated_tokens: int = 0
-    num_messages: int = 0
-    step_time_s: float = 0.0
+# the child's share of LoopStats, sent with every output message (the rest is counted here)
+COUNTERS = ("num_running", "num_finished", "num_aborted", "num_steps", "num_generated_tokens", "num_messages",
+            "step_time_s")  # fmt: skip
 
 
 class EngineProcessError(RuntimeError):
@@ -112,9 +103,6 @@ class EngineProcess:
         if self._dead or self._proc.poll() is not None:
             raise EngineProcessError(self._dead or f"the engine process exited with {self._proc.returncode}")
 
-    def engine_info(self) -> dict:
-        return self.info
-
     def engine_stats(self) -> dict:
         """The engine's own figures (KV blocks, requests, speculation, chunk cache), asked of the child."""
         call_id, done = next(self._ids), threading.Event()
@@ -158,13 +146,11 @@ class EngineProcess:
         except (EOFError, OSError):
             self._died()
 
-    def _count(self, counters: tuple) -> None:
-        c, s = Counters(*counters), self.stats
-        s.num_running, s.num_finished, s.num_aborted = c.num_running, c.num_finished, c.num_aborted
-        s.num_steps, s.num_generated_tokens, s.num_messages, s.step_time_s = (
-            c.num_steps, c.num_generated_tokens, c.num_messages, c.step_time_s)  # fmt: skip
+    def _count(self, counters: dict) -> None:
+        for name, value in counters.items():
+            setattr(self.stats, name, value)
 
-    def _deliver(self, items: list, counters: tuple) -> None:
+    def _deliver(self, items: list, counters: dict) -> None:
         self._count(counters)
         by_loop: dict[asyncio.AbstractEventLoop, list] = {}
         for request_id, chunk in items:
@@ -194,11 +180,10 @@ class EngineProcess:
             self._dead = f"the engine process exited (code {code})"
             sinks, self._sinks = self._sinks, {}
             self.stats.num_admitted -= len(sinks)
-        for loop, queue, _ in sinks.values():
-            try:
-                loop.call_soon_threadsafe(queue.put_nowait, EngineProcessError(self._dead))
-            except RuntimeError:
-                pass
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        for request_id, (loop, queue, _) in sinks.items():
+            by_loop.setdefault(loop, []).append((request_id, queue, EngineProcessError(self._dead)))
+        hand_over(by_loop, lambda _request_id: None)  # nothing left to abort
         for call in list(self._calls.values()):
             call[0].set()
         if self._on_death is not None and not self._stopping:
@@ -216,29 +201,25 @@ class _ChildLoop(EngineLoop):
     def add(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
         with self._wake:
             self.stats.num_admitted += 1
-            self._commands.append(("add", request_id, prompt_ids, params, True))  # the sink: the connection
-            self._wake.notify()
+        self._push(("add", request_id, prompt_ids, params, True))  # the sink: the connection
 
     def ask_stats(self, call_id: int) -> None:
         """Answered on the stepping thread, after the commands before it (an abort included)."""
-        with self._wake:
-            self._commands.append(("stats", call_id))
-            self._wake.notify()
+        self._push(("stats", call_id))
 
     def _apply(self, command: tuple) -> None:
         if command[0] != "stats":
             return super()._apply(command)
-        self._reply(("stats", command[1], engine_stats(self.engine), self._counters()))
+        self._reply(("stats", command[1], self.engine_stats(), self._counters()))
 
     def _send_many(self, items: list) -> None:
         self.stats.num_messages += len(items)
         out = [(rid, _error_tuple(item) if isinstance(item, Exception) else item) for rid, item in items]
         self._reply(("out", out, self._counters()))
 
-    def _counters(self) -> tuple:
-        s = self.stats
-        return astuple(Counters(len(self.engine.requests), s.num_finished, s.num_aborted, s.num_steps,
-                                s.num_generated_tokens, s.num_messages, s.step_time_s))  # fmt: skip
+    def _counters(self) -> dict:
+        self.stats.num_running = len(self.engine.requests)
+        return {name: getattr(self.stats, name) for name in COUNTERS}
 
     def _reply(self, message: tuple) -> None:
         with self.send_lock:
@@ -247,31 +228,6 @@ class _ChildLoop(EngineLoop):
 
 def _error_tuple(error: Exception) -> tuple[str, str, str]:
     return ("error", "invalid" if isinstance(error, (RaymoeError, ValueError)) else "internal", str(error))
-
-
-def engine_info(engine, model_path: str) -> dict:
-    return {"max_model_len": engine.max_model_len, "vocab_size": engine.model.spec.vocab_size,
-            "model_path": model_path, "backend": "engine"}  # fmt: skip
-
-
-def engine_stats(engine) -> dict:
-    bm = engine.block_manager
-    return {"num_kv_blocks": bm.num_blocks, "num_free_kv_blocks": bm.num_free_blocks,
-            "num_engine_requests": len(engine.requests),
-            "speculative": {"method": engine.config.speculative, **engine.spec_stats()},
-            "chunks": engine.chunk_stats()}  # fmt: skip
-
-
-def build_engine(config: dict, model_path: str, threads: int):
-    from dataclasses import replace
-
-    from raymoe.config import parse_config
-    from raymoe.engine.chunk_cache import LocalChunkStore
-    from raymoe.engine.llm_engine import LLMEngine
-    from raymoe.serve.backend import CHUNK_CACHE_BYTES
-
-    engine_config = replace(parse_config(config).engine.to_engine_config(), threads=threads)
-    return LLMEngine.from_path(model_path, engine_config, LocalChunkStore(CHUNK_CACHE_BYTES))
 
 
 def child_main(fd: int) -> int:

@@ -1,8 +1,11 @@
-"""`LocalBackend` over a `LocalEngine` in this process (no Ray): the handle calls the ingress makes
+"""`LocalBackend` over a `LocalEngine` in this process (no Ray; its engine in a child process or a
+thread of this one, `serve.engine_process`): the handle calls the ingress makes
 give the one-process engine's greedy token ids, and cancelling a stream aborts its sequence and
 frees its KV blocks."""
 
 import asyncio
+
+import pytest
 
 from raymoe.engine.llm import LLM
 from raymoe.engine.sampling_params import SamplingParams
@@ -28,8 +31,10 @@ async def _collect(backend, request_id: str, prompt_ids: list[int], params: Samp
     return ids
 
 
-def test_streams_equal_the_engine_and_cancel_frees_the_sequence():
-    backend = local_engine(CONFIG_1_THREAD, str(builtin_model_path()))
+@pytest.mark.parametrize("engine_process", [True, False], ids=["engine-process", "engine-thread"])
+def test_streams_equal_the_engine_and_cancel_frees_the_sequence(engine_process):
+    config = {**CONFIG_1_THREAD, "serve": {**CONFIG_1_THREAD["serve"], "engine_process": engine_process}}
+    backend = local_engine(config, str(builtin_model_path()))
     try:
         llm = LLM()
         prompt_ids = llm.tokenizer.encode("The quick brown fox")
@@ -50,7 +55,7 @@ def test_streams_equal_the_engine_and_cancel_frees_the_sequence():
         assert whole == list(llm.generate([prompt_ids], GREEDY)[0].token_ids)
         assert part and part[: len(whole)] == whole[: len(part)] and len(part) < LONG.max_tokens
         loop = backend.target.loop
-        own = loop.engine_stats()  # the engine process answers after applying the abort
+        own = loop.engine_stats()  # an engine process answers after applying the abort
         assert (loop.stats.num_finished, loop.stats.num_aborted, loop.stats.num_admitted) == (1, 1, 0)
         assert own["num_free_kv_blocks"] == own["num_kv_blocks"] and own["num_engine_requests"] == 0
         backend.check_health()
