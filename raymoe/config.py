@@ -181,6 +181,12 @@ class RaymoeConfig(_Frozen):
         explicit = self.serve.ingress_in_engine
         return self.backend == "engine" if explicit is None else explicit
 
+    @property
+    def ingress_section(self) -> str:
+        """The section sizing the deployment that holds the HTTP ingress: `decode` with the ingress
+        inside the engine replica, else `ingress`."""
+        return "decode" if self.ingress_in_engine else "ingress"
+
     @model_validator(mode="after")
     def _inline_needs_engine(self):
         if self.serve.ingress_in_engine and self.backend != "engine":
@@ -190,9 +196,9 @@ class RaymoeConfig(_Frozen):
 
     @model_validator(mode="after")
     def _direct_needs_one_ingress(self):
-        settings = self.decode if self.ingress_in_engine else self.ingress
+        where = self.ingress_section
+        settings = getattr(self, where)
         if self.serve.direct_http and settings.autoscaling.max_replicas > 1:
-            where = "decode" if self.ingress_in_engine else "ingress"
             raise ValueError(f"serve.direct_http serves serve.port from the one ingress replica; {where} may have "
                              f"{settings.autoscaling.max_replicas} (each would get a port of its own): set "
                              f"{where}.autoscaling.max_replicas: 1 or serve.direct_http: false")  # fmt: skip

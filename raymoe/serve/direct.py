@@ -22,8 +22,7 @@ from raymoe.errors import ConfigError
 
 def ingress_replicas(config: RaymoeConfig) -> int:
     """The most replicas the deployment holding the HTTP ingress may have."""
-    settings = config.decode if config.ingress_in_engine else config.ingress
-    return settings.autoscaling.max_replicas
+    return getattr(config, config.ingress_section).autoscaling.max_replicas
 
 
 def use_direct_http(config: RaymoeConfig, own_cluster: bool) -> bool:
