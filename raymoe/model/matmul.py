@@ -17,6 +17,10 @@ in 3-9 µs), against ~2-3 µs for MKL's float32 one, so small ops run faster in 
   about as much as 4 rows of float32 work): experts with few rows;
 - else in bfloat16; and experts padded into two batched calls where that beats two per expert
   (`pad_pays`).
+oneDNN builds a kernel for each new GEMM shape (JIT code, 1-2 ms at one thread, against 50-100 µs
+for the GEMM of a 400-token chunk) and keeps it in its primitive cache, so the bfloat16 calls get
+their rows padded up to one of a few sizes (`bucket`): a prompt chunk of any length then reuses
+one of ~8 kernels per doubling of its rows.
 Fixed rules rather than a timing probe at load, so which path an op takes (and so its rounding)
 does not depend on the machine's load. On an accelerator the op runs in its dtype; float32 is
 never touched.
@@ -67,6 +71,24 @@ def widen_op(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return native_low(weight) and (rows + WIDEN_ROWS) * weight.numel() <= F32_MAX_WORK
 
 
+def bucket(rows: int) -> int:
+    """rows rounded up to one of 8 sizes per doubling (at most 12.5 % padding; exact up to 16)."""
+    if rows <= 16:
+        return rows
+    step = max(8, (1 << (rows.bit_length() - 1)) // 8)
+    return -(-rows // step) * step
+
+
+def _bucketed(op, x: torch.Tensor, *args) -> torch.Tensor:
+    """op(x [..., K], *args) -> [..., N] with x's rows padded up to `bucket` for the call."""
+    flat = x.reshape(-1, x.shape[-1])
+    n = flat.shape[0]
+    if bucket(n) == n:
+        return op(x, *args)
+    out = op(F.pad(flat, (0, 0, 0, bucket(n) - n)), *args)[:n]
+    return out.view(*x.shape[:-1], out.shape[-1])
+
+
 def f32_copy(weight: torch.Tensor) -> torch.Tensor | None:
     """weight [out, in]: its float32 copy where ops of a few rows on it run faster in float32 from
     one (low precision on a CPU with bf16 instructions, out * in <= F32_MAX_WORK), else None."""
@@ -90,12 +112,12 @@ def linear(
     if weight_f32 is not None and x.numel() * weight.shape[0] <= F32_MAX_WORK:
         weight = weight_f32
     elif not widen_op(x, weight):
-        return F.linear(x, weight, bias)
+        return _bucketed(F.linear, x, weight, bias) if native_low(weight) else F.linear(x, weight, bias)
     return F.linear(x.float(), weight.float(), None if bias is None else bias.float()).to(x.dtype)
 
 
 def matmul(x: torch.Tensor, weight_t: torch.Tensor) -> torch.Tensor:
     """x [N, in] @ weight_t [in, out] -> [N, out] in x's dtype."""
     if not widen_op(x, weight_t):
-        return x @ weight_t
+        return _bucketed(torch.matmul, x, weight_t) if native_low(weight_t) else x @ weight_t
     return (x.float() @ weight_t.float()).to(x.dtype)

@@ -14,7 +14,7 @@ from checkpoints import FAMILIES
 from raymoe.model import matmul as matmul_policy
 from raymoe.model.experts import ExpertStore, LayerExperts, group_tokens
 from raymoe.model.layers import Linear
-from raymoe.model.matmul import f32_copy, linear, matmul, pad_pays
+from raymoe.model.matmul import bucket, f32_copy, linear, matmul, pad_pays
 from raymoe.model.model import load_model
 from raymoe.model.paged import AttentionBatch, allocate_kv_cache
 
@@ -103,3 +103,39 @@ def test_experts_take_a_path_at_every_size_within_tolerance(num_tokens, bf16_cpu
     assert got.dtype == torch.bfloat16 and _close(got, want)
     if padded:  # the padded path's rows equal the grouped path's up to bf16 summation order
         assert _close(held.run_grouped(rows.bfloat16(), groups.counts), want)
+
+
+def test_buckets_are_few_and_pad_little():
+    sizes = [bucket(n) for n in range(1, 4097)]
+    assert all(b >= n and b - n <= max(n // 8, 7) for n, b in enumerate(sizes, 1))
+    assert sizes[:16] == list(range(1, 17)) and sizes == sorted(sizes)
+    assert len(set(sizes)) <= 16 + 8 * 8  # exact up to 16, then 8 per doubling
+
+
+def test_bf16_gemms_see_bucketed_rows(bf16_cpu, monkeypatch):
+    """A bf16 GEMM of any row count reaches oneDNN with its rows padded to a bucket (a new shape
+    costs a kernel build), and returns the real rows within the bf16 tolerance."""
+    seen = []
+
+    def spy(real):
+        def call(x, *args, **kwargs):
+            seen.append(x.shape[-2])
+            return real(x, *args, **kwargs)
+
+        return call
+
+    monkeypatch.setattr(F, "linear", spy(F.linear))
+    monkeypatch.setattr(torch, "matmul", spy(torch.matmul))
+    monkeypatch.setattr(torch, "bmm", spy(torch.bmm))
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(384, 128, generator=gen).bfloat16()
+    for rows in (100, 101, 403, 417):
+        x = torch.randn(rows, 128, generator=gen).bfloat16()
+        for got in (linear(x, w), matmul(x, w.t())):
+            assert got.shape == (rows, 384) and _close(got, x.float() @ w.float().t())
+    assert seen == [104, 104, 104, 104, 416, 416, 448, 448]
+    seen.clear()
+    counts = [37, 30, 25, 0, 41, 33, 28, 30]  # padded to 48 rows each, not 41
+    held = LayerExperts(list(range(8)), torch.randn(8, 128, 96).bfloat16(), torch.randn(8, 48, 128).bfloat16())
+    held.run_padded(torch.randn(sum(counts), 128).bfloat16(), counts)
+    assert seen == [48, 48]
