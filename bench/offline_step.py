@@ -2,7 +2,7 @@
 
     python bench/offline_step.py --input-len 128 --max-tokens 64 --num-requests 128 --max-num-seqs 32
 
-`LLMEngine` in this process, the serve harness's engine settings (tests/serve/serve_harness.CONFIG),
+`LLMEngine` in this process with `raymoe serve`'s engine settings (as bench/serve.py starts it),
 every request added at once, stepped to the end; prints JSON: ms per step over all steps (as the
 server's own counter reports it) and the median over the steps that return a token for a full batch.
 """
@@ -12,21 +12,17 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import sys
 import time
-from pathlib import Path
 
 
 def run(input_len: int, max_tokens: int, num_requests: int, max_num_seqs: int, dtype: str, threads: int) -> dict:
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "serve"))
-    import serve_harness
-
-    from raymoe.engine.llm_engine import EngineConfig, LLMEngine
+    from raymoe.config import EngineSettings
+    from raymoe.engine.llm_engine import LLMEngine
     from raymoe.engine.sampling_params import SamplingParams
     from raymoe.model.builtin import builtin_model_path
 
-    settings = {**serve_harness.CONFIG["engine"], "max_num_seqs": max_num_seqs, "dtype": dtype, "threads": threads}
-    engine = LLMEngine.from_path(builtin_model_path(), EngineConfig(**settings))
+    settings = EngineSettings(max_num_seqs=max_num_seqs, dtype=dtype, threads=threads)  # `raymoe serve`'s defaults
+    engine = LLMEngine.from_path(builtin_model_path(), settings.to_engine_config())
     rng = random.Random(0)
     vocab = engine.model.spec.vocab_size
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)

@@ -327,7 +327,7 @@ def raymoe_server(backend: str, args, tree: str | None = None, options: dict | N
     import serve_harness
 
     config = {**serve_harness.CONFIG, "backend": backend}
-    config["engine"] = {**config["engine"], "dtype": args.dtype}
+    config["engine"] = {"dtype": args.dtype}  # `raymoe serve`'s own engine settings, not the tests' smaller ones
     options = options or {}
     if "threads" in options:
         config["engine"]["threads"] = options["threads"]
