@@ -299,18 +299,19 @@ def arrangement_options(name: str) -> tuple[str, dict[str, int]]:
     and the ingress inside the engine replica (colocated only; the default since it paid, so
     `+inline` says it explicitly and `+separate` runs the ingress as a deployment of its own);
     `+proxy` puts Serve's HTTP proxy in front (serve.direct_http: false), `+thread` steps the engine in
-    a thread of its replica (serve.engine_process: false)."""
+    a thread of its replica (serve.engine_process: false), `+tokens=N` gives the engine N new tokens a
+    step (engine.max_num_batched_tokens)."""
     base, *mods = name.split("@", 1)[0].split("+")
     options = {}
     for mod in mods:
         key, _, value = mod.partition("=")
         if mod in ("inline", "separate") and base == "colocated" or mod in ("proxy", "thread"):
             options[mod] = 1
-        elif key in ("threads", "replicas") and value.isdigit():
+        elif key in ("threads", "replicas", "tokens") and value.isdigit():
             options[key] = int(value)
         else:
-            raise SystemExit(f"arrangement {name!r}: options are +threads=N, +replicas=N, +proxy, +thread and (colocated) "
-                             "+inline or +separate")
+            raise SystemExit(f"arrangement {name!r}: options are +threads=N, +replicas=N, +tokens=N, +proxy, +thread "
+                             "and (colocated) +inline or +separate")
     return base, options
 
 
@@ -331,6 +332,8 @@ def raymoe_server(backend: str, args, tree: str | None = None, options: dict | N
     options = options or {}
     if "threads" in options:
         config["engine"]["threads"] = options["threads"]
+    if "tokens" in options:
+        config["engine"]["max_num_batched_tokens"] = options["tokens"]
     if "replicas" in options:
         n = options["replicas"]
         config["decode"] = {**config["decode"], "autoscaling": {"min_replicas": n, "max_replicas": n}}
