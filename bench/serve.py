@@ -415,13 +415,16 @@ def engine_counters(url: str, api_key: str) -> dict | None:
 
 
 def engine_delta(before: dict | None, after: dict | None, report: dict) -> dict | None:
-    """The server's own engine steps during the load: ms per step (the same-run baseline of TPOT)
-    and messages per step (chunks streamed)."""
+    """The server's own engine steps during the load: ms per step (the same-run baseline of TPOT),
+    messages per step (chunks streamed) and the tokens it computed (prompt tokens its prefix cache
+    served are not computed)."""
     if before is None or after is None:
         return None
     steps = after["num_steps"] - before["num_steps"]
     ms_per_step = 1000 * (after["step_time_s"] - before["step_time_s"]) / max(steps, 1)
     out = {"num_steps": steps, "ms_per_step": round(ms_per_step, 2)}
+    if "computed_tokens" in after.get("chunks", {}):
+        out["computed_tokens"] = int(after["chunks"]["computed_tokens"] - before["chunks"]["computed_tokens"])
     if "num_messages" in after:
         out["messages_per_step"] = round((after["num_messages"] - before["num_messages"]) / max(steps, 1), 2)
     tpot = report["median_tpot_ms"] if "median_tpot_ms" in report else report["tpot_ms"]["p50"]  # vllm's client or ours

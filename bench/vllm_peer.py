@@ -87,7 +87,8 @@ def bench_serve(venv: str, url: str, api_key: str | None, model_name: str, token
 
 def reduce_result(r: dict) -> dict:
     """The figures of `vllm bench serve`'s result JSON that the tables use."""
-    keys = ("completed", "failed", "duration", "output_throughput", "request_throughput",
+    keys = ("completed", "failed", "duration", "total_input_tokens", "total_output_tokens", "output_throughput",
+            "request_throughput",
             "median_ttft_ms", "p99_ttft_ms", "median_tpot_ms", "p99_tpot_ms", "median_itl_ms", "p99_itl_ms",
             "median_e2el_ms")  # fmt: skip
     out = {k: (round(r[k], 2) if isinstance(r.get(k), float) else r.get(k)) for k in keys}
