@@ -102,7 +102,8 @@ class LayerExperts:
         """rows [P, H] in contiguous groups, counts[j] rows for held expert j (stack order, zeros
         allowed) -> [P, H]. Two batched matmuls over every held expert, each group padded to the
         largest: few ops instead of a chain per expert; pays off while groups are small (decode)."""
-        n, sizes, cap = len(counts), np.array(counts), bucket(max(counts))  # few shapes: one kernel each
+        n, sizes, cap = len(counts), np.array(counts), max(counts)
+        cap = bucket(cap) if native_low(rows) else cap  # bf16 on a bf16 CPU: few shapes, one oneDNN kernel each
         group_of_row = np.repeat(np.arange(n), sizes)
         dest = group_of_row * cap + np.arange(rows.shape[0]) - (sizes.cumsum() - sizes)[group_of_row]  # [P]
         dest = torch.from_numpy(dest).to(rows.device)  # built on the host from the counts, moved once
