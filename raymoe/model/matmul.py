@@ -79,13 +79,14 @@ def bucket(rows: int) -> int:
     return -(-rows // step) * step
 
 
-def _bucketed(op, x: torch.Tensor, *args) -> torch.Tensor:
-    """op(x [..., K], *args) -> [..., N] with x's rows padded up to `bucket` for the call."""
+def _bucketed(op, x: torch.Tensor, weight: torch.Tensor, *args) -> torch.Tensor:
+    """op(x [..., K], weight, *args) -> [..., N]; for a low-precision weight on a CPU with bf16
+    instructions (oneDNN's kernels) with x's rows padded up to `bucket` for the call."""
     flat = x.reshape(-1, x.shape[-1])
     n = flat.shape[0]
-    if bucket(n) == n:
-        return op(x, *args)
-    out = op(F.pad(flat, (0, 0, 0, bucket(n) - n)), *args)[:n]
+    if not native_low(weight) or bucket(n) == n:
+        return op(x, weight, *args)
+    out = op(F.pad(flat, (0, 0, 0, bucket(n) - n)), weight, *args)[:n]
     return out.view(*x.shape[:-1], out.shape[-1])
 
 
@@ -112,12 +113,12 @@ def linear(
     if weight_f32 is not None and x.numel() * weight.shape[0] <= F32_MAX_WORK:
         weight = weight_f32
     elif not widen_op(x, weight):
-        return _bucketed(F.linear, x, weight, bias) if native_low(weight) else F.linear(x, weight, bias)
+        return _bucketed(F.linear, x, weight, bias)
     return F.linear(x.float(), weight.float(), None if bias is None else bias.float()).to(x.dtype)
 
 
 def matmul(x: torch.Tensor, weight_t: torch.Tensor) -> torch.Tensor:
     """x [N, in] @ weight_t [in, out] -> [N, out] in x's dtype."""
     if not widen_op(x, weight_t):
-        return _bucketed(torch.matmul, x, weight_t) if native_low(weight_t) else x @ weight_t
+        return _bucketed(torch.matmul, x, weight_t)
     return (x.float() @ weight_t.float()).to(x.dtype)

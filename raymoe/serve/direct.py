@@ -53,7 +53,7 @@ def direct_env(port: int) -> dict[str, str]:
 
 def check_port_free(host: str, port: int) -> None:
     """ConfigError naming the port when something already listens there."""
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+    with _socket(host) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: TIME_WAIT is no obstacle
         try:
             s.bind((host, port))
@@ -64,6 +64,11 @@ def check_port_free(host: str, port: int) -> None:
 
 def free_port(host: str) -> int:
     """A port nothing listens on now (for Serve's unused proxy)."""
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+    with _socket(host) as s:
         s.bind((host, 0))
         return s.getsockname()[1]
+
+
+def _socket(host: str) -> socket.socket:
+    """A TCP socket of host's address family."""
+    return socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
