@@ -16,7 +16,8 @@ steadier figure on a shared machine. vLLM's CPU build joins as
 an optional peer when importable. `--systems raymoe,raymoe-dp2,...` adds raymoe with
 data_parallel_size=2 (two 1-thread engine replicas as Ray actors; serving only; its tree CPU
 includes the Ray processes, `replica_cpu_seconds` the replicas alone); `raymoe-dp2-each32` is
-the same with 32 running sequences per replica (64 in all).
+the same with 32 running sequences per replica (64 in all). `raymoe-torch` is raymoe with torch's
+ops only (RAYMOE_NATIVE=0: without raymoe's C kernels), their before in the same run.
 """
 
 from __future__ import annotations
@@ -158,7 +159,7 @@ def bench_dtype() -> str:
     return os.environ.get("RAYMOE_BENCH_DTYPE", "float32")
 
 
-SYSTEMS = {"raymoe": RaymoeSystem, "raymoe-dp2": RaymoeDp2System, "raymoe-dp2-each32": RaymoeDp2Each32System,
+SYSTEMS = {"raymoe": RaymoeSystem, "raymoe-torch": RaymoeSystem, "raymoe-dp2": RaymoeDp2System, "raymoe-dp2-each32": RaymoeDp2Each32System,
            "transformers": TransformersSystem, "vllm": VllmSystem, "vllm-64": Vllm64System}  # fmt: skip
 SERVING_ONLY = {"raymoe-dp2", "raymoe-dp2-each32", "vllm-64"}  # the fixed-batch tasks measure one engine's step
 
@@ -227,6 +228,8 @@ def run_worker(system: str, model_path: Path, task: str, args) -> dict:
         return {"skipped": "serving only"}
     python, env = sys.executable, {**os.environ, "RAYMOE_BENCH_THREADS": str(args.threads),
                                           "RAYMOE_BENCH_DTYPE": args.dtype}
+    if system == "raymoe-torch":
+        env["RAYMOE_NATIVE"] = "0"
     if system.startswith("vllm") and args.vllm_venv:
         from vllm_peer import vllm_env
 
@@ -282,7 +285,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch threads of every system")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="weights of every system")
     parser.add_argument("--systems", default=None,
-                        help="comma-separated subset of raymoe,raymoe-dp2,raymoe-dp2-each32,transformers,vllm "
+                        help="comma-separated subset of raymoe,raymoe-torch,raymoe-dp2,raymoe-dp2-each32,transformers,vllm "
                              "(the dp2 systems: serving only)")
     parser.add_argument("--models", default="builtin,mixtral_shaped", help="comma-separated subset")
     parser.add_argument("--rounds", type=int, default=1,
@@ -299,7 +302,7 @@ def main() -> None:
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="raymoe-bench-"))
     systems = ["raymoe", "transformers"] + (["vllm"] if args.peer == "vllm" or vllm_available() else [])
     if args.systems:  # the raymoe-dp2 systems only when named
-        named = ["raymoe", *sorted(SERVING_ONLY)] + systems[1:]
+        named = ["raymoe", "raymoe-torch", *sorted(SERVING_ONLY)] + systems[1:]
         systems = [s for s in named if s in args.systems.split(",")]
     report = {"config": {**SERVING, "num_requests": args.num_requests, "repeats": args.repeats,
                          "fixed_batches": FIXED_BATCHES, "threads": args.threads, "dtype": args.dtype, "vllm": "vllm" in systems}}  # fmt: skip

@@ -300,17 +300,18 @@ def arrangement_options(name: str) -> tuple[str, dict[str, int]]:
     `+inline` says it explicitly and `+separate` runs the ingress as a deployment of its own);
     `+proxy` puts Serve's HTTP proxy in front (serve.direct_http: false), `+thread` steps the engine in
     a thread of its replica (serve.engine_process: false), `+tokens=N` gives the engine N new tokens a
-    step (engine.max_num_batched_tokens)."""
+    step (engine.max_num_batched_tokens), `+torch` runs torch's ops only (RAYMOE_NATIVE=0: without
+    raymoe's C kernels, their before in the same run)."""
     base, *mods = name.split("@", 1)[0].split("+")
     options = {}
     for mod in mods:
         key, _, value = mod.partition("=")
-        if mod in ("inline", "separate") and base == "colocated" or mod in ("proxy", "thread"):
+        if mod in ("inline", "separate") and base == "colocated" or mod in ("proxy", "thread", "torch"):
             options[mod] = 1
         elif key in ("threads", "replicas", "tokens") and value.isdigit():
             options[key] = int(value)
         else:
-            raise SystemExit(f"arrangement {name!r}: options are +threads=N, +replicas=N, +tokens=N, +proxy, +thread "
+            raise SystemExit(f"arrangement {name!r}: options are +threads=N, +replicas=N, +tokens=N, +proxy, +thread, +torch "
                              "and (colocated) +inline or +separate")
     return base, options
 
@@ -350,7 +351,8 @@ def raymoe_server(backend: str, args, tree: str | None = None, options: dict | N
         config = {**config, "serve": {**config["serve"], "engine_process": False}}
     for attempt in range(3):  # a loaded machine can time out Serve's proxy start: try again
         try:
-            server = serve_harness.start_server(Path(tempfile.mkdtemp()), config, env=tree_env(tree))
+            env = {**(tree_env(tree) or {}), **({"RAYMOE_NATIVE": "0"} if options.get("torch") else {})}
+            server = serve_harness.start_server(Path(tempfile.mkdtemp()), config, env=env)
             break
         except RuntimeError:
             if attempt == 2:

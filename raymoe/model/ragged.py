@@ -3,9 +3,10 @@
 A step mixes decodes (one new token each) and prompt chunks (many). The padded path
 (`paged.attend`) lays all of them out as `[B, max_q, max_ctx]`, so one 200-token prompt beside 31
 decodes makes every decode attend with 200 query rows. Here instead:
-- decodes run as batched SDPA over their gathered context blocks, in a few groups of similar
-  context length (sorted, split where padding to the group's longest costs more than another
-  group's ops);
+- decodes run in one call of raymoe's C kernel straight from the pool (`raymoe.model.native.decode`,
+  on CPU where it is built); else as batched SDPA over their gathered context blocks, in a few
+  groups of similar context length (sorted, split where padding to the group's longest costs more
+  than another group's ops);
 - each prompt chunk runs causal SDPA over its own new tokens, plus its cached prefix gathered from
   the pool when it has one.
 
@@ -21,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from raymoe.model.host import ints
+from raymoe.model.native import decode as native
 
 GROUP_COST_KEYS = 512  # one more decode group costs about as much as attending over this many keys
 GATHER_BYTES = 512 << 10  # most K + V bytes one decode SDPA call gathers (about a quarter of an L2)
@@ -66,19 +68,27 @@ class PrefillPart:
 
 @dataclass
 class RaggedPlan:
-    decodes: list[DecodeGroup]
     prefills: list[PrefillPart]
     block_size: int
-    max_blocks: int  # the most blocks one gather takes (a decode group's, or a prefix's)
+    decode_layout: tuple  # (decoding sequences [n], context_lens [B], row starts [B + 1], tables [B, max_blocks])
     buffers: dict = field(default_factory=dict)  # (k or v, dtype) -> gather target, reused by every layer
+    native: native.Decodes | None = None  # every decode at once, for the C kernel (where it is built)
+    _groups: list | None = None
+
+    @property
+    def decodes(self) -> list[DecodeGroup]:
+        """The decodes in groups for torch's SDPA (built on first use: not needed where the kernel runs)."""
+        if self._groups is None:
+            self._groups = decode_groups(*self.decode_layout, self.block_size)
+        return self._groups
 
     def gather(self, part: str, pool: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
         """pool [num_blocks, block_size, heads, d] -> its `blocks` [N] as [N, block_size, heads, d], in
         a buffer of this step (a fresh allocation per layer costs as much as the copy itself)."""
         key = (part, pool.dtype, pool.shape[2:])
         buf = self.buffers.get(key)
-        if buf is None:
-            buf = self.buffers[key] = pool.new_empty(self.max_blocks, *pool.shape[1:])
+        if buf is None or buf.shape[0] < blocks.shape[0]:  # grows in the first layer only
+            buf = self.buffers[key] = pool.new_empty(blocks.shape[0], *pool.shape[1:])
         return torch.index_select(pool, 0, blocks, out=buf[: blocks.shape[0]])
 
 
@@ -98,7 +108,24 @@ def build_plan(query_lens: list[int], context_lens: list[int], tables: torch.Ten
     for q in query_lens:
         starts.append(starts[-1] + q)
     decodes = [b for b, q in enumerate(query_lens) if q == 1]
-    groups = []
+    prefills = []
+    for b, q in enumerate(query_lens):
+        if q == 1:
+            continue
+        ctx = context_lens[b]
+        blocks = None if ctx == q else tables[b, : -(-ctx // bs)]
+        prefills.append(PrefillPart(starts[b], starts[b] + q, ctx, blocks, {}))
+    plan = RaggedPlan(prefills, bs, (decodes, context_lens, starts, tables))
+    if decodes and dev.type == "cpu" and native.available():
+        rows, ctx = ints([starts[b] for b in decodes]).to(dev), ints([context_lens[b] for b in decodes]).to(dev)
+        plan.native = native.Decodes(rows, ctx, tables.index_select(0, ints(decodes).to(dev)).contiguous(), {})
+    return plan
+
+
+def decode_groups(decodes: list[int], context_lens: list[int], starts: list[int], tables: torch.Tensor,
+                  bs: int) -> list[DecodeGroup]:
+    """The decoding sequences `decodes` in groups of similar context length (`split_groups`)."""
+    dev, groups = tables.device, []
     for members in split_groups(sorted(decodes, key=lambda b: context_lens[b]), context_lens, bs):
         nb = -(-context_lens[members[-1]] // bs)  # the longest member's
         members = sorted(members)  # in row order, so runs of rows are slices (any order gives the same bits)
@@ -108,15 +135,7 @@ def build_plan(query_lens: list[int], context_lens: list[int], tables: torch.Ten
         idx = ints(members).to(dev)
         all_full = all(context_lens[b] == nb * bs for b in members)
         groups.append(DecodeGroup(rows, tables[idx, :nb].reshape(-1), ctx, nb, {}, all_full, row_list))
-    prefills = []
-    for b, q in enumerate(query_lens):
-        if q == 1:
-            continue
-        ctx = context_lens[b]
-        blocks = None if ctx == q else tables[b, : -(-ctx // bs)]
-        prefills.append(PrefillPart(starts[b], starts[b] + q, ctx, blocks, {}))
-    sizes = [g.blocks.shape[0] for g in groups] + [p.blocks.shape[0] for p in prefills if p.blocks is not None]
-    return RaggedPlan(groups, prefills, bs, max(sizes, default=0))
+    return groups
 
 
 def _as_slice(rows: tuple) -> slice | None:
@@ -206,22 +225,11 @@ def attend_ragged(q, k, v, cache, plan: RaggedPlan, scale: float, window: int | 
     k_cache, v_cache = cache
     kv_heads, d = k_cache.shape[2], k_cache.shape[3]
     heads, group = q.shape[1], q.shape[1] // kv_heads
-    only = len(plan.decodes) == 1 and not plan.prefills and plan.decodes[0].rows == slice(0, q.shape[0])
-    only = only and isinstance(plan.decodes[0].rows, slice)
-    out = None if only else q.new_empty(q.shape[0], heads, v_cache.shape[3])
-    block_bytes = k_cache[0].nbytes + v_cache[0].nbytes  # one block of K and of V
-    for g in plan.decodes:
-        mask = decode_mask(g, plan.block_size, window, q.dtype, q.device)
-        pieces = g.pieces(block_bytes)
-        if only and len(pieces) == 1:
-            return attend_decodes(q, cache, plan, g, pieces[0], mask, scale)
-        out = q.new_empty(q.shape[0], heads, v_cache.shape[3]) if out is None else out
-        for part in pieces:
-            res, rows = attend_decodes(q, cache, plan, g, part, mask, scale), g.rows_of(part)
-            if isinstance(rows, slice):
-                out[rows] = res
-            else:
-                out.index_copy_(0, rows, res)
+    out = q.new_empty(q.shape[0], heads, v_cache.shape[3])
+    if plan.decode_layout[0] and not (plan.native and native.attend(q, cache, plan.native, out, scale, window)):
+        only = attend_decode_groups(q, cache, plan, scale, window, out)
+        if only is not None:
+            return only
     for p in plan.prefills:
         if p.blocks is None:  # the chunk is its whole context: its own new keys
             kc, vc = k[p.start : p.stop], v[p.start : p.stop]
@@ -235,3 +243,23 @@ def attend_ragged(q, k, v, cache, plan: RaggedPlan, scale: float, window: int | 
         )  # [1, heads, q, v_dim]
         out[p.start : p.stop] = res[0].transpose(0, 1)
     return out
+
+
+def attend_decode_groups(q, cache, plan: RaggedPlan, scale: float, window: int | None, out) -> torch.Tensor | None:
+    """The decodes through torch's SDPA, a call per group piece, into out [T, heads, v_dim]; where the
+    step is one piece of decodes only, its result instead (returned; out untouched)."""
+    rows = plan.decodes[0].rows
+    only = len(plan.decodes) == 1 and not plan.prefills and isinstance(rows, slice) and rows == slice(0, q.shape[0])
+    block_bytes = cache[0][0].nbytes + cache[1][0].nbytes  # one block of K and of V
+    for g in plan.decodes:
+        mask = decode_mask(g, plan.block_size, window, q.dtype, q.device)
+        pieces = g.pieces(block_bytes)
+        if only and len(pieces) == 1:
+            return attend_decodes(q, cache, plan, g, pieces[0], mask, scale)
+        for part in pieces:
+            res, rows = attend_decodes(q, cache, plan, g, part, mask, scale), g.rows_of(part)
+            if isinstance(rows, slice):
+                out[rows] = res
+            else:
+                out.index_copy_(0, rows, res)
+    return None

@@ -1,11 +1,13 @@
 """The unpadded attention (`raymoe.model.ragged`) gives the padded path's outputs on steps that mix
 decodes of many context lengths with prompt chunks with and without a cached prefix, with GQA and a
-sliding window; decodes are grouped by context length."""
+sliding window, its decodes through torch's SDPA in groups by context length and through raymoe's C
+kernel (tests/model/test_native.py)."""
 
 import pytest
 import torch
 
 from raymoe.model import paged, ragged
+from raymoe.model.native import decode
 
 BS, KV_HEADS, HEADS, D = 4, 2, 4, 8
 
@@ -27,6 +29,16 @@ def _step(query_lens, context_lens):
     return cache[0], batch, q, k, v
 
 
+def _plan(batch, kernel: bool):
+    """The step's plan with its decodes through raymoe's C kernel, or through torch's SDPA."""
+    plan = ragged.build_plan(batch.query_lens, batch.context_lens, batch.block_tables, BS)
+    if kernel and not decode.available():
+        pytest.skip("no C compiler on this machine: raymoe's kernel cannot be built (torch's path runs)")
+    if not kernel:
+        plan.native = None
+    return plan
+
+
 @pytest.mark.parametrize("window", [None, 5])
 @pytest.mark.parametrize(
     "query_lens,context_lens",
@@ -36,11 +48,13 @@ def _step(query_lens, context_lens):
         pytest.param([9], [9], id="prompt"),
     ],
 )
-def test_ragged_equals_padded(query_lens, context_lens, window):
+@pytest.mark.parametrize("kernel", [False, True], ids=["sdpa", "kernel"])
+def test_ragged_equals_padded(query_lens, context_lens, window, kernel):
     cache, batch, q, k, v = _step(query_lens, context_lens)
     ctx = [paged.gather_context(part, batch) for part in cache]
     want = paged.attend(q, *ctx, batch, 0.3, window)
-    got = ragged.attend_ragged(q, k, v, cache, ragged.plan_for(batch), 0.3, window)
+    plan = _plan(batch, kernel)
+    got = ragged.attend_ragged(q, k, v, cache, plan, 0.3, window)
     torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
 
 
@@ -61,10 +75,10 @@ def test_trees_and_explicit_positions_keep_the_padded_path():
 def test_decode_groups_in_pieces_give_the_same_bits(monkeypatch, window):
     """A group gathered and attended a few members at a time equals it done whole, bit for bit."""
     cache, batch, q, k, v = _step([1] * 7 + [5], [30, 28, 31, 29, 27, 32, 26, 9])
-    whole = ragged.attend_ragged(q, k, v, cache, ragged.plan_for(batch), 0.3, window)
+    whole = ragged.attend_ragged(q, k, v, cache, _plan(batch, False), 0.3, window)
     block_bytes = cache[0][0].nbytes + cache[1][0].nbytes
     monkeypatch.setattr(ragged, "GATHER_BYTES", 2 * 8 * block_bytes)  # two members of 8 blocks a piece
-    plan = ragged.build_plan(batch.query_lens, batch.context_lens, batch.block_tables, BS)
+    plan = _plan(batch, False)
     assert [len(g.pieces(block_bytes)) for g in plan.decodes] == [4]
     assert torch.equal(ragged.attend_ragged(q, k, v, cache, plan, 0.3, window), whole)
 

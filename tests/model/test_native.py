@@ -1,0 +1,128 @@
+"""raymoe's C decode attention (`raymoe.model.native`): every decode of a step read straight from the
+paged pool in one call. It equals torch's SDPA path within float32 rounding (bfloat16: within its
+own rounding), over GQA groups, head sizes with and without a specialised copy, sliding windows and
+steps that mix decodes with prompt chunks; a decode's result does not depend on the rest of the
+step; the kernel is built once into the cache folder, and where it cannot be built, or is switched
+off, the torch path runs."""
+
+import logging
+
+import pytest
+import torch
+
+from raymoe.model import paged, ragged
+from raymoe.model.native import build, decode
+
+BS = 4
+
+
+@pytest.fixture
+def fresh_library(monkeypatch, tmp_path):
+    """`build.library` forgets what it loaded, builds into tmp_path; restored after the test."""
+    monkeypatch.setenv("RAYMOE_CACHE_DIR", str(tmp_path))
+    build.library.cache_clear()
+    yield tmp_path
+    build.library.cache_clear()
+
+
+def _need_kernel():
+    if not decode.available():
+        pytest.skip("no C compiler on this machine: raymoe's kernel cannot be built (torch's path runs)")
+
+
+def _step(query_lens, context_lens, heads, kv_heads, d, dtype, seed=0):
+    """A filled pool, the step's batch (each sequence on shuffled blocks), q (a view with a row stride
+    wider than heads * d, as the attention layer passes it), k, v."""
+    gen = torch.Generator().manual_seed(seed)
+    num_blocks = sum(-(-c // BS) for c in context_lens) + 1
+    cache = tuple(torch.randn(num_blocks, BS, kv_heads, d, generator=gen).to(dtype) for _ in range(2))
+    perm, tables, at = torch.randperm(num_blocks, generator=gen).tolist(), [], 0
+    for c in context_lens:
+        tables.append(perm[at : at + -(-c // BS)])
+        at += len(tables[-1])
+    batch = paged.AttentionBatch.build(query_lens, context_lens, tables, BS)
+    t = sum(query_lens)
+    qk = torch.randn(t, heads + kv_heads, d, generator=gen).to(dtype)
+    q, k = qk[:, :heads], qk[:, heads:]
+    v = torch.randn(t, kv_heads, d, generator=gen).to(dtype)
+    paged.write_kv(cache, batch, k, v)
+    return cache, batch, q, k, v
+
+
+def _both_paths(cache, batch, q, k, v, window):
+    """(the kernel's output, torch's) for the step."""
+    plan = ragged.build_plan(batch.query_lens, batch.context_lens, batch.block_tables, BS)
+    assert plan.native is not None
+    got = ragged.attend_ragged(q, k, v, cache, plan, 0.3, window)
+    plan.native = None
+    want = ragged.attend_ragged(q, k, v, cache, plan, 0.3, window)
+    return got, want
+
+
+@pytest.mark.parametrize("window", [None, 6])
+@pytest.mark.parametrize(
+    "heads,kv_heads,d", [(4, 2, 32), (8, 2, 64), (3, 3, 16), (8, 1, 128)], ids=["gqa2-d32", "gqa4-d64", "mha-d16", "mqa-d128"]
+)
+@pytest.mark.parametrize(
+    "query_lens,context_lens",
+    [
+        pytest.param([1] * 7, [1, 4, 9, 16, 33, 2, 40], id="decodes"),
+        pytest.param([1, 6, 1, 9, 1], [30, 6, 8, 17, 5], id="mixed"),  # one chunk with a cached prefix
+    ],
+)
+def test_kernel_equals_sdpa_float32(query_lens, context_lens, heads, kv_heads, d, window):
+    _need_kernel()
+    got, want = _both_paths(*_step(query_lens, context_lens, heads, kv_heads, d, torch.float32), window)
+    torch.testing.assert_close(got, want, atol=2e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("window", [None, 6])
+def test_kernel_equals_sdpa_bfloat16(window):
+    """bfloat16 pools: the kernel widens to float32 and rounds once at the end; torch's SDPA rounds
+    on its own schedule: they agree to bfloat16's resolution."""
+    _need_kernel()
+    got, want = _both_paths(*_step([1] * 6 + [5], [3, 12, 28, 40, 7, 19, 9], 4, 2, 32, torch.bfloat16), window)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want.float(), atol=2e-2, rtol=2e-2)
+
+
+def test_a_decode_gives_the_same_bits_alone_and_in_a_step():
+    """Summation order is per decode, so the step around it changes nothing (the lossless rule's
+    arrangements batch the same sequence differently)."""
+    _need_kernel()
+    cache, batch, q, k, v = _step([1] * 5, [23, 7, 40, 2, 17], 4, 2, 32, torch.float32)
+    together = ragged.attend_ragged(q, k, v, cache, ragged.build_plan(batch.query_lens, batch.context_lens,
+                                                                      batch.block_tables, BS), 0.3)
+    tables = batch.block_tables.tolist()
+    alone = paged.AttentionBatch.build([1], [40], [tables[2][: -(-40 // BS)]], BS)
+    got = ragged.attend_ragged(q[2:3], k[2:3], v[2:3], cache, ragged.plan_for(alone), 0.3)
+    assert torch.equal(got[0], together[2])
+
+
+def test_built_once_into_the_cache_folder(fresh_library, monkeypatch):
+    assert build.library("decode_attention") is not None or pytest.skip("no C compiler on this machine")
+    built = list((fresh_library / "kernels").glob("decode_attention-*.so"))
+    assert len(built) == 1
+    build.library.cache_clear()
+
+    def no_compiler(*a, **k):
+        raise AssertionError("compiled again although the cache holds the kernel")
+
+    monkeypatch.setattr(build.subprocess, "run", no_compiler)
+    assert build.library("decode_attention") is not None
+
+
+def test_failed_build_or_switched_off_keeps_the_torch_path(fresh_library, monkeypatch, caplog):
+    monkeypatch.setenv("CC", "/bin/false")  # a compiler that fails
+    with caplog.at_level(logging.WARNING, logger="raymoe.model.native.build"):
+        assert build.library("decode_attention") is None
+    assert "did not build" in caplog.text and "torch's path runs" in caplog.text
+    cache, batch, q, k, v = _step([1, 1, 5], [9, 3, 5], 4, 2, 32, torch.float32)
+    plan = ragged.plan_for(batch)
+    assert plan.native is None  # the plan lays nothing out for a kernel that is not there
+    ctx = [paged.gather_context(part, batch) for part in cache]
+    torch.testing.assert_close(ragged.attend_ragged(q, k, v, cache, plan, 0.3), paged.attend(q, *ctx, batch, 0.3))
+    build.library.cache_clear()
+    monkeypatch.delenv("CC")
+    monkeypatch.setenv(build.ENV, "0")
+    assert build.library("decode_attention") is None and not decode.available()
