@@ -2,8 +2,9 @@
 
 The work of one MoE layer splits in three so that the middle can run in another process:
   1. `group_tokens`: sort the T*K (token, expert) pairs by expert -> `TokenGroups`;
-  2. `ExpertStore.run_groups`: run each expert on its contiguous group of rows (on CPU, all groups
-     in two `torch._grouped_mm` calls; where that is missing, a batched or per-expert fallback);
+  2. `ExpertStore.run_groups`: run each expert on its contiguous group of rows (on CPU, the small
+     groups of a decode step in one call of raymoe's C kernel, `raymoe.model.native.experts`; the
+     others in two `torch._grouped_mm` calls; where that is missing, a batched or per-expert fallback);
   3. `combine`: weight each row by its router weight and sum back per token.
 The sum in (3) adds a token's expert outputs in ascending expert order, as the reference does.
 """
@@ -18,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from raymoe.model.grouped import can_group
+from raymoe.model.native import experts as native
 from raymoe.model.matmul import bucket, matmul, native_low, pad_pays, widen
 
 from raymoe.logs import progress
@@ -88,6 +90,11 @@ class LayerExperts:
     def run_one(self, expert: int, x: torch.Tensor) -> torch.Tensor:
         """x: [N, H] -> [N, H]."""
         j = self.local[expert]
+        fn = native.kernel_for(x, self.gate_up_t, self.down_t) if x.shape[0] <= native.SMALL else None
+        if fn is not None:  # a small group: raymoe's kernel, as in `ExpertStore.run_groups`
+            out = torch.empty_like(x)
+            native.run_small(fn, x, [x.shape[0]], self.gate_up_t[j : j + 1], self.down_t[j : j + 1], out)
+            return out
         gate, up = matmul(x, self.gate_up_t[j]).chunk(2, dim=-1)
         return matmul(F.silu(gate) * up, self.down_t[j])
 
@@ -147,7 +154,8 @@ class ExpertStore:
     def run_groups(self, layer: int, rows: torch.Tensor, groups: TokenGroups) -> torch.Tensor:
         """rows: [P, H] sorted by expert -> [P, H] expert outputs (every row's expert is held).
 
-        In low precision on a CPU with bf16 instructions (`raymoe.model.matmul`): two batched matmuls
+        Groups of at most `native.SMALL` rows run in raymoe's C kernel where it is built (decode
+        steps: one call for the layer). The others: in low precision on a CPU with bf16 instructions (`raymoe.model.matmul`): two batched matmuls
         over every held expert padded to the largest group where that pays (`pad_pays`: 1.2-2x
         faster than grouped at 8-256 tokens), else the chain per expert (each matmul in float32
         while its rows are few): torch's grouped call makes the same bf16 calls. Else two grouped
@@ -161,6 +169,19 @@ class ExpertStore:
         held = self.layers[layer]
         counts = [groups.counts[e] for e in held.expert_ids]
         assert sum(counts) == rows.shape[0], "a row's expert is not held here"
+        fn = native.kernel_for(rows, held.gate_up_t, held.down_t) if min(present) <= native.SMALL else None
+        if fn is not None and max(present) <= native.SMALL:  # every group small (decode): the kernel alone
+            out = torch.empty_like(rows)
+        else:
+            out = self._run_torch(held, rows, groups, counts, present)
+        if fn is not None:  # the small groups (re)done in the kernel: a group's bits follow its size only
+            native.run_small(fn, rows, counts, held.gate_up_t, held.down_t, out)
+        return out
+
+    @staticmethod
+    def _run_torch(held: LayerExperts, rows: torch.Tensor, groups: TokenGroups, counts: list[int],
+                   present: list[int]) -> torch.Tensor:
+        """Every group through torch's matmuls (the choices of `run_groups`' docstring)."""
         if native_low(rows):  # bf16 on a bf16 CPU: the calls are what costs
             if pad_pays(rows, counts):
                 return held.run_padded(rows, counts)

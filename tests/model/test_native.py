@@ -1,9 +1,16 @@
-"""raymoe's C decode attention (`raymoe.model.native`): every decode of a step read straight from the
-paged pool in one call. It equals torch's SDPA path within float32 rounding (bfloat16: within its
-own rounding), over GQA groups, head sizes with and without a specialised copy, sliding windows and
-steps that mix decodes with prompt chunks; a decode's result does not depend on the rest of the
-step; the kernel is built once into the cache folder, and where it cannot be built, or is switched
-off, the torch path runs."""
+"""raymoe's C kernels (`raymoe.model.native`).
+
+Decode attention: every decode of a step read straight from the paged pool in one call. It equals
+torch's SDPA path within float32 rounding (bfloat16: within its own rounding), over GQA groups, head
+sizes with and without a specialised copy, sliding windows and steps that mix decodes with prompt
+chunks; a decode's result does not depend on the rest of the step.
+
+Experts: a layer's small groups in one call, equal to torch's matmuls within float32 rounding, with
+or without large groups beside them; a row's bits do not depend on the other rows of its group, and
+one expert run alone equals it run among the others.
+
+The kernels are built once into the cache folder; where they cannot be built, or are switched off,
+the torch paths run."""
 
 import logging
 
@@ -11,7 +18,10 @@ import pytest
 import torch
 
 from raymoe.model import paged, ragged
+from raymoe.model.experts import ExpertStore, LayerExperts, group_tokens
+from raymoe.model.layers import SwiGLU
 from raymoe.model.native import build, decode
+from raymoe.model.native import experts as native_experts
 
 BS = 4
 
@@ -126,3 +136,56 @@ def test_failed_build_or_switched_off_keeps_the_torch_path(fresh_library, monkey
     monkeypatch.delenv("CC")
     monkeypatch.setenv(build.ENV, "0")
     assert build.library("decode_attention") is None and not decode.available()
+
+
+def _experts(num_experts: int, hidden: int, inter: int, dtype=torch.float32) -> LayerExperts:
+    gen = torch.Generator().manual_seed(hidden)
+    return LayerExperts.stack({
+        e: SwiGLU((torch.randn(2 * inter, hidden, generator=gen) * 0.1).to(dtype),
+                  (torch.randn(hidden, inter, generator=gen) * 0.1).to(dtype))
+        for e in range(num_experts)
+    })  # fmt: skip
+
+
+def _routed(num_tokens: int, num_experts: int, top_k: int, hidden: int, dtype=torch.float32):
+    gen = torch.Generator().manual_seed(num_tokens)
+    ids = torch.stack([torch.randperm(num_experts, generator=gen)[:top_k] for _ in range(num_tokens)])
+    x = torch.randn(num_tokens, hidden, generator=gen).to(dtype)
+    groups = group_tokens(ids, torch.full((num_tokens, top_k), 1.0 / top_k), num_experts)
+    return x[groups.token_of_row], groups
+
+
+@pytest.mark.parametrize("num_tokens", [1, 5, 24, 64, 90], ids=["one", "few", "decode", "mixed-sizes", "all-large"])
+@pytest.mark.parametrize("hidden,inter", [(128, 192), (40, 24)], ids=["builtin", "odd-widths"])
+def test_experts_kernel_equals_torch_float32(monkeypatch, num_tokens, hidden, inter):
+    """64 tokens x 2 of 8 experts: groups of 10-21 rows, those above SMALL in torch, the rest in the
+    kernel; 90: every group above SMALL."""
+    _need_kernel()
+    store = ExpertStore({0: _experts(8, hidden, inter)})
+    rows, groups = _routed(num_tokens, 8, 2, hidden)
+    small = {c <= native_experts.SMALL for c in groups.counts if c}
+    assert small == {64: {True, False}, 90: {False}}.get(num_tokens, {True})
+    got = store.run_groups(0, rows, groups)
+    monkeypatch.setattr(native_experts, "kernel_for", lambda *a: None)
+    torch.testing.assert_close(got, store.run_groups(0, rows, groups), atol=1e-5, rtol=1e-5)
+
+
+def test_experts_kernel_equals_torch_bfloat16(monkeypatch):
+    _need_kernel()
+    store = ExpertStore({0: _experts(8, 128, 192, torch.bfloat16)})
+    rows, groups = _routed(24, 8, 2, 128, torch.bfloat16)
+    got = store.run_groups(0, rows, groups)
+    assert got.dtype == torch.bfloat16
+    monkeypatch.setattr(native_experts, "kernel_for", lambda *a: None)
+    torch.testing.assert_close(got.float(), store.run_groups(0, rows, groups).float(), atol=3e-2, rtol=3e-2)
+
+
+def test_a_row_gives_the_same_bits_alone_and_in_its_group():
+    """Rows run in tiles, yet each output is the same chain of multiply-adds: a row alone (a tile of
+    one) equals it among six others (tiles of four and three)."""
+    _need_kernel()
+    held = _experts(4, 128, 192)
+    rows = torch.randn(7, 128, generator=torch.Generator().manual_seed(1))
+    together = held.run_one(2, rows)
+    for i in (0, 5, 6):
+        assert torch.equal(held.run_one(2, rows[i : i + 1])[0], together[i])

@@ -28,7 +28,7 @@ import platformdirs
 logger = logging.getLogger(__name__)
 
 ENV = "RAYMOE_NATIVE"  # "0": never build or load, the torch paths run
-FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno", "-shared", "-fPIC"]
+FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno", "-ffp-contract=fast", "-shared", "-fPIC"]
 SOURCE_DIR = Path(__file__).parent
 
 
@@ -83,3 +83,14 @@ def _cpu() -> str:
         return platform.machine() + platform.processor()
     lines = [ln for ln in text.splitlines() if ln.startswith(("model name", "flags"))]
     return platform.machine() + "\n".join(sorted(set(lines)))
+
+
+def bind(name: str, symbol: str, argtypes: list) -> ctypes._CFuncPtr | None:
+    """`symbol` of `<name>.c` with its argument types set (returning a C int), or None (not built)."""
+    lib = library(name)
+    if lib is None:
+        return None
+    fn = getattr(lib, symbol)
+    if fn.argtypes is None:
+        fn.argtypes, fn.restype = argtypes, ctypes.c_int
+    return fn

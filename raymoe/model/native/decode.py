@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from raymoe.model.native.build import library
+from raymoe.model.native.build import bind, library
 
 _I, _P = ctypes.c_int64, ctypes.c_void_p
 _ARGS = [_P, _I, _P, _P, _P, _I, _P, _P, _I, _I, _I, _I, _I, _I, ctypes.c_float, _I, _P, _I, _P]
@@ -31,13 +31,7 @@ class Decodes:
 
 def kernel(dtype: torch.dtype):
     """The C function for pools of `dtype`, or None (no kernel built, or a dtype it lacks)."""
-    lib = library("decode_attention") if dtype in _NAMES else None
-    if lib is None:
-        return None
-    fn = getattr(lib, _NAMES[dtype])
-    if fn.argtypes is None:
-        fn.argtypes, fn.restype = _ARGS, ctypes.c_int
-    return fn
+    return bind("decode_attention", _NAMES[dtype], _ARGS) if dtype in _NAMES else None
 
 
 def attend(q: torch.Tensor, cache, decodes: Decodes, out: torch.Tensor, scale: float, window: int | None) -> bool:
