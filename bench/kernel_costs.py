@@ -9,7 +9,13 @@ Each figure against its baseline in the same run:
 - `experts_bmm`: the padded experts' bf16 `bmm` (8 x `[cap, 128] x [128, 384]`) against the same
   work as one `mm` over one weight (the bmm re-lays out its 8 weights each call);
 - `f32_gemm`: float32 `[407, 128] x [128, 384]`, GFLOP/s;
-- `sdpa_causal`: causal SDPA over a 200-token prompt (4 query heads, 2 kv heads of 32), GMAC/s.
+- `sdpa_causal`: causal SDPA over a 200-token prompt (4 query heads, 2 kv heads of 32), GMAC/s;
+- `decode_attention`: one layer's attention for 32 decodes with contexts of 50-450 tokens in random
+  blocks of a pool, raymoe's C kernel (`raymoe.model.native.decode`) against torch's SDPA over
+  gathered groups (the same plan with the kernel off), float32 and bfloat16;
+- `experts`: one layer's `ExpertStore.run_groups` for T tokens routed top-2 of 8 experts, with
+  raymoe's C kernel for small groups (`raymoe.model.native.experts`) against torch's matmuls, at
+  the built-in model's widths (128 / 192; float32 and bfloat16) and wider ones (256 / 512).
 Median µs per call of several passes.
 """
 
@@ -72,6 +78,64 @@ def sdpa_causal(torch) -> dict:
     return {"us": round(us), "gmacs": round(macs / us / 1e3, 1)}
 
 
+def decode_attention(torch) -> dict:
+    import random
+
+    from raymoe.model import paged, ragged
+
+    rnd, out = random.Random(0), {}
+    ctxs = [rnd.randint(50, 450) for _ in range(32)]
+    order = list(range(sum(-(-c // 16) for c in ctxs)))
+    rnd.shuffle(order)
+    tables, at = [], 0
+    for c in ctxs:
+        tables.append(order[at : at + -(-c // 16)])
+        at += len(tables[-1])
+    batch = paged.AttentionBatch.build([1] * 32, ctxs, tables, 16)
+    for dtype in ("float32", "bfloat16"):
+        dt = getattr(torch, dtype)
+        cache = tuple(torch.randn(len(order), 16, 2, 32).to(dt) for _ in range(2))
+        qk, v = torch.randn(32, 6, 32).to(dt), torch.randn(32, 2, 32).to(dt)
+        q, k = qk[:, :4], qk[:, 4:]
+        plan = ragged.build_plan(batch.query_lens, batch.context_lens, batch.block_tables, 16)
+        if plan.native is None:
+            return {"skipped": "raymoe's kernel is not built here (no C compiler, or RAYMOE_NATIVE=0)"}
+        kernel = median_us(lambda: ragged.attend_ragged(q, k, v, cache, plan, 0.18), repeats=50)
+        plan.native = None
+        sdpa = median_us(lambda: ragged.attend_ragged(q, k, v, cache, plan, 0.18), repeats=50)
+        out[dtype] = {"kernel_us": round(kernel), "torch_sdpa_us": round(sdpa), "speedup": round(sdpa / kernel, 2)}
+    return out
+
+
+def experts(torch) -> dict:
+    from raymoe.model import experts as ex
+    from raymoe.model.layers import SwiGLU
+    from raymoe.model.native import experts as native
+
+    out, found = {}, native.kernel_for
+    for hidden, inter, dtype in ((128, 192, "float32"), (128, 192, "bfloat16"), (256, 512, "float32")):
+        dt = getattr(torch, dtype)
+        held = ex.LayerExperts.stack({e: SwiGLU((torch.randn(2 * inter, hidden) * 0.05).to(dt),
+                                                (torch.randn(hidden, inter) * 0.05).to(dt)) for e in range(8)})  # fmt: skip
+        store = ex.ExpertStore({0: held})
+        for tokens in (1, 4, 32, 64, 128):
+            ids = torch.stack([torch.randperm(8)[:2] for _ in range(tokens)])
+            groups = ex.group_tokens(ids, torch.full((tokens, 2), 0.5), 8)
+            rows = torch.randn(tokens, hidden).to(dt)[groups.token_of_row]
+            if found(rows, held.gate_up_t, held.down_t) is None:
+                return {"skipped": "raymoe's kernel is not built here (no C compiler, or RAYMOE_NATIVE=0)"}
+            kernel = median_us(lambda: store.run_groups(0, rows, groups), repeats=50)
+            native.kernel_for = lambda *a: None
+            try:
+                torch_us = median_us(lambda: store.run_groups(0, rows, groups), repeats=50)
+            finally:
+                native.kernel_for = found
+            out[f"{dtype}_h{hidden}_i{inter}_t{tokens}"] = {
+                "largest_group": max(groups.counts), "kernel_us": round(kernel), "torch_us": round(torch_us),
+                "speedup": round(torch_us / kernel, 2)}  # fmt: skip
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default=None)
@@ -82,7 +146,8 @@ def main() -> None:
 
     torch.set_num_threads(1)
     report = {"new_shape": new_shape(torch, bucket), "experts_bmm": experts_bmm(torch),
-              "f32_gemm": f32_gemm(torch), "sdpa_causal": sdpa_causal(torch)}  # fmt: skip
+              "f32_gemm": f32_gemm(torch), "sdpa_causal": sdpa_causal(torch),
+              "decode_attention": decode_attention(torch), "experts": experts(torch)}  # fmt: skip
     text = json.dumps(report, indent=2)
     print(text)
     if args.out:

@@ -154,8 +154,9 @@ class ExpertStore:
     def run_groups(self, layer: int, rows: torch.Tensor, groups: TokenGroups) -> torch.Tensor:
         """rows: [P, H] sorted by expert -> [P, H] expert outputs (every row's expert is held).
 
-        Groups of at most `native.SMALL` rows run in raymoe's C kernel where it is built (decode
-        steps: one call for the layer). The others: in low precision on a CPU with bf16 instructions (`raymoe.model.matmul`): two batched matmuls
+        Where every group has at most `native.SMALL` rows (decode steps), all run in one call of
+        raymoe's C kernel where it is built (a larger group among them would cost more there than
+        the kernel saves, `bench/kernel_costs.py`). Else: in low precision on a CPU with bf16 instructions (`raymoe.model.matmul`): two batched matmuls
         over every held expert padded to the largest group where that pays (`pad_pays`: 1.2-2x
         faster than grouped at 8-256 tokens), else the chain per expert (each matmul in float32
         while its rows are few): torch's grouped call makes the same bf16 calls. Else two grouped
@@ -169,13 +170,11 @@ class ExpertStore:
         held = self.layers[layer]
         counts = [groups.counts[e] for e in held.expert_ids]
         assert sum(counts) == rows.shape[0], "a row's expert is not held here"
-        fn = native.kernel_for(rows, held.gate_up_t, held.down_t) if min(present) <= native.SMALL else None
-        if fn is not None and max(present) <= native.SMALL:  # every group small (decode): the kernel alone
-            out = torch.empty_like(rows)
-        else:
-            out = self._run_torch(held, rows, groups, counts, present)
-        if fn is not None:  # the small groups (re)done in the kernel: a group's bits follow its size only
-            native.run_small(fn, rows, counts, held.gate_up_t, held.down_t, out)
+        fn = native.kernel_for(rows, held.gate_up_t, held.down_t) if max(present) <= native.SMALL else None
+        if fn is None:
+            return self._run_torch(held, rows, groups, counts, present)
+        out = torch.empty_like(rows)
+        native.run_small(fn, rows, counts, held.gate_up_t, held.down_t, out)
         return out
 
     @staticmethod

@@ -5,9 +5,9 @@ torch's SDPA path within float32 rounding (bfloat16: within its own rounding), o
 sizes with and without a specialised copy, sliding windows and steps that mix decodes with prompt
 chunks; a decode's result does not depend on the rest of the step.
 
-Experts: a layer's small groups in one call, equal to torch's matmuls within float32 rounding, with
-or without large groups beside them; a row's bits do not depend on the other rows of its group, and
-one expert run alone equals it run among the others.
+Experts: a layer's groups in one call when all are small, equal to torch's matmuls within float32
+rounding (and torch's path where some group is larger); a row's bits do not depend on the other
+rows of its group, and one expert run alone equals it run among the others.
 
 The kernels are built once into the cache folder; where they cannot be built, or are switched off,
 the torch paths run."""
@@ -158,8 +158,8 @@ def _routed(num_tokens: int, num_experts: int, top_k: int, hidden: int, dtype=to
 @pytest.mark.parametrize("num_tokens", [1, 5, 24, 64, 90], ids=["one", "few", "decode", "mixed-sizes", "all-large"])
 @pytest.mark.parametrize("hidden,inter", [(128, 192), (40, 24)], ids=["builtin", "odd-widths"])
 def test_experts_kernel_equals_torch_float32(monkeypatch, num_tokens, hidden, inter):
-    """64 tokens x 2 of 8 experts: groups of 10-21 rows, those above SMALL in torch, the rest in the
-    kernel; 90: every group above SMALL."""
+    """24 tokens x 2 of 8 experts: every group small, the kernel; 64: groups of 10-21 rows and 90:
+    every group above SMALL, torch's matmuls."""
     _need_kernel()
     store = ExpertStore({0: _experts(8, hidden, inter)})
     rows, groups = _routed(num_tokens, 8, 2, hidden)

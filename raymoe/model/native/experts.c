@@ -5,10 +5,11 @@
    down     [E, I, H]       its down projection, transposed
    out      [P, H]          silu(rows @ gate) * (rows @ up) @ down, row by row, for the groups of at
                             most `limit` rows (the rows of larger ones are left as they are)
-   scratch  [TILE * (2H + 3I)] float32 work space (TILE: 4)
+   scratch  [limit * (2H + 3I)] float32 work space
 
-   Rows run in tiles of up to TILE that share each weight load; every output element is a chain of
-   fused multiply-adds over k in ascending order, whatever the tile, so a row's result does not
+   Rows run in tiles of up to TILE that share each weight load, over blocks of columns whose weights
+   stay in L1 for every tile; every output element is a chain of fused multiply-adds over k in
+   ascending order, whatever the tile, so a row's result does not
    depend on the other rows of the call. Math in float32; bfloat16 operands are widened on load and
    the result rounded once (to nearest even). Returns 0. */
 #include <math.h>
@@ -72,28 +73,47 @@ static inline void silu_mul(const float* h, int64_t I, float* act) {
   }
 }
 
-/* C[r, :N] = A[r, :K] @ B[:K, :N] for r < R (R a constant 1..TILE): A float32 (row stride lda),
-   B of type T (row stride N), C float32 (row stride ldc). Each element: fused multiply-adds over
-   k ascending (the vector and the scalar tail alike). */
-#define GEMM(NAME, T, LOAD, R)                                                                        \
-static inline void NAME(const float* A, int64_t lda, const T* B, int64_t K, int64_t N, float* C, int64_t ldc) { \
+/* One tile: C[r, n0:n0+NB] = A[r, :K] @ B[:K, n0:n0+NB] for r < R (R a constant 1..TILE), the
+   accumulators in registers. A float32 (row stride lda), B of type T (row stride N), C float32
+   (row stride ldc). Each element: fused multiply-adds over k ascending. */
+#define TILE_KERNEL(NAME, T, R)                                                                       \
+static inline void NAME(const float* A, int64_t lda, const T* B, int64_t K, int64_t N, int64_t n0,    \
+                        float* C, int64_t ldc) {                                                       \
+  vf acc[R][NV];                                                                                       \
+  _Pragma("GCC unroll 4") for (int r = 0; r < R; r++)                                                  \
+    _Pragma("GCC unroll 4") for (int v = 0; v < NV; v++) acc[r][v] = (vf){0};                          \
+  for (int64_t k = 0; k < K; k++) {                                                                    \
+    vf b[NV];                                                                                          \
+    _Pragma("GCC unroll 4") for (int v = 0; v < NV; v++) b[v] = vload_##T(B + k * N + n0 + v * VL);    \
+    _Pragma("GCC unroll 4") for (int r = 0; r < R; r++) {                                              \
+      float a = A[r * lda + k];                                                                        \
+      _Pragma("GCC unroll 4") for (int v = 0; v < NV; v++) acc[r][v] = a * b[v] + acc[r][v];           \
+    }                                                                                                  \
+  }                                                                                                    \
+  _Pragma("GCC unroll 4") for (int r = 0; r < R; r++)                                                  \
+    _Pragma("GCC unroll 4") for (int v = 0; v < NV; v++) memcpy(C + r * ldc + n0 + v * VL, &acc[r][v], VB); \
+}
+
+/* C[:M, :N] = A[:M, :K] @ B[:K, :N]: column blocks outer, tiles of rows inner, so a block of B
+   (K x NB) is read from memory once and from L1 by the other tiles; the columns past the last
+   whole block with the same chain of fused multiply-adds, one element at a time. */
+#define GEMM(T, LOAD)                                                                                 \
+TILE_KERNEL(tile1_##T, T, 1) TILE_KERNEL(tile2_##T, T, 2) TILE_KERNEL(tile3_##T, T, 3) TILE_KERNEL(tile4_##T, T, 4) \
+static inline void gemm_##T(int64_t M, const float* A, int64_t lda, const T* B, int64_t K, int64_t N,  \
+                            float* C, int64_t ldc) {                                                   \
   int64_t n0 = 0;                                                                                      \
-  for (; n0 + NB <= N; n0 += NB) {                                                                     \
-    vf acc[R][NV];                                                                                     \
-    _Pragma("GCC unroll 4") for (int r = 0; r < R; r++)                                                \
-      _Pragma("GCC unroll 4") for (int v = 0; v < NV; v++) acc[r][v] = (vf){0};                        \
-    for (int64_t k = 0; k < K; k++) {                                                                  \
-      vf b[NV];                                                                                        \
-      _Pragma("GCC unroll 4") for (int v = 0; v < NV; v++) b[v] = vload_##T(B + k * N + n0 + v * VL);  \
-      _Pragma("GCC unroll 4") for (int r = 0; r < R; r++) {                                            \
-        float a = A[r * lda + k];                                                                      \
-        _Pragma("GCC unroll 4") for (int v = 0; v < NV; v++) acc[r][v] = a * b[v] + acc[r][v];         \
+  for (; n0 + NB <= N; n0 += NB)                                                                       \
+    for (int64_t r0 = 0; r0 < M; r0 += TILE) {                                                         \
+      const float* a = A + r0 * lda;                                                                   \
+      float* c = C + r0 * ldc;                                                                         \
+      switch (M - r0 < TILE ? M - r0 : TILE) {                                                         \
+        case 1: tile1_##T(a, lda, B, K, N, n0, c, ldc); break;                                         \
+        case 2: tile2_##T(a, lda, B, K, N, n0, c, ldc); break;                                         \
+        case 3: tile3_##T(a, lda, B, K, N, n0, c, ldc); break;                                         \
+        default: tile4_##T(a, lda, B, K, N, n0, c, ldc);                                               \
       }                                                                                                \
     }                                                                                                  \
-    _Pragma("GCC unroll 4") for (int r = 0; r < R; r++)                                                \
-      _Pragma("GCC unroll 4") for (int v = 0; v < NV; v++) memcpy(C + r * ldc + n0 + v * VL, &acc[r][v], VB); \
-  }                                                                                                    \
-  for (int r = 0; r < R; r++)                                                                          \
+  for (int64_t r = 0; r < M; r++)                                                                      \
     for (int64_t n = n0; n < N; n++) {                                                                 \
       float acc = 0.f;                                                                                 \
       for (int64_t k = 0; k < K; k++) acc = __builtin_fmaf(A[r * lda + k], LOAD(B[k * N + n]), acc);   \
@@ -101,42 +121,22 @@ static inline void NAME(const float* A, int64_t lda, const T* B, int64_t K, int6
     }                                                                                                  \
 }
 
-#define ALL_GEMMS(T, LOAD)                                                                            \
-GEMM(gemm1_##T, T, LOAD, 1) GEMM(gemm2_##T, T, LOAD, 2) GEMM(gemm3_##T, T, LOAD, 3) GEMM(gemm4_##T, T, LOAD, 4) \
-GEMM(gemm5_##T, T, LOAD, 5) GEMM(gemm6_##T, T, LOAD, 6) GEMM(gemm7_##T, T, LOAD, 7) GEMM(gemm8_##T, T, LOAD, 8) \
-static inline void gemm_##T(int R, const float* A, int64_t lda, const T* B, int64_t K, int64_t N, float* C, int64_t ldc) { \
-  switch (R) {                                                                                         \
-    case 1: gemm1_##T(A, lda, B, K, N, C, ldc); break;                                                 \
-    case 2: gemm2_##T(A, lda, B, K, N, C, ldc); break;                                                 \
-    case 3: gemm3_##T(A, lda, B, K, N, C, ldc); break;                                                 \
-    case 4: gemm4_##T(A, lda, B, K, N, C, ldc); break;                                                 \
-    case 5: gemm5_##T(A, lda, B, K, N, C, ldc); break;                                                 \
-    case 6: gemm6_##T(A, lda, B, K, N, C, ldc); break;                                                 \
-    case 7: gemm7_##T(A, lda, B, K, N, C, ldc); break;                                                 \
-    default: gemm8_##T(A, lda, B, K, N, C, ldc);                                                       \
-  }                                                                                                    \
-}
-
-ALL_GEMMS(float, from_f32)
-ALL_GEMMS(bf16, from_bf16)
+GEMM(float, from_f32)
+GEMM(bf16, from_bf16)
 
 #define EXPERTS(NAME, T, LOAD, STORE)                                                                 \
 int NAME(const T* rows, int64_t H, const int64_t* counts, int64_t E, const T* gate_up, const T* down,  \
          int64_t I, int64_t limit, T* out, float* scratch) {                                           \
-  float *x = scratch, *h = scratch + TILE * H, *act = h + TILE * 2 * I, *y = act + TILE * I;               \
+  float *x = scratch, *h = x + limit * H, *act = h + limit * 2 * I, *y = act + limit * I;              \
   int64_t start = 0;                                                                                   \
-  for (int64_t e = 0; e < E; e++) {                                                                    \
-    const T *gu = gate_up + e * H * 2 * I, *dn = down + e * I * H;                                     \
-    int64_t stop = counts[e] <= limit ? start + counts[e] : start;  /* larger groups: left alone */   \
-    for (int64_t r0 = start; r0 < stop; r0 += TILE) {                                     \
-      int R = (int)(stop - r0 < TILE ? stop - r0 : TILE);                                              \
-      for (int64_t j = 0; j < R * H; j++) x[j] = LOAD(rows[r0 * H + j]);                               \
-      gemm_##T(R, x, H, gu, H, 2 * I, h, 2 * I);                                                       \
-      for (int r = 0; r < R; r++) silu_mul(h + r * 2 * I, I, act + r * I);                             \
-      gemm_##T(R, act, I, dn, I, H, y, H);                                                             \
-      for (int64_t j = 0; j < R * H; j++) out[r0 * H + j] = STORE(y[j]);                               \
-    }                                                                                                  \
-    start += counts[e];                                                                                \
+  for (int64_t e = 0; e < E; start += counts[e], e++) {                                                \
+    int64_t n = counts[e];                                                                             \
+    if (n == 0 || n > limit) continue;  /* larger groups: left alone */                                \
+    for (int64_t j = 0; j < n * H; j++) x[j] = LOAD(rows[start * H + j]);                              \
+    gemm_##T(n, x, H, gate_up + e * H * 2 * I, H, 2 * I, h, 2 * I);                                    \
+    for (int64_t r = 0; r < n; r++) silu_mul(h + r * 2 * I, I, act + r * I);                           \
+    gemm_##T(n, act, I, down + e * I * H, I, H, y, H);                                                 \
+    for (int64_t j = 0; j < n * H; j++) out[start * H + j] = STORE(y[j]);                              \
   }                                                                                                    \
   return 0;                                                                                            \
 }
