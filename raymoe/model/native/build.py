@@ -1,8 +1,8 @@
 """Build raymoe's C kernels on first use and load them with ctypes.
 
 Each `<name>.c` beside this file compiles to a shared library in the cache folder
-(`$RAYMOE_CACHE_DIR` or the user cache), named by a hash of its source, the flags, the compiler and
-this machine's CPU, so a changed kernel or another CPU builds anew and every process after the first
+(`$RAYMOE_CACHE_DIR` or the user cache), named by a hash of its source (with `common.h`), the
+flags, the compiler and this machine's CPU, so a changed kernel or another CPU builds anew and every process after the first
 loads it at once (processes racing to build each write their own file and rename it in place).
 `-march=native`: the kernels are built where they run.
 
@@ -45,7 +45,7 @@ def library(name: str) -> ctypes.CDLL | None:
     if compiler is None:
         logger.warning("no C compiler (cc or gcc) found: raymoe's %s kernel is off, torch's path runs", name)
         return None
-    source = (SOURCE_DIR / f"{name}.c").read_bytes()
+    source = (SOURCE_DIR / f"{name}.c").read_bytes() + (SOURCE_DIR / "common.h").read_bytes()
     try:
         return ctypes.CDLL(str(_built(name, source, compiler)))
     except subprocess.CalledProcessError as e:

@@ -13,8 +13,8 @@
    depend on the other rows of the call. Math in float32; bfloat16 operands are widened on load and
    the result rounded once (to nearest even). Returns 0. */
 #include <math.h>
-#include <stdint.h>
-#include <string.h>
+
+#include "common.h"
 
 #define TILE 4
 #ifdef __AVX512F__
@@ -26,42 +26,15 @@
 #define NV 4          /* vectors of output columns a tile keeps in registers */
 #define NB (NV * VL)
 
-typedef uint16_t bf16;
 typedef float vf __attribute__((vector_size(VB)));
 typedef uint16_t vh __attribute__((vector_size(VB / 2)));
 typedef uint32_t vu __attribute__((vector_size(VB)));
 
-static inline float from_bf16(bf16 h) { uint32_t u = (uint32_t)h << 16; float f; memcpy(&f, &u, 4); return f; }
-static inline bf16 to_bf16(float f) {
-  uint32_t u; memcpy(&u, &f, 4);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return (bf16)((u >> 16) | 0x40);
-  return (bf16)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-}
-static inline float from_f32(float f) { return f; }
-static inline float to_f32(float f) { return f; }
 static inline vf vload_float(const float* p) { vf v; memcpy(&v, p, sizeof v); return v; }
 static inline vf vload_bf16(const bf16* p) {
   vh h; memcpy(&h, p, sizeof h);
   vu u = __builtin_convertvector(h, vu) << 16;
   vf f; memcpy(&f, &u, sizeof f); return f;
-}
-
-/* exp(x) for x <= 0, vectorisable: 2^n * p(r) with Cephes' expf polynomial (about 1 ulp). */
-static inline float exp_nonpos(float x) {
-  x = x < -87.f ? -87.f : x;
-  float n = (x * 1.44269504088896341f + 12582912.f) - 12582912.f;  /* to nearest: 1.5 * 2^23 */
-  float r = x - n * 0.693359375f + n * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.f;
-  int32_t e = ((int32_t)n + 127) << 23;
-  float s;
-  memcpy(&s, &e, 4);
-  return p * s;
 }
 
 /* act[i] = silu(gate[i]) * up[i] for gate = h[:I], up = h[I:2I]; sigmoid from exp(-|g|) <= 1. */
