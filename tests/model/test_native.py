@@ -22,6 +22,7 @@ from raymoe.model.experts import ExpertStore, LayerExperts, group_tokens
 from raymoe.model.layers import SwiGLU
 from raymoe.model.native import build, decode
 from raymoe.model.native import experts as native_experts
+from tests.model.paged_steps import filled_step
 
 BS = 4
 
@@ -40,23 +41,8 @@ def _need_kernel():
         pytest.skip("no C compiler on this machine: raymoe's kernel cannot be built (torch's path runs)")
 
 
-def _step(query_lens, context_lens, heads, kv_heads, d, dtype, seed=0):
-    """A filled pool, the step's batch (each sequence on shuffled blocks), q (a view with a row stride
-    wider than heads * d, as the attention layer passes it), k, v."""
-    gen = torch.Generator().manual_seed(seed)
-    num_blocks = sum(-(-c // BS) for c in context_lens) + 1
-    cache = tuple(torch.randn(num_blocks, BS, kv_heads, d, generator=gen).to(dtype) for _ in range(2))
-    perm, tables, at = torch.randperm(num_blocks, generator=gen).tolist(), [], 0
-    for c in context_lens:
-        tables.append(perm[at : at + -(-c // BS)])
-        at += len(tables[-1])
-    batch = paged.AttentionBatch.build(query_lens, context_lens, tables, BS)
-    t = sum(query_lens)
-    qk = torch.randn(t, heads + kv_heads, d, generator=gen).to(dtype)
-    q, k = qk[:, :heads], qk[:, heads:]
-    v = torch.randn(t, kv_heads, d, generator=gen).to(dtype)
-    paged.write_kv(cache, batch, k, v)
-    return cache, batch, q, k, v
+def _step(query_lens, context_lens, heads, kv_heads, d, dtype):
+    return filled_step(query_lens, context_lens, heads, kv_heads, d, BS, dtype)
 
 
 def _both_paths(cache, batch, q, k, v, window):

@@ -8,25 +8,14 @@ import torch
 
 from raymoe.model import paged, ragged
 from raymoe.model.native import decode
+from tests.model.paged_steps import filled_step
 
 BS, KV_HEADS, HEADS, D = 4, 2, 4, 8
 
 
 def _step(query_lens, context_lens):
     """A filled pool, the step's batch (each sequence on its own shuffled blocks), q, k, v."""
-    gen = torch.Generator().manual_seed(sum(context_lens))
-    num_blocks = sum(-(-c // BS) for c in context_lens) + 1
-    cache = [tuple(torch.randn(num_blocks, BS, KV_HEADS, D, generator=gen) for _ in range(2))]
-    perm, tables, at = torch.randperm(num_blocks, generator=gen).tolist(), [], 0
-    for c in context_lens:
-        tables.append(perm[at : at + -(-c // BS)])
-        at += len(tables[-1])
-    batch = paged.AttentionBatch.build(query_lens, context_lens, tables, BS)
-    t = sum(query_lens)
-    q = torch.randn(t, HEADS, D, generator=gen)
-    k, v = (torch.randn(t, KV_HEADS, D, generator=gen) for _ in range(2))
-    paged.write_kv(cache[0], batch, k, v)
-    return cache[0], batch, q, k, v
+    return filled_step(query_lens, context_lens, HEADS, KV_HEADS, D, BS, seed=sum(context_lens))
 
 
 def _plan(batch, kernel: bool):
