@@ -110,9 +110,14 @@ def check_sha256(folder: Path, expected: dict[str, str]) -> None:
             )
 
 
+def cache_dir() -> Path:
+    """raymoe's cache folder: `$RAYMOE_CACHE_DIR`, or the user cache dir."""
+    return Path(os.environ.get(CACHE_DIR_ENV) or platformdirs.user_cache_dir("raymoe"))
+
+
 def random_model_path() -> Path:
     """The random-weight model's folder, built on first use (safe when several processes race)."""
-    base = Path(os.environ.get(CACHE_DIR_ENV) or platformdirs.user_cache_dir("raymoe"))
+    base = cache_dir()
     final = base / f"random-{RANDOM_VERSION}"
     if _is_complete(final):
         return final

@@ -156,8 +156,9 @@ class ExpertStore:
 
         Where every group has at most `native.SMALL` rows (decode steps), all run in one call of
         raymoe's C kernel where it is built (a larger group among them would cost more there than
-        the kernel saves, `bench/kernel_costs.py`). Else: in low precision on a CPU with bf16 instructions (`raymoe.model.matmul`): two batched matmuls
-        over every held expert padded to the largest group where that pays (`pad_pays`: 1.2-2x
+        the kernel saves, `bench/kernel_costs.py`). Else: in low precision on a CPU with bf16
+        instructions (`raymoe.model.matmul`): two batched matmuls over every held expert padded to
+        the largest group where that pays (`pad_pays`: 1.2-2x
         faster than grouped at 8-256 tokens), else the chain per expert (each matmul in float32
         while its rows are few): torch's grouped call makes the same bf16 calls. Else two grouped
         matmuls where `torch._grouped_mm` runs (`can_group`). Else two batched matmuls over every

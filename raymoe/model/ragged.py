@@ -76,6 +76,10 @@ class RaggedPlan:
     _groups: list | None = None
 
     @property
+    def has_decodes(self) -> bool:
+        return bool(self.decode_layout[0])
+
+    @property
     def decodes(self) -> list[DecodeGroup]:
         """The decodes in groups for torch's SDPA (built on first use: not needed where the kernel runs)."""
         if self._groups is None:
@@ -226,7 +230,7 @@ def attend_ragged(q, k, v, cache, plan: RaggedPlan, scale: float, window: int | 
     kv_heads, d = k_cache.shape[2], k_cache.shape[3]
     heads, group = q.shape[1], q.shape[1] // kv_heads
     out = q.new_empty(q.shape[0], heads, v_cache.shape[3])
-    if plan.decode_layout[0] and not (plan.native and native.attend(q, cache, plan.native, out, scale, window)):
+    if plan.has_decodes and not (plan.native and native.attend(q, cache, plan.native, out, scale, window)):
         only = attend_decode_groups(q, cache, plan, scale, window, out)
         if only is not None:
             return only

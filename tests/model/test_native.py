@@ -22,6 +22,7 @@ from raymoe.model.experts import ExpertStore, LayerExperts, group_tokens
 from raymoe.model.layers import SwiGLU
 from raymoe.model.native import build, decode
 from raymoe.model.native import experts as native_experts
+from tests.model.native_kernels import need_kernel
 from tests.model.paged_steps import filled_step
 
 BS = 4
@@ -34,11 +35,6 @@ def fresh_library(monkeypatch, tmp_path):
     build.library.cache_clear()
     yield tmp_path
     build.library.cache_clear()
-
-
-def _need_kernel():
-    if not decode.available():
-        pytest.skip("no C compiler on this machine: raymoe's kernel cannot be built (torch's path runs)")
 
 
 def _step(query_lens, context_lens, heads, kv_heads, d, dtype):
@@ -67,7 +63,7 @@ def _both_paths(cache, batch, q, k, v, window):
     ],
 )
 def test_kernel_equals_sdpa_float32(query_lens, context_lens, heads, kv_heads, d, window):
-    _need_kernel()
+    need_kernel()
     got, want = _both_paths(*_step(query_lens, context_lens, heads, kv_heads, d, torch.float32), window)
     torch.testing.assert_close(got, want, atol=2e-6, rtol=1e-5)
 
@@ -76,7 +72,7 @@ def test_kernel_equals_sdpa_float32(query_lens, context_lens, heads, kv_heads, d
 def test_kernel_equals_sdpa_bfloat16(window):
     """bfloat16 pools: the kernel widens to float32 and rounds once at the end; torch's SDPA rounds
     on its own schedule: they agree to bfloat16's resolution."""
-    _need_kernel()
+    need_kernel()
     got, want = _both_paths(*_step([1] * 6 + [5], [3, 12, 28, 40, 7, 19, 9], 4, 2, 32, torch.bfloat16), window)
     assert got.dtype == torch.bfloat16
     torch.testing.assert_close(got.float(), want.float(), atol=2e-2, rtol=2e-2)
@@ -85,7 +81,7 @@ def test_kernel_equals_sdpa_bfloat16(window):
 def test_a_decode_gives_the_same_bits_alone_and_in_a_step():
     """Summation order is per decode, so the step around it changes nothing (the lossless rule's
     arrangements batch the same sequence differently)."""
-    _need_kernel()
+    need_kernel()
     cache, batch, q, k, v = _step([1] * 5, [23, 7, 40, 2, 17], 4, 2, 32, torch.float32)
     together = ragged.attend_ragged(q, k, v, cache, ragged.build_plan(batch.query_lens, batch.context_lens,
                                                                       batch.block_tables, BS), 0.3)
@@ -96,7 +92,8 @@ def test_a_decode_gives_the_same_bits_alone_and_in_a_step():
 
 
 def test_built_once_into_the_cache_folder(fresh_library, monkeypatch):
-    assert build.library("decode_attention") is not None or pytest.skip("no C compiler on this machine")
+    need_kernel()
+    assert build.library("decode_attention") is not None
     built = list((fresh_library / "kernels").glob("decode_attention-*.so"))
     assert len(built) == 1
     build.library.cache_clear()
@@ -109,6 +106,7 @@ def test_built_once_into_the_cache_folder(fresh_library, monkeypatch):
 
 
 def test_failed_build_or_switched_off_keeps_the_torch_path(fresh_library, monkeypatch, caplog):
+    monkeypatch.delenv(build.ENV, raising=False)
     monkeypatch.setenv("CC", "/bin/false")  # a compiler that fails
     with caplog.at_level(logging.WARNING, logger="raymoe.model.native.build"):
         assert build.library("decode_attention") is None
@@ -146,7 +144,7 @@ def _routed(num_tokens: int, num_experts: int, top_k: int, hidden: int, dtype=to
 def test_experts_kernel_equals_torch_float32(monkeypatch, num_tokens, hidden, inter):
     """24 tokens x 2 of 8 experts: every group small, the kernel; 64: groups of 10-21 rows and 90:
     every group above SMALL, torch's matmuls."""
-    _need_kernel()
+    need_kernel()
     store = ExpertStore({0: _experts(8, hidden, inter)})
     rows, groups = _routed(num_tokens, 8, 2, hidden)
     small = {c <= native_experts.SMALL for c in groups.counts if c}
@@ -157,7 +155,7 @@ def test_experts_kernel_equals_torch_float32(monkeypatch, num_tokens, hidden, in
 
 
 def test_experts_kernel_equals_torch_bfloat16(monkeypatch):
-    _need_kernel()
+    need_kernel()
     store = ExpertStore({0: _experts(8, 128, 192, torch.bfloat16)})
     rows, groups = _routed(24, 8, 2, 128, torch.bfloat16)
     got = store.run_groups(0, rows, groups)
@@ -169,7 +167,7 @@ def test_experts_kernel_equals_torch_bfloat16(monkeypatch):
 def test_a_row_gives_the_same_bits_alone_and_in_its_group():
     """Rows run in tiles, yet each output is the same chain of multiply-adds: a row alone (a tile of
     one) equals it among six others (tiles of four and three)."""
-    _need_kernel()
+    need_kernel()
     held = _experts(4, 128, 192)
     rows = torch.randn(7, 128, generator=torch.Generator().manual_seed(1))
     together = held.run_one(2, rows)

@@ -1,9 +1,10 @@
 """Build raymoe's C kernels on first use and load them with ctypes.
 
 Each `<name>.c` beside this file compiles to a shared library in the cache folder
-(`$RAYMOE_CACHE_DIR` or the user cache), named by a hash of its source (with `common.h`), the
-flags, the compiler and this machine's CPU, so a changed kernel or another CPU builds anew and every process after the first
-loads it at once (processes racing to build each write their own file and rename it in place).
+(`raymoe.model.builtin.cache_dir`), named by a hash of its source (with `common.h`), the flags, the
+compiler and this machine's CPU, so a changed kernel or another CPU builds anew and every process
+after the first loads it at once (processes racing to build each write their own file and rename
+it in place).
 `-march=native`: the kernels are built where they run.
 
 No compiler, a failed build or `RAYMOE_NATIVE=0` in the environment: `library` returns None once
@@ -23,7 +24,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-import platformdirs
+from raymoe.model.builtin import cache_dir
 
 logger = logging.getLogger(__name__)
 
@@ -36,29 +37,34 @@ def enabled() -> bool:
     return os.environ.get(ENV, "1") != "0"
 
 
+def compiler() -> str | None:
+    """The C compiler the kernels build with: `$CC`, else `cc` or `gcc` on PATH; None if none."""
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+
+
 @functools.cache
 def library(name: str) -> ctypes.CDLL | None:
     """`<name>.c` built and loaded; None where it cannot be (logged once)."""
     if not enabled():
         return None
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if compiler is None:
+    cc = compiler()
+    if cc is None:
         logger.warning("no C compiler (cc or gcc) found: raymoe's %s kernel is off, torch's path runs", name)
         return None
     source = (SOURCE_DIR / f"{name}.c").read_bytes() + (SOURCE_DIR / "common.h").read_bytes()
     try:
-        return ctypes.CDLL(str(_built(name, source, compiler)))
+        return ctypes.CDLL(str(_built(name, source, cc)))
     except subprocess.CalledProcessError as e:
         why = (e.stderr or b"").decode(errors="replace").strip()[-500:] or f"exit status {e.returncode}"
     except (OSError, subprocess.SubprocessError) as e:
         why = str(e)
-    logger.warning("raymoe's %s kernel did not build with %s (%s): torch's path runs", name, compiler, why)
+    logger.warning("raymoe's %s kernel did not build with %s (%s): torch's path runs", name, cc, why)
     return None
 
 
 def _built(name: str, source: bytes, compiler: str) -> Path:
     key = hashlib.sha256(b"\0".join([source, " ".join(FLAGS).encode(), compiler.encode(), _cpu().encode()]))
-    base = Path(os.environ.get("RAYMOE_CACHE_DIR") or platformdirs.user_cache_dir("raymoe")) / "kernels"
+    base = cache_dir() / "kernels"
     final = base / f"{name}-{key.hexdigest()[:16]}.so"
     if final.is_file():
         return final
