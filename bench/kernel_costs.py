@@ -1,6 +1,6 @@
 """Costs of single kernels at the built-in model's shapes, 1 thread (issue 15; docs/benchmarks.md).
 
-    python bench/kernel_costs.py [--out bench/out/kernel_costs.json]
+    python bench/kernel_costs.py [--sections decode_attention,experts] [--out bench/out/kernel_costs.json]
 
 Each figure against its baseline in the same run:
 - `new_shape`: a bfloat16 and a float32 `[M, 128] x [128, 392]` over 160 row counts M never seen
@@ -40,7 +40,9 @@ def median_us(fn, repeats: int = 200, passes: int = 5) -> float:
     return statistics.median(per_call_us(lambda _: fn(), [None] * repeats) for _ in range(passes))
 
 
-def new_shape(torch, bucket) -> dict:
+def new_shape(torch) -> dict:
+    from raymoe.model.matmul import bucket
+
     """Per call over rows 300..459: as they come, again, and (bfloat16, over a weight of other width
     so no kernel of the first pass serves) padded to buckets."""
     pad, out = torch.nn.functional.pad, {}
@@ -118,7 +120,7 @@ def experts(torch) -> dict:
         held = ex.LayerExperts.stack({e: SwiGLU((torch.randn(2 * inter, hidden) * 0.05).to(dt),
                                                 (torch.randn(hidden, inter) * 0.05).to(dt)) for e in range(8)})  # fmt: skip
         store = ex.ExpertStore({0: held})
-        for tokens in (1, 4, 32, 64, 128):
+        for tokens in (1, 4, 32, 64, 128, 512):
             ids = torch.stack([torch.randperm(8)[:2] for _ in range(tokens)])
             groups = ex.group_tokens(ids, torch.full((tokens, 2), 0.5), 8)
             rows = torch.randn(tokens, hidden).to(dt)[groups.token_of_row]
@@ -136,18 +138,19 @@ def experts(torch) -> dict:
     return out
 
 
+SECTIONS = {"new_shape": new_shape, "experts_bmm": experts_bmm, "f32_gemm": f32_gemm, "sdpa_causal": sdpa_causal,
+            "decode_attention": decode_attention, "experts": experts}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default=None)
+    parser.add_argument("--sections", default=",".join(SECTIONS), help="comma-separated, of: " + ", ".join(SECTIONS))
     args = parser.parse_args()
     import torch
 
-    from raymoe.model.matmul import bucket
-
     torch.set_num_threads(1)
-    report = {"new_shape": new_shape(torch, bucket), "experts_bmm": experts_bmm(torch),
-              "f32_gemm": f32_gemm(torch), "sdpa_causal": sdpa_causal(torch),
-              "decode_attention": decode_attention(torch), "experts": experts(torch)}  # fmt: skip
+    report = {name: SECTIONS[name](torch) for name in args.sections.split(",")}
     text = json.dumps(report, indent=2)
     print(text)
     if args.out:

@@ -90,13 +90,17 @@ class LayerExperts:
     def run_one(self, expert: int, x: torch.Tensor) -> torch.Tensor:
         """x: [N, H] -> [N, H]."""
         j = self.local[expert]
-        fn = native.kernel_for(x, self.gate_up_t, self.down_t) if x.shape[0] <= native.SMALL else None
-        if fn is not None:  # a small group: raymoe's kernel, as in `ExpertStore.run_groups`
+        fn = native.kernel_for(x, self.gate_up_t, self.down_t) if self._native_takes(x.shape[0]) else None
+        if fn is not None:  # raymoe's kernel, as in `ExpertStore.run_groups`
             out = torch.empty_like(x)
-            native.run_small(fn, x, [x.shape[0]], self.gate_up_t[j : j + 1], self.down_t[j : j + 1], out)
+            native.run(fn, x, [x.shape[0]], self.gate_up_t[j : j + 1], self.down_t[j : j + 1], out)
             return out
         gate, up = matmul(x, self.gate_up_t[j]).chunk(2, dim=-1)
         return matmul(F.silu(gate) * up, self.down_t[j])
+
+    def _native_takes(self, largest: int) -> bool:
+        """Whether raymoe's kernel runs groups of up to `largest` rows of these experts."""
+        return native.takes(largest, self.gate_up_t.shape[1], self.down_t.shape[1])
 
     def run_grouped(self, rows: torch.Tensor, counts: list[int]) -> torch.Tensor:
         """rows [P, H] in contiguous groups, counts[j] rows for held expert j (stack order) -> [P, H].
@@ -154,9 +158,9 @@ class ExpertStore:
     def run_groups(self, layer: int, rows: torch.Tensor, groups: TokenGroups) -> torch.Tensor:
         """rows: [P, H] sorted by expert -> [P, H] expert outputs (every row's expert is held).
 
-        Where every group has at most `native.SMALL` rows (decode steps), all run in one call of
-        raymoe's C kernel where it is built (a larger group among them would cost more there than
-        the kernel saves, `bench/kernel_costs.py`). Else: in low precision on a CPU with bf16
+        All in one call of raymoe's C kernel where it is built and takes the groups
+        (`native.experts.takes`: decode-sized groups always, larger ones while the expert widths
+        keep its weight panels in cache; `bench/kernel_costs.py`). Else: in low precision on a CPU with bf16
         instructions (`raymoe.model.matmul`): two batched matmuls over every held expert padded to
         the largest group where that pays (`pad_pays`: 1.2-2x
         faster than grouped at 8-256 tokens), else the chain per expert (each matmul in float32
@@ -171,11 +175,11 @@ class ExpertStore:
         held = self.layers[layer]
         counts = [groups.counts[e] for e in held.expert_ids]
         assert sum(counts) == rows.shape[0], "a row's expert is not held here"
-        fn = native.kernel_for(rows, held.gate_up_t, held.down_t) if max(present) <= native.SMALL else None
+        fn = native.kernel_for(rows, held.gate_up_t, held.down_t) if held._native_takes(max(present)) else None
         if fn is None:
             return self._run_torch(held, rows, groups, counts, present)
         out = torch.empty_like(rows)
-        native.run_small(fn, rows, counts, held.gate_up_t, held.down_t, out)
+        native.run(fn, rows, counts, held.gate_up_t, held.down_t, out)
         return out
 
     @staticmethod

@@ -139,19 +139,40 @@ def _routed(num_tokens: int, num_experts: int, top_k: int, hidden: int, dtype=to
     return x[groups.token_of_row], groups
 
 
-@pytest.mark.parametrize("num_tokens", [1, 5, 24, 64, 90], ids=["one", "few", "decode", "mixed-sizes", "all-large"])
+@pytest.mark.parametrize("num_tokens", [1, 5, 24, 64, 300], ids=["one", "few", "decode", "mixed-sizes", "chunked"])
 @pytest.mark.parametrize("hidden,inter", [(128, 192), (40, 24)], ids=["builtin", "odd-widths"])
 def test_experts_kernel_equals_torch_float32(monkeypatch, num_tokens, hidden, inter):
-    """24 tokens x 2 of 8 experts: every group small, the kernel; 64: groups of 10-21 rows and 90:
-    every group above SMALL, torch's matmuls."""
+    """24 tokens x 2 of 8 experts: every group small; 64: groups of 10-21 rows; 300: groups of more
+    than CHUNK rows, run a chunk at a time. The kernel runs them all (narrow experts)."""
     need_kernel()
     store = ExpertStore({0: _experts(8, hidden, inter)})
     rows, groups = _routed(num_tokens, 8, 2, hidden)
-    small = {c <= native_experts.SMALL for c in groups.counts if c}
-    assert small == {64: {True, False}, 90: {False}}.get(num_tokens, {True})
+    largest = max(groups.counts)
+    assert (largest > native_experts.SMALL) == (num_tokens >= 64) and (largest > native_experts.CHUNK) == (num_tokens == 300)
+    calls = []
+    run = native_experts.run
+    monkeypatch.setattr(native_experts, "run", lambda *a: calls.append(1) or run(*a))
     got = store.run_groups(0, rows, groups)
+    assert calls == [1]
     monkeypatch.setattr(native_experts, "kernel_for", lambda *a: None)
     torch.testing.assert_close(got, store.run_groups(0, rows, groups), atol=1e-5, rtol=1e-5)
+
+
+def test_wide_experts_keep_large_groups_on_torch(monkeypatch):
+    """Where a panel of weights would not stay in cache, groups above SMALL go to torch's GEMMs."""
+    need_kernel()
+    store = ExpertStore({0: _experts(8, 128, 192)})
+    monkeypatch.setattr(native_experts, "PANEL_BYTES", 128 * 128 * 4)  # as if the experts were wider
+    assert not native_experts.takes(native_experts.SMALL + 1, 128, 192) and native_experts.takes(native_experts.SMALL, 128, 192)
+    calls = []
+    monkeypatch.setattr(native_experts, "run", lambda *a: calls.append(1))
+    rows, groups = _routed(90, 8, 2, 128)
+    assert min(c for c in groups.counts if c) > native_experts.SMALL
+    store.run_groups(0, rows, groups)
+    assert calls == []
+    rows, groups = _routed(24, 8, 2, 128)
+    store.run_groups(0, rows, groups)
+    assert calls == [1]
 
 
 def test_experts_kernel_equals_torch_bfloat16(monkeypatch):
@@ -165,11 +186,15 @@ def test_experts_kernel_equals_torch_bfloat16(monkeypatch):
 
 
 def test_a_row_gives_the_same_bits_alone_and_in_its_group():
-    """Rows run in tiles, yet each output is the same chain of multiply-adds: a row alone (a tile of
-    one) equals it among six others (tiles of four and three)."""
+    """Rows run in register tiles and in chunks, yet each output is the same chain of multiply-adds:
+    a row alone (a tile of one) equals it among 6 others (tiles of six and one) and among 99 others
+    (two chunks)."""
     need_kernel()
     held = _experts(4, 128, 192)
-    rows = torch.randn(7, 128, generator=torch.Generator().manual_seed(1))
-    together = held.run_one(2, rows)
-    for i in (0, 5, 6):
-        assert torch.equal(held.run_one(2, rows[i : i + 1])[0], together[i])
+    rows = torch.randn(100, 128, generator=torch.Generator().manual_seed(1))
+    together, seven = held.run_one(2, rows), held.run_one(2, rows[:7])
+    for i in (0, 5, 6, 70, 99):
+        alone = held.run_one(2, rows[i : i + 1])[0]
+        assert torch.equal(alone, together[i]) and (i >= 7 or torch.equal(alone, seven[i]))
+
+

@@ -1,7 +1,7 @@
 """Build raymoe's C kernels on first use and load them with ctypes.
 
 Each `<name>.c` beside this file compiles to a shared library in the cache folder
-(`raymoe.model.builtin.cache_dir`), named by a hash of its source (with `common.h`), the flags, the
+(`raymoe.model.builtin.cache_dir`), named by a hash of its source (with the headers), the flags, the
 compiler and this machine's CPU, so a changed kernel or another CPU builds anew and every process
 after the first loads it at once (processes racing to build each write their own file and rename
 it in place).
@@ -29,7 +29,7 @@ from raymoe.model.builtin import cache_dir
 logger = logging.getLogger(__name__)
 
 ENV = "RAYMOE_NATIVE"  # "0": never build or load, the torch paths run
-FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno", "-ffp-contract=fast", "-shared", "-fPIC"]
+FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=fast", "-shared", "-fPIC"]
 SOURCE_DIR = Path(__file__).parent
 
 
@@ -51,7 +51,7 @@ def library(name: str) -> ctypes.CDLL | None:
     if cc is None:
         logger.warning("no C compiler (cc or gcc) found: raymoe's %s kernel is off, torch's path runs", name)
         return None
-    source = (SOURCE_DIR / f"{name}.c").read_bytes() + (SOURCE_DIR / "common.h").read_bytes()
+    source = b"".join(path.read_bytes() for path in [SOURCE_DIR / f"{name}.c", *sorted(SOURCE_DIR.glob("*.h"))])
     try:
         return ctypes.CDLL(str(_built(name, source, cc)))
     except subprocess.CalledProcessError as e:

@@ -49,8 +49,8 @@ def attend(q: torch.Tensor, cache, decodes: Decodes, out: torch.Tensor, scale: f
     kv_heads, block_size, max_ctx = k_cache.shape[2], k_cache.shape[1], decodes.tables.shape[1] * k_cache.shape[1]
     group = heads // kv_heads
     scratch = decodes.scratch.get(q.dtype)
-    if scratch is None or scratch.numel() < group * max_ctx:
-        scratch = decodes.scratch[q.dtype] = torch.empty(group * max_ctx, dtype=torch.float32)
+    if scratch is None or scratch.numel() < (group + 3) * max_ctx:  # scores, and an int64 slot per position
+        scratch = decodes.scratch[q.dtype] = torch.empty((group + 3) * max_ctx, dtype=torch.float32)
     rc = fn(
         q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(), decodes.tables.data_ptr(),
         decodes.tables.shape[1], decodes.ctx_lens.data_ptr(), decodes.rows.data_ptr(), decodes.rows.shape[0],

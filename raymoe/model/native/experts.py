@@ -1,9 +1,11 @@
-"""A layer's expert FFNs on rows sorted by expert in one C call (`experts.c`) when every group has
-at most `SMALL` rows: a decode step's groups. There torch pays per op (an `mm` per group and
-projection, plus the activation's ops: ~46 us for one token through the built-in model's 2 experts,
-against ~14 us here, 1.3x at 32 tokens); larger groups stay with torch's GEMMs, which the kernel
-does not beat (`bench/kernel_costs.py`). A row's result does not depend on the other rows of its
-call: one expert run alone gives the bits it gives among the others."""
+"""A layer's expert FFNs on rows sorted by expert in one C call (`experts.c`).
+
+Torch pays per op there (an `mm` per group and projection, plus the activation's ops); the kernel
+runs the whole layer at once, at or above MKL's float32 rate from 1 row to hundreds per expert
+where the weights stay in cache (`bench/kernel_costs.py`). `takes` says where it is used. A row's
+result does not depend on the other rows of the call: one expert run alone gives the bits it gives
+among the others, in a decode step or in a prompt.
+"""
 
 from __future__ import annotations
 
@@ -14,7 +16,9 @@ import torch
 from raymoe.model.host import ints
 from raymoe.model.native.build import bind
 
-SMALL = 16  # groups of at most this many rows run here
+SMALL = 16  # groups of at most this many rows run here whatever the widths (decode steps)
+PANEL_BYTES = 128 * 1024  # larger groups too while a panel of weights (in x 128 float32) is this small
+CHUNK = 64  # rows a group runs at a time (the kernel's scratch)
 _I, _P = ctypes.c_int64, ctypes.c_void_p
 _ARGS = [_P, _I, _P, _I, _P, _P, _I, _I, _P, _P]
 _NAMES = {torch.float32: "experts_f32", torch.bfloat16: "experts_bf16"}
@@ -30,13 +34,21 @@ def kernel_for(rows: torch.Tensor, gate_up_t: torch.Tensor, down_t: torch.Tensor
     return bind("experts", _NAMES[rows.dtype], _ARGS)
 
 
-def run_small(fn, rows: torch.Tensor, counts: list[int], gate_up_t: torch.Tensor, down_t: torch.Tensor,
-              out: torch.Tensor) -> None:
-    """Write into out [P, H] the outputs of the groups of at most SMALL rows of rows [P, H] (contiguous
-    groups, counts[e] rows for stacked expert e of gate_up_t [E, H, 2I], down_t [E, I, H]); fn from
-    `kernel_for`. The rows of larger groups in out are left as they are (callers send none)."""
+def takes(largest: int, hidden: int, inter: int) -> bool:
+    """Whether the kernel runs a layer whose largest group has `largest` rows: always for decode-sized
+    groups; for larger ones while the widest weight panel (K rows x 128 columns, float32) is small
+    enough that the kernel beats torch's GEMMs: 1.8-2.3x at the built-in model's 128 / 192 from 32
+    to 512 tokens, 0.7-0.9x at 256 / 512 (`bench/kernel_costs.py`; it does not block over K as
+    MKL does)."""
+    return largest <= SMALL or max(hidden, inter) * 128 * 4 <= PANEL_BYTES
+
+
+def run(fn, rows: torch.Tensor, counts: list[int], gate_up_t: torch.Tensor, down_t: torch.Tensor,
+        out: torch.Tensor) -> None:
+    """Write into out [P, H] the expert outputs of rows [P, H] (contiguous groups, counts[e] rows for
+    stacked expert e of gate_up_t [E, H, 2I], down_t [E, I, H]); fn from `kernel_for`."""
     hidden, inter = rows.shape[1], down_t.shape[1]
-    scratch = torch.empty(SMALL * (2 * hidden + 3 * inter), dtype=torch.float32)
+    scratch = torch.empty(CHUNK * (2 * hidden + 3 * inter), dtype=torch.float32)
     counts_t = ints(counts)
     fn(rows.data_ptr(), hidden, counts_t.data_ptr(), len(counts), gate_up_t.data_ptr(), down_t.data_ptr(), inter,
-       SMALL, out.data_ptr(), scratch.data_ptr())  # fmt: skip
+       CHUNK, out.data_ptr(), scratch.data_ptr())  # fmt: skip

@@ -1,0 +1,103 @@
+/* C[:M, :N] = A[:M, :K] @ B[:K, :N] for small M (a decode step's rows), float32 A and C, B float32
+   or bfloat16 (widened on load), every element a chain of fused multiply-adds over k ascending.
+
+   So an element's bits depend only on its row of A and its column of B: never on M, on the tile
+   that held the row, or on the other rows of the call (batch invariance).
+
+   Register tiles of R rows x V vectors of columns keep their R*V accumulators in registers: MAXACC
+   of them (12 on AVX2's 16 registers, 24 on AVX-512's 32), as many independent chains as the FMA
+   units' latency needs; a single row takes 8 vectors at once so its chains do not wait on each
+   other. Columns run in panels whose weights (K x PANEL) stay in L2 while every row tile reads them. */
+#ifndef RAYMOE_NATIVE_GEMM_H
+#define RAYMOE_NATIVE_GEMM_H
+
+#include "common.h"
+
+#ifdef __AVX512F__
+#define VB 64       /* bytes of a vector register */
+#define MAXACC 24
+#else
+#define VB 32
+#define MAXACC 12
+#endif
+#define VL (VB / 4) /* floats in a vector */
+#define TILE 6      /* rows of a register tile */
+#define PANEL 128   /* columns of a panel (a multiple of 8 * VL) */
+
+typedef float vf __attribute__((vector_size(VB)));
+typedef uint16_t vh __attribute__((vector_size(VB / 2)));
+typedef uint32_t vu __attribute__((vector_size(VB)));
+
+static inline vf vload_float(const float* p) { vf v; memcpy(&v, p, sizeof v); return v; }
+static inline vf vload_bf16(const bf16* p) {
+  vh h; memcpy(&h, p, sizeof h);
+  vu u = __builtin_convertvector(h, vu) << 16;
+  vf f; memcpy(&f, &u, sizeof f); return f;
+}
+
+/* C[r, n0 : n0 + V*VL] for r < R: the accumulators in registers (R, V constants). */
+#define TILE_KERNEL(T, R, V)                                                                           \
+static inline void tile_##T##_##R##_##V(const float* A, int64_t lda, const T* B, int64_t K, int64_t N, \
+                                        int64_t n0, float* C, int64_t ldc) {                           \
+  vf acc[R][V];                                                                                        \
+  _Pragma("GCC unroll 8") for (int r = 0; r < R; r++)                                                  \
+    _Pragma("GCC unroll 8") for (int v = 0; v < V; v++) acc[r][v] = (vf){0};                           \
+  for (int64_t k = 0; k < K; k++) {                                                                    \
+    vf b[V];                                                                                           \
+    _Pragma("GCC unroll 8") for (int v = 0; v < V; v++) {                                              \
+      b[v] = vload_##T(B + k * N + n0 + v * VL);                                                       \
+      __asm__("" : "+x"(b[v])); /* in a register: not reloaded by each row's FMA */                    \
+    }                                                                                                  \
+    _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) {                                              \
+      float a = A[r * lda + k];                                                                        \
+      _Pragma("GCC unroll 8") for (int v = 0; v < V; v++) acc[r][v] = a * b[v] + acc[r][v];            \
+    }                                                                                                  \
+  }                                                                                                    \
+  _Pragma("GCC unroll 8") for (int r = 0; r < R; r++)                                                  \
+    _Pragma("GCC unroll 8") for (int v = 0; v < V; v++) memcpy(C + r * ldc + n0 + v * VL, &acc[r][v], VB); \
+}
+
+/* The columns [n0, n1) of R rows: the widest tiles first (8, 4, 2, 1 vectors, within MAXACC), then
+   the last columns (fewer than VL) one element at a time, with the same chain. */
+#define ROW_TILE(T, LOAD, R)                                                                           \
+TILE_KERNEL(T, R, 8) TILE_KERNEL(T, R, 4) TILE_KERNEL(T, R, 2) TILE_KERNEL(T, R, 1)                    \
+static inline void rows_##T##_##R(const float* A, int64_t lda, const T* B, int64_t K, int64_t N,       \
+                                  int64_t n0, int64_t n1, float* C, int64_t ldc) {                     \
+  if (R * 8 <= MAXACC) for (; n0 + 8 * VL <= n1; n0 += 8 * VL) tile_##T##_##R##_8(A, lda, B, K, N, n0, C, ldc); \
+  if (R * 4 <= MAXACC) for (; n0 + 4 * VL <= n1; n0 += 4 * VL) tile_##T##_##R##_4(A, lda, B, K, N, n0, C, ldc); \
+  if (R * 2 <= MAXACC) for (; n0 + 2 * VL <= n1; n0 += 2 * VL) tile_##T##_##R##_2(A, lda, B, K, N, n0, C, ldc); \
+  for (; n0 + VL <= n1; n0 += VL) tile_##T##_##R##_1(A, lda, B, K, N, n0, C, ldc);                    \
+  for (int r = 0; r < R; r++)                                                                          \
+    for (int64_t n = n0; n < n1; n++) {                                                                \
+      float acc = 0.f;                                                                                 \
+      for (int64_t k = 0; k < K; k++) acc = __builtin_fmaf(A[r * lda + k], LOAD(B[k * N + n]), acc);   \
+      C[r * ldc + n] = acc;                                                                            \
+    }                                                                                                  \
+}
+
+#define GEMM(T, LOAD)                                                                                  \
+ROW_TILE(T, LOAD, 1) ROW_TILE(T, LOAD, 2) ROW_TILE(T, LOAD, 3)                                         \
+ROW_TILE(T, LOAD, 4) ROW_TILE(T, LOAD, 5) ROW_TILE(T, LOAD, 6)                                         \
+static inline void gemm_##T(int64_t M, const float* A, int64_t lda, const T* B, int64_t K, int64_t N,  \
+                            float* C, int64_t ldc) {                                                   \
+  for (int64_t p0 = 0; p0 < N; p0 += PANEL) {                                                          \
+    int64_t p1 = p0 + PANEL < N ? p0 + PANEL : N;                                                      \
+    for (int64_t r0 = 0; r0 < M; r0 += TILE) {                                                         \
+      const float* a = A + r0 * lda;                                                                   \
+      float* c = C + r0 * ldc;                                                                         \
+      switch (M - r0 < TILE ? M - r0 : TILE) {                                                         \
+        case 1: rows_##T##_1(a, lda, B, K, N, p0, p1, c, ldc); break;                                  \
+        case 2: rows_##T##_2(a, lda, B, K, N, p0, p1, c, ldc); break;                                  \
+        case 3: rows_##T##_3(a, lda, B, K, N, p0, p1, c, ldc); break;                                  \
+        case 4: rows_##T##_4(a, lda, B, K, N, p0, p1, c, ldc); break;                                  \
+        case 5: rows_##T##_5(a, lda, B, K, N, p0, p1, c, ldc); break;                                  \
+        default: rows_##T##_6(a, lda, B, K, N, p0, p1, c, ldc);                                        \
+      }                                                                                                \
+    }                                                                                                  \
+  }                                                                                                    \
+}
+
+GEMM(float, from_f32)
+GEMM(bf16, from_bf16)
+
+#endif
