@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from raymoe.model import paged, ragged
 from raymoe.model.checkpoint import Checkpoint
 from raymoe.model.layers import Linear, RMSNorm
+from raymoe.model.native import norm as native_norm
 from raymoe.model.rope import Rotary
 from raymoe.model.spec import ModelSpec
 
@@ -72,7 +73,10 @@ class GQAAttention:
         qkv = qkv.view(-1, heads + 2 * kv_heads, d)
         qk, v = qkv[:, : heads + kv_heads], qkv[:, heads + kv_heads :]
         if self.qk_head_weight is not None:  # Qwen3 normalises each head; RMSNorm's math, in one op
-            qk = F.rms_norm(qk.float(), (d,), None, self.q_norm.eps).to(qk.dtype) * self.qk_head_weight
+            normed = native_norm.rms_norm(qk, self.qk_head_weight, self.q_norm.eps)
+            if normed is None:
+                normed = F.rms_norm(qk.float(), (d,), None, self.q_norm.eps).to(qk.dtype) * self.qk_head_weight
+            qk = normed
         elif self.qk_norm == "head":
             qk = torch.cat([self.q_norm(qk[:, :heads]), self.k_norm(qk[:, heads:])], dim=1)
         cos, sin = cos_sin

@@ -12,7 +12,8 @@ in 3-9 µs), against ~2-3 µs for MKL's float32 one, so small ops run faster in 
 (`bench/bf16_shapes.py`, docs/benchmarks.md). For an op of M rows over an [N, K] weight:
 - from a float32 copy kept beside the bfloat16 weight while M N K <= `F32_MAX_WORK`. Only weights
   that take that path at one row (N K <= F32_MAX_WORK, 2 MiB in float32) get a copy (`f32_copy`):
-  the attention projections, router and LM head of small models; never experts;
+  the attention projections, router and LM head of small models; never experts (a CPU without bf16
+  instructions keeps the same copies, for every op on them, rather than widen them at each call);
 - else widened per call while (M + `WIDEN_ROWS`) N K <= F32_MAX_WORK (widening the weight costs
   about as much as 4 rows of float32 work): experts with few rows;
 - else in bfloat16; and experts padded into two batched calls where that beats two per expert
@@ -91,9 +92,10 @@ def _bucketed(op, x: torch.Tensor, weight: torch.Tensor, *args) -> torch.Tensor:
 
 
 def f32_copy(weight: torch.Tensor) -> torch.Tensor | None:
-    """weight [out, in]: its float32 copy where ops of a few rows on it run faster in float32 from
-    one (low precision on a CPU with bf16 instructions, out * in <= F32_MAX_WORK), else None."""
-    return weight.float() if native_low(weight) and weight.numel() <= F32_MAX_WORK else None
+    """weight [out, in]: its float32 copy where ops on it run in float32 and it is small (low precision
+    on a CPU, out * in <= F32_MAX_WORK): ops of a few rows on a CPU with bf16 instructions, every op
+    on one without (which would otherwise widen the weight at each call), else None."""
+    return weight.float() if low_on_cpu(weight) and weight.numel() <= F32_MAX_WORK else None
 
 
 def pad_pays(rows: torch.Tensor, counts: list[int]) -> bool:
@@ -110,8 +112,8 @@ def linear(
 ) -> torch.Tensor:
     """x [N, in] @ weight [out, in]^T (+ bias) -> [N, out] in x's dtype. `weight_f32` (from
     `f32_copy`) serves ops of at most F32_MAX_WORK multiply-adds."""
-    if weight_f32 is not None and x.numel() * weight.shape[0] <= F32_MAX_WORK:
-        weight = weight_f32
+    if weight_f32 is not None and (widen(weight) or x.numel() * weight.shape[0] <= F32_MAX_WORK):
+        weight = weight_f32  # the same float32 values widening would give, kept
     elif not widen_op(x, weight):
         return _bucketed(F.linear, x, weight, bias)
     return F.linear(x.float(), weight.float(), None if bias is None else bias.float()).to(x.dtype)

@@ -78,6 +78,17 @@ def test_padding_pays_from_four_groups_while_padding_is_bounded(bf16_cpu):
         assert pad_pays(rows(counts), counts) == want, counts
 
 
+def test_without_bf16_instructions_small_weights_keep_their_float32_copy(monkeypatch):
+    """Every op computes in float32 there: from the kept copy (the bits widening gives), at any rows."""
+    monkeypatch.setattr(matmul_policy, "cpu_has_bf16", lambda: False)
+    layer = Linear(torch.randn(256, 128).bfloat16())
+    assert layer.weight_f32 is not None and torch.equal(layer.weight_f32, layer.weight.float())
+    for rows in (1, 32, 512):
+        x = torch.randn(rows, 128).bfloat16()
+        assert torch.equal(layer(x), F.linear(x.float(), layer.weight.float()).bfloat16())
+    assert f32_copy(torch.randn(4096, 256).bfloat16()) is None and f32_copy(torch.randn(8, 128)) is None
+
+
 def test_copies_only_for_small_low_precision_weights(bf16_cpu):
     assert f32_copy(torch.randn(8, 128)) is None  # float32 is never touched
     assert f32_copy(torch.randn(4096, 256).bfloat16()) is None  # too big to pay at one row

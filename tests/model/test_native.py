@@ -5,9 +5,13 @@ torch's SDPA path within float32 rounding (bfloat16: within its own rounding), o
 sizes with and without a specialised copy, sliding windows and steps that mix decodes with prompt
 chunks; a decode's result does not depend on the rest of the step.
 
-Experts: a layer's groups in one call when all are small, equal to torch's matmuls within float32
-rounding (and torch's path where some group is larger); a row's bits do not depend on the other
-rows of its group, and one expert run alone equals it run among the others.
+Experts: a layer's groups in one call (any size, a chunk at a time, for narrow experts; wide ones
+keep torch's GEMMs for groups above SMALL), equal to torch's matmuls within float32 rounding; a
+row's bits do not depend on the other rows of its group, and one expert run alone equals it run
+among the others.
+
+RMSNorm: rows (or the packed heads of a fused projection, per-head weights) in one call, equal to
+torch's within float32 rounding, each row's bits its own.
 
 The kernels are built once into the cache folder; where they cannot be built, or are switched off,
 the torch paths run."""
@@ -19,9 +23,10 @@ import torch
 
 from raymoe.model import paged, ragged
 from raymoe.model.experts import ExpertStore, LayerExperts, group_tokens
-from raymoe.model.layers import SwiGLU
+from raymoe.model.layers import RMSNorm, SwiGLU
 from raymoe.model.native import build, decode
 from raymoe.model.native import experts as native_experts
+from raymoe.model.native import norm as native_norm
 from tests.model.native_kernels import need_kernel
 from tests.model.paged_steps import filled_step
 
@@ -198,3 +203,31 @@ def test_a_row_gives_the_same_bits_alone_and_in_its_group():
         assert torch.equal(alone, together[i]) and (i >= 7 or torch.equal(alone, seven[i]))
 
 
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_kernel_equals_torch(monkeypatch, dtype):
+    """Rows of a [T, H] stream and the packed q/k heads of a [T, 8, 32] projection (a strided view, one
+    weight per head), against the torch path of `RMSNorm` (the kernel switched off)."""
+    need_kernel()
+    gen = torch.Generator().manual_seed(3)
+    norm = RMSNorm(torch.randn(128, generator=gen).to(dtype), 1e-6)
+    x = (torch.randn(33, 128, generator=gen) * 3).to(dtype)
+    qkv = torch.randn(5, 8, 32, generator=gen).to(dtype)
+    qk, head_w = qkv[:, :6], torch.randn(6, 32, generator=gen).to(dtype)
+    got, got_qk = norm(x), native_norm.rms_norm(qk, head_w, 1e-6)
+    assert got_qk is not None and got_qk.is_contiguous() and got.dtype == dtype
+    assert torch.equal(native_norm.rms_norm(x[7:8].clone(), norm.weight, 1e-6)[0], got[7])  # a row alone
+    want_qk = (torch.nn.functional.rms_norm(qk.float(), (32,), None, 1e-6).to(dtype) * head_w).float()
+    monkeypatch.setattr(native_norm, "rms_norm", lambda *a: None)
+    tol = 2e-6 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(got.float(), norm(x).float(), atol=tol, rtol=tol)
+    torch.testing.assert_close(got_qk.float(), want_qk, atol=tol, rtol=tol)
+
+
+def test_rms_norm_kernel_declines_what_it_does_not_take():
+    need_kernel()
+    w = torch.randn(32)
+    assert native_norm.rms_norm(torch.randn(4, 64)[:, ::2], w, 1e-6) is None  # strided last dim
+    assert native_norm.rms_norm(torch.randn(4, 32).double(), w.double(), 1e-6) is None  # float64
+    assert native_norm.rms_norm(torch.randn(4, 32), torch.randn(3, 32), 1e-6) is None  # heads mismatch
