@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from raymoe.model import paged, ragged
-from raymoe.model.experts import ExpertStore, LayerExperts, group_tokens
+from raymoe.model.experts import ExpertStore, LayerExperts, LocalExperts, combine, group_tokens
 from raymoe.model.layers import RMSNorm, SwiGLU
 from raymoe.model.native import build, decode
 from raymoe.model.native import experts as native_experts
@@ -231,3 +231,35 @@ def test_rms_norm_kernel_declines_what_it_does_not_take():
     assert native_norm.rms_norm(torch.randn(4, 64)[:, ::2], w, 1e-6) is None  # strided last dim
     assert native_norm.rms_norm(torch.randn(4, 32).double(), w.double(), 1e-6) is None  # float64
     assert native_norm.rms_norm(torch.randn(4, 32), torch.randn(3, 32), 1e-6) is None  # heads mismatch
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("num_tokens", [1, 7, 32, 150])
+def test_fused_layer_has_the_bits_of_group_run_combine(monkeypatch, dtype, num_tokens):
+    """`LocalExperts.run` in one call of the kernel: bit for bit what grouping, `run_groups` (on the
+    same kernel) and `combine` give, so a cluster's shards and workers agree with one process."""
+    need_kernel()
+    gen = torch.Generator().manual_seed(num_tokens)
+    store = ExpertStore({0: _experts(8, 128, 192, dtype)})
+    x = torch.randn(num_tokens, 128, generator=gen).to(dtype)
+    ids = torch.stack([torch.randperm(8, generator=gen)[:2] for _ in range(num_tokens)])
+    weights = torch.softmax(torch.randn(num_tokens, 2, generator=gen), -1).to(dtype)
+    calls = []
+    fused = native_experts.run_layer
+    monkeypatch.setattr(native_experts, "run_layer", lambda *a: calls.append(1) or fused(*a))
+    got = LocalExperts(store, 8).run(0, x, ids, weights)
+    assert calls == [1] and got.dtype == dtype
+    groups = group_tokens(ids, weights, 8)
+    assert torch.equal(got, combine(store.run_groups(0, x[groups.token_of_row], groups), groups, num_tokens))
+
+
+def test_fused_layer_declines_a_partial_stack_and_bad_ids(monkeypatch):
+    need_kernel()
+    held = _experts(8, 128, 192)
+    x, w = torch.randn(3, 128), torch.full((3, 2), 0.5)
+    assert native_experts.run_layer(x, torch.tensor([[0, 9], [1, 2], [3, 4]]), w, held.gate_up_t, held.down_t) is None
+    part = ExpertStore({0: LayerExperts.stack({e: SwiGLU(torch.randn(384, 128), torch.randn(128, 192)) for e in (1, 2)})})
+    called = []
+    monkeypatch.setattr(native_experts, "run_layer", lambda *a: called.append(1))
+    LocalExperts(part, 8).run(0, x, torch.tensor([[1, 2]] * 3), w)
+    assert called == []  # a shard's partial stack: the grouped path

@@ -41,3 +41,54 @@ int NAME(const T* rows, int64_t H, const int64_t* counts, int64_t E, const T* ga
 
 EXPERTS(experts_f32, float, from_f32, to_f32)
 EXPERTS(experts_bf16, bf16, from_bf16, to_bf16)
+
+/* A whole MoE layer's routed experts from the router's choice, in one call: what
+   `raymoe.model.experts.group_tokens`, `ExpertStore.run_groups` and `combine` do together.
+
+   x        [Tn, H]         the layer's input rows
+   ids      [Tn, K] int64   each token's experts (0 <= id < E); w [Tn, K] their weights
+   out      [Tn, H]         sum over k of w[t, k] * expert_ids[t, k](x[t])
+   order    [E + 1 + Tn K] int64 scratch; scratch as EXPERTS'
+
+   Rows are grouped by expert, stably (a token's rows in token order, as a stable argsort of the
+   flattened ids). Each expert output is rounded to T, multiplied by its weight (rounded to T) and
+   added to the token's sum in expert order, from zero, each step rounded to T: the operations and
+   order of torch's `combine` (`rows * w`, then `index_add_`), kept apart (no fused multiply-add),
+   so the sum has combine's bits. Returns 0, or -1 for an id out of range (nothing written). */
+#define MOE(NAME, T, LOAD, STORE)                                                                     \
+int NAME(const T* x, int64_t Tn, int64_t H, const int64_t* ids, const T* w, int64_t K, int64_t E,      \
+         const T* gate_up, const T* down, int64_t I, int64_t chunk, T* out, float* scratch,            \
+         int64_t* order) {                                                                             \
+  int64_t *start = order, *rows = order + E + 1, P = Tn * K;                                           \
+  for (int64_t e = 0; e <= E; e++) start[e] = 0;                                                       \
+  for (int64_t r = 0; r < P; r++) {                                                                    \
+    if (ids[r] < 0 || ids[r] >= E) return -1;                                                          \
+    start[ids[r] + 1]++;                                                                               \
+  }                                                                                                    \
+  for (int64_t e = 0; e < E; e++) start[e + 1] += start[e];                                            \
+  for (int64_t r = 0; r < P; r++) rows[start[ids[r]]++] = r; /* start[e] now ends group e */          \
+  for (int64_t j = 0; j < Tn * H; j++) out[j] = STORE(0.f);                                            \
+  float *xs = scratch, *h = xs + chunk * H, *act = h + chunk * 2 * I, *y = act + chunk * I;            \
+  for (int64_t e = 0, begin = 0; e < E; begin = start[e], e++)                                         \
+    for (int64_t r0 = begin; r0 < start[e]; r0 += chunk) {                                             \
+      int64_t n = start[e] - r0 < chunk ? start[e] - r0 : chunk;                                       \
+      for (int64_t j = 0; j < n; j++)                                                                  \
+        for (int64_t c = 0; c < H; c++) xs[j * H + c] = LOAD(x[rows[r0 + j] / K * H + c]);             \
+      gemm_##T(n, xs, H, gate_up + e * H * 2 * I, H, 2 * I, h, 2 * I);                                 \
+      for (int64_t j = 0; j < n; j++) silu_mul(h + j * 2 * I, I, act + j * I);                         \
+      gemm_##T(n, act, I, down + e * I * H, I, H, y, H);                                               \
+      for (int64_t j = 0; j < n; j++) {                                                                \
+        T* o = out + rows[r0 + j] / K * H;                                                             \
+        float wr = LOAD(w[rows[r0 + j]]);                                                              \
+        for (int64_t c = 0; c < H; c++) {                                                              \
+          float p = LOAD(STORE(LOAD(STORE(y[j * H + c])) * wr));                                       \
+          __asm__("" : "+x"(p)); /* rounded apart: never fused into the add */                          \
+          o[c] = STORE(LOAD(o[c]) + p);                                                                \
+        }                                                                                              \
+      }                                                                                                \
+    }                                                                                                  \
+  return 0;                                                                                            \
+}
+
+MOE(moe_f32, float, from_f32, to_f32)
+MOE(moe_bf16, bf16, from_bf16, to_bf16)

@@ -52,3 +52,29 @@ def run(fn, rows: torch.Tensor, counts: list[int], gate_up_t: torch.Tensor, down
     counts_t = ints(counts)
     fn(rows.data_ptr(), hidden, counts_t.data_ptr(), len(counts), gate_up_t.data_ptr(), down_t.data_ptr(), inter,
        CHUNK, out.data_ptr(), scratch.data_ptr())  # fmt: skip
+
+
+_MOE_NAMES = {torch.float32: "moe_f32", torch.bfloat16: "moe_bf16"}
+_MOE_ARGS = [_P, _I, _I, _P, _P, _I, _I, _P, _P, _I, _I, _P, _P, _P]
+
+
+def run_layer(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, gate_up_t: torch.Tensor,
+              down_t: torch.Tensor) -> torch.Tensor | None:
+    """A layer's routed experts from the router's choice in one call: x [T, H], topk_ids / topk_weights
+    [T, K] over the E stacked experts of gate_up_t [E, H, 2I], down_t [E, I, H] -> [T, H], with the
+    bits of `group_tokens` + `ExpertStore.run_groups` + `combine` on this kernel (its grouping and
+    combine's order of operations). None where it does not take them (see `kernel_for`, `takes`, with
+    every group counted as large as T)."""
+    tokens, hidden = x.shape
+    if kernel_for(x, gate_up_t, down_t) is None or not takes(tokens, hidden, down_t.shape[1]):
+        return None
+    fn = bind("experts", _MOE_NAMES[x.dtype], _MOE_ARGS)
+    ids = topk_ids.contiguous()
+    weights = topk_weights.to(x.dtype).contiguous()  # as combine casts them
+    experts, top_k, inter = gate_up_t.shape[0], ids.shape[1], down_t.shape[1]
+    out = torch.empty_like(x)
+    scratch = torch.empty(CHUNK * (2 * hidden + 3 * inter), dtype=torch.float32)
+    order = torch.empty(experts + 1 + tokens * top_k, dtype=torch.long)
+    rc = fn(x.data_ptr(), tokens, hidden, ids.data_ptr(), weights.data_ptr(), top_k, experts, gate_up_t.data_ptr(),
+            down_t.data_ptr(), inter, CHUNK, out.data_ptr(), scratch.data_ptr(), order.data_ptr())  # fmt: skip
+    return out if rc == 0 else None
