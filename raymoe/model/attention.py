@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from raymoe.model import paged, ragged
 from raymoe.model.checkpoint import Checkpoint
 from raymoe.model.layers import Linear, RMSNorm
+from raymoe.model.native import layer as native_layer
 from raymoe.model.native import norm as native_norm
 from raymoe.model.rope import Rotary
 from raymoe.model.spec import ModelSpec
@@ -33,6 +34,10 @@ class GQAAttention:
         self.sliding_window = spec.sliding_window[layer] if spec.sliding_window else None
         self.rotary = rotary
         self.scale = self.head_dim**-0.5
+        self.fusable = (  # what native.layer.attention_block computes
+            self.qkv.weight_t is not None and self.o_proj.weight_t is not None and self.o_proj.bias is None
+            and spec.qk_norm in (None, "head") and self.clip_qkv is None and not rotary.interleaved
+        )  # fmt: skip
 
     def kv_shape(self) -> tuple[int, int, int]:
         return self.kv_heads, self.head_dim, self.head_dim
@@ -49,6 +54,18 @@ class GQAAttention:
         k_ctx, v_ctx = paged.gather_context(cache[0], batch), paged.gather_context(cache[1], batch)
         out = paged.attend(q, k_ctx, v_ctx, batch, self.scale, self.sliding_window)
         return self.o_proj(out.reshape(out.shape[0], -1))
+
+    def decode_block(self, h: torch.Tensor, input_norm: RMSNorm, post_norm: RMSNorm, batch: paged.AttentionBatch,
+                     cache, cos_sin) -> tuple[torch.Tensor, torch.Tensor] | None:  # fmt: skip
+        """For a step of decodes only, float32, where `fusable`: h [T, H] -> (h + attention over
+        input_norm(h), its post_norm) in one C call (writing this step's K/V), with the bits of the
+        ops run one by one; None for any other step (nothing written)."""
+        plan = ragged.plan_for(batch)
+        if plan is None or plan.prefills or plan.native is None or input_norm.eps != post_norm.eps:
+            return None
+        cos, sin = cos_sin
+        return native_layer.attention_block(self, h, input_norm.weight, post_norm.weight, input_norm.eps,
+                                            (cos, self.rotary.signed(sin)), cache, batch.slot_mapping, plan.native)  # fmt: skip
 
     def cache_entries(self, x: torch.Tensor, cos_sin) -> tuple[torch.Tensor, torch.Tensor]:
         """What this layer caches for x [T, H] (normed hidden): keys [T, kv_heads, d] (rotated), values

@@ -217,9 +217,14 @@ class LocalExperts:
     def __init__(self, store: ExpertStore, num_experts: int):
         self.store, self.num_experts = store, num_experts
 
+    def whole(self, layer: int) -> LayerExperts | None:
+        """The layer's stacked experts where this process holds all of them (in id order), else None."""
+        held = self.store.layers.get(layer)
+        return held if held is not None and len(held.expert_ids) == self.num_experts else None
+
     def run(self, layer: int, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
         held = self.store.layers[layer]
-        if topk_ids.dtype == torch.long and len(held.expert_ids) == self.num_experts:  # all of them, in order
+        if topk_ids.dtype == torch.long and self.whole(layer) is not None:
             fused = native.run_layer(x, topk_ids, topk_weights, held.gate_up_t, held.down_t)
             if fused is not None:  # raymoe's kernel: the same bits as the three steps below
                 return fused

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 from raymoe.model.checkpoint import Checkpoint
 from raymoe.model.matmul import f32_copy, linear
+from raymoe.model.native import layer as native_layer
 from raymoe.model.native import norm as native_norm
 
 
@@ -27,11 +28,14 @@ class RMSNorm:
 
 
 class Linear:
-    """y = x W^T (+ b). W: [out, in]; for small bfloat16 weights a float32 copy beside it (`f32_copy`)."""
+    """y = x W^T (+ b). W: [out, in]; for small bfloat16 weights a float32 copy beside it (`f32_copy`);
+    for small float32 ones on the CPU its transpose [in, out], which raymoe's C linear runs on
+    (`raymoe.model.native.layer`: a row's bits then never depend on its step's other rows)."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
         self.weight, self.bias = weight, bias
         self.weight_f32 = f32_copy(weight)
+        self.weight_t = native_layer.transposed(weight)
 
     @classmethod
     def load(cls, ckpt: Checkpoint, prefix: str, dtype: torch.dtype) -> "Linear":
@@ -47,6 +51,8 @@ class Linear:
         return cls(torch.cat([p.weight for p in parts]), bias)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight_t is not None and x.dtype == torch.float32:
+            return native_layer.linear(x, self.weight_t, self.bias)
         return linear(x, self.weight, self.bias, self.weight_f32)
 
     @property

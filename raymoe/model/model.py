@@ -19,6 +19,7 @@ from raymoe.logs import progress
 from raymoe.model.attention import GQAAttention
 from raymoe.model.checkpoint import Checkpoint
 from raymoe.model.experts import ExpertBackend, ExpertStore, LocalExperts
+from raymoe.model.native import layer as native_layer
 from raymoe.model.head import HeadLinear
 from raymoe.model.layers import Linear, RMSNorm, SwiGLU
 from raymoe.model.mla import MLAAttention
@@ -70,11 +71,32 @@ class MoEBlock:
             return sigmoid_grouped_topk(
                 logits, bias, s.top_k, s.n_group, s.topk_group, s.norm_topk_prob, s.routed_scaling_factor
             )
+        if self._native_route(x):
+            return native_layer.route(x, self.gate.weight_t, s.top_k, s.norm_topk_prob)
         return softmax_topk(self.gate(x), s.top_k, s.norm_topk_prob)
+
+    def _native_route(self, x: torch.Tensor) -> bool:
+        """A softmax router over a float32 gate without bias: raymoe's C router (`native.layer.route`)."""
+        return self.gate.weight_t is not None and self.gate.bias is None and x.dtype == torch.float32
 
     def __call__(self, x: torch.Tensor, experts: ExpertBackend, batch: AttentionBatch | None = None) -> torch.Tensor:
         ids, weights = self.route(x, batch)
         return self.finish(x, experts.run(self.layer, x, ids, weights))
+
+    def residual(self, h: torch.Tensor, x: torch.Tensor, experts: ExpertBackend) -> torch.Tensor | None:
+        """h + this block on x (both [T, H]) in one C call (`native.layer.moe_block`: the router's and
+        the experts' own code, so the same bits as `h + self(x, experts)`), where the experts are all
+        in this process and the block has no shared expert or replay; else None."""
+        whole = experts.whole(self.layer) if isinstance(experts, LocalExperts) else None
+        if whole is None or self.shared is not None or self.replay is not None or not self._native_route(x):
+            return None
+        s = self.spec
+        done = native_layer.moe_block(x, h, self.gate.weight_t, s.top_k, s.norm_topk_prob, whole.gate_up_t, whole.down_t)
+        if done is None:
+            return None
+        if self.tally is not None:
+            self.tally.add(self.moe_index, done[1])
+        return done[0]
 
     def finish(self, x: torch.Tensor, routed: torch.Tensor) -> torch.Tensor:
         """Add the shared expert (if any) to the routed experts' output. Both [T, H]."""
@@ -96,9 +118,14 @@ class DecoderLayer:
         self.post_norm = RMSNorm(ckpt.get(f"{p}.post_attention_layernorm.weight", dtype), eps)
         self.is_moe = spec.moe_layers[layer]
         self.ffn = MoEBlock(spec, ckpt, layer, dtype, replay) if self.is_moe else SwiGLU.load(ckpt, f"{p}.mlp", dtype)
+        self.fuses_attention = attention_cls is GQAAttention and self.attn.fusable
 
     def attention_part(self, h: torch.Tensor, batch: AttentionBatch, cache, cos_sin):
         """h: [T, H] residual stream -> (residual after attention [T, H], its post-norm [T, H])."""
+        if self.fuses_attention and h.dtype == torch.float32:
+            done = self.attn.decode_block(h, self.input_norm, self.post_norm, batch, cache, cos_sin)
+            if done is not None:  # a decode step in one C call: the same bits as below
+                return done
         h = h + self.attn(self.input_norm(h), batch, cache, cos_sin)
         return h, self.post_norm(h)
 
@@ -107,7 +134,8 @@ class DecoderLayer:
 
     def __call__(self, h, batch, cache, cos_sin, experts: ExpertBackend) -> torch.Tensor:
         h, x = self.attention_part(h, batch, cache, cos_sin)
-        return h + self.ffn_part(x, experts, batch)
+        done = self.ffn.residual(h, x, experts) if self.is_moe else None
+        return done if done is not None else h + self.ffn_part(x, experts, batch)
 
 
 class MoEModel:

@@ -95,9 +95,9 @@ class Rotary:
             return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1)
         # x * cos + cat(-x2, x1) * sin, as cat(x2, x1) * cat(-sin1, sin2) (same products: negating a
         # factor is exact) in 4 ops instead of 7
-        return x * cos + x.roll(x.shape[-1] // 2, -1) * self._signed(sin)
+        return x * cos + x.roll(x.shape[-1] // 2, -1) * self.signed(sin)
 
-    def _signed(self, sin: torch.Tensor) -> torch.Tensor:
+    def signed(self, sin: torch.Tensor) -> torch.Tensor:
         """sin [..., dim] -> cat(-first half, second half), made once per step's table (every layer
         passes the same `sin`)."""
         if self._sin is None or self._sin[0] is not sin:

@@ -1,10 +1,10 @@
 """Build raymoe's C kernels on first use and load them with ctypes.
 
 Each `<name>.c` beside this file compiles to a shared library in the cache folder
-(`raymoe.model.builtin.cache_dir`), named by a hash of its source (with the headers), the flags, the
-compiler and this machine's CPU, so a changed kernel or another CPU builds anew and every process
-after the first loads it at once (processes racing to build each write their own file and rename
-it in place).
+(`raymoe.model.builtin.cache_dir`), named by a hash of its source (with the headers and the other
+sources, which it may include), the flags, the compiler and this machine's CPU, so a changed kernel
+or another CPU builds anew and every process after the first loads it at once (processes racing to
+build each write their own file and rename it in place).
 `-march=native`: the kernels are built where they run.
 
 No compiler, a failed build or `RAYMOE_NATIVE=0` in the environment: `library` returns None once
@@ -51,7 +51,7 @@ def library(name: str) -> ctypes.CDLL | None:
     if cc is None:
         logger.warning("no C compiler (cc or gcc) found: raymoe's %s kernel is off, torch's path runs", name)
         return None
-    source = b"".join(path.read_bytes() for path in [SOURCE_DIR / f"{name}.c", *sorted(SOURCE_DIR.glob("*.h"))])
+    source = b"".join(path.read_bytes() for path in [SOURCE_DIR / f"{name}.c", *_shared_sources(name)])
     try:
         return ctypes.CDLL(str(_built(name, source, cc)))
     except subprocess.CalledProcessError as e:
@@ -60,6 +60,12 @@ def library(name: str) -> ctypes.CDLL | None:
         why = str(e)
     logger.warning("raymoe's %s kernel did not build with %s (%s): torch's path runs", name, cc, why)
     return None
+
+
+def _shared_sources(name: str) -> list[Path]:
+    """What `<name>.c` may include: the headers, and the other kernels' sources (`layer.c` is built
+    as one unit with them)."""
+    return sorted(p for p in SOURCE_DIR.glob("*.[ch]") if p.name != f"{name}.c")
 
 
 def _built(name: str, source: bytes, compiler: str) -> Path:

@@ -28,6 +28,28 @@ typedef float vf __attribute__((vector_size(VB)));
 typedef uint16_t vh __attribute__((vector_size(VB / 2)));
 typedef uint32_t vu __attribute__((vector_size(VB)));
 
+/* c + a * b in one rounding, spelled out: left to -ffp-contract, a tile of one vector came out as a
+   multiply and an add, so a row's bits depended on its tile. */
+#if defined(__AVX512F__)
+#include <immintrin.h>
+static inline vf vfma(vf a, vf b, vf c) { return (vf)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)c); }
+static inline vf vset1(float a) { return (vf)_mm512_set1_ps(a); }
+#elif defined(__FMA__)
+#include <immintrin.h>
+static inline vf vfma(vf a, vf b, vf c) { return (vf)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)c); }
+static inline vf vset1(float a) { return (vf)_mm256_set1_ps(a); }
+#else
+static inline vf vfma(vf a, vf b, vf c) {
+  for (int i = 0; i < VL; i++) c[i] = __builtin_fmaf(a[i], b[i], c[i]);
+  return c;
+}
+static inline vf vset1(float a) {
+  vf v;
+  for (int i = 0; i < VL; i++) v[i] = a;
+  return v;
+}
+#endif
+
 static inline vf vload_float(const float* p) { vf v; memcpy(&v, p, sizeof v); return v; }
 static inline vf vload_bf16(const bf16* p) {
   vh h; memcpy(&h, p, sizeof h);
@@ -49,8 +71,8 @@ static inline void tile_##T##_##R##_##V(const float* A, int64_t lda, const T* B,
       __asm__("" : "+x"(b[v])); /* in a register: not reloaded by each row's FMA */                    \
     }                                                                                                  \
     _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) {                                              \
-      float a = A[r * lda + k];                                                                        \
-      _Pragma("GCC unroll 8") for (int v = 0; v < V; v++) acc[r][v] = a * b[v] + acc[r][v];            \
+      vf a = vset1(A[r * lda + k]);                                                                    \
+      _Pragma("GCC unroll 8") for (int v = 0; v < V; v++) acc[r][v] = vfma(a, b[v], acc[r][v]);        \
     }                                                                                                  \
   }                                                                                                    \
   _Pragma("GCC unroll 8") for (int r = 0; r < R; r++)                                                  \

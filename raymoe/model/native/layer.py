@@ -1,0 +1,119 @@
+"""A decoder layer's float32 pieces in C (`layer.c`), and a decode step's layer in two calls.
+
+At the built-in model's sizes a decode step's layer is ~30 small torch ops and their Python
+(~5-40 us each), more than its arithmetic. Here:
+- `linear`: rows @ a transposed float32 weight (`Linear` keeps the copy where in_features <= MAX_IN);
+- `route`: a softmax router's top k;
+- `attention_block` / `moe_block`: the attention half (norm through post-attention norm, KV write
+  included) and the MoE half (router, experts, residual) of a layer, for steps of decodes only.
+Each piece gives a token the same bits in a block as alone (the blocks call the same code), so
+which steps take the blocks never changes a result.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import torch
+
+from raymoe.model.native import experts as native_experts
+from raymoe.model.native.build import bind, library
+from raymoe.model.native.decode import Decodes
+
+MAX_IN = 256  # in_features up to which `gemm.h` (no blocking over K) runs a linear at MKL's rate or above
+_I, _P, _F = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float
+_SIGNATURES = {
+    "linear_f32": [_P, _I, _I, _P, _I, _P, _P],
+    "route_f32": [_P, _I, _I, _P, _I, _I, _I, _P, _P, _P],
+    "attention_block_f32": [_P, _I, _I, _P, _F, _P, _P, _I, _I, _I, _P, _F, _P, _P, _P, _P, _P, _P, _I, _P, _P,
+                            _I, _I, _F, _I, _P, _P, _P, _P, _P],  # fmt: skip
+    "moe_block_f32": [_P, _P, _I, _I, _P, _I, _I, _I, _P, _P, _I, _I, _P, _P, _P, _P, _P],
+}
+
+
+def _fn(name: str):
+    return bind("layer", name, _SIGNATURES[name])
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def transposed(weight: torch.Tensor) -> torch.Tensor | None:
+    """weight [N, K]: its [K, N] float32 copy for `linear`, where the kernels are built, the weight
+    is float32 on the CPU and K <= MAX_IN; else None (torch's linear runs)."""
+    if weight.dtype != torch.float32 or not weight.is_cpu or weight.dim() != 2 or weight.shape[1] > MAX_IN:
+        return None
+    return weight.t().contiguous() if library("layer") is not None else None
+
+
+def linear(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x [..., K] @ weight_t [K, N] (+ bias [N]) -> [..., N], float32."""
+    rows = x.reshape(-1, weight_t.shape[0]).contiguous()
+    out = rows.new_empty(rows.shape[0], weight_t.shape[1])
+    _fn("linear_f32")(rows.data_ptr(), rows.shape[0], weight_t.shape[0], weight_t.data_ptr(), weight_t.shape[1],
+                      _ptr(bias), out.data_ptr())  # fmt: skip
+    return out.view(*x.shape[:-1], weight_t.shape[1])
+
+
+def route(x: torch.Tensor, gate_t: torch.Tensor, top_k: int, normalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [T, H] float32, gate_t [H, E] -> ids [T, K] int64, weights [T, K] float32 (softmax_topk's)."""
+    x = x.contiguous()
+    ids, weights = torch.empty(x.shape[0], top_k, dtype=torch.long), x.new_empty(x.shape[0], top_k)
+    scratch = x.new_empty(gate_t.shape[1])
+    rc = _fn("route_f32")(x.data_ptr(), x.shape[0], x.shape[1], gate_t.data_ptr(), gate_t.shape[1], top_k,
+                          int(normalize), ids.data_ptr(), weights.data_ptr(), scratch.data_ptr())  # fmt: skip
+    assert rc == 0, f"route_f32 refused top_k={top_k} of {gate_t.shape[1]} experts"
+    return ids, weights
+
+
+def attention_block(attn, h: torch.Tensor, w_in: torch.Tensor, w_post: torch.Tensor, eps: float, cos_sin,
+                    cache, slots: torch.Tensor, decodes: Decodes) -> tuple[torch.Tensor, torch.Tensor] | None:  # fmt: skip
+    """The attention half of a decode step's layer for `attn` (a GQAAttention whose `fusable` holds):
+    h [T, H] -> (h + attention [T, H], its post-attention norm [T, H]); writes the step's keys and
+    values into cache's pools at slots [T]. cos_sin: the step's (cos, signed sin), each [T, 1, d].
+    None where the pools or shapes do not suit (nothing written)."""
+    k_cache, v_cache = cache
+    cos, ssin = cos_sin
+    if not all(t.is_contiguous() for t in (h, k_cache, v_cache, cos, ssin, slots)):
+        return None
+    if k_cache.dtype != torch.float32 or v_cache.shape[-1] != attn.head_dim:
+        return None
+    tokens, hidden, d = h.shape[0], h.shape[1], attn.head_dim
+    group, block_size = attn.heads // attn.kv_heads, k_cache.shape[1]
+    max_ctx = decodes.tables.shape[1] * block_size
+    q_width = (attn.heads + 2 * attn.kv_heads) * d
+    scratch = h.new_empty(tokens * (hidden + q_width + (2 * attn.heads + attn.kv_heads) * d) + (group + 3) * max_ctx + 1)
+    h_out, x_out = torch.empty_like(h), torch.empty_like(h)
+    qk_w = attn.qk_head_weight
+    rc = _fn("attention_block_f32")(
+        h.data_ptr(), tokens, hidden, w_in.data_ptr(), eps, attn.qkv.weight_t.data_ptr(), _ptr(attn.qkv.bias),
+        attn.heads, attn.kv_heads, d, _ptr(qk_w), attn.q_norm.eps if qk_w is not None else 0.0, cos.data_ptr(),
+        ssin.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), slots.data_ptr(), decodes.tables.data_ptr(),
+        decodes.tables.shape[1], decodes.ctx_lens.data_ptr(), decodes.rows.data_ptr(), decodes.rows.shape[0],
+        block_size, attn.scale, attn.sliding_window or 0, attn.o_proj.weight_t.data_ptr(), w_post.data_ptr(),
+        h_out.data_ptr(), x_out.data_ptr(), scratch.data_ptr(),
+    )  # fmt: skip
+    return (h_out, x_out) if rc == 0 else None
+
+
+def moe_block(x: torch.Tensor, h: torch.Tensor, gate_t: torch.Tensor, top_k: int, normalize: bool,
+              gate_up_t: torch.Tensor, down_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:  # fmt: skip
+    """h [T, H] + the routed experts of x [T, H] (router gate_t [H, E], experts gate_up_t [E, H, 2I],
+    down_t [E, I, H], every expert of the layer) -> (that sum [T, H], the chosen ids [T, K]); None
+    where the experts kernel does not take these sizes."""
+    tokens, hidden = x.shape
+    experts, inter = gate_up_t.shape[0], down_t.shape[1]
+    if not native_experts.takes(tokens, hidden, inter) or not (x.is_contiguous() and h.is_contiguous()):
+        return None
+    chunk = native_experts.CHUNK
+    h_out = torch.empty_like(h)
+    ids, weights = torch.empty(tokens, top_k, dtype=torch.long), x.new_empty(tokens, top_k)
+    scratch = x.new_empty(max(chunk * (2 * hidden + 3 * inter), experts))
+    order = torch.empty(experts + 1 + tokens * top_k, dtype=torch.long)
+    rc = _fn("moe_block_f32")(
+        x.data_ptr(), h.data_ptr(), tokens, hidden, gate_t.data_ptr(), experts, top_k, int(normalize),
+        gate_up_t.data_ptr(), down_t.data_ptr(), inter, chunk, h_out.data_ptr(), ids.data_ptr(), weights.data_ptr(),
+        scratch.data_ptr(), order.data_ptr(),
+    )  # fmt: skip
+    return (h_out, ids) if rc == 0 else None
