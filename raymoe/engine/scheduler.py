@@ -126,6 +126,8 @@ class Scheduler:
 
     def _reserve_blocks(self, seq: Sequence, scheduled: Scheduled) -> bool:
         """Make sure seq's table covers its tokens, preempting newer sequences if needed."""
+        if not self.block_manager.num_missing_blocks(seq):  # most decodes: their last block has room
+            return True
         while not self.block_manager.can_append(seq):
             victim = self._newest_unscheduled(seq, scheduled)
             if victim is None:

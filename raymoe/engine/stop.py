@@ -21,11 +21,13 @@ class StopStrings:
     def __init__(self, stop: tuple[str, ...]):
         self.stop = stop
         self.num_held = max(map(len, stop), default=1) - 1
-        self.text = ""  # all text so far (cut at the stop string once found)
+        self.text = ""  # all text so far (cut at the stop string once found); kept only with stop strings
         self.num_emitted = 0  # characters of text already handed out
 
     def push(self, delta: str) -> tuple[str, bool]:
         """Add new text; return (text now safe to show, whether a stop string was found)."""
+        if not self.stop:  # nothing to find or hold back: the text passes through
+            return delta, False
         start = len(self.text)
         self.text += delta
         cut = self._find(start)

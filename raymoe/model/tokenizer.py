@@ -149,7 +149,7 @@ class IncrementalDetokenizer:
         return delta
 
     def _decode(self, start: int, end: int) -> str:
-        return self.tokenizer.decode(self.token_ids[start:end], skip_special_tokens=self.skip_special_tokens)
+        return self.tokenizer.backend.decode(self.token_ids[start:end], skip_special_tokens=self.skip_special_tokens)
 
 
 def _load_backend(folder: Path) -> tokenizers.Tokenizer:

@@ -16,8 +16,11 @@
 #ifdef __AVX512F__
 #define VB 64       /* bytes of a vector register */
 #define MAXACC 24
-#else
+#elif defined(__AVX__)
 #define VB 32
+#define MAXACC 12
+#else               /* SSE: 16 registers of 16 bytes */
+#define VB 16
 #define MAXACC 12
 #endif
 #define VL (VB / 4) /* floats in a vector */

@@ -60,14 +60,26 @@ int route_f32(const float* x, int64_t T, int64_t H, const float* gate_t, int64_t
 /* qk [T, heads, d] in place: x * cos + roll(x, d / 2) * ssin, cos and ssin [T, d] (ssin: sin with its
    first half negated); the products rounded apart, as torch's separate ops round them. */
 static void rope_f32(float* qk, int64_t T, int64_t heads, int64_t d, const float* cos, const float* ssin) {
-  float tmp[MAXD];
+  int64_t half = d / 2;
   for (int64_t t = 0; t < T; t++)
     for (int64_t h = 0; h < heads; h++) {
       float* x = qk + (t * heads + h) * d;
       const float *c = cos + t * d, *s = ssin + t * d;
+      if (half % VL == 0) { /* whole vectors: both halves at once, the products kept apart */
+        for (int64_t j = 0; j < half; j += VL) {
+          vf lo = vload_float(x + j), hi = vload_float(x + half + j);
+          vf a0 = lo * vload_float(c + j), b0 = hi * vload_float(s + j);
+          vf a1 = hi * vload_float(c + half + j), b1 = lo * vload_float(s + half + j);
+          __asm__("" : "+x"(a0), "+x"(b0), "+x"(a1), "+x"(b1)); /* never fused into the adds */
+          vf r0 = a0 + b0, r1 = a1 + b1;
+          memcpy(x + j, &r0, VB), memcpy(x + half + j, &r1, VB);
+        }
+        continue;
+      }
+      float tmp[MAXD];
       for (int64_t j = 0; j < d; j++) {
-        float a = x[j] * c[j], b = x[(j + d / 2) % d] * s[j];
-        __asm__("" : "+x"(a), "+x"(b)); /* never fused into the add */
+        float a = x[j] * c[j], b = x[(j + half) % d] * s[j];
+        __asm__("" : "+x"(a), "+x"(b));
         tmp[j] = a + b;
       }
       memcpy(x, tmp, d * sizeof(float));
