@@ -7,7 +7,9 @@
    Register tiles of R rows x V vectors of columns keep their R*V accumulators in registers: MAXACC
    of them (12 on AVX2's 16 registers, 24 on AVX-512's 32), as many independent chains as the FMA
    units' latency needs; a single row takes 8 vectors at once so its chains do not wait on each
-   other. Columns run in panels whose weights (K x PANEL) stay in L2 while every row tile reads them. */
+   other. Columns run in panels whose weights (K x PANEL) stay in L2 while every row tile reads them;
+   the first tile over a panel prefetches its rows a few ahead (a decode step's experts come from L3
+   or memory: 0.6-0.9x the time there, `bench/kernel_costs.py` and docs/benchmarks.md). */
 #ifndef RAYMOE_NATIVE_GEMM_H
 #define RAYMOE_NATIVE_GEMM_H
 
@@ -26,6 +28,7 @@
 #define VL (VB / 4) /* floats in a vector */
 #define TILE 6      /* rows of a register tile */
 #define PANEL 128   /* columns of a panel (a multiple of 8 * VL) */
+#define PREFETCH 16 /* rows of B ahead that a tile asks the cache for (past B's end: harmless) */
 
 typedef float vf __attribute__((vector_size(VB)));
 typedef uint16_t vh __attribute__((vector_size(VB / 2)));
@@ -69,6 +72,8 @@ static inline void tile_##T##_##R##_##V(const float* A, int64_t lda, const T* B,
     _Pragma("GCC unroll 8") for (int v = 0; v < V; v++) acc[r][v] = (vf){0};                           \
   for (int64_t k = 0; k < K; k++) {                                                                    \
     vf b[V];                                                                                           \
+    _Pragma("GCC unroll 8") for (int v = 0; v < V; v += 64 / VB)                                       \
+      __builtin_prefetch(B + (k + PREFETCH) * N + n0 + v * VL);                                        \
     _Pragma("GCC unroll 8") for (int v = 0; v < V; v++) {                                              \
       b[v] = vload_##T(B + k * N + n0 + v * VL);                                                       \
       __asm__("" : "+x"(b[v])); /* in a register: not reloaded by each row's FMA */                    \
