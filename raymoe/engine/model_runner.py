@@ -86,11 +86,11 @@ class ModelRunner:
         if not rows:
             return out
         flat = ints([r for rs in rows.values() for r in rs])
-        logits = self.model.compute_logits(hidden[flat.to(hidden.device)])  # [R, V]
+        logits = self.model.compute_logits(_take(hidden, flat))  # [R, V]
         spans = dict(zip(rows, _spans([len(rs) for rs in rows.values()])))  # sequence -> its slice of logits
         plain = [b for b in rows if scheduled[b][0].draft is None]
         starts = ints([spans[b].start for b in plain])  # host index, moved once
-        self._sample(logits[starts.to(logits.device)], plain, scheduled, out)
+        self._sample(_take(logits, starts), plain, scheduled, out)
         drafted = [b for b in rows if b not in plain]
         argmax = argmax_rows(logits).tolist() if drafted else []  # [R] for greedy drafts, in one transfer
         moves = [self._verify(logits[spans[b]], argmax[spans[b]], b, scheduled, batch, out) for b in drafted]
@@ -175,6 +175,12 @@ class ModelRunner:
         if seq.params.seed is not None and seq.generator is None:
             seq.generator = make_generator(seq.params.seed)
         return seq.generator
+
+
+def _take(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """x [N, ...] at rows [R] (host, ascending and distinct): x itself where they are all of its rows
+    (a step of decodes only), else the gathered rows."""
+    return x if rows.shape[0] == x.shape[0] else x[rows.to(x.device)]
 
 
 def _spans(lengths: list[int]) -> list[slice]:
