@@ -24,19 +24,19 @@ MAX_PACKED_BYTES = 16 << 20  # the packed copy doubles the head's memory (and th
 
 
 class HeadLinear:
-    """y = x W^T, W: [V, H]. In C (a transposed copy) when float32 on CPU with a small hidden size;
+    """y = x W^T, W: [V, H]. In C (a packed copy) when float32 on CPU with a small hidden size;
     else packed for MKL when float32 on CPU, small, and bitwise exact."""
 
     def __init__(self, weight: torch.Tensor):
         self.weight = weight
-        self.weight_t = native_layer.transposed(weight)
-        self.packed, self.exact_rows = _pack(weight) if self.weight_t is None else (None, frozenset())
+        self.weight_panels = native_layer.pack(weight)
+        self.packed, self.exact_rows = _pack(weight) if self.weight_panels is None else (None, frozenset())
         self.weight_f32 = f32_copy(weight)  # small bfloat16 heads: a few rows run in float32
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x: [N, H] -> [N, V]."""
-        if self.weight_t is not None and x.dtype == torch.float32:
-            return native_layer.linear(x, self.weight_t, None)
+        if self.weight_panels is not None and x.dtype == torch.float32:
+            return native_layer.linear(x, self.weight_panels, None)
         n = x.shape[0]
         if n not in self.exact_rows:
             return linear(x, self.weight, weight_f32=self.weight_f32)

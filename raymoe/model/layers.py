@@ -29,13 +29,13 @@ class RMSNorm:
 
 class Linear:
     """y = x W^T (+ b). W: [out, in]; for small bfloat16 weights a float32 copy beside it (`f32_copy`);
-    for small float32 ones on the CPU its transpose [in, out], which raymoe's C linear runs on
-    (`raymoe.model.native.layer`: a row's bits then never depend on its step's other rows)."""
+    for small float32 ones on the CPU a copy packed for raymoe's C linear, which then runs every call
+    (`raymoe.model.native.layer`: a row's bits never depend on its step's other rows)."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
         self.weight, self.bias = weight, bias
         self.weight_f32 = f32_copy(weight)
-        self.weight_t = native_layer.transposed(weight)
+        self.weight_panels = native_layer.pack(weight)
 
     @classmethod
     def load(cls, ckpt: Checkpoint, prefix: str, dtype: torch.dtype) -> "Linear":
@@ -51,8 +51,8 @@ class Linear:
         return cls(torch.cat([p.weight for p in parts]), bias)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.weight_t is not None and x.dtype == torch.float32:
-            return native_layer.linear(x, self.weight_t, self.bias)
+        if self.weight_panels is not None and x.dtype == torch.float32:
+            return native_layer.linear(x, self.weight_panels, self.bias)
         return linear(x, self.weight, self.bias, self.weight_f32)
 
     @property

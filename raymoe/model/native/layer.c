@@ -2,9 +2,12 @@
 
    Built as one unit with the other kernels (their sources are included), so each piece here is the
    same code the separate calls run, and gives the same bits:
-   - linear_f32: rows @ a transposed weight (`gemm.h`: each output a fused multiply-add chain over
-     k ascending, whatever the other rows), plus a bias. raymoe's `Linear` uses it for every row
-     count where the weight is small, so a token's projection never depends on its step.
+   - linear_f32: rows @ a weight packed by panels (`gemm.h`: each output a fused multiply-add chain
+     over k ascending, whatever the other rows), plus a bias. raymoe's `Linear` uses it for every
+     row count where the weight is small, so a token's projection never depends on its step.
+     Packed: for each panel of PANEL output columns, its [K, width] block row-major, so a tile
+     walks down K at a stride of at most 512 bytes (a [K, 1024] transpose put every row of a tile's
+     column in the same L1 set: the LM head ran at half speed).
    - route_f32: a softmax router's choice (softmax over the experts in float32, the top k, their
      weights renormalised if asked).
    - attention_block_f32: RMSNorm, the fused q/k/v projection, the per-head q/k norm, rotary
@@ -19,23 +22,31 @@
 #include "experts.c"
 #include "norm.c"
 
-/* out [M, N] = x [M, K] @ w_t [K, N] (+ bias [N]). */
-int linear_f32(const float* x, int64_t M, int64_t K, const float* w_t, int64_t N, const float* bias, float* out) {
-  gemm_float(M, x, K, w_t, K, N, out, N);
+/* out [M, N] = x [M, K] @ w (packed by panels, see above). */
+static void gemm_panels(int64_t M, const float* x, int64_t K, const float* w, int64_t N, float* out) {
+  for (int64_t p0 = 0; p0 < N; p0 += PANEL) {
+    int64_t width = N - p0 < PANEL ? N - p0 : PANEL;
+    gemm_float(M, x, K, w + p0 * K, K, width, out + p0, N);
+  }
+}
+
+/* out [M, N] = x [M, K] @ w (packed by panels) (+ bias [N]). */
+int linear_f32(const float* x, int64_t M, int64_t K, const float* w, int64_t N, const float* bias, float* out) {
+  gemm_panels(M, x, K, w, N, out);
   if (bias)
     for (int64_t m = 0; m < M; m++)
       for (int64_t n = 0; n < N; n++) out[m * N + n] += bias[n];
   return 0;
 }
 
-/* x [T, H] @ gate_t [H, E] -> softmax -> ids [T, K], weights [T, K] (each token's K largest, largest
+/* x [T, H] @ gate [H, E] (packed by panels) -> softmax -> ids [T, K], weights [T, K] (each token's K largest, largest
    first, ties to the lower id; divided by their sum if normalize). scratch [E] floats. */
-int route_f32(const float* x, int64_t T, int64_t H, const float* gate_t, int64_t E, int64_t K, int64_t normalize,
+int route_f32(const float* x, int64_t T, int64_t H, const float* gate, int64_t E, int64_t K, int64_t normalize,
               int64_t* ids, float* weights, float* scratch) {
   if (K < 1 || K > E) return -1;
   for (int64_t t = 0; t < T; t++) {
     float* p = scratch;
-    gemm_float(1, x + t * H, H, gate_t, H, E, p, E);
+    gemm_panels(1, x + t * H, H, gate, E, p);
     float m = p[0], sum = 0.f;
     for (int64_t e = 1; e < E; e++) m = p[e] > m ? p[e] : m;
     for (int64_t e = 0; e < E; e++) sum += (p[e] = expf(p[e] - m));
@@ -87,24 +98,24 @@ static void rope_f32(float* qk, int64_t T, int64_t heads, int64_t d, const float
 }
 
 /* The attention half of a decode step's layer.
-   h [T, H] residual stream; w_in, w_post [H] the norms' weights; qkv_t [H, Q] with Q = (heads + 2
-   kv_heads) d and qkv_bias [Q] or NULL; qk_w [heads + kv_heads, d] per-head q/k norm weights or NULL;
+   h [T, H] residual stream; w_in, w_post [H] the norms' weights; qkv [H, Q] (packed) with Q = (heads
+   + 2 kv_heads) d and qkv_bias [Q] or NULL; qk_w [heads + kv_heads, d] per-head q/k norm weights or NULL;
    cos, ssin [T, d]; kp, vp [slots, kv_heads, d] the layer's pools, slots [T] where each token's key
-   and value go; tables / ctx_lens / rows / n as decode_attention_f32 takes them; o_t [heads d, H].
+   and value go; tables / ctx_lens / rows / n as decode_attention_f32 takes them; o [heads d, H] (packed).
    Writes h_out = h + attention [T, H] and x_out = post norm of h_out [T, H].
    scratch: T (H + Q + (heads + kv_heads) d + heads d) + (group + 3) max_ctx + 1 floats. */
-int attention_block_f32(const float* h, int64_t T, int64_t H, const float* w_in, float eps, const float* qkv_t,
+int attention_block_f32(const float* h, int64_t T, int64_t H, const float* w_in, float eps, const float* qkv_w,
                         const float* qkv_bias, int64_t heads, int64_t kv_heads, int64_t d, const float* qk_w,
                         float qk_eps, const float* cos, const float* ssin, float* kp, float* vp, const int64_t* slots,
                         const int64_t* tables, int64_t table_stride, const int64_t* ctx_lens, const int64_t* rows,
-                        int64_t n, int64_t bs, float scale, int64_t window, const float* o_t, const float* w_post,
+                        int64_t n, int64_t bs, float scale, int64_t window, const float* o_w, const float* w_post,
                         float* h_out, float* x_out, float* scratch) {
   int64_t group = heads / kv_heads, nqk = heads + kv_heads, Q = (nqk + kv_heads) * d;
   if (group < 1 || group > MAXG || d > MAXD || d % 2) return -1;
   float *xn = scratch, *qkv = xn + T * H, *qk = qkv + T * Q, *att = qk + T * nqk * d, *scores = att + T * heads * d;
   scores += (uintptr_t)scores % 8 ? 1 : 0; /* the kernel keeps int64 slots there */
   rms_norm_f32(h, T, 1, H, H, w_in, 0, eps, xn);
-  linear_f32(xn, T, H, qkv_t, Q, qkv_bias, qkv);
+  linear_f32(xn, T, H, qkv_w, Q, qkv_bias, qkv);
   if (qk_w) {
     rms_norm_f32(qkv, T, nqk, d, Q, qk_w, d, qk_eps, qk);
   } else {
@@ -117,19 +128,19 @@ int attention_block_f32(const float* h, int64_t T, int64_t H, const float* w_in,
   }
   decode_attention_f32(qk, nqk * d, kp, vp, tables, table_stride, ctx_lens, rows, n, group, kv_heads, d, d, bs,
                        scale, window, att, heads * d, scores);
-  linear_f32(att, T, heads * d, o_t, H, NULL, h_out);
+  linear_f32(att, T, heads * d, o_w, H, NULL, h_out);
   for (int64_t j = 0; j < T * H; j++) h_out[j] = h[j] + h_out[j];
   rms_norm_f32(h_out, T, 1, H, H, w_post, 0, eps, x_out);
   return 0;
 }
 
 /* The MoE half: h_out [T, H] = h + routed experts of x [T, H] (the post-attention norm), routed by
-   route_f32 over gate_t [H, E] (ids [T, K] and weights [T, K] written too) through experts gate_up
+   route_f32 over gate [H, E] (packed; ids [T, K] and weights [T, K] written too) through experts gate_up
    [E, H, 2I], down [E, I, H]. scratch: moe_f32's, at least E floats; order: moe_f32's. */
-int moe_block_f32(const float* x, const float* h, int64_t T, int64_t H, const float* gate_t, int64_t E, int64_t K,
+int moe_block_f32(const float* x, const float* h, int64_t T, int64_t H, const float* gate, int64_t E, int64_t K,
                   int64_t normalize, const float* gate_up, const float* down, int64_t I, int64_t chunk, float* h_out,
                   int64_t* ids, float* weights, float* scratch, int64_t* order) {
-  if (route_f32(x, T, H, gate_t, E, K, normalize, ids, weights, scratch)) return -1;
+  if (route_f32(x, T, H, gate, E, K, normalize, ids, weights, scratch)) return -1;
   if (moe_f32(x, T, H, ids, weights, K, E, gate_up, down, I, chunk, h_out, scratch, order)) return -1;
   for (int64_t j = 0; j < T * H; j++) h_out[j] = h[j] + h_out[j];
   return 0;

@@ -2,7 +2,8 @@
 
 At the built-in model's sizes a decode step's layer is ~30 small torch ops and their Python
 (~5-40 us each), more than its arithmetic. Here:
-- `linear`: rows @ a transposed float32 weight (`Linear` keeps the copy where in_features <= MAX_IN);
+- `linear`: rows @ a float32 weight packed by panels of output columns (`pack`; `Linear` and the LM
+  head keep the packed copy where in_features <= MAX_IN);
 - `route`: a softmax router's top k;
 - `attention_block` / `moe_block`: the attention half (norm through post-attention norm, KV write
   included) and the MoE half (router, experts, residual) of a layer, for steps of decodes only.
@@ -21,6 +22,7 @@ from raymoe.model.native.build import bind, library
 from raymoe.model.native.decode import Decodes
 
 MAX_IN = 256  # in_features up to which `gemm.h` (no blocking over K) runs a linear at MKL's rate or above
+PANEL = 128  # output columns of a panel: gemm.h's PANEL
 _I, _P, _F = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float
 _SIGNATURES = {
     "linear_f32": [_P, _I, _I, _P, _I, _P, _P],
@@ -39,31 +41,37 @@ def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
-def transposed(weight: torch.Tensor) -> torch.Tensor | None:
-    """weight [N, K]: its [K, N] float32 copy for `linear`, where the kernels are built, the weight
-    is float32 on the CPU and K <= MAX_IN; else None (torch's linear runs)."""
+def pack(weight: torch.Tensor) -> torch.Tensor | None:
+    """weight [N, K] -> its float32 copy packed by panels for `linear`: for each PANEL output columns,
+    their [K, width] block, row-major, one after the other ([N K] flat). None where the kernels are
+    not built, the weight is not float32 on the CPU or K > MAX_IN (torch's linear runs)."""
     if weight.dtype != torch.float32 or not weight.is_cpu or weight.dim() != 2 or weight.shape[1] > MAX_IN:
         return None
-    return weight.t().contiguous() if library("layer") is not None else None
+    if library("layer") is None:
+        return None
+    return torch.cat([part.t().reshape(-1) for part in weight.split(PANEL)])
 
 
-def linear(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """x [..., K] @ weight_t [K, N] (+ bias [N]) -> [..., N], float32."""
-    rows = x.reshape(-1, weight_t.shape[0]).contiguous()
-    out = rows.new_empty(rows.shape[0], weight_t.shape[1])
-    _fn("linear_f32")(rows.data_ptr(), rows.shape[0], weight_t.shape[0], weight_t.data_ptr(), weight_t.shape[1],
-                      _ptr(bias), out.data_ptr())  # fmt: skip
-    return out.view(*x.shape[:-1], weight_t.shape[1])
+def linear(x: torch.Tensor, panels: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x [..., K] @ the packed weight (`pack` of [N, K]) (+ bias [N]) -> [..., N], float32."""
+    k = x.shape[-1]
+    n = panels.shape[0] // k
+    rows = x.reshape(-1, k).contiguous()
+    out = rows.new_empty(rows.shape[0], n)
+    _fn("linear_f32")(rows.data_ptr(), rows.shape[0], k, panels.data_ptr(), n, _ptr(bias), out.data_ptr())
+    return out.view(*x.shape[:-1], n)
 
 
-def route(x: torch.Tensor, gate_t: torch.Tensor, top_k: int, normalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [T, H] float32, gate_t [H, E] -> ids [T, K] int64, weights [T, K] float32 (softmax_topk's)."""
+def route(x: torch.Tensor, gate: torch.Tensor, top_k: int, normalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [T, H] float32, gate: `pack` of the [E, H] router -> ids [T, K] int64, weights [T, K] float32
+    (softmax_topk's choice)."""
     x = x.contiguous()
+    experts = gate.shape[0] // x.shape[1]
     ids, weights = torch.empty(x.shape[0], top_k, dtype=torch.long), x.new_empty(x.shape[0], top_k)
-    scratch = x.new_empty(gate_t.shape[1])
-    rc = _fn("route_f32")(x.data_ptr(), x.shape[0], x.shape[1], gate_t.data_ptr(), gate_t.shape[1], top_k,
-                          int(normalize), ids.data_ptr(), weights.data_ptr(), scratch.data_ptr())  # fmt: skip
-    assert rc == 0, f"route_f32 refused top_k={top_k} of {gate_t.shape[1]} experts"
+    scratch = x.new_empty(experts)
+    rc = _fn("route_f32")(x.data_ptr(), x.shape[0], x.shape[1], gate.data_ptr(), experts, top_k, int(normalize),
+                          ids.data_ptr(), weights.data_ptr(), scratch.data_ptr())  # fmt: skip
+    assert rc == 0, f"route_f32 refused top_k={top_k} of {experts} experts"
     return ids, weights
 
 
@@ -87,19 +95,19 @@ def attention_block(attn, h: torch.Tensor, w_in: torch.Tensor, w_post: torch.Ten
     h_out, x_out = torch.empty_like(h), torch.empty_like(h)
     qk_w = attn.qk_head_weight
     rc = _fn("attention_block_f32")(
-        h.data_ptr(), tokens, hidden, w_in.data_ptr(), eps, attn.qkv.weight_t.data_ptr(), _ptr(attn.qkv.bias),
+        h.data_ptr(), tokens, hidden, w_in.data_ptr(), eps, attn.qkv.weight_panels.data_ptr(), _ptr(attn.qkv.bias),
         attn.heads, attn.kv_heads, d, _ptr(qk_w), attn.q_norm.eps if qk_w is not None else 0.0, cos.data_ptr(),
         ssin.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), slots.data_ptr(), decodes.tables.data_ptr(),
         decodes.tables.shape[1], decodes.ctx_lens.data_ptr(), decodes.rows.data_ptr(), decodes.rows.shape[0],
-        block_size, attn.scale, attn.sliding_window or 0, attn.o_proj.weight_t.data_ptr(), w_post.data_ptr(),
+        block_size, attn.scale, attn.sliding_window or 0, attn.o_proj.weight_panels.data_ptr(), w_post.data_ptr(),
         h_out.data_ptr(), x_out.data_ptr(), scratch.data_ptr(),
     )  # fmt: skip
     return (h_out, x_out) if rc == 0 else None
 
 
-def moe_block(x: torch.Tensor, h: torch.Tensor, gate_t: torch.Tensor, top_k: int, normalize: bool,
+def moe_block(x: torch.Tensor, h: torch.Tensor, gate: torch.Tensor, top_k: int, normalize: bool,
               gate_up_t: torch.Tensor, down_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:  # fmt: skip
-    """h [T, H] + the routed experts of x [T, H] (router gate_t [H, E], experts gate_up_t [E, H, 2I],
+    """h [T, H] + the routed experts of x [T, H] (router: `pack` of [E, H], experts gate_up_t [E, H, 2I],
     down_t [E, I, H], every expert of the layer) -> (that sum [T, H], the chosen ids [T, K]); None
     where the experts kernel does not take these sizes."""
     tokens, hidden = x.shape
@@ -112,7 +120,7 @@ def moe_block(x: torch.Tensor, h: torch.Tensor, gate_t: torch.Tensor, top_k: int
     scratch = x.new_empty(max(chunk * (2 * hidden + 3 * inter), experts))
     order = torch.empty(experts + 1 + tokens * top_k, dtype=torch.long)
     rc = _fn("moe_block_f32")(
-        x.data_ptr(), h.data_ptr(), tokens, hidden, gate_t.data_ptr(), experts, top_k, int(normalize),
+        x.data_ptr(), h.data_ptr(), tokens, hidden, gate.data_ptr(), experts, top_k, int(normalize),
         gate_up_t.data_ptr(), down_t.data_ptr(), inter, chunk, h_out.data_ptr(), ids.data_ptr(), weights.data_ptr(),
         scratch.data_ptr(), order.data_ptr(),
     )  # fmt: skip
