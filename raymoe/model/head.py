@@ -1,6 +1,6 @@
 """The LM head (`[N, H] -> [N, V]` logits): raymoe's C linear for small float32 heads (hidden size
-at most `native.layer.MAX_IN`: 25 / 61 / 153 us at 1 / 8 / 32 rows of the built-in model against
-MKL's 27 / 154 / 145, each row's bits its own); else the weight pre-packed for MKL where that is exact.
+at most `native.layer.MAX_IN`; each row's bits its own, and faster than MKL's packed sgemm at the
+built-in model's decode batches); else the weight pre-packed for MKL where that is exact.
 
 On this kind of CPU MKL's plain sgemm slows down sharply once the weight leaves L2 (the 4 MiB head
 of the built-in model: 9 ms at N = 32 against 2 ms from a packed copy). `torch.ops.mkl._mkl_linear`

@@ -8,8 +8,7 @@
    of them (12 on AVX2's 16 registers, 24 on AVX-512's 32), as many independent chains as the FMA
    units' latency needs; a single row takes 8 vectors at once so its chains do not wait on each
    other. Columns run in panels whose weights (K x PANEL) stay in L2 while every row tile reads them;
-   each tile prefetches B a few rows ahead (a decode step's experts come from L3
-   or memory: 0.6-0.9x the time there, `bench/kernel_costs.py` and docs/benchmarks.md). */
+   each tile prefetches B a few rows ahead (a decode step's experts come from L3 or memory). */
 #ifndef RAYMOE_NATIVE_GEMM_H
 #define RAYMOE_NATIVE_GEMM_H
 

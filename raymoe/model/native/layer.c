@@ -7,7 +7,7 @@
      row count where the weight is small, so a token's projection never depends on its step.
      Packed: for each panel of PANEL output columns, its [K, width] block row-major, so a tile
      walks down K at a stride of at most 512 bytes (a [K, 1024] transpose put every row of a tile's
-     column in the same L1 set: the LM head ran at half speed).
+     column in the same L1 set).
    - route_f32: a softmax router's choice (softmax over the experts in float32, the top k, their
      weights renormalised if asked).
    - attention_block_f32: RMSNorm, the fused q/k/v projection, the per-head q/k norm, rotary
