@@ -307,6 +307,6 @@ def block_chain(token_ids: list[int], block_size: int, salt: CacheSalt | None = 
 
 def make_detokenizer(tokenizer, prompt_ids: list[int]):
     """A fresh per-request detokenizer (`push(token_id) -> new text`); the prompt gives left context."""
-    from raymoe.model.tokenizer import IncrementalDetokenizer
+    from raymoe.model.detokenizer import IncrementalDetokenizer
 
     return IncrementalDetokenizer(tokenizer, prompt_ids)

@@ -13,6 +13,7 @@ that step, built once per step and shared by every layer.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -98,19 +99,27 @@ class AttentionBatch:
         assert len(query_lens) == len(context_lens) == len(block_tables)
         max_q, max_ctx = max(query_lens), max(context_lens)
         max_blocks = (max_ctx + block_size - 1) // block_size
-        tables = np.array([t[:max_blocks] + [0] * (max_blocks - len(t[:max_blocks])) for t in block_tables], np.int64)
+        tables = _padded(block_tables, max_blocks)
         q_lens = np.array(query_lens, np.int64)  # [B]; the layout is computed in numpy (a few us an op, not torch's ~5)
-        firsts = np.cumsum(q_lens) - q_lens  # [B] flat index of each sequence's first new token
-        rows = np.repeat(np.arange(len(query_lens)), q_lens)  # [T] sequence of each token
-        within = np.arange(rows.shape[0]) - firsts[rows]  # [T] index of a token within its sequence
+        decodes_only = max_q == 1 == min(query_lens)
+        if decodes_only:  # token b is sequence b's
+            firsts = rows = np.arange(len(query_lens))
+            within = np.zeros_like(rows)
+        else:
+            firsts = np.cumsum(q_lens) - q_lens  # [B] flat index of each sequence's first new token
+            rows = np.repeat(np.arange(len(query_lens)), q_lens)  # [T] sequence of each token
+            within = np.arange(rows.shape[0]) - firsts[rows]  # [T] index of a token within its sequence
         explicit = positions is not None
         if positions is None:  # [T] its position: the last query_lens[b] of its context
             cols = (np.array(context_lens, np.int64) - q_lens)[rows] + within
         else:
             assert [len(p) for p in positions] == list(query_lens), "one position per new token"
             cols = np.array([p for ps in positions for p in ps], np.int64)
-        j = np.arange(max_q)
-        query_index = np.where(j[None, :] < q_lens[:, None], firsts[:, None] + j, rows.shape[0])  # [B, max_q]
+        if decodes_only:
+            query_index = firsts[:, None]  # [B, 1]
+        else:
+            j = np.arange(max_q)
+            query_index = np.where(j[None, :] < q_lens[:, None], firsts[:, None] + j, rows.shape[0])  # [B, max_q]
         slot_mapping = tables[rows, cols // block_size] * block_size + cols % block_size
         tree_mask, slots = None, torch.from_numpy(cols)
         positions = slots
@@ -273,3 +282,11 @@ def attend(
     out = F.scaled_dot_product_attention(qp, k_ctx.transpose(1, 2), v_ctx.transpose(1, 2), attn_mask=mask, scale=scale)
     out = out.view(num_seqs, kv_heads, group, max_q, -1).permute(0, 3, 1, 2, 4)  # [B, max_q, kv_heads, group, v]
     return unpad_queries(out.reshape(num_seqs, max_q, heads, -1), batch)  # [T, heads, v_dim]
+
+
+def _padded(block_tables: list[list[int]], width: int) -> np.ndarray:
+    """Each table's first `width` blocks, padded with block 0 -> [B, width] int64 (in one pass where
+    every table has exactly `width`, as in most decode steps)."""
+    if all(len(t) == width for t in block_tables):
+        return np.fromiter(itertools.chain.from_iterable(block_tables), np.int64, len(block_tables) * width).reshape(-1, width)
+    return np.array([t[:width] + [0] * (width - len(t[:width])) for t in block_tables], np.int64).reshape(-1, width)

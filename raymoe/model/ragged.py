@@ -121,8 +121,12 @@ def build_plan(query_lens: list[int], context_lens: list[int], tables: torch.Ten
         prefills.append(PrefillPart(starts[b], starts[b] + q, ctx, blocks, {}))
     plan = RaggedPlan(prefills, bs, (decodes, context_lens, starts, tables))
     if decodes and dev.type == "cpu" and native.available():
-        rows, ctx = ints([starts[b] for b in decodes]).to(dev), ints([context_lens[b] for b in decodes]).to(dev)
-        plan.native = native.Decodes(rows, ctx, tables.index_select(0, ints(decodes).to(dev)).contiguous(), {})
+        if len(decodes) == len(query_lens):  # decodes only: their rows, contexts and tables as they are
+            rows, ctx, own = torch.arange(len(decodes), device=dev), ints(context_lens).to(dev), tables.contiguous()
+        else:
+            rows, ctx = ints([starts[b] for b in decodes]).to(dev), ints([context_lens[b] for b in decodes]).to(dev)
+            own = tables.index_select(0, ints(decodes).to(dev)).contiguous()
+        plan.native = native.Decodes(rows, ctx, own, {})
     return plan
 
 

@@ -26,7 +26,6 @@ TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 CHAT_TEMPLATE_FILE = "chat_template.jinja"  # transformers >= 4.50 saves the template here
 # Named special tokens transformers passes to every chat template as variables.
 TEMPLATE_SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
-REPLACEMENT_CHAR = "\ufffd"  # what decoding shows for bytes that are not (yet) a whole UTF-8 character
 
 
 class ChatTemplateError(RaymoeError, ValueError):
@@ -110,46 +109,6 @@ class Tokenizer:
 
     def _id_of(self, token: str | None) -> int | None:
         return None if token is None else self.backend.token_to_id(token)
-
-
-class IncrementalDetokenizer:
-    """Turns a stream of token ids into a stream of text, one whole character at a time.
-
-    vLLM's scheme: decode the window `ids[prefix_offset:]` and emit what it adds beyond
-    `ids[prefix_offset:read_offset]`. The window gives the decoder left context, so spaces come
-    out as in a full decode; a window ending in U+FFFD means a UTF-8 character is still
-    incomplete, and its bytes are held back until a later token completes it.
-    """
-
-    def __init__(self, tokenizer: Tokenizer, prompt_ids: Sequence[int] = (), skip_special_tokens: bool = True):
-        self.tokenizer = tokenizer
-        self.skip_special_tokens = skip_special_tokens
-        self.token_ids: list[int] = list(prompt_ids)
-        self.text = ""  # everything emitted so far (never the prompt)
-        self._read_offset = len(self.token_ids)  # ids before this are already in `text` (or the prompt)
-        self._prefix_offset = max(self._read_offset - 5, 0)  # a few prompt tokens give the first token context
-
-    def push(self, token_id: int) -> str:
-        """Add one token; return the text it completes ('' while a character is incomplete)."""
-        self.token_ids.append(token_id)
-        return self._advance(allow_partial=False)
-
-    def flush(self) -> str:
-        """Emit what push held back, at the end of a sequence; bytes that never made a character show as U+FFFD."""
-        return self._advance(allow_partial=True)
-
-    def _advance(self, allow_partial: bool) -> str:
-        prefix_text = self._decode(self._prefix_offset, self._read_offset)
-        new_text = self._decode(self._prefix_offset, len(self.token_ids))
-        if len(new_text) <= len(prefix_text) or (new_text.endswith(REPLACEMENT_CHAR) and not allow_partial):
-            return ""
-        delta = new_text[len(prefix_text) :]
-        self.text += delta
-        self._prefix_offset, self._read_offset = self._read_offset, len(self.token_ids)
-        return delta
-
-    def _decode(self, start: int, end: int) -> str:
-        return self.tokenizer.backend.decode(self.token_ids[start:end], skip_special_tokens=self.skip_special_tokens)
 
 
 def _load_backend(folder: Path) -> tokenizers.Tokenizer:

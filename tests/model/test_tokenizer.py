@@ -1,6 +1,7 @@
 """Tokenizer: ids, chat prompts and streamed text match transformers on the built-in model's folder."""
 
 import json
+import random
 import shutil
 
 import pytest
@@ -8,7 +9,8 @@ from transformers import AutoTokenizer
 
 from raymoe.errors import CheckpointError
 from raymoe.model.builtin import builtin_model_path
-from raymoe.model.tokenizer import ChatTemplateError, IncrementalDetokenizer, Tokenizer
+from raymoe.model.detokenizer import IncrementalDetokenizer
+from raymoe.model.tokenizer import ChatTemplateError, Tokenizer
 
 TEXTS = [
     "Hello world! The lighthouse keeper wrote 3 lines.",
@@ -160,6 +162,34 @@ def test_incomplete_character_is_held_back_until_flush(tok):
     detok = IncrementalDetokenizer(tok)
     assert detok.push(ids[0]) == ""
     assert detok.flush() == "\ufffd"
+
+
+def _python_only(tok, prompt_ids):
+    detok = IncrementalDetokenizer(tok, prompt_ids=prompt_ids)
+    detok._stream = None  # the scheme in Python throughout
+    return detok
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_rust_stream_and_python_scheme_emit_the_same_deltas(tok, seed):
+    """Random ids (many bytes that are no whole character, so pushes are held back), after random
+    prompts: DecodeStream's deltas are the Python scheme's, push by push, and so is the flush."""
+    rng = random.Random(seed)
+    prompt = [rng.randrange(tok.vocab_size) for _ in range(rng.randrange(0, 12))]
+    fast, slow = IncrementalDetokenizer(tok, prompt_ids=prompt), _python_only(tok, prompt)
+    assert fast._stream is not None or not tok.decode(prompt[-5:]) or tok.decode(prompt[-5:]).endswith("\ufffd")
+    for _ in range(80):
+        token_id = rng.randrange(tok.vocab_size)
+        assert fast.push(token_id) == slow.push(token_id)
+    assert fast.flush() == slow.flush()
+    assert fast.text == slow.text
+
+
+def test_stream_not_started_on_an_incomplete_prompt_tail(tok):
+    ids = tok.encode("🙂")
+    detok = IncrementalDetokenizer(tok, prompt_ids=ids[:1])  # the prompt ends inside the emoji
+    assert detok._stream is None
+    assert detok.push(ids[1]) == _python_only(tok, ids[:1]).push(ids[1])
 
 
 def test_missing_tokenizer_json(builtin_dir, tmp_path):

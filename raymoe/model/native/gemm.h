@@ -27,7 +27,7 @@
 #define VL (VB / 4) /* floats in a vector */
 #define TILE 6      /* rows of a register tile */
 #define PANEL 128   /* columns of a panel (a multiple of 8 * VL) */
-#define PREFETCH 16 /* rows of B ahead that a tile asks the cache for (past B's end: harmless) */
+#define PREFETCH 40 /* rows of B ahead that a tile asks the cache for (past B's end: harmless) */
 
 typedef float vf __attribute__((vector_size(VB)));
 typedef uint16_t vh __attribute__((vector_size(VB / 2)));
