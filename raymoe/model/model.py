@@ -19,6 +19,7 @@ from raymoe.logs import progress
 from raymoe.model.attention import GQAAttention
 from raymoe.model.checkpoint import Checkpoint
 from raymoe.model.experts import ExpertBackend, ExpertStore, LocalExperts
+from raymoe.model.fused import FusedDecode
 from raymoe.model.native import layer as native_layer
 from raymoe.model.head import HeadLinear
 from raymoe.model.layers import Linear, RMSNorm, SwiGLU
@@ -154,6 +155,7 @@ class MoEModel:
         self.tally = None  # a RoutingTally recording each request's routing, when set (record_routing)
         if load_experts:
             self.experts = LocalExperts(ExpertStore.load(ckpt, spec, dtype), spec.num_experts)
+        self.fused = FusedDecode.of(self)  # every layer of a decode step in one C call, where they all take it
 
     def record_routing(self) -> RoutingTally:
         """Start recording each request's routing (per request `[moe layers, experts]` counts)."""
@@ -179,6 +181,9 @@ class MoEModel:
         assert experts is not None, "no expert backend: load_experts=False needs one passed in"
         h = self.embed[input_ids]
         cos_sin = self.rope(batch)
+        done = self.fused.run(h, batch, kv_cache, cos_sin, experts) if self.fused is not None else None
+        if done is not None:  # the per-layer blocks below, layer after layer in one call: the same bits
+            return self.norm(done)
         for layer, cache in zip(self.layers, kv_cache):
             h = layer(h, batch, cache, cos_sin, experts)
         return self.norm(h)

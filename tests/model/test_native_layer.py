@@ -2,9 +2,10 @@
 
 `Linear` on small float32 weights: equal to torch's linear within float32 rounding, each row's bits
 its own (alone or among others). The softmax router: torch's choice, its weights within rounding.
-A decode step's layer in two calls (attention half, MoE half): bit for bit what the same pieces
-give one op at a time, on every family the blocks take, with routing recorded alike; the blocks run
-on decode steps and decline what they do not take (a shared expert, MLA, bfloat16)."""
+A decode step's layer in two calls (attention half, MoE half), and every layer of a decode step in
+one call: bit for bit what the same pieces give one op at a time, on every family the blocks take,
+with routing recorded alike; the blocks run on decode steps and decline what they do not take (a
+shared expert, MLA, bfloat16)."""
 
 import pytest
 import torch
@@ -56,14 +57,16 @@ def test_router_equals_softmax_topk(top_k, normalize):
     torch.testing.assert_close(weights, want_weights, atol=1e-6, rtol=1e-5)
 
 
-def _greedy(path, fused: bool, monkeypatch) -> tuple[list, list, dict]:
-    """Tokens and logprobs of every prompt, and how often each block ran, with the blocks on or off."""
-    calls = {"attention": 0, "moe": 0}
-    for name, key in (("attention_block", "attention"), ("moe_block", "moe")):
+def _greedy(path, mode: str, monkeypatch) -> tuple[list, list, dict]:
+    """Tokens and logprobs of every prompt, and how often each C call ran, with mode "ops" (no block),
+    "blocks" (a layer in two calls) or "step" (every layer of a decode step in one call)."""
+    calls = {"attention": 0, "moe": 0, "step": 0}
+    on = {"attention": mode != "ops", "moe": mode != "ops", "step": mode == "step"}
+    for name, key in (("attention_block", "attention"), ("moe_block", "moe"), ("decode_layers", "step")):
         real = getattr(native_layer, name)
 
         def counted(*a, _real=real, _key=key):
-            done = _real(*a) if fused else None
+            done = _real(*a) if on[_key] else None
             calls[_key] += done is not None
             return done
 
@@ -83,17 +86,21 @@ def _greedy(path, fused: bool, monkeypatch) -> tuple[list, list, dict]:
 
 
 @pytest.mark.parametrize("family,moe_fuses", [("qwen3_moe", True), ("mixtral", True), ("qwen2_moe", False)])
-def test_decode_step_in_two_calls_has_the_bits_of_the_ops(family, moe_fuses, checkpoint_dir, monkeypatch):
+def test_decode_step_in_c_calls_has_the_bits_of_the_ops(family, moe_fuses, checkpoint_dir, monkeypatch):
     """qwen3_moe: per-head q/k norm, 3 of 8 experts; mixtral: no q/k norm; qwen2_moe: q/k/v bias, a
-    dense layer, a shared expert (its MoE half stays on the ops)."""
+    dense layer, a shared expert (its MoE half stays on the ops, and no step runs in one call)."""
     need_kernel()
     path = checkpoint_dir(family)
-    tokens, logprobs, calls = _greedy(path, True, monkeypatch)
-    want_tokens, want_logprobs, want_calls = _greedy(path, False, monkeypatch)
-    assert tokens == want_tokens and logprobs == want_logprobs  # every float equal
-    assert calls["routing"] == want_calls["routing"] and calls["routing"]  # recorded alike
-    assert calls["attention"] > 0 and (calls["moe"] > 0) == moe_fuses
-    assert tokens == engine_greedy(path, PROMPTS, GREEDY, CONFIG)  # the shared helper agrees
+    want_tokens, want_logprobs, want_calls = _greedy(path, "ops", monkeypatch)
+    for mode in ("blocks", "step"):
+        tokens, logprobs, calls = _greedy(path, mode, monkeypatch)
+        assert tokens == want_tokens and logprobs == want_logprobs, mode  # every float equal
+        assert calls["routing"] == want_calls["routing"] and calls["routing"], mode  # recorded alike
+        if mode == "blocks" or not moe_fuses:
+            assert calls["attention"] > 0 and (calls["moe"] > 0) == moe_fuses and calls["step"] == 0, mode
+        else:  # every decode step in one call: the attention block (decode steps only) runs for none
+            assert calls["step"] > 0 and calls["attention"] == 0, mode
+    assert want_tokens == engine_greedy(path, PROMPTS, GREEDY, CONFIG)  # the shared helper agrees
 
 
 def test_blocks_decline_mla_and_bfloat16(checkpoint_dir):

@@ -6,7 +6,9 @@ At the built-in model's sizes a decode step's layer is ~30 small torch ops and t
   head keep the packed copy where in_features <= MAX_IN);
 - `route`: a softmax router's top k;
 - `attention_block` / `moe_block`: the attention half (norm through post-attention norm, KV write
-  included) and the MoE half (router, experts, residual) of a layer, for steps of decodes only.
+  included) and the MoE half (router, experts, residual) of a layer, for steps of decodes only;
+- `decode_layers`: both halves of every layer of a decode step in one call (`DecodeLayer` holds a
+  layer's weights and pools, built once).
 Each piece gives a token the same bits in a block as alone (the blocks call the same code), so
 which steps take the blocks never changes a result.
 """
@@ -30,6 +32,7 @@ _SIGNATURES = {
     "attention_block_f32": [_P, _I, _I, _P, _F, _P, _P, _I, _I, _I, _P, _F, _P, _P, _P, _P, _P, _P, _I, _P, _P,
                             _I, _I, _F, _I, _P, _P, _P, _P, _P],  # fmt: skip
     "moe_block_f32": [_P, _P, _I, _I, _P, _I, _I, _I, _P, _P, _I, _I, _P, _P, _P, _P, _P],
+    "decode_layers_f32": [_P, _I, _P, _I, _I, _P, _P, _P, _P, _I, _P, _P, _I, _I, _I, _P, _P, _P, _P, _P, _P, _I],
 }
 
 
@@ -88,10 +91,9 @@ def attention_block(attn, h: torch.Tensor, w_in: torch.Tensor, w_post: torch.Ten
     if k_cache.dtype != torch.float32 or v_cache.shape[-1] != attn.head_dim:
         return None
     tokens, hidden, d = h.shape[0], h.shape[1], attn.head_dim
-    group, block_size = attn.heads // attn.kv_heads, k_cache.shape[1]
+    block_size = k_cache.shape[1]
     max_ctx = decodes.tables.shape[1] * block_size
-    q_width = (attn.heads + 2 * attn.kv_heads) * d
-    scratch = h.new_empty(tokens * (hidden + q_width + (2 * attn.heads + attn.kv_heads) * d) + (group + 3) * max_ctx + 1)
+    scratch = h.new_empty(attention_scratch(attn, tokens, hidden, max_ctx))
     h_out, x_out = torch.empty_like(h), torch.empty_like(h)
     qk_w = attn.qk_head_weight
     rc = _fn("attention_block_f32")(
@@ -114,14 +116,59 @@ def moe_block(x: torch.Tensor, h: torch.Tensor, gate: torch.Tensor, top_k: int, 
     experts, inter = gate_up_t.shape[0], down_t.shape[1]
     if not native_experts.takes(tokens, hidden, inter) or not (x.is_contiguous() and h.is_contiguous()):
         return None
-    chunk = native_experts.CHUNK
     h_out = torch.empty_like(h)
     ids, weights = torch.empty(tokens, top_k, dtype=torch.long), x.new_empty(tokens, top_k)
-    scratch = x.new_empty(max(chunk * (2 * hidden + 3 * inter), experts))
+    scratch = x.new_empty(moe_scratch(hidden, inter, experts))
     order = torch.empty(experts + 1 + tokens * top_k, dtype=torch.long)
     rc = _fn("moe_block_f32")(
         x.data_ptr(), h.data_ptr(), tokens, hidden, gate.data_ptr(), experts, top_k, int(normalize),
-        gate_up_t.data_ptr(), down_t.data_ptr(), inter, chunk, h_out.data_ptr(), ids.data_ptr(), weights.data_ptr(),
+        gate_up_t.data_ptr(), down_t.data_ptr(), inter, native_experts.CHUNK, h_out.data_ptr(), ids.data_ptr(), weights.data_ptr(),
         scratch.data_ptr(), order.data_ptr(),
     )  # fmt: skip
     return (h_out, ids) if rc == 0 else None
+
+
+class DecodeLayer(ctypes.Structure):
+    """layer.c's decode_layer: one layer's weights (as `attention_block` and `moe_block` take them),
+    its paged pools and sizes, for `decode_layers`. Holds raw pointers: whoever builds it keeps the
+    tensors alive."""
+
+    _fields_ = [(name, _P) for name in ("w_in", "qkv_w", "qkv_bias", "qk_w", "o_w", "w_post", "gate", "gate_up", "down",
+                                        "kp", "vp")] + [  # fmt: skip
+        (name, _I) for name in ("heads", "kv_heads", "d", "window", "experts", "top_k", "normalize", "inter")
+    ] + [(name, _F) for name in ("eps", "qk_eps", "scale")]
+
+
+def attention_scratch(attn, tokens: int, hidden: int, max_ctx: int) -> int:
+    """Floats of attention_block's scratch for `attn` (a GQAAttention) at `tokens` rows."""
+    d, group = attn.head_dim, attn.heads // attn.kv_heads
+    return tokens * (hidden + (attn.heads + 2 * attn.kv_heads) * d + (2 * attn.heads + attn.kv_heads) * d) + (group + 3) * max_ctx + 1
+
+
+def moe_scratch(hidden: int, inter: int, experts: int) -> int:
+    """Floats of moe_block's scratch."""
+    return max(native_experts.CHUNK * (2 * hidden + 3 * inter), experts)
+
+
+def decode_layers(layers, h: torch.Tensor, cos_sin, slots: torch.Tensor, decodes: Decodes, block_size: int,
+                  experts: int, top_k: int, scratch: torch.Tensor) -> torch.Tensor | None:  # fmt: skip
+    """Every layer of a decode step: h [T, H] (contiguous, overwritten) through each `DecodeLayer` of
+    `layers` (a ctypes array): the attention block, then the MoE block, as the two calls give them.
+    cos_sin: the step's (cos, signed sin), each [T, 1, d]; slots [T] where each token's K/V goes;
+    experts, top_k: the layers' (the same in each); scratch: float32, at least the larger block's
+    scratch of any layer (`attention_scratch`, `moe_scratch`). -> the chosen experts [layers,
+    T, top_k] (h holds the last layer's output), or None where a layer's shapes are not taken
+    (nothing written)."""
+    tokens, hidden = h.shape
+    cos, ssin = cos_sin
+    chunk = native_experts.CHUNK
+    a, x = torch.empty_like(h), torch.empty_like(h)
+    ids, weights = torch.empty(len(layers), tokens, top_k, dtype=torch.long), h.new_empty(len(layers), tokens, top_k)
+    order = torch.empty(experts + 1 + tokens * top_k, dtype=torch.long)
+    rc = _fn("decode_layers_f32")(
+        ctypes.addressof(layers), len(layers), h.data_ptr(), tokens, hidden, cos.data_ptr(), ssin.data_ptr(),
+        slots.data_ptr(), decodes.tables.data_ptr(), decodes.tables.shape[1], decodes.ctx_lens.data_ptr(),
+        decodes.rows.data_ptr(), decodes.rows.shape[0], block_size, chunk, a.data_ptr(), x.data_ptr(),
+        scratch.data_ptr(), order.data_ptr(), ids.data_ptr(), weights.data_ptr(), top_k,
+    )  # fmt: skip
+    return ids if rc == 0 else None

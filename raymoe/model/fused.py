@@ -1,0 +1,118 @@
+"""Every layer of a decode step in one C call, where every layer would take both of its blocks.
+
+A decode step's layer already runs in two C calls (`GQAAttention.decode_block`, `MoEBlock.residual`);
+at the built-in model's sizes their Python (checks, allocations, ~25 ctypes arguments a call) is
+~9 % of the step. `FusedDecode` builds each layer's weights and pools into a `DecodeLayer` table
+once, and a step passes only what changes (`native.layer.decode_layers`). The C function calls the
+same two blocks layer after layer, so a token's bits are those of the per-layer calls; any step it
+does not take runs them (or the torch ops) as before.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import torch
+
+from raymoe.model import ragged
+from raymoe.model.experts import LocalExperts
+from raymoe.model.native import experts as native_experts
+from raymoe.model.native import layer as native_layer
+from raymoe.model.native.build import library
+
+
+class FusedDecode:
+    """The layers of a model that qualifies (`of`), run through `decode_layers` on decode steps."""
+
+    def __init__(self, layers: list):
+        self.layers = layers
+        first = layers[0].ffn.spec
+        self.experts, self.top_k, self.normalize = first.num_experts, first.top_k, first.norm_topk_prob
+        self._table = None  # (key, ctypes array of DecodeLayer, what it points into)
+        self._scratch = torch.empty(0)
+
+    @classmethod
+    def of(cls, model) -> FusedDecode | None:
+        """For a float32 model whose every layer is GQA attention that fuses and a MoE block with a
+        softmax router in C, no shared expert and no routing replay; else None."""
+        if model.dtype != torch.float32 or library("layer") is None or not model.layers:
+            return None
+        for layer in model.layers:
+            ffn = layer.ffn
+            if not (layer.is_moe and layer.fuses_attention and layer.input_norm.eps == layer.post_norm.eps):
+                return None
+            if ffn.shared is not None or ffn.replay is not None or ffn.gate.weight_panels is None or ffn.gate.bias is not None:
+                return None
+        return cls(model.layers)
+
+    def run(self, h: torch.Tensor, batch, kv_cache, cos_sin, experts) -> torch.Tensor | None:
+        """h [T, H] (the step's embeddings, overwritten) -> the last layer's output [T, H] (before the
+        final norm), for a step of decodes only with every expert in this process; else None
+        (nothing written)."""
+        plan = ragged.plan_for(batch)
+        if plan is None or plan.prefills or plan.native is None or not isinstance(experts, LocalExperts):
+            return None
+        tokens, hidden = h.shape
+        if h.dtype != torch.float32 or not h.is_contiguous() or not batch.slot_mapping.is_contiguous():
+            return None
+        table = self._layer_table(kv_cache, experts)
+        if table is None:
+            return None
+        layers, inter = table
+        if not native_experts.takes(tokens, hidden, inter):
+            return None
+        cos, sin = cos_sin
+        ssin = self.layers[0].attn.rotary.signed(sin)
+        if not (cos.is_contiguous() and ssin.is_contiguous()):
+            return None
+        scratch = self._scratch_for(tokens, hidden, inter, plan.native.tables.shape[1] * batch.block_size)
+        ids = native_layer.decode_layers(layers, h, (cos, ssin), batch.slot_mapping, plan.native, batch.block_size,
+                                         self.experts, self.top_k, scratch)  # fmt: skip
+        if ids is None:
+            return None
+        for layer, chosen in zip(self.layers, ids):
+            if layer.ffn.tally is not None:
+                layer.ffn.tally.add(layer.ffn.moe_index, chosen)
+        return h
+
+    def _layer_table(self, kv_cache, experts: LocalExperts):
+        """(ctypes array of DecodeLayer, the experts' intermediate size), built once for these pools and
+        expert stacks; None where a layer's experts are not all here or a pool does not suit."""
+        wholes = [experts.whole(layer.ffn.layer) for layer in self.layers]
+        if any(w is None for w in wholes):
+            return None
+        key = (id(kv_cache), id(experts), *(id(w.gate_up_t) for w in wholes), *(id(w.down_t) for w in wholes))
+        if self._table is None or self._table[0] != key:
+            table = _build(self.layers, kv_cache, wholes, self)
+            self._table = (key, table, (kv_cache, experts, wholes))  # kept alive while the pointers are used
+        return self._table[1]
+
+    def _scratch_for(self, tokens: int, hidden: int, inter: int, max_ctx: int) -> torch.Tensor:
+        need = max(max(native_layer.attention_scratch(layer.attn, tokens, hidden, max_ctx) for layer in self.layers),
+                   native_layer.moe_scratch(hidden, inter, self.experts))  # fmt: skip
+        if self._scratch.numel() < need:
+            self._scratch = torch.empty(2 * need)
+        return self._scratch
+
+
+def _build(layers: list, kv_cache, wholes: list, fused: FusedDecode):
+    """The DecodeLayer table for these pools and experts; None where a pool or stack does not suit."""
+    table = (native_layer.DecodeLayer * len(layers))()
+    inters = {w.down_t.shape[1] for w in wholes}
+    if len(inters) != 1:
+        return None
+    for entry, layer, (k_cache, v_cache), whole in zip(table, layers, kv_cache, wholes):
+        attn, ffn = layer.attn, layer.ffn
+        tensors = (k_cache, v_cache, whole.gate_up_t, whole.down_t)
+        if any(t.dtype != torch.float32 or not t.is_contiguous() for t in tensors) or v_cache.shape[-1] != attn.head_dim:
+            return None
+        qk_w = attn.qk_head_weight
+        entry.w_in, entry.w_post = layer.input_norm.weight.data_ptr(), layer.post_norm.weight.data_ptr()
+        entry.qkv_w, entry.qkv_bias = attn.qkv.weight_panels.data_ptr(), native_layer._ptr(attn.qkv.bias)
+        entry.qk_w, entry.o_w = native_layer._ptr(qk_w), attn.o_proj.weight_panels.data_ptr()
+        entry.gate, entry.gate_up, entry.down = ffn.gate.weight_panels.data_ptr(), whole.gate_up_t.data_ptr(), whole.down_t.data_ptr()
+        entry.kp, entry.vp = k_cache.data_ptr(), v_cache.data_ptr()
+        entry.heads, entry.kv_heads, entry.d, entry.window = attn.heads, attn.kv_heads, attn.head_dim, attn.sliding_window or 0
+        entry.experts, entry.top_k, entry.normalize, entry.inter = fused.experts, fused.top_k, int(fused.normalize), whole.down_t.shape[1]
+        entry.eps, entry.qk_eps, entry.scale = layer.input_norm.eps, attn.q_norm.eps if qk_w is not None else 0.0, attn.scale
+    return table, inters.pop()
