@@ -231,17 +231,23 @@ class LLMEngine:
     def _check_stop(self, seq: Sequence, num_new: int) -> RequestOutput:
         """The stop checks after each of seq's `num_new` new tokens (several from a verified draft);
         tokens after the first that finishes it are dropped."""
-        checker, new = self.requests[seq.request_id][1], seq.token_ids[-num_new:]
-        del seq.token_ids[-num_new:]
-        text, finish_reason, kept = "", None, []
-        for token_id in new:
-            seq.append_token(token_id)
-            kept.append(token_id)
-            delta, finish_reason = checker.check(seq)
-            text += delta
-            if finish_reason is not None:
-                self.scheduler.finish(seq, finish_reason)
-                break
+        checker = self.requests[seq.request_id][1]
+        if num_new == 1:  # a decode: its token is already in place
+            kept = seq.token_ids[-1:]
+            text, finish_reason = checker.check(seq)
+        else:
+            new = seq.token_ids[-num_new:]
+            del seq.token_ids[-num_new:]
+            text, finish_reason, kept = "", None, []
+            for token_id in new:
+                seq.append_token(token_id)
+                kept.append(token_id)
+                delta, finish_reason = checker.check(seq)
+                text += delta
+                if finish_reason is not None:
+                    break
+        if finish_reason is not None:
+            self.scheduler.finish(seq, finish_reason)
         out = RequestOutput(self.samples.parent(seq.request_id), seq.prompt_token_ids, kept, text,
                             finish_reason is not None, finish_reason, seq.index)  # fmt: skip
         if seq.params.logprobs is not None:
