@@ -16,7 +16,7 @@ from raymoe.engine.scheduler import Scheduled
 from raymoe.engine.sequence import Sequence
 from raymoe.engine.spec.verify import verify
 from raymoe.errors import ConfigError
-from raymoe.model.host import ints
+from raymoe.model.host import inference, ints
 from raymoe.model.paged import AttentionBatch, allocate_kv_cache, kv_bytes_per_block, move_kv
 
 
@@ -65,7 +65,7 @@ class ModelRunner:
         self.eos_token_ids: tuple[int, ...] = ()  # barred by min_tokens; the engine sets them
         self.speculator = None  # a spec.Speculator when drafts are verified: it sees every logits row
 
-    @torch.inference_mode()
+    @inference
     def run(self, scheduled: Scheduled) -> list[list[int]]:
         """One forward step. Returns per scheduled sequence its new tokens: none mid-prompt, one
         for a decode or a prompt's end, the kept draft tokens and one more for a verified draft."""
@@ -79,9 +79,15 @@ class ModelRunner:
         if tally is not None:
             tally.end_step([seq.request_id for seq, _ in scheduled], batch.query_lens)
         self.num_computed_tokens += batch.num_tokens
+        out: list[list[int]] = [[] for _ in scheduled]
+        if _plain_decodes(scheduled):  # a row and a sampled token per sequence, in order
+            logits = self.model.compute_logits(hidden)  # [B, V]
+            self._sample(logits, list(range(len(scheduled))), scheduled, out)
+            if self.speculator is not None:
+                self.speculator.observe(input_ids, logits)
+            return out
         ends = ints(batch.query_lens).cumsum(0) - 1  # [B] index of each sequence's last token
         self._score_prompts(hidden, scheduled, ends)
-        out: list[list[int]] = [[] for _ in scheduled]
         rows = logit_rows(scheduled, ends.tolist())  # sequence -> its rows, in schedule order
         if not rows:
             return out
@@ -175,6 +181,13 @@ class ModelRunner:
         if seq.params.seed is not None and seq.generator is None:
             seq.generator = make_generator(seq.params.seed)
         return seq.generator
+
+
+def _plain_decodes(scheduled: Scheduled) -> bool:
+    """Every sequence computes its one last token, without a draft, and wants its logits: the rows
+    are the sequences (no prompt positions to score: a decode's prompt is done)."""
+    return all(n == 1 and seq.draft is None and seq.num_cached_tokens + 1 == len(seq) and not seq.kv_only
+               and not seq.needs_prompt_logprobs for seq, n in scheduled)  # fmt: skip
 
 
 def _take(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:

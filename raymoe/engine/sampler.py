@@ -12,13 +12,14 @@ from __future__ import annotations
 import torch
 
 from raymoe.engine.sampling_params import SamplingParams
+from raymoe.model.host import inference
 
 
 def make_generator(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-@torch.inference_mode()
+@inference
 def sample(
     logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]
 ) -> torch.Tensor:

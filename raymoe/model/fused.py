@@ -1,11 +1,13 @@
-"""Every layer of a decode step in one C call, where every layer would take both of its blocks.
+"""A decode step from token ids to final hidden states in one C call, where every layer would take
+both of its blocks.
 
 A decode step's layer already runs in two C calls (`GQAAttention.decode_block`, `MoEBlock.residual`);
-at the built-in model's sizes their Python (checks, allocations, ~25 ctypes arguments a call) is
-~9 % of the step. `FusedDecode` builds each layer's weights and pools into a `DecodeLayer` table
-once, and a step passes only what changes (`native.layer.decode_layers`). The C function calls the
-same two blocks layer after layer, so a token's bits are those of the per-layer calls; any step it
-does not take runs them (or the torch ops) as before.
+at the built-in model's sizes their Python (checks, allocations, ~25 ctypes arguments a call) with
+the embedding, rotary tables and final norm around them is ~15 % of a batch-32 step. `FusedDecode`
+builds each layer's weights and pools into a `DecodeLayer` table once, and a step passes only what
+changes (`native.layer.decode_step`). The C function runs the embedding rows, the same two blocks
+layer after layer and the final norm's kernel, so a token's bits are those of the per-layer path;
+any step it does not take runs that path as before.
 """
 
 from __future__ import annotations
@@ -22,14 +24,15 @@ from raymoe.model.native.build import library
 
 
 class FusedDecode:
-    """The layers of a model that qualifies (`of`), run through `decode_layers` on decode steps."""
+    """A model that qualifies (`of`), its decode steps run through `decode_step`."""
 
-    def __init__(self, layers: list):
-        self.layers = layers
-        first = layers[0].ffn.spec
+    def __init__(self, model):
+        self.layers, self.embed, self.rotary = model.layers, model.embed, model.rotary
+        self.norm = (model.norm.weight, model.norm.eps)
+        first = self.layers[0].ffn.spec
         self.experts, self.top_k, self.normalize = first.num_experts, first.top_k, first.norm_topk_prob
         self._table = None  # (key, ctypes array of DecodeLayer, what it points into)
-        self._scratch = torch.empty(0)
+        self._scratch, self._scratch_key = torch.empty(0), None  # grown as steps need, reused
 
     @classmethod
     def of(cls, model) -> FusedDecode | None:
@@ -43,37 +46,37 @@ class FusedDecode:
                 return None
             if ffn.shared is not None or ffn.replay is not None or ffn.gate.weight_panels is None or ffn.gate.bias is not None:
                 return None
-        return cls(model.layers)
+        if not (model.embed.is_contiguous() and model.norm.weight.is_contiguous()):
+            return None
+        return cls(model)
 
-    def run(self, h: torch.Tensor, batch, kv_cache, cos_sin, experts) -> torch.Tensor | None:
-        """h [T, H] (the step's embeddings, overwritten) -> the last layer's output [T, H] (before the
-        final norm), for a step of decodes only with every expert in this process; else None
-        (nothing written)."""
+    def run(self, input_ids: torch.Tensor, batch, kv_cache, experts) -> torch.Tensor | None:
+        """input_ids [T] -> the final hidden states [T, H] (after the final norm), for a step of
+        decodes only with every expert in this process; else None (nothing written)."""
         plan = ragged.plan_for(batch)
         if plan is None or plan.prefills or plan.native is None or not isinstance(experts, LocalExperts):
             return None
-        tokens, hidden = h.shape
-        if h.dtype != torch.float32 or not h.is_contiguous() or not batch.slot_mapping.is_contiguous():
+        if input_ids.dtype != torch.long or not (input_ids.is_contiguous() and batch.slot_mapping.is_contiguous()):
             return None
         table = self._layer_table(kv_cache, experts)
         if table is None:
             return None
         layers, inter = table
+        tokens, hidden = input_ids.shape[0], self.embed.shape[1]
         if not native_experts.takes(tokens, hidden, inter):
             return None
-        cos, sin = cos_sin
-        ssin = self.layers[0].attn.rotary.signed(sin)
-        if not (cos.is_contiguous() and ssin.is_contiguous()):
+        rope = self.rotary.tables(max(batch.context_lens), torch.float32, input_ids.device)  # decodes sit last
+        if rope[0].shape[1] != self.layers[0].attn.head_dim:
             return None
         scratch = self._scratch_for(tokens, hidden, inter, plan.native.tables.shape[1] * batch.block_size)
-        ids = native_layer.decode_layers(layers, h, (cos, ssin), batch.slot_mapping, plan.native, batch.block_size,
-                                         self.experts, self.top_k, scratch)  # fmt: skip
-        if ids is None:
+        done = native_layer.decode_step(layers, self.embed, input_ids, rope, batch.positions, batch.slot_mapping,
+                                        plan.native, batch.block_size, self.norm, self.top_k, scratch)  # fmt: skip
+        if done is None:
             return None
-        for layer, chosen in zip(self.layers, ids):
-            if layer.ffn.tally is not None:
-                layer.ffn.tally.add(layer.ffn.moe_index, chosen)
-        return h
+        out, ids = done
+        for i in [i for i, layer in enumerate(self.layers) if layer.ffn.tally is not None]:
+            self.layers[i].ffn.tally.add(self.layers[i].ffn.moe_index, ids[i])
+        return out
 
     def _layer_table(self, kv_cache, experts: LocalExperts):
         """(ctypes array of DecodeLayer, the experts' intermediate size), built once for these pools and
@@ -88,6 +91,9 @@ class FusedDecode:
         return self._table[1]
 
     def _scratch_for(self, tokens: int, hidden: int, inter: int, max_ctx: int) -> torch.Tensor:
+        if self._scratch_key == (tokens, hidden, inter, max_ctx):
+            return self._scratch
+        self._scratch_key = (tokens, hidden, inter, max_ctx)
         need = max(max(native_layer.attention_scratch(layer.attn, tokens, hidden, max_ctx) for layer in self.layers),
                    native_layer.moe_scratch(hidden, inter, self.experts))  # fmt: skip
         if self._scratch.numel() < need:

@@ -22,6 +22,7 @@ from raymoe.model.experts import ExpertBackend, ExpertStore, LocalExperts
 from raymoe.model.fused import FusedDecode
 from raymoe.model.native import layer as native_layer
 from raymoe.model.head import HeadLinear
+from raymoe.model.host import inference
 from raymoe.model.layers import Linear, RMSNorm, SwiGLU
 from raymoe.model.mla import MLAAttention
 from raymoe.model.paged import AttentionBatch
@@ -172,23 +173,23 @@ class MoEModel:
     def rope(self, batch: AttentionBatch):
         return self.rotary.cos_sin(batch.positions, self.dtype)
 
-    @torch.inference_mode()
+    @inference
     def forward(
         self, input_ids: torch.Tensor, batch: AttentionBatch, kv_cache, experts: ExpertBackend | None = None
     ) -> torch.Tensor:
         """input_ids: [T] -> final hidden states [T, H] (after the last norm)."""
         experts = experts or self.experts
         assert experts is not None, "no expert backend: load_experts=False needs one passed in"
+        done = self.fused.run(input_ids, batch, kv_cache, experts) if self.fused is not None else None
+        if done is not None:  # what the lines below give, in one call: the same bits
+            return done
         h = self.embed[input_ids]
         cos_sin = self.rope(batch)
-        done = self.fused.run(h, batch, kv_cache, cos_sin, experts) if self.fused is not None else None
-        if done is not None:  # the per-layer blocks below, layer after layer in one call: the same bits
-            return self.norm(done)
         for layer, cache in zip(self.layers, kv_cache):
             h = layer(h, batch, cache, cos_sin, experts)
         return self.norm(h)
 
-    @torch.inference_mode()
+    @inference
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [N, H] -> logits [N, V] float32."""
         return self.head(hidden).float()

@@ -60,15 +60,27 @@ class Rotary:
         self.interleaved = interleaved
         self._table: tuple[torch.Tensor, torch.Tensor] | None = None
         self._sin: tuple[torch.Tensor, torch.Tensor] | None = None  # (the last sin, its signed form)
+        self._signed_table: tuple[torch.Tensor, torch.Tensor] | None = None  # (the sin table, its signed form)
 
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """positions [T] -> cos, sin [T, 1, dim] (broadcast over heads), from a table grown on demand."""
         needed = int(positions.max()) + 1 if positions.numel() else 1
-        t = self._table
-        if t is None or t[0].shape[0] < needed or t[0].dtype != dtype or t[0].device != positions.device:
-            self._table = self._build(max(needed, 2 * (t[0].shape[0] if t else 256)), dtype, positions.device)
-        cos, sin = self._table
+        cos, sin = self._grown(needed, dtype, positions.device)
         return cos[positions][:, None, :], sin[positions][:, None, :]
+
+    def tables(self, needed: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The tables by position, at least `needed` rows: cos and signed sin (`signed`), each [L, dim]
+        contiguous; row p is what `cos_sin` and `signed` give position p."""
+        cos, sin = self._grown(needed, dtype, device)
+        if self._signed_table is None or self._signed_table[0] is not sin:
+            self._signed_table = sin, _signed(sin)
+        return cos, self._signed_table[1]
+
+    def _grown(self, needed: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        t = self._table
+        if t is None or t[0].shape[0] < needed or t[0].dtype != dtype or t[0].device != device:
+            self._table = self._build(max(needed, 2 * (t[0].shape[0] if t else 256)), dtype, device)
+        return self._table
 
     def _build(self, length: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         self.inv_freq = self.inv_freq.to(device)
@@ -101,6 +113,11 @@ class Rotary:
         """sin [..., dim] -> cat(-first half, second half), made once per step's table (every layer
         passes the same `sin`)."""
         if self._sin is None or self._sin[0] is not sin:
-            half = sin.shape[-1] // 2
-            self._sin = sin, torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+            self._sin = sin, _signed(sin)
         return self._sin[1]
+
+
+def _signed(sin: torch.Tensor) -> torch.Tensor:
+    """sin [..., dim] -> cat(-first half, second half)."""
+    half = sin.shape[-1] // 2
+    return torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)

@@ -62,7 +62,7 @@ def _greedy(path, mode: str, monkeypatch) -> tuple[list, list, dict]:
     "blocks" (a layer in two calls) or "step" (every layer of a decode step in one call)."""
     calls = {"attention": 0, "moe": 0, "step": 0}
     on = {"attention": mode != "ops", "moe": mode != "ops", "step": mode == "step"}
-    for name, key in (("attention_block", "attention"), ("moe_block", "moe"), ("decode_layers", "step")):
+    for name, key in (("attention_block", "attention"), ("moe_block", "moe"), ("decode_step", "step")):
         real = getattr(native_layer, name)
 
         def counted(*a, _real=real, _key=key):

@@ -146,7 +146,7 @@ int moe_block_f32(const float* x, const float* h, int64_t T, int64_t H, const fl
   return 0;
 }
 
-/* One decoder layer as decode_layers_f32 reads it: the weights attention_block_f32 and moe_block_f32
+/* One decoder layer as decode_step_f32 reads it: the weights attention_block_f32 and moe_block_f32
    take, its paged pools and its sizes. */
 typedef struct {
   const float *w_in, *qkv_w, *qkv_bias, *qk_w, *o_w, *w_post, *gate, *gate_up, *down;
@@ -155,29 +155,42 @@ typedef struct {
   float eps, qk_eps, scale;
 } decode_layer;
 
-/* A decode step through every layer in one call: h [T, H] in place, each layer attention_block_f32
-   (into a, x [T, H]) then moe_block_f32 (back into h), so the bits of the two calls a layer. The
-   routing of layer l goes to ids [layers, T, K] and weights [layers, T, K] (K: the largest top_k).
-   scratch: the larger of the blocks' scratch over the layers; order: moe_f32's for the largest E.
-   Returns -1 before anything is written if a layer's shapes are not taken. */
-int decode_layers_f32(const decode_layer* L, int64_t layers, float* h, int64_t T, int64_t H, const float* cos,
-                      const float* ssin, const int64_t* slots, const int64_t* tables, int64_t table_stride,
-                      const int64_t* ctx_lens, const int64_t* rows, int64_t n, int64_t bs, int64_t chunk, float* a,
-                      float* x, float* scratch, int64_t* order, int64_t* ids, float* weights, int64_t K) {
+/* A decode step in one call: out [T, H] = the final norm (weight norm_w [H], eps norm_eps) of the
+   layers' output on embed [vocab, H] at input_ids [T]. Layer after layer: attention_block_f32 (into
+   a, x [T, H]) then moe_block_f32 (back into h [T, H]), so each layer has the bits of its two calls.
+   Each token's rotary rows come from the tables cos_t, ssin_t [table_len, d] at positions [T]
+   (gathered into cs [2, T, d]). The routing of layer l goes to ids [layers, T, K] and weights
+   [layers, T, K] (K: the layers' top_k). scratch: the larger of the blocks' scratch over the layers;
+   order: moe_f32's. Returns -1 before anything is written for an id, position or layer shape it
+   does not take. */
+int decode_step_f32(const decode_layer* L, int64_t layers, const float* embed, int64_t vocab, const int64_t* input_ids,
+                    int64_t T, int64_t H, const float* cos_t, const float* ssin_t, int64_t table_len, int64_t d,
+                    const int64_t* positions, const int64_t* slots, const int64_t* tables, int64_t table_stride,
+                    const int64_t* ctx_lens, const int64_t* rows, int64_t n, int64_t bs, int64_t chunk,
+                    const float* norm_w, float norm_eps, float* out, float* h, float* a, float* x, float* cs,
+                    float* scratch, int64_t* order, int64_t* ids, float* weights, int64_t K) {
   for (int64_t l = 0; l < layers; l++) {
     int64_t group = L[l].kv_heads > 0 ? L[l].heads / L[l].kv_heads : 0;
-    if (group < 1 || group > MAXG || L[l].d > MAXD || L[l].d % 2 || L[l].top_k < 1 || L[l].top_k > L[l].experts ||
-        L[l].top_k > K)
+    if (group < 1 || group > MAXG || L[l].d != d || d > MAXD || d % 2 || L[l].top_k != K || K > L[l].experts)
       return -1;
+  }
+  for (int64_t t = 0; t < T; t++)
+    if (input_ids[t] < 0 || input_ids[t] >= vocab || positions[t] < 0 || positions[t] >= table_len) return -1;
+  float *cos = cs, *ssin = cs + T * d;
+  for (int64_t t = 0; t < T; t++) {
+    memcpy(h + t * H, embed + input_ids[t] * H, H * sizeof(float));
+    memcpy(cos + t * d, cos_t + positions[t] * d, d * sizeof(float));
+    memcpy(ssin + t * d, ssin_t + positions[t] * d, d * sizeof(float));
   }
   for (int64_t l = 0; l < layers; l++) {
     const decode_layer* y = L + l;
-    attention_block_f32(h, T, H, y->w_in, y->eps, y->qkv_w, y->qkv_bias, y->heads, y->kv_heads, y->d, y->qk_w,
+    attention_block_f32(h, T, H, y->w_in, y->eps, y->qkv_w, y->qkv_bias, y->heads, y->kv_heads, d, y->qk_w,
                         y->qk_eps, cos, ssin, y->kp, y->vp, slots, tables, table_stride, ctx_lens, rows, n, bs,
                         y->scale, y->window, y->o_w, y->w_post, a, x, scratch);
-    if (moe_block_f32(x, a, T, H, y->gate, y->experts, y->top_k, y->normalize, y->gate_up, y->down, y->inter, chunk,
-                      h, ids + l * T * K, weights + l * T * K, scratch, order))
+    if (moe_block_f32(x, a, T, H, y->gate, y->experts, K, y->normalize, y->gate_up, y->down, y->inter, chunk, h,
+                      ids + l * T * K, weights + l * T * K, scratch, order))
       return -1;
   }
+  rms_norm_f32(h, T, 1, H, H, norm_w, 0, norm_eps, out);
   return 0;
 }

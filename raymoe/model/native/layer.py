@@ -7,8 +7,8 @@ At the built-in model's sizes a decode step's layer is ~30 small torch ops and t
 - `route`: a softmax router's top k;
 - `attention_block` / `moe_block`: the attention half (norm through post-attention norm, KV write
   included) and the MoE half (router, experts, residual) of a layer, for steps of decodes only;
-- `decode_layers`: both halves of every layer of a decode step in one call (`DecodeLayer` holds a
-  layer's weights and pools, built once).
+- `decode_step`: a decode step from embedding to final norm in one call, both halves of every layer
+  (`DecodeLayer` holds a layer's weights and pools, built once).
 Each piece gives a token the same bits in a block as alone (the blocks call the same code), so
 which steps take the blocks never changes a result.
 """
@@ -32,7 +32,8 @@ _SIGNATURES = {
     "attention_block_f32": [_P, _I, _I, _P, _F, _P, _P, _I, _I, _I, _P, _F, _P, _P, _P, _P, _P, _P, _I, _P, _P,
                             _I, _I, _F, _I, _P, _P, _P, _P, _P],  # fmt: skip
     "moe_block_f32": [_P, _P, _I, _I, _P, _I, _I, _I, _P, _P, _I, _I, _P, _P, _P, _P, _P],
-    "decode_layers_f32": [_P, _I, _P, _I, _I, _P, _P, _P, _P, _I, _P, _P, _I, _I, _I, _P, _P, _P, _P, _P, _P, _I],
+    "decode_step_f32": [_P, _I, _P, _I, _P, _I, _I, _P, _P, _I, _I, _P, _P, _P, _I, _P, _P, _I, _I, _I, _P, _F, _P, _P,
+                        _P, _P, _P, _P, _P, _P, _P, _I],  # fmt: skip
 }
 
 
@@ -130,7 +131,7 @@ def moe_block(x: torch.Tensor, h: torch.Tensor, gate: torch.Tensor, top_k: int, 
 
 class DecodeLayer(ctypes.Structure):
     """layer.c's decode_layer: one layer's weights (as `attention_block` and `moe_block` take them),
-    its paged pools and sizes, for `decode_layers`. Holds raw pointers: whoever builds it keeps the
+    its paged pools and sizes, for `decode_step`. Holds raw pointers: whoever builds it keeps the
     tensors alive."""
 
     _fields_ = [(name, _P) for name in ("w_in", "qkv_w", "qkv_bias", "qk_w", "o_w", "w_post", "gate", "gate_up", "down",
@@ -150,25 +151,29 @@ def moe_scratch(hidden: int, inter: int, experts: int) -> int:
     return max(native_experts.CHUNK * (2 * hidden + 3 * inter), experts)
 
 
-def decode_layers(layers, h: torch.Tensor, cos_sin, slots: torch.Tensor, decodes: Decodes, block_size: int,
-                  experts: int, top_k: int, scratch: torch.Tensor) -> torch.Tensor | None:  # fmt: skip
-    """Every layer of a decode step: h [T, H] (contiguous, overwritten) through each `DecodeLayer` of
-    `layers` (a ctypes array): the attention block, then the MoE block, as the two calls give them.
-    cos_sin: the step's (cos, signed sin), each [T, 1, d]; slots [T] where each token's K/V goes;
-    experts, top_k: the layers' (the same in each); scratch: float32, at least the larger block's
-    scratch of any layer (`attention_scratch`, `moe_scratch`). -> the chosen experts [layers,
-    T, top_k] (h holds the last layer's output), or None where a layer's shapes are not taken
-    (nothing written)."""
-    tokens, hidden = h.shape
-    cos, ssin = cos_sin
-    chunk = native_experts.CHUNK
-    a, x = torch.empty_like(h), torch.empty_like(h)
-    ids, weights = torch.empty(len(layers), tokens, top_k, dtype=torch.long), h.new_empty(len(layers), tokens, top_k)
-    order = torch.empty(experts + 1 + tokens * top_k, dtype=torch.long)
-    rc = _fn("decode_layers_f32")(
-        ctypes.addressof(layers), len(layers), h.data_ptr(), tokens, hidden, cos.data_ptr(), ssin.data_ptr(),
-        slots.data_ptr(), decodes.tables.data_ptr(), decodes.tables.shape[1], decodes.ctx_lens.data_ptr(),
-        decodes.rows.data_ptr(), decodes.rows.shape[0], block_size, chunk, a.data_ptr(), x.data_ptr(),
-        scratch.data_ptr(), order.data_ptr(), ids.data_ptr(), weights.data_ptr(), top_k,
+def decode_step(layers, embed: torch.Tensor, input_ids: torch.Tensor, rope_tables, positions: torch.Tensor,
+                slots: torch.Tensor, decodes: Decodes, block_size: int, norm, top_k: int,
+                scratch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:  # fmt: skip
+    """A step of decodes from token ids to final hidden states in one call: input_ids [T] through the
+    embedding embed [V, H], every `DecodeLayer` of `layers` (a ctypes array; the attention block then
+    the MoE block, as the two calls give them) and the final norm (weight [H], eps).
+    rope_tables: (cos, signed sin) [L, d] by position; positions [T], slots [T] (where each token's
+    K/V goes) int64, contiguous; scratch: float32, at least the larger block's scratch of any layer
+    (`attention_scratch`, `moe_scratch`). -> (hidden [T, H], the chosen experts [layers, T, top_k]),
+    or None where an id, a position or a layer's shapes are not taken (nothing written)."""
+    tokens, hidden = input_ids.shape[0], embed.shape[1]
+    cos, ssin = rope_tables
+    weight, eps = norm
+    out, h, a, x = (embed.new_empty(tokens, hidden) for _ in range(4))
+    cs = embed.new_empty(2, tokens, cos.shape[1])
+    ids, weights = torch.empty(len(layers), tokens, top_k, dtype=torch.long), embed.new_empty(len(layers), tokens, top_k)
+    order = torch.empty(layers[0].experts + 1 + tokens * top_k, dtype=torch.long)
+    rc = _fn("decode_step_f32")(
+        ctypes.addressof(layers), len(layers), embed.data_ptr(), embed.shape[0], input_ids.data_ptr(), tokens, hidden,
+        cos.data_ptr(), ssin.data_ptr(), cos.shape[0], cos.shape[1], positions.data_ptr(), slots.data_ptr(),
+        decodes.tables.data_ptr(), decodes.tables.shape[1], decodes.ctx_lens.data_ptr(), decodes.rows.data_ptr(),
+        decodes.rows.shape[0], block_size, native_experts.CHUNK, weight.data_ptr(), eps, out.data_ptr(), h.data_ptr(),
+        a.data_ptr(), x.data_ptr(), cs.data_ptr(), scratch.data_ptr(), order.data_ptr(), ids.data_ptr(),
+        weights.data_ptr(), top_k,
     )  # fmt: skip
-    return ids if rc == 0 else None
+    return (out, ids) if rc == 0 else None
