@@ -35,7 +35,7 @@ class GQAAttention:
         self.rotary = rotary
         self.scale = self.head_dim**-0.5
         self.fusable = (  # what native.layer.attention_block computes
-            self.qkv.weight_panels is not None and self.o_proj.weight_panels is not None and self.o_proj.bias is None
+            self.qkv.weight_strips is not None and self.o_proj.weight_strips is not None and self.o_proj.bias is None
             and spec.qk_norm in (None, "head") and self.clip_qkv is None and not rotary.interleaved
         )  # fmt: skip
 

@@ -73,12 +73,19 @@ class LayerExperts:
     """The experts one process holds of one layer, stacked for batched matmuls.
 
     gate_up_t: [n, H, 2I] and down_t: [n, I, H] (transposed, so rows @ weight needs no copy).
+    strips: for small float32 experts, the same packed by strips for raymoe's C kernels
+    (`native.experts.pack`), else None.
     """
 
     def __init__(self, expert_ids: list[int], gate_up_t: torch.Tensor, down_t: torch.Tensor):
         self.expert_ids = expert_ids
         self.local = {e: j for j, e in enumerate(expert_ids)}  # logical expert -> index in the stack
         self.gate_up_t, self.down_t = gate_up_t, down_t
+        self.strips = native.pack(gate_up_t, down_t)
+
+    def kernel_weights(self) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """(gate_up, down, packed by strips?) as raymoe's C kernels take them: the strips where kept."""
+        return (*self.strips, True) if self.strips is not None else (self.gate_up_t, self.down_t, False)
 
     @classmethod
     def stack(cls, experts: dict[int, SwiGLU]) -> "LayerExperts":
@@ -90,10 +97,11 @@ class LayerExperts:
     def run_one(self, expert: int, x: torch.Tensor) -> torch.Tensor:
         """x: [N, H] -> [N, H]."""
         j = self.local[expert]
-        fn = native.kernel_for(x, self.gate_up_t, self.down_t) if self._native_takes(x.shape[0]) else None
+        gate_up, down, strips = self.kernel_weights()
+        fn = native.kernel_for(x, gate_up, down, strips) if self._native_takes(x.shape[0]) else None
         if fn is not None:  # raymoe's kernel, as in `ExpertStore.run_groups`
             out = torch.empty_like(x)
-            native.run(fn, x, [x.shape[0]], self.gate_up_t[j : j + 1], self.down_t[j : j + 1], out)
+            native.run(fn, x, [x.shape[0]], gate_up[j : j + 1], down[j : j + 1], out)
             return out
         gate, up = matmul(x, self.gate_up_t[j]).chunk(2, dim=-1)
         return matmul(F.silu(gate) * up, self.down_t[j])
@@ -175,11 +183,12 @@ class ExpertStore:
         held = self.layers[layer]
         counts = [groups.counts[e] for e in held.expert_ids]
         assert sum(counts) == rows.shape[0], "a row's expert is not held here"
-        fn = native.kernel_for(rows, held.gate_up_t, held.down_t) if held._native_takes(max(present)) else None
+        gate_up, down, strips = held.kernel_weights()
+        fn = native.kernel_for(rows, gate_up, down, strips) if held._native_takes(max(present)) else None
         if fn is None:
             return self._run_torch(held, rows, groups, counts, present)
         out = torch.empty_like(rows)
-        native.run(fn, rows, counts, held.gate_up_t, held.down_t, out)
+        native.run(fn, rows, counts, gate_up, down, out)
         return out
 
     @staticmethod
@@ -225,7 +234,7 @@ class LocalExperts:
     def run(self, layer: int, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
         held = self.store.layers[layer]
         if topk_ids.dtype == torch.long and self.whole(layer) is not None:
-            fused = native.run_layer(x, topk_ids, topk_weights, held.gate_up_t, held.down_t)
+            fused = native.run_layer(x, topk_ids, topk_weights, *held.kernel_weights())
             if fused is not None:  # raymoe's kernel: the same bits as the three steps below
                 return fused
         groups = group_tokens(topk_ids, topk_weights, self.num_experts)

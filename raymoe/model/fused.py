@@ -44,7 +44,7 @@ class FusedDecode:
             ffn = layer.ffn
             if not (layer.is_moe and layer.fuses_attention and layer.input_norm.eps == layer.post_norm.eps):
                 return None
-            if ffn.shared is not None or ffn.replay is not None or ffn.gate.weight_panels is None or ffn.gate.bias is not None:
+            if ffn.shared is not None or ffn.replay is not None or ffn.gate.weight_strips is None or ffn.gate.bias is not None:
                 return None
         if not (model.embed.is_contiguous() and model.norm.weight.is_contiguous()):
             return None
@@ -84,7 +84,7 @@ class FusedDecode:
         wholes = [experts.whole(layer.ffn.layer) for layer in self.layers]
         if any(w is None for w in wholes):
             return None
-        key = (id(kv_cache), id(experts), *(id(w.gate_up_t) for w in wholes), *(id(w.down_t) for w in wholes))
+        key = (id(kv_cache), id(experts), *(id(w) for w in wholes))
         if self._table is None or self._table[0] != key:
             table = _build(self.layers, kv_cache, wholes, self)
             self._table = (key, table, (kv_cache, experts, wholes))  # kept alive while the pointers are used
@@ -109,14 +109,15 @@ def _build(layers: list, kv_cache, wholes: list, fused: FusedDecode):
         return None
     for entry, layer, (k_cache, v_cache), whole in zip(table, layers, kv_cache, wholes):
         attn, ffn = layer.attn, layer.ffn
-        tensors = (k_cache, v_cache, whole.gate_up_t, whole.down_t)
+        gate_up, down, strips = whole.kernel_weights()
+        tensors = (k_cache, v_cache, gate_up, down)
         if any(t.dtype != torch.float32 or not t.is_contiguous() for t in tensors) or v_cache.shape[-1] != attn.head_dim:
             return None
         qk_w = attn.qk_head_weight
         entry.w_in, entry.w_post = layer.input_norm.weight.data_ptr(), layer.post_norm.weight.data_ptr()
-        entry.qkv_w, entry.qkv_bias = attn.qkv.weight_panels.data_ptr(), native_layer._ptr(attn.qkv.bias)
-        entry.qk_w, entry.o_w = native_layer._ptr(qk_w), attn.o_proj.weight_panels.data_ptr()
-        entry.gate, entry.gate_up, entry.down = ffn.gate.weight_panels.data_ptr(), whole.gate_up_t.data_ptr(), whole.down_t.data_ptr()
+        entry.qkv_w, entry.qkv_bias = attn.qkv.weight_strips.data_ptr(), native_layer._ptr(attn.qkv.bias)
+        entry.qk_w, entry.o_w = native_layer._ptr(qk_w), attn.o_proj.weight_strips.data_ptr()
+        entry.gate, entry.gate_up, entry.down, entry.strips = ffn.gate.weight_strips.data_ptr(), gate_up.data_ptr(), down.data_ptr(), strips
         entry.kp, entry.vp = k_cache.data_ptr(), v_cache.data_ptr()
         entry.heads, entry.kv_heads, entry.d, entry.window = attn.heads, attn.kv_heads, attn.head_dim, attn.sliding_window or 0
         entry.experts, entry.top_k, entry.normalize, entry.inter = fused.experts, fused.top_k, int(fused.normalize), whole.down_t.shape[1]

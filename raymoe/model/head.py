@@ -29,14 +29,14 @@ class HeadLinear:
 
     def __init__(self, weight: torch.Tensor):
         self.weight = weight
-        self.weight_panels = native_layer.pack(weight)
-        self.packed, self.exact_rows = _pack(weight) if self.weight_panels is None else (None, frozenset())
+        self.weight_strips = native_layer.pack(weight)
+        self.packed, self.exact_rows = _pack(weight) if self.weight_strips is None else (None, frozenset())
         self.weight_f32 = f32_copy(weight)  # small bfloat16 heads: a few rows run in float32
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x: [N, H] -> [N, V]."""
-        if self.weight_panels is not None and x.dtype == torch.float32:
-            return native_layer.linear(x, self.weight_panels, None)
+        if self.weight_strips is not None and x.dtype == torch.float32:
+            return native_layer.linear(x, self.weight_strips, None)
         n = x.shape[0]
         if n not in self.exact_rows:
             return linear(x, self.weight, weight_f32=self.weight_f32)

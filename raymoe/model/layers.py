@@ -35,7 +35,7 @@ class Linear:
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
         self.weight, self.bias = weight, bias
         self.weight_f32 = f32_copy(weight)
-        self.weight_panels = native_layer.pack(weight)
+        self.weight_strips = native_layer.pack(weight)
 
     @classmethod
     def load(cls, ckpt: Checkpoint, prefix: str, dtype: torch.dtype) -> "Linear":
@@ -51,8 +51,8 @@ class Linear:
         return cls(torch.cat([p.weight for p in parts]), bias)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.weight_panels is not None and x.dtype == torch.float32:
-            return native_layer.linear(x, self.weight_panels, self.bias)
+        if self.weight_strips is not None and x.dtype == torch.float32:
+            return native_layer.linear(x, self.weight_strips, self.bias)
         return linear(x, self.weight, self.bias, self.weight_f32)
 
     @property

@@ -74,12 +74,12 @@ class MoEBlock:
                 logits, bias, s.top_k, s.n_group, s.topk_group, s.norm_topk_prob, s.routed_scaling_factor
             )
         if self._native_route(x):
-            return native_layer.route(x, self.gate.weight_panels, s.top_k, s.norm_topk_prob)
+            return native_layer.route(x, self.gate.weight_strips, s.top_k, s.norm_topk_prob)
         return softmax_topk(self.gate(x), s.top_k, s.norm_topk_prob)
 
     def _native_route(self, x: torch.Tensor) -> bool:
         """A softmax router over a float32 gate without bias: raymoe's C router (`native.layer.route`)."""
-        return self.gate.weight_panels is not None and self.gate.bias is None and x.dtype == torch.float32
+        return self.gate.weight_strips is not None and self.gate.bias is None and x.dtype == torch.float32
 
     def __call__(self, x: torch.Tensor, experts: ExpertBackend, batch: AttentionBatch | None = None) -> torch.Tensor:
         ids, weights = self.route(x, batch)
@@ -93,7 +93,7 @@ class MoEBlock:
         if whole is None or self.shared is not None or self.replay is not None or not self._native_route(x):
             return None
         s = self.spec
-        done = native_layer.moe_block(x, h, self.gate.weight_panels, s.top_k, s.norm_topk_prob, whole.gate_up_t, whole.down_t)
+        done = native_layer.moe_block(x, h, self.gate.weight_strips, s.top_k, s.norm_topk_prob, *whole.kernel_weights())
         if done is None:
             return None
         if self.tally is not None:

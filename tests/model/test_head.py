@@ -15,7 +15,7 @@ def test_head_equals_linear_at_every_row_count():
     gen = torch.Generator().manual_seed(0)
     weight = torch.randn(4096, WIDE, generator=gen) * 0.05  # [V, H]: 5 MiB, packed where MKL is
     head = HeadLinear(weight)
-    assert head.weight_panels is None
+    assert head.weight_strips is None
     for n in range(1, PACK_ROWS + 3):
         x = torch.randn(n, WIDE, generator=gen)
         assert torch.equal(head(x), F.linear(x, weight)), f"{n} rows"
@@ -26,7 +26,7 @@ def test_small_head_runs_the_c_linear():
     gen = torch.Generator().manual_seed(1)
     weight = torch.randn(1024, 128, generator=gen) * 0.05
     head, x = HeadLinear(weight), torch.randn(32, 128, generator=gen)
-    assert head.weight_panels is not None and head.packed is None
+    assert head.weight_strips is not None and head.packed is None
     got = head(x)
     torch.testing.assert_close(got, F.linear(x, weight), atol=1e-5, rtol=1e-5)
     assert all(torch.equal(head(x[i : i + 1].clone())[0], got[i]) for i in (0, 9, 31))

@@ -205,6 +205,37 @@ def test_a_row_gives_the_same_bits_alone_and_in_its_group():
 
 
 
+@pytest.mark.parametrize("hidden,inter", [(128, 192), (40, 24)], ids=["builtin", "odd-widths"])
+def test_experts_packed_by_strips_give_the_bits_of_the_plain_stack(hidden, inter):
+    """Small float32 experts keep a copy packed by strips, which the kernels read instead: every
+    output the same chain of multiply-adds, so the same bits at any row count (a tile of 1-6 rows
+    over several strips, strip after strip for more, a narrower last strip at odd widths)."""
+    need_kernel()
+    held = _experts(8, hidden, inter)
+    assert held.strips is not None and held.strips[0].shape == held.gate_up_t.shape
+    assert not torch.equal(held.strips[0], held.gate_up_t)  # another order in memory
+    gen = torch.Generator().manual_seed(3)
+    for num_tokens in (1, 2, 3, 5, 8, 13, 32, 70):
+        x = torch.randn(num_tokens, hidden, generator=gen)
+        ids = torch.stack([torch.randperm(8, generator=gen)[:2] for _ in range(num_tokens)])
+        w = torch.softmax(torch.randn(num_tokens, 2, generator=gen), -1)
+        plain = native_experts.run_layer(x, ids, w, held.gate_up_t, held.down_t)
+        assert torch.equal(native_experts.run_layer(x, ids, w, *held.kernel_weights()), plain)
+        out = torch.empty_like(x)
+        native_experts.run(native_experts.kernel_for(x, *held.strips, True), x, [num_tokens], held.strips[0][3:4],
+                           held.strips[1][3:4], out)  # fmt: skip
+        want = torch.empty_like(x)
+        native_experts.run(native_experts.kernel_for(x, held.gate_up_t, held.down_t), x, [num_tokens],
+                           held.gate_up_t[3:4], held.down_t[3:4], want)  # fmt: skip
+        assert torch.equal(out, want)
+
+
+def test_experts_not_packed_in_bfloat16_or_wide():
+    need_kernel()
+    assert _experts(2, 128, 192, torch.bfloat16).strips is None
+    assert _experts(2, 128, 320).strips is None  # over 256 wide: the copy would double much memory
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_rms_norm_kernel_equals_torch(monkeypatch, dtype):
     """Rows of a [T, H] stream and the packed q/k heads of a [T, 8, 32] projection (a strided view, one

@@ -32,7 +32,7 @@ def test_linear_equals_torch_and_keeps_each_rows_bits(bias):
     gen = torch.Generator().manual_seed(1)
     weight, b = torch.randn(200, 96, generator=gen), torch.randn(200, generator=gen) if bias else None
     lin, x = Linear(weight, b), torch.randn(37, 96, generator=gen)
-    assert lin.weight_panels is not None and lin.weight_panels.shape == (200 * 96,)
+    assert lin.weight_strips is not None and lin.weight_strips.shape == (200 * 96,)
     got = lin(x)
     torch.testing.assert_close(got, F.linear(x, weight, b), atol=2e-5, rtol=2e-5)
     for i in (0, 6, 36):
@@ -42,8 +42,8 @@ def test_linear_equals_torch_and_keeps_each_rows_bits(bias):
 
 def test_linear_keeps_torch_for_wide_inputs_and_low_precision():
     need_kernel()
-    assert Linear(torch.randn(8, native_layer.MAX_IN + 1)).weight_panels is None
-    assert Linear(torch.randn(8, 64).bfloat16()).weight_panels is None
+    assert Linear(torch.randn(8, native_layer.MAX_IN + 1)).weight_strips is None
+    assert Linear(torch.randn(8, 64).bfloat16()).weight_strips is None
 
 
 @pytest.mark.parametrize("top_k,normalize", [(1, False), (2, True), (3, False)])
@@ -51,7 +51,7 @@ def test_router_equals_softmax_topk(top_k, normalize):
     need_kernel()
     gen = torch.Generator().manual_seed(top_k)
     gate, x = torch.randn(8, 64, generator=gen), torch.randn(50, 64, generator=gen)
-    ids, weights = native_layer.route(x, Linear(gate).weight_panels, top_k, normalize)
+    ids, weights = native_layer.route(x, Linear(gate).weight_strips, top_k, normalize)
     want_ids, want_weights = softmax_topk(F.linear(x, gate), top_k, normalize)
     assert torch.equal(ids, want_ids)
     torch.testing.assert_close(weights, want_weights, atol=1e-6, rtol=1e-5)
@@ -109,4 +109,4 @@ def test_blocks_decline_mla_and_bfloat16(checkpoint_dir):
     assert not any(layer.fuses_attention for layer in mla.layers)
     low = load_model(checkpoint_dir("qwen3_moe"), dtype=torch.bfloat16)
     assert not any(layer.fuses_attention for layer in low.layers)
-    assert isinstance(low.layers[0].ffn, model_mod.MoEBlock) and low.layers[0].ffn.gate.weight_panels is None
+    assert isinstance(low.layers[0].ffn, model_mod.MoEBlock) and low.layers[0].ffn.gate.weight_strips is None

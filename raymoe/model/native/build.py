@@ -97,12 +97,12 @@ def _cpu() -> str:
     return platform.machine() + "\n".join(sorted(set(lines)))
 
 
-def bind(name: str, symbol: str, argtypes: list) -> ctypes._CFuncPtr | None:
-    """`symbol` of `<name>.c` with its argument types set (returning a C int), or None (not built)."""
+def bind(name: str, symbol: str, argtypes: list, restype=ctypes.c_int) -> ctypes._CFuncPtr | None:
+    """`symbol` of `<name>.c` with its argument and result types set, or None (not built)."""
     lib = library(name)
     if lib is None:
         return None
     fn = getattr(lib, symbol)
     if fn.argtypes is None:
-        fn.argtypes, fn.restype = argtypes, ctypes.c_int
+        fn.argtypes, fn.restype = argtypes, restype
     return fn

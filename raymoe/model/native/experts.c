@@ -3,6 +3,7 @@
    rows     [P, H]          contiguous groups: counts[e] rows for held expert e, in stack order
    gate_up  [E, H, 2I]      each expert's gate and up projections, transposed (rows @ gate_up[e])
    down     [E, I, H]       its down projection, transposed
+                            (the _strips kernels: each expert's two packed by strips, `gemm.h`)
    out      [P, H]          silu(rows @ gate) * (rows @ up) @ down, row by row
    scratch  [chunk * (2H + 3I)] float32 work space: groups run `chunk` rows at a time
 
@@ -23,7 +24,7 @@ __attribute__((noinline)) static void silu_mul(const float* restrict h, int64_t 
   }
 }
 
-#define EXPERTS(NAME, T, LOAD, STORE)                                                                 \
+#define EXPERTS(NAME, T, LOAD, STORE, GEMM)                                                           \
 int NAME(const T* rows, int64_t H, const int64_t* counts, int64_t E, const T* gate_up, const T* down,  \
          int64_t I, int64_t chunk, T* out, float* scratch) {                                           \
   float *x = scratch, *h = x + chunk * H, *act = h + chunk * 2 * I, *y = act + chunk * I;              \
@@ -31,16 +32,17 @@ int NAME(const T* rows, int64_t H, const int64_t* counts, int64_t E, const T* ga
     for (int64_t r0 = start; r0 < start + counts[e]; r0 += chunk) {                                    \
       int64_t n = start + counts[e] - r0 < chunk ? start + counts[e] - r0 : chunk;                     \
       for (int64_t j = 0; j < n * H; j++) x[j] = LOAD(rows[r0 * H + j]);                               \
-      gemm_##T(n, x, H, gate_up + e * H * 2 * I, H, 2 * I, h, 2 * I);                                  \
+      GEMM(n, x, H, gate_up + e * H * 2 * I, H, 2 * I, h, 2 * I);                                      \
       for (int64_t r = 0; r < n; r++) silu_mul(h + r * 2 * I, I, act + r * I);                         \
-      gemm_##T(n, act, I, down + e * I * H, I, H, y, H);                                               \
+      GEMM(n, act, I, down + e * I * H, I, H, y, H);                                                   \
       for (int64_t j = 0; j < n * H; j++) out[r0 * H + j] = STORE(y[j]);                               \
     }                                                                                                  \
   return 0;                                                                                            \
 }
 
-EXPERTS(experts_f32, float, from_f32, to_f32)
-EXPERTS(experts_bf16, bf16, from_bf16, to_bf16)
+EXPERTS(experts_f32, float, from_f32, to_f32, gemm_float)
+EXPERTS(experts_bf16, bf16, from_bf16, to_bf16, gemm_bf16)
+EXPERTS(experts_f32_strips, float, from_f32, to_f32, gemm_strips)
 
 /* A whole MoE layer's routed experts from the router's choice, in one call: what
    `raymoe.model.experts.group_tokens`, `ExpertStore.run_groups` and `combine` do together.
@@ -55,7 +57,7 @@ EXPERTS(experts_bf16, bf16, from_bf16, to_bf16)
    added to the token's sum in expert order, from zero, each step rounded to T: the operations and
    order of torch's `combine` (`rows * w`, then `index_add_`), kept apart (no fused multiply-add),
    so the sum has combine's bits. Returns 0, or -1 for an id out of range (nothing written). */
-#define MOE(NAME, T, LOAD, STORE)                                                                     \
+#define MOE(NAME, T, LOAD, STORE, GEMM)                                                               \
 int NAME(const T* x, int64_t Tn, int64_t H, const int64_t* ids, const T* w, int64_t K, int64_t E,      \
          const T* gate_up, const T* down, int64_t I, int64_t chunk, T* out, float* scratch,            \
          int64_t* order) {                                                                             \
@@ -74,9 +76,9 @@ int NAME(const T* x, int64_t Tn, int64_t H, const int64_t* ids, const T* w, int6
       int64_t n = start[e] - r0 < chunk ? start[e] - r0 : chunk;                                       \
       for (int64_t j = 0; j < n; j++)                                                                  \
         for (int64_t c = 0; c < H; c++) xs[j * H + c] = LOAD(x[rows[r0 + j] / K * H + c]);             \
-      gemm_##T(n, xs, H, gate_up + e * H * 2 * I, H, 2 * I, h, 2 * I);                                 \
+      GEMM(n, xs, H, gate_up + e * H * 2 * I, H, 2 * I, h, 2 * I);                                     \
       for (int64_t j = 0; j < n; j++) silu_mul(h + j * 2 * I, I, act + j * I);                         \
-      gemm_##T(n, act, I, down + e * I * H, I, H, y, H);                                               \
+      GEMM(n, act, I, down + e * I * H, I, H, y, H);                                                   \
       for (int64_t j = 0; j < n; j++) {                                                                \
         T* o = out + rows[r0 + j] / K * H;                                                             \
         float wr = LOAD(w[rows[r0 + j]]);                                                              \
@@ -90,5 +92,6 @@ int NAME(const T* x, int64_t Tn, int64_t H, const int64_t* ids, const T* w, int6
   return 0;                                                                                            \
 }
 
-MOE(moe_f32, float, from_f32, to_f32)
-MOE(moe_bf16, bf16, from_bf16, to_bf16)
+MOE(moe_f32, float, from_f32, to_f32, gemm_float)
+MOE(moe_bf16, bf16, from_bf16, to_bf16, gemm_bf16)
+MOE(moe_f32_strips, float, from_f32, to_f32, gemm_strips)

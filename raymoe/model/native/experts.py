@@ -22,16 +22,37 @@ CHUNK = 64  # rows a group runs at a time (the kernel's scratch)
 _I, _P = ctypes.c_int64, ctypes.c_void_p
 _ARGS = [_P, _I, _P, _I, _P, _P, _I, _I, _P, _P]
 _NAMES = {torch.float32: "experts_f32", torch.bfloat16: "experts_bf16"}
+_STRIPS_MAX = 256  # widths up to which float32 experts keep a copy packed by strips (as `native.layer.pack`)
 
 
-def kernel_for(rows: torch.Tensor, gate_up_t: torch.Tensor, down_t: torch.Tensor):
-    """The C function for these tensors, or None (not built, another dtype or device, a strided
-    operand)."""
+def pack(gate_up_t: torch.Tensor, down_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Stacked float32 experts gate_up_t [E, H, 2I], down_t [E, I, H] -> copies of the same shapes
+    whose memory holds each expert's matrix packed by strips (`gemm.h`: for each `strip_columns()`
+    columns, their [K, width] block row-major), for the `strips` kernels only. None where the kernels
+    are not built, another dtype or device, or widths over _STRIPS_MAX (the copy doubles the
+    experts' memory: kept for small experts, where the kernel's time is the step's)."""
+    from raymoe.model.native.layer import strip_columns
+
+    if gate_up_t.dtype != torch.float32 or not gate_up_t.is_cpu or down_t.dtype != torch.float32:
+        return None
+    if max(gate_up_t.shape[1], down_t.shape[1]) > _STRIPS_MAX or strip_columns() is None:
+        return None
+    width = strip_columns()
+
+    def strips(w: torch.Tensor) -> torch.Tensor:  # [E, K, N] -> [E, K, N] packed by strips of N
+        return torch.cat([part.reshape(w.shape[0], -1) for part in w.contiguous().split(width, dim=2)], dim=1).view(w.shape)
+
+    return strips(gate_up_t), strips(down_t)
+
+
+def kernel_for(rows: torch.Tensor, gate_up_t: torch.Tensor, down_t: torch.Tensor, strips: bool = False):
+    """The C function for these tensors (strips: they are `pack`'s), or None (not built, another
+    dtype or device, a strided operand)."""
     if rows.dtype not in _NAMES or rows.device.type != "cpu" or not gate_up_t.dtype == down_t.dtype == rows.dtype:
         return None
     if not (rows.is_contiguous() and gate_up_t.is_contiguous() and down_t.is_contiguous()):
         return None
-    return bind("experts", _NAMES[rows.dtype], _ARGS)
+    return bind("experts", _NAMES[rows.dtype] + ("_strips" if strips else ""), _ARGS)
 
 
 def takes(largest: int, hidden: int, inter: int) -> bool:
@@ -59,16 +80,16 @@ _MOE_ARGS = [_P, _I, _I, _P, _P, _I, _I, _P, _P, _I, _I, _P, _P, _P]
 
 
 def run_layer(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, gate_up_t: torch.Tensor,
-              down_t: torch.Tensor) -> torch.Tensor | None:
+              down_t: torch.Tensor, strips: bool = False) -> torch.Tensor | None:
     """A layer's routed experts from the router's choice in one call: x [T, H], topk_ids / topk_weights
     [T, K] over the E stacked experts of gate_up_t [E, H, 2I], down_t [E, I, H] -> [T, H], with the
     bits of `group_tokens` + `ExpertStore.run_groups` + `combine` on this kernel (its grouping and
-    combine's order of operations). None where it does not take them (see `kernel_for`, `takes`, with
-    every group counted as large as T)."""
+    combine's order of operations). strips: the weights are `pack`'s. None where it does not take
+    them (see `kernel_for`, `takes`, with every group counted as large as T)."""
     tokens, hidden = x.shape
-    if kernel_for(x, gate_up_t, down_t) is None or not takes(tokens, hidden, down_t.shape[1]):
+    if kernel_for(x, gate_up_t, down_t, strips) is None or not takes(tokens, hidden, down_t.shape[1]):
         return None
-    fn = bind("experts", _MOE_NAMES[x.dtype], _MOE_ARGS)
+    fn = bind("experts", _MOE_NAMES[x.dtype] + ("_strips" if strips else ""), _MOE_ARGS)
     ids = topk_ids.contiguous()
     weights = topk_weights.to(x.dtype).contiguous()  # as combine casts them
     experts, top_k, inter = gate_up_t.shape[0], ids.shape[1], down_t.shape[1]

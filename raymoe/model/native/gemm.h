@@ -129,4 +129,76 @@ static inline void gemm_##T(int64_t M, const float* A, int64_t lda, const T* B, 
 GEMM(float, from_f32)
 GEMM(bf16, from_bf16)
 
+/* Packed float32 B for gemm_strips: strips of STRIP output columns (a 6-row tile's width), each its
+   [K, width] block row-major, one after the other (the last strip may be narrower). A strip is
+   K * STRIP * 4 contiguous bytes (8 KB at K = 128 on AVX2): it stays in L1 while every row tile
+   reads it, and streams in order from memory. */
+#define SV (MAXACC / TILE)                                      /* vectors of a 6-row tile */
+#define STRIP (SV * VL)                                         /* columns of a strip */
+#define GROUP(R) (MAXACC / ((R) * SV) < 8 / SV ? (MAXACC / ((R) * SV) > 0 ? MAXACC / ((R) * SV) : 1) : 8 / SV)
+
+/* C[r, :G * STRIP] for r < R, from G consecutive full strips at B: V = G * SV accumulators a row. */
+#define STRIP_KERNEL(R, G, NAME)                                                                       \
+static inline void NAME(const float* A, int64_t lda, const float* B, int64_t K, float* C, int64_t ldc) { \
+  enum { V = (G) * SV };                                                                               \
+  vf acc[R][V];                                                                                        \
+  _Pragma("GCC unroll 8") for (int r = 0; r < R; r++)                                                  \
+    _Pragma("GCC unroll 8") for (int v = 0; v < V; v++) acc[r][v] = (vf){0};                           \
+  for (int64_t k = 0; k < K; k++) {                                                                    \
+    vf b[V];                                                                                           \
+    _Pragma("GCC unroll 8") for (int v = 0; v < V; v++) {                                              \
+      const float* p = B + (v / SV) * K * STRIP + k * STRIP + (v % SV) * VL;                           \
+      if (v % (64 / VB) == 0) __builtin_prefetch(p + PREFETCH * STRIP);                                \
+      b[v] = vload_float(p);                                                                           \
+      __asm__("" : "+x"(b[v]));                                                                        \
+    }                                                                                                  \
+    _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) {                                              \
+      vf a = vset1(A[r * lda + k]);                                                                    \
+      _Pragma("GCC unroll 8") for (int v = 0; v < V; v++) acc[r][v] = vfma(a, b[v], acc[r][v]);        \
+    }                                                                                                  \
+  }                                                                                                    \
+  _Pragma("GCC unroll 8") for (int r = 0; r < R; r++)                                                  \
+    _Pragma("GCC unroll 8") for (int v = 0; v < V; v++)                                                \
+      memcpy(C + r * ldc + (v / SV) * STRIP + (v % SV) * VL, &acc[r][v], VB);                          \
+}                                                                                                      \
+/* R rows over the full strips [s0, s1) (columns), G strips at a time while they last, then one. */    \
+static inline void NAME##_rows(const float* A, int64_t lda, const float* B, int64_t K, int64_t s0,      \
+                               int64_t s1, float* C, int64_t ldc) {                                    \
+  for (; s0 + (G) * STRIP <= s1; s0 += (G) * STRIP) NAME(A, lda, B + s0 * K, K, C + s0, ldc);          \
+  for (; s0 < s1; s0 += STRIP) strip1_##R(A, lda, B + s0 * K, K, C + s0, ldc);                        \
+}
+
+#define STRIP_TILES(R) STRIP_KERNEL(R, 1, strip1_##R) STRIP_KERNEL(R, GROUP(R), stripg_##R)
+STRIP_TILES(1) STRIP_TILES(2) STRIP_TILES(3) STRIP_TILES(4) STRIP_TILES(5) STRIP_TILES(6)
+
+/* Rows of the next row tile when `left` rows remain: 6, but 7-9 split into two tiles of 3-5 (a tile
+   of 1 or 2 rows has too few accumulators to keep the FMA units busy). */
+static inline int64_t strip_tile_rows(int64_t left) { return left <= 6 ? left : left <= 9 ? (left + 1) / 2 : 6; }
+
+#define STRIP_CASE(R, FN, ...) case R: FN##_##R##_rows(__VA_ARGS__); break;
+#define STRIP_SWITCH(FN, R, ...)                                                                       \
+  switch (R) {                                                                                         \
+    STRIP_CASE(1, FN, __VA_ARGS__) STRIP_CASE(2, FN, __VA_ARGS__) STRIP_CASE(3, FN, __VA_ARGS__)       \
+    STRIP_CASE(4, FN, __VA_ARGS__) STRIP_CASE(5, FN, __VA_ARGS__) default: FN##_6_rows(__VA_ARGS__);   \
+  }
+
+/* C[:M, :N] = A[:M, :K] @ B, B packed in strips (above): each element the same fused multiply-add
+   chain over k ascending as gemm_float gives it. Up to 6 rows: one row tile over G strips at a time
+   (enough accumulators for a row or two). More: strip after strip, every row tile of the strip
+   while it is in L1. The last, narrower strip through gemm_float's tiles. */
+static inline void gemm_strips(int64_t M, const float* A, int64_t lda, const float* B, int64_t K, int64_t N,
+                               float* C, int64_t ldc) {
+  int64_t full = N / STRIP * STRIP;
+  if (M <= TILE) {
+    STRIP_SWITCH(stripg, M, A, lda, B, K, 0, full, C, ldc)
+  } else {
+    for (int64_t s0 = 0; s0 < full; s0 += STRIP)
+      for (int64_t r0 = 0, R; r0 < M; r0 += R) {
+        R = strip_tile_rows(M - r0);
+        STRIP_SWITCH(strip1, R, A + r0 * lda, lda, B, K, s0, s0 + STRIP, C + r0 * ldc, ldc)
+      }
+  }
+  if (full < N) gemm_float(M, A, lda, B + full * K, K, N - full, C + full, ldc);
+}
+
 #endif

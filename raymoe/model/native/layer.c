@@ -2,12 +2,12 @@
 
    Built as one unit with the other kernels (their sources are included), so each piece here is the
    same code the separate calls run, and gives the same bits:
-   - linear_f32: rows @ a weight packed by panels (`gemm.h`: each output a fused multiply-add chain
-     over k ascending, whatever the other rows), plus a bias. raymoe's `Linear` uses it for every
-     row count where the weight is small, so a token's projection never depends on its step.
-     Packed: for each panel of PANEL output columns, its [K, width] block row-major, so a tile
-     walks down K at a stride of at most 512 bytes (a [K, 1024] transpose put every row of a tile's
-     column in the same L1 set).
+   - linear_f32: rows @ a weight packed by strips (`gemm.h`'s gemm_strips: each output a fused
+     multiply-add chain over k ascending, whatever the other rows), plus a bias. raymoe's `Linear`
+     uses it for every row count where the weight is small, so a token's projection never depends on
+     its step. Packed: for each strip of STRIP output columns (a row tile's width), its [K, width]
+     block row-major: a tile reads it contiguously, and it stays in L1 while every row tile of the
+     step reads it (a plain [K, N] transpose put a tile's column in a few L1 sets).
    - route_f32: a softmax router's choice (softmax over the experts in float32, the top k, their
      weights renormalised if asked).
    - attention_block_f32: RMSNorm, the fused q/k/v projection, the per-head q/k norm, rotary
@@ -22,31 +22,26 @@
 #include "experts.c"
 #include "norm.c"
 
-/* out [M, N] = x [M, K] @ w (packed by panels, see above). */
-static void gemm_panels(int64_t M, const float* x, int64_t K, const float* w, int64_t N, float* out) {
-  for (int64_t p0 = 0; p0 < N; p0 += PANEL) {
-    int64_t width = N - p0 < PANEL ? N - p0 : PANEL;
-    gemm_float(M, x, K, w + p0 * K, K, width, out + p0, N);
-  }
-}
+/* Columns of a strip of a packed weight (gemm.h's STRIP: 16 with AVX2, 64 with AVX-512). */
+int64_t strip_columns(void) { return STRIP; }
 
-/* out [M, N] = x [M, K] @ w (packed by panels) (+ bias [N]). */
+/* out [M, N] = x [M, K] @ w (packed by strips) (+ bias [N]). */
 int linear_f32(const float* x, int64_t M, int64_t K, const float* w, int64_t N, const float* bias, float* out) {
-  gemm_panels(M, x, K, w, N, out);
+  gemm_strips(M, x, K, w, K, N, out, N);
   if (bias)
     for (int64_t m = 0; m < M; m++)
       for (int64_t n = 0; n < N; n++) out[m * N + n] += bias[n];
   return 0;
 }
 
-/* x [T, H] @ gate [H, E] (packed by panels) -> softmax -> ids [T, K], weights [T, K] (each token's K largest, largest
+/* x [T, H] @ gate [H, E] (packed by strips) -> softmax -> ids [T, K], weights [T, K] (each token's K largest, largest
    first, ties to the lower id; divided by their sum if normalize). scratch [E] floats. */
 int route_f32(const float* x, int64_t T, int64_t H, const float* gate, int64_t E, int64_t K, int64_t normalize,
               int64_t* ids, float* weights, float* scratch) {
   if (K < 1 || K > E) return -1;
   for (int64_t t = 0; t < T; t++) {
     float* p = scratch;
-    gemm_panels(1, x + t * H, H, gate, E, p);
+    gemm_strips(1, x + t * H, H, gate, H, E, p, E);
     float m = p[0], sum = 0.f;
     for (int64_t e = 1; e < E; e++) m = p[e] > m ? p[e] : m;
     for (int64_t e = 0; e < E; e++) sum += (p[e] = expf(p[e] - m));
@@ -136,12 +131,13 @@ int attention_block_f32(const float* h, int64_t T, int64_t H, const float* w_in,
 
 /* The MoE half: h_out [T, H] = h + routed experts of x [T, H] (the post-attention norm), routed by
    route_f32 over gate [H, E] (packed; ids [T, K] and weights [T, K] written too) through experts gate_up
-   [E, H, 2I], down [E, I, H]. scratch: moe_f32's, at least E floats; order: moe_f32's. */
+   [E, H, 2I], down [E, I, H] (each expert's packed by strips where strips is 1). scratch: moe_f32's, at least E floats; order: moe_f32's. */
 int moe_block_f32(const float* x, const float* h, int64_t T, int64_t H, const float* gate, int64_t E, int64_t K,
-                  int64_t normalize, const float* gate_up, const float* down, int64_t I, int64_t chunk, float* h_out,
-                  int64_t* ids, float* weights, float* scratch, int64_t* order) {
+                  int64_t normalize, const float* gate_up, const float* down, int64_t strips, int64_t I, int64_t chunk,
+                  float* h_out, int64_t* ids, float* weights, float* scratch, int64_t* order) {
   if (route_f32(x, T, H, gate, E, K, normalize, ids, weights, scratch)) return -1;
-  if (moe_f32(x, T, H, ids, weights, K, E, gate_up, down, I, chunk, h_out, scratch, order)) return -1;
+  if ((strips ? moe_f32_strips : moe_f32)(x, T, H, ids, weights, K, E, gate_up, down, I, chunk, h_out, scratch, order))
+    return -1;
   for (int64_t j = 0; j < T * H; j++) h_out[j] = h[j] + h_out[j];
   return 0;
 }
@@ -151,7 +147,7 @@ int moe_block_f32(const float* x, const float* h, int64_t T, int64_t H, const fl
 typedef struct {
   const float *w_in, *qkv_w, *qkv_bias, *qk_w, *o_w, *w_post, *gate, *gate_up, *down;
   float *kp, *vp;
-  int64_t heads, kv_heads, d, window, experts, top_k, normalize, inter;
+  int64_t heads, kv_heads, d, window, experts, top_k, normalize, strips, inter;
   float eps, qk_eps, scale;
 } decode_layer;
 
@@ -187,7 +183,7 @@ int decode_step_f32(const decode_layer* L, int64_t layers, const float* embed, i
     attention_block_f32(h, T, H, y->w_in, y->eps, y->qkv_w, y->qkv_bias, y->heads, y->kv_heads, d, y->qk_w,
                         y->qk_eps, cos, ssin, y->kp, y->vp, slots, tables, table_stride, ctx_lens, rows, n, bs,
                         y->scale, y->window, y->o_w, y->w_post, a, x, scratch);
-    if (moe_block_f32(x, a, T, H, y->gate, y->experts, K, y->normalize, y->gate_up, y->down, y->inter, chunk, h,
+    if (moe_block_f32(x, a, T, H, y->gate, y->experts, K, y->normalize, y->gate_up, y->down, y->strips, y->inter, chunk, h,
                       ids + l * T * K, weights + l * T * K, scratch, order))
       return -1;
   }

@@ -2,7 +2,7 @@
 
 At the built-in model's sizes a decode step's layer is ~30 small torch ops and their Python
 (~5-40 us each), more than its arithmetic. Here:
-- `linear`: rows @ a float32 weight packed by panels of output columns (`pack`; `Linear` and the LM
+- `linear`: rows @ a float32 weight packed by strips of output columns (`pack`; `Linear` and the LM
   head keep the packed copy where in_features <= MAX_IN);
 - `route`: a softmax router's top k;
 - `attention_block` / `moe_block`: the attention half (norm through post-attention norm, KV write
@@ -16,6 +16,7 @@ which steps take the blocks never changes a result.
 from __future__ import annotations
 
 import ctypes
+import functools
 
 import torch
 
@@ -24,14 +25,13 @@ from raymoe.model.native.build import bind, library
 from raymoe.model.native.decode import Decodes
 
 MAX_IN = 256  # in_features up to which `gemm.h` (no blocking over K) runs a linear at MKL's rate or above
-PANEL = 128  # output columns of a panel: gemm.h's PANEL
 _I, _P, _F = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float
 _SIGNATURES = {
     "linear_f32": [_P, _I, _I, _P, _I, _P, _P],
     "route_f32": [_P, _I, _I, _P, _I, _I, _I, _P, _P, _P],
     "attention_block_f32": [_P, _I, _I, _P, _F, _P, _P, _I, _I, _I, _P, _F, _P, _P, _P, _P, _P, _P, _I, _P, _P,
                             _I, _I, _F, _I, _P, _P, _P, _P, _P],  # fmt: skip
-    "moe_block_f32": [_P, _P, _I, _I, _P, _I, _I, _I, _P, _P, _I, _I, _P, _P, _P, _P, _P],
+    "moe_block_f32": [_P, _P, _I, _I, _P, _I, _I, _I, _P, _P, _I, _I, _I, _P, _P, _P, _P, _P],
     "decode_step_f32": [_P, _I, _P, _I, _P, _I, _I, _P, _P, _I, _I, _P, _P, _P, _I, _P, _P, _I, _I, _I, _P, _F, _P, _P,
                         _P, _P, _P, _P, _P, _P, _P, _I],  # fmt: skip
 }
@@ -46,23 +46,33 @@ def _ptr(t: torch.Tensor | None) -> int | None:
 
 
 def pack(weight: torch.Tensor) -> torch.Tensor | None:
-    """weight [N, K] -> its float32 copy packed by panels for `linear`: for each PANEL output columns,
-    their [K, width] block, row-major, one after the other ([N K] flat). None where the kernels are
-    not built, the weight is not float32 on the CPU or K > MAX_IN (torch's linear runs)."""
+    """weight [N, K] -> its float32 copy packed by strips for `linear`: for each `strip_columns()`
+    output columns, their [K, width] block, row-major, one after the other ([N K] flat). None where
+    the kernels are not built, the weight is not float32 on the CPU or K > MAX_IN (torch's linear
+    runs)."""
     if weight.dtype != torch.float32 or not weight.is_cpu or weight.dim() != 2 or weight.shape[1] > MAX_IN:
         return None
-    if library("layer") is None:
+    width = strip_columns()
+    if width is None:
         return None
-    return torch.cat([part.t().reshape(-1) for part in weight.split(PANEL)])
+    return torch.cat([part.t().reshape(-1) for part in weight.split(width)])
 
 
-def linear(x: torch.Tensor, panels: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+@functools.cache
+def strip_columns() -> int | None:
+    """Output columns of a strip of a packed weight (a register tile's width in `gemm.h`: 16 with
+    AVX2, 64 with AVX-512), or None where the kernels are not built."""
+    fn = bind("layer", "strip_columns", [], restype=ctypes.c_int64)
+    return None if fn is None else int(fn())
+
+
+def linear(x: torch.Tensor, strips: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """x [..., K] @ the packed weight (`pack` of [N, K]) (+ bias [N]) -> [..., N], float32."""
     k = x.shape[-1]
-    n = panels.shape[0] // k
+    n = strips.shape[0] // k
     rows = x.reshape(-1, k).contiguous()
     out = rows.new_empty(rows.shape[0], n)
-    _fn("linear_f32")(rows.data_ptr(), rows.shape[0], k, panels.data_ptr(), n, _ptr(bias), out.data_ptr())
+    _fn("linear_f32")(rows.data_ptr(), rows.shape[0], k, strips.data_ptr(), n, _ptr(bias), out.data_ptr())
     return out.view(*x.shape[:-1], n)
 
 
@@ -98,20 +108,21 @@ def attention_block(attn, h: torch.Tensor, w_in: torch.Tensor, w_post: torch.Ten
     h_out, x_out = torch.empty_like(h), torch.empty_like(h)
     qk_w = attn.qk_head_weight
     rc = _fn("attention_block_f32")(
-        h.data_ptr(), tokens, hidden, w_in.data_ptr(), eps, attn.qkv.weight_panels.data_ptr(), _ptr(attn.qkv.bias),
+        h.data_ptr(), tokens, hidden, w_in.data_ptr(), eps, attn.qkv.weight_strips.data_ptr(), _ptr(attn.qkv.bias),
         attn.heads, attn.kv_heads, d, _ptr(qk_w), attn.q_norm.eps if qk_w is not None else 0.0, cos.data_ptr(),
         ssin.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), slots.data_ptr(), decodes.tables.data_ptr(),
         decodes.tables.shape[1], decodes.ctx_lens.data_ptr(), decodes.rows.data_ptr(), decodes.rows.shape[0],
-        block_size, attn.scale, attn.sliding_window or 0, attn.o_proj.weight_panels.data_ptr(), w_post.data_ptr(),
+        block_size, attn.scale, attn.sliding_window or 0, attn.o_proj.weight_strips.data_ptr(), w_post.data_ptr(),
         h_out.data_ptr(), x_out.data_ptr(), scratch.data_ptr(),
     )  # fmt: skip
     return (h_out, x_out) if rc == 0 else None
 
 
 def moe_block(x: torch.Tensor, h: torch.Tensor, gate: torch.Tensor, top_k: int, normalize: bool,
-              gate_up_t: torch.Tensor, down_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:  # fmt: skip
+              gate_up_t: torch.Tensor, down_t: torch.Tensor, strips: bool) -> tuple[torch.Tensor, torch.Tensor] | None:  # fmt: skip
     """h [T, H] + the routed experts of x [T, H] (router: `pack` of [E, H], experts gate_up_t [E, H, 2I],
-    down_t [E, I, H], every expert of the layer) -> (that sum [T, H], the chosen ids [T, K]); None
+    down_t [E, I, H], every expert of the layer; strips: they are `native.experts.pack`'s) -> (that
+    sum [T, H], the chosen ids [T, K]); None
     where the experts kernel does not take these sizes."""
     tokens, hidden = x.shape
     experts, inter = gate_up_t.shape[0], down_t.shape[1]
@@ -123,7 +134,7 @@ def moe_block(x: torch.Tensor, h: torch.Tensor, gate: torch.Tensor, top_k: int, 
     order = torch.empty(experts + 1 + tokens * top_k, dtype=torch.long)
     rc = _fn("moe_block_f32")(
         x.data_ptr(), h.data_ptr(), tokens, hidden, gate.data_ptr(), experts, top_k, int(normalize),
-        gate_up_t.data_ptr(), down_t.data_ptr(), inter, native_experts.CHUNK, h_out.data_ptr(), ids.data_ptr(), weights.data_ptr(),
+        gate_up_t.data_ptr(), down_t.data_ptr(), int(strips), inter, native_experts.CHUNK, h_out.data_ptr(), ids.data_ptr(), weights.data_ptr(),
         scratch.data_ptr(), order.data_ptr(),
     )  # fmt: skip
     return (h_out, ids) if rc == 0 else None
@@ -136,7 +147,7 @@ class DecodeLayer(ctypes.Structure):
 
     _fields_ = [(name, _P) for name in ("w_in", "qkv_w", "qkv_bias", "qk_w", "o_w", "w_post", "gate", "gate_up", "down",
                                         "kp", "vp")] + [  # fmt: skip
-        (name, _I) for name in ("heads", "kv_heads", "d", "window", "experts", "top_k", "normalize", "inter")
+        (name, _I) for name in ("heads", "kv_heads", "d", "window", "experts", "top_k", "normalize", "strips", "inter")
     ] + [(name, _F) for name in ("eps", "qk_eps", "scale")]
 
 
