@@ -15,6 +15,9 @@
 
 #include "gemm.h"
 
+/* Columns of a strip of a packed weight (gemm.h's STRIP: 16 with AVX2, 64 with AVX-512). */
+int64_t strip_columns(void) { return STRIP; }
+
 /* act[i] = silu(gate[i]) * up[i] for gate = h[:I], up = h[I:2I]; sigmoid from exp(-|g|) <= 1. */
 __attribute__((noinline)) static void silu_mul(const float* restrict h, int64_t I, float* restrict act) {
 #pragma omp simd

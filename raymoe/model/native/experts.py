@@ -10,6 +10,7 @@ among the others, in a decode step or in a prompt.
 from __future__ import annotations
 
 import ctypes
+import functools
 
 import torch
 
@@ -31,18 +32,24 @@ def pack(gate_up_t: torch.Tensor, down_t: torch.Tensor) -> tuple[torch.Tensor, t
     columns, their [K, width] block row-major), for the `strips` kernels only. None where the kernels
     are not built, another dtype or device, or widths over _STRIPS_MAX (the copy doubles the
     experts' memory: kept for small experts, where the kernel's time is the step's)."""
-    from raymoe.model.native.layer import strip_columns
-
     if gate_up_t.dtype != torch.float32 or not gate_up_t.is_cpu or down_t.dtype != torch.float32:
         return None
-    if max(gate_up_t.shape[1], down_t.shape[1]) > _STRIPS_MAX or strip_columns() is None:
-        return None
     width = strip_columns()
+    if max(gate_up_t.shape[1], down_t.shape[1]) > _STRIPS_MAX or width is None:
+        return None
 
     def strips(w: torch.Tensor) -> torch.Tensor:  # [E, K, N] -> [E, K, N] packed by strips of N
         return torch.cat([part.reshape(w.shape[0], -1) for part in w.contiguous().split(width, dim=2)], dim=1).view(w.shape)
 
     return strips(gate_up_t), strips(down_t)
+
+
+@functools.cache
+def strip_columns() -> int | None:
+    """Output columns of a strip of a packed weight (a register tile's width in `gemm.h`: 16 with
+    AVX2, 64 with AVX-512), or None where the kernels are not built."""
+    fn = bind("experts", "strip_columns", [], restype=ctypes.c_int64)
+    return None if fn is None else int(fn())
 
 
 def kernel_for(rows: torch.Tensor, gate_up_t: torch.Tensor, down_t: torch.Tensor, strips: bool = False):

@@ -62,19 +62,18 @@ static inline vf vload_bf16(const bf16* p) {
   vf f; memcpy(&f, &u, sizeof f); return f;
 }
 
-/* C[r, n0 : n0 + V*VL] for r < R: the accumulators in registers (R, V constants). */
-#define TILE_KERNEL(T, R, V)                                                                           \
-static inline void tile_##T##_##R##_##V(const float* A, int64_t lda, const T* B, int64_t K, int64_t N, \
-                                        int64_t n0, float* C, int64_t ldc) {                           \
+/* A register tile's body: R rows x V vectors of accumulators (R, V constants), each a chain of fused
+   multiply-adds over k < K. Vector v of B's row k is at B_AT(k, v) (the cache asked for it PREFETCH
+   rows ahead); row r's vector v goes to C + r * ldc + C_AT(v). */
+#define TILE_BODY(R, V, LOADV, B_AT, C_AT)                                                             \
   vf acc[R][V];                                                                                        \
   _Pragma("GCC unroll 8") for (int r = 0; r < R; r++)                                                  \
     _Pragma("GCC unroll 8") for (int v = 0; v < V; v++) acc[r][v] = (vf){0};                           \
   for (int64_t k = 0; k < K; k++) {                                                                    \
     vf b[V];                                                                                           \
-    _Pragma("GCC unroll 8") for (int v = 0; v < V; v += 64 / VB)                                       \
-      __builtin_prefetch(B + (k + PREFETCH) * N + n0 + v * VL);                                        \
     _Pragma("GCC unroll 8") for (int v = 0; v < V; v++) {                                              \
-      b[v] = vload_##T(B + k * N + n0 + v * VL);                                                       \
+      if (v % (64 / VB) == 0) __builtin_prefetch(B_AT(k + PREFETCH, v));                               \
+      b[v] = LOADV(B_AT(k, v));                                                                        \
       __asm__("" : "+x"(b[v])); /* in a register: not reloaded by each row's FMA */                    \
     }                                                                                                  \
     _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) {                                              \
@@ -83,7 +82,15 @@ static inline void tile_##T##_##R##_##V(const float* A, int64_t lda, const T* B,
     }                                                                                                  \
   }                                                                                                    \
   _Pragma("GCC unroll 8") for (int r = 0; r < R; r++)                                                  \
-    _Pragma("GCC unroll 8") for (int v = 0; v < V; v++) memcpy(C + r * ldc + n0 + v * VL, &acc[r][v], VB); \
+    _Pragma("GCC unroll 8") for (int v = 0; v < V; v++) memcpy(C + r * ldc + C_AT(v), &acc[r][v], VB);
+
+/* C[r, n0 : n0 + V*VL] for r < R, B [K, N] row-major. */
+#define ROWMAJOR_B(k, v) (B + (k) * N + n0 + (v) * VL)
+#define ROWMAJOR_C(v) (n0 + (v) * VL)
+#define TILE_KERNEL(T, R, V)                                                                           \
+static inline void tile_##T##_##R##_##V(const float* A, int64_t lda, const T* B, int64_t K, int64_t N, \
+                                        int64_t n0, float* C, int64_t ldc) {                           \
+  TILE_BODY(R, V, vload_##T, ROWMAJOR_B, ROWMAJOR_C)                                                   \
 }
 
 /* The columns [n0, n1) of R rows: the widest tiles first (8, 4, 2, 1 vectors, within MAXACC), then
@@ -138,28 +145,12 @@ GEMM(bf16, from_bf16)
 #define GROUP(R) (MAXACC / ((R) * SV) < 8 / SV ? (MAXACC / ((R) * SV) > 0 ? MAXACC / ((R) * SV) : 1) : 8 / SV)
 
 /* C[r, :G * STRIP] for r < R, from G consecutive full strips at B: V = G * SV accumulators a row. */
+#define STRIPS_B(k, v) (B + ((v) / SV) * K * STRIP + (k) * STRIP + ((v) % SV) * VL)
+#define STRIPS_C(v) (((v) / SV) * STRIP + ((v) % SV) * VL)
 #define STRIP_KERNEL(R, G, NAME)                                                                       \
 static inline void NAME(const float* A, int64_t lda, const float* B, int64_t K, float* C, int64_t ldc) { \
   enum { V = (G) * SV };                                                                               \
-  vf acc[R][V];                                                                                        \
-  _Pragma("GCC unroll 8") for (int r = 0; r < R; r++)                                                  \
-    _Pragma("GCC unroll 8") for (int v = 0; v < V; v++) acc[r][v] = (vf){0};                           \
-  for (int64_t k = 0; k < K; k++) {                                                                    \
-    vf b[V];                                                                                           \
-    _Pragma("GCC unroll 8") for (int v = 0; v < V; v++) {                                              \
-      const float* p = B + (v / SV) * K * STRIP + k * STRIP + (v % SV) * VL;                           \
-      if (v % (64 / VB) == 0) __builtin_prefetch(p + PREFETCH * STRIP);                                \
-      b[v] = vload_float(p);                                                                           \
-      __asm__("" : "+x"(b[v]));                                                                        \
-    }                                                                                                  \
-    _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) {                                              \
-      vf a = vset1(A[r * lda + k]);                                                                    \
-      _Pragma("GCC unroll 8") for (int v = 0; v < V; v++) acc[r][v] = vfma(a, b[v], acc[r][v]);        \
-    }                                                                                                  \
-  }                                                                                                    \
-  _Pragma("GCC unroll 8") for (int r = 0; r < R; r++)                                                  \
-    _Pragma("GCC unroll 8") for (int v = 0; v < V; v++)                                                \
-      memcpy(C + r * ldc + (v / SV) * STRIP + (v % SV) * VL, &acc[r][v], VB);                          \
+  TILE_BODY(R, V, vload_float, STRIPS_B, STRIPS_C)                                                     \
 }                                                                                                      \
 /* R rows over the full strips [s0, s1) (columns), G strips at a time while they last, then one. */    \
 static inline void NAME##_rows(const float* A, int64_t lda, const float* B, int64_t K, int64_t s0,      \

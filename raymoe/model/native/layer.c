@@ -22,9 +22,6 @@
 #include "experts.c"
 #include "norm.c"
 
-/* Columns of a strip of a packed weight (gemm.h's STRIP: 16 with AVX2, 64 with AVX-512). */
-int64_t strip_columns(void) { return STRIP; }
-
 /* out [M, N] = x [M, K] @ w (packed by strips) (+ bias [N]). */
 int linear_f32(const float* x, int64_t M, int64_t K, const float* w, int64_t N, const float* bias, float* out) {
   gemm_strips(M, x, K, w, K, N, out, N);

@@ -16,7 +16,6 @@ which steps take the blocks never changes a result.
 from __future__ import annotations
 
 import ctypes
-import functools
 
 import torch
 
@@ -46,24 +45,16 @@ def _ptr(t: torch.Tensor | None) -> int | None:
 
 
 def pack(weight: torch.Tensor) -> torch.Tensor | None:
-    """weight [N, K] -> its float32 copy packed by strips for `linear`: for each `strip_columns()`
-    output columns, their [K, width] block, row-major, one after the other ([N K] flat). None where
-    the kernels are not built, the weight is not float32 on the CPU or K > MAX_IN (torch's linear
-    runs)."""
+    """weight [N, K] -> its float32 copy packed by strips for `linear`: for each
+    `native.experts.strip_columns()` output columns, their [K, width] block, row-major, one after the
+    other ([N K] flat). None where the kernels are not built, the weight is not float32 on the CPU
+    or K > MAX_IN (torch's linear runs)."""
     if weight.dtype != torch.float32 or not weight.is_cpu or weight.dim() != 2 or weight.shape[1] > MAX_IN:
         return None
-    width = strip_columns()
-    if width is None:
+    width = native_experts.strip_columns()
+    if width is None or library("layer") is None:
         return None
     return torch.cat([part.t().reshape(-1) for part in weight.split(width)])
-
-
-@functools.cache
-def strip_columns() -> int | None:
-    """Output columns of a strip of a packed weight (a register tile's width in `gemm.h`: 16 with
-    AVX2, 64 with AVX-512), or None where the kernels are not built."""
-    fn = bind("layer", "strip_columns", [], restype=ctypes.c_int64)
-    return None if fn is None else int(fn())
 
 
 def linear(x: torch.Tensor, strips: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -122,8 +113,7 @@ def moe_block(x: torch.Tensor, h: torch.Tensor, gate: torch.Tensor, top_k: int, 
               gate_up_t: torch.Tensor, down_t: torch.Tensor, strips: bool) -> tuple[torch.Tensor, torch.Tensor] | None:  # fmt: skip
     """h [T, H] + the routed experts of x [T, H] (router: `pack` of [E, H], experts gate_up_t [E, H, 2I],
     down_t [E, I, H], every expert of the layer; strips: they are `native.experts.pack`'s) -> (that
-    sum [T, H], the chosen ids [T, K]); None
-    where the experts kernel does not take these sizes."""
+    sum [T, H], the chosen ids [T, K]); None where the experts kernel does not take these sizes."""
     tokens, hidden = x.shape
     experts, inter = gate_up_t.shape[0], down_t.shape[1]
     if not native_experts.takes(tokens, hidden, inter) or not (x.is_contiguous() and h.is_contiguous()):
