@@ -37,8 +37,8 @@ def sample(
 
 def argmax_rows(logits: torch.Tensor) -> torch.Tensor:
     """[B, V] -> [B] each row's first maximal index, as `argmax(dim=-1)` gives (NaN counting as the
-    maximum too). On the host numpy's argmax finds it (same rule), ~7x faster than torch's `max`
-    and ~8x than its `argmax` at [32, 1024] float32."""
+    maximum too). On the host numpy's argmax finds it (same rule) with less overhead a call than
+    torch's `max` or `argmax`."""
     if logits.device.type == "cpu" and logits.dtype == torch.float32 and logits.dim() == 2:
         return torch.from_numpy(logits.numpy().argmax(axis=1))
     return logits.max(dim=-1).indices

@@ -3,7 +3,8 @@ both of its blocks.
 
 A decode step's layer already runs in two C calls (`GQAAttention.decode_block`, `MoEBlock.residual`);
 at the built-in model's sizes their Python (checks, allocations, ~25 ctypes arguments a call) with
-the embedding, rotary tables and final norm around them is ~15 % of a batch-32 step. `FusedDecode`
+the embedding, rotary tables and final norm around them is a large part of a batch-32 step
+(docs/benchmarks.md, "A decode step in one C call"). `FusedDecode`
 builds each layer's weights and pools into a `DecodeLayer` table once, and a step passes only what
 changes (`native.layer.decode_step`). The C function runs the embedding rows, the same two blocks
 layer after layer and the final norm's kernel, so a token's bits are those of the per-layer path;

@@ -19,7 +19,7 @@ def ints(values, dtype: torch.dtype = torch.long) -> torch.Tensor:
 
 def inference(fn):
     """`torch.inference_mode()` around fn, entered only where it is not on already: a step's nested
-    calls (forward, logits, sampling inside the runner's step) skip the ~3 us of entering it again."""
+    calls (forward, logits, sampling inside the runner's step) skip entering it again."""
 
     @functools.wraps(fn)
     def run(*args, **kwargs):
