@@ -10,11 +10,19 @@ another port). Serve still starts its proxy; it is moved to a free port of its o
 
 Serve answers `/-/healthz` on that port before admission; `/health` is the ingress's own route there,
 and waits for a slot like every route once all of the replica's `max_ongoing_requests` are taken.
+
+Ray Serve 2.60 binds the replica's socket without SO_REUSEADDR (ray-project/ray#60615). A replica
+that dies with client connections open leaves them in FIN-WAIT-2 or TIME-WAIT on serve.port for a
+minute; its replacement's bind fails, Serve blocks the port, and the server is down that minute.
+`bind_reusing_address` gives the sockets Serve's HTTP helper creates SO_REUSEADDR, as uvicorn's own
+have: a port with only lingering connections binds at once, one still listening does not.
 """
 
 from __future__ import annotations
 
+import os
 import socket
+import types
 
 from raymoe.config import RaymoeConfig
 from raymoe.errors import ConfigError
@@ -72,3 +80,27 @@ def free_port(host: str) -> int:
 def _socket(host: str) -> socket.socket:
     """A TCP socket of host's address family."""
     return socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+
+
+class _ReuseAddressSocket(socket.socket):
+    """A socket that may bind a port where only closing connections linger (SO_REUSEADDR)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+
+
+def bind_reusing_address() -> bool:
+    """In a direct-ingress replica (Serve reads RAY_SERVE_ENABLE_DIRECT_INGRESS): the sockets Serve's
+    HTTP helper creates get SO_REUSEADDR. Call before the replica starts its HTTP server (in the
+    deployment's constructor). True where it applied."""
+    if os.environ.get("RAY_SERVE_ENABLE_DIRECT_INGRESS") != "1":
+        return False
+    from ray.serve._private import http_util
+
+    if getattr(http_util.socket, "socket", None) is not _ReuseAddressSocket:
+        module = types.ModuleType("socket")
+        module.__dict__.update(vars(socket))
+        module.socket = _ReuseAddressSocket
+        http_util.socket = module  # only http_util's own `socket.socket(...)` calls see it
+    return True

@@ -24,6 +24,7 @@ from raymoe.engine.chunks import build_prompt, locate_chunks
 from raymoe.errors import InvalidRequestError
 from raymoe.model.tokenizer import ChatTemplateError, Tokenizer
 from raymoe.serve.admin import AdminRoutes
+from raymoe.serve.direct import bind_reusing_address
 from raymoe.serve.documents import chat_documents, completion_parts, split_rendered
 from raymoe.serve.drain import DrainMark
 from raymoe.serve.generation import Echo, Generation
@@ -65,6 +66,7 @@ async def _unexpected(request: Request, exc: Exception):
 @serve.ingress(app)
 class Ingress:
     def __init__(self, config: dict, model_path: str, model_name: str, backend=None):
+        bind_reusing_address()  # before Serve starts this replica's HTTP server (direct HTTP)
         self.config = parse_config(config)
         self.backend = backend if backend is not None else local_engine(config, model_path)
         self.tokenizer = Tokenizer.from_dir(model_path)

@@ -15,7 +15,7 @@ from serve_harness import API_KEY, CONFIG, MODEL, start_server, stop_server
 
 from raymoe.config import parse_config
 from raymoe.errors import ConfigError
-from raymoe.serve.direct import check_port_free, direct_env, free_port, use_direct_http
+from raymoe.serve.direct import bind_reusing_address, check_port_free, direct_env, free_port, use_direct_http
 
 
 @pytest.mark.parametrize("data, own_cluster, expected", [
@@ -53,6 +53,37 @@ def test_a_taken_port_is_named():
     check_port_free("127.0.0.1", free_port("127.0.0.1"))  # free: no error
 
 
+def _port_with_a_lingering_connection() -> tuple[int, socket.socket]:
+    """A port whose listener closed after closing an accepted connection first (FIN-WAIT-2, as a dead
+    replica's connections are), and the client end that keeps it so."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    client = socket.create_connection(("127.0.0.1", port))
+    accepted, _ = listener.accept()
+    accepted.close()
+    listener.close()
+    return port, client
+
+
+def test_serve_binds_where_only_a_dead_replicas_connections_linger(monkeypatch):
+    from ray.serve._private import http_util
+
+    monkeypatch.setattr(http_util, "socket", http_util.socket)  # restored after the test
+    monkeypatch.delenv("RAY_SERVE_ENABLE_DIRECT_INGRESS", raising=False)
+    assert not bind_reusing_address() and http_util.socket is socket  # not direct ingress: Serve's as it was
+    monkeypatch.setenv("RAY_SERVE_ENABLE_DIRECT_INGRESS", "1")
+    assert bind_reusing_address() and bind_reusing_address()  # twice: still one wrapper
+    port, client = _port_with_a_lingering_connection()
+    with client, socket.socket() as plain, http_util.socket.socket(socket.AF_INET, socket.SOCK_STREAM) as served:
+        with pytest.raises(OSError, match="in use"):
+            plain.bind(("127.0.0.1", port))  # how Ray Serve 2.60 binds by itself
+        served.bind(("127.0.0.1", port))
+        served.listen()
+        with socket.socket() as rival, pytest.raises(OSError, match="in use"):
+            rival.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            rival.bind(("127.0.0.1", port))  # a port still listening stays taken
+
+
 def _descendants(server) -> dict[int, str]:
     """pid -> command line of every process under the `raymoe serve` process (Ray's workers are under
     the raylet it started), read from /proc."""
@@ -75,30 +106,33 @@ def _one(server, marker: str) -> int:
 
 
 REPLICA, ENGINE = "ServeReplica:raymoe:engine", "raymoe.serve.engine_process"
-REPLACED_WITHIN_S = 60  # ~10-20 s here; with Serve's default port quarantine (~2 min) it would not be
+REPLACED_WITHIN_S = 60  # ~10-20 s here; with Serve's default port quarantine (~2 min) it would not be,
+# nor where the dead replica's open connections kept the port (FIN-WAIT-2, a minute) from the new one
 
 
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("victim", [REPLICA, ENGINE])
 def test_a_replica_or_its_engine_that_dies_is_replaced_on_the_same_port(tmp_path, victim):
-    """The replica listening on serve.port, or the engine process it started, dies (SIGKILL): Serve
-    replaces the replica (its health check fails when the engine process is gone), the new one takes
-    the port back at once (no port quarantine), and the server answers there again, greedy as before."""
+    """The replica listening on serve.port, or the engine process it started, dies (SIGKILL) while a
+    client holds a keep-alive connection to it: Serve replaces the replica (its health check fails when
+    the engine process is gone), the new one takes the port back at once (no port quarantine; the
+    lingering connection does not block its bind), and the server answers there again, greedy as before."""
     server = start_server(tmp_path, CONFIG)
     headers = {"Authorization": f"Bearer {API_KEY}"}
     body = {"model": MODEL, "prompt": "The quick brown fox", "max_tokens": 8, "temperature": 0}
     try:
         assert server.direct
-        before = httpx.post(f"{server.base_url}/v1/completions", json=body, headers=headers, timeout=60).json()
-        old_replica = _one(server, REPLICA)
-        os.kill(_one(server, victim), signal.SIGKILL)
-        deadline, reply = time.monotonic() + REPLACED_WITHIN_S, None
-        while time.monotonic() < deadline:
-            with contextlib.suppress(httpx.HTTPError):
-                reply = httpx.post(f"{server.base_url}/v1/completions", json=body, headers=headers, timeout=60)
-                if reply.status_code == 200 and _one(server, REPLICA) != old_replica:
-                    break
-            time.sleep(1)
+        with httpx.Client(base_url=server.base_url, headers=headers, timeout=60) as held:
+            before = held.post("/v1/completions", json=body).json()  # its connection stays open in the pool
+            old_replica = _one(server, REPLICA)
+            os.kill(_one(server, victim), signal.SIGKILL)
+            deadline, reply = time.monotonic() + REPLACED_WITHIN_S, None
+            while time.monotonic() < deadline:
+                with contextlib.suppress(httpx.HTTPError):
+                    reply = httpx.post(f"{server.base_url}/v1/completions", json=body, headers=headers, timeout=60)
+                    if reply.status_code == 200 and _one(server, REPLICA) != old_replica:
+                        break
+                time.sleep(1)
         assert reply is not None and reply.status_code == 200, server.log()
         assert _one(server, REPLICA) != old_replica
         assert reply.json()["choices"][0]["text"] == before["choices"][0]["text"]

@@ -169,8 +169,9 @@ def _wait_idle(http, timeout_s: float = 60) -> dict:
 def test_overload_rejects_excess_and_finishes_accepted(server, http):
     _wait_idle(http)
     num = MAX_QUEUE_LEN + 16
-    # long enough that the accepted ones still run while the rest arrive, even through Serve's proxy
-    body = {**OK, "max_tokens": 48, "ignore_eos": True}
+    # long enough that the accepted ones still run while the rest arrive, even through Serve's proxy on
+    # a loaded machine (48 tokens were not: a batch of 16 finished them in ~0.1 s)
+    body = {**OK, "max_tokens": 1000, "ignore_eos": True}
 
     async def fire():
         async with httpx.AsyncClient(base_url=server.base_url, timeout=240,
