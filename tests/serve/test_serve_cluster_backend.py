@@ -186,8 +186,14 @@ def test_prefill_and_decode_scale_up_under_load_and_back_down(server):
             for name, d in status(server)["deployments"].items():
                 most[name] = max(most.get(name, 0), d["running"])
 
-    def ups(deployment):  # the policy's (not an operator's) decisions to add a replica
-        return [d for d in status(server)["scaling"][deployment] if d["to"] == 2 and "operator" not in d["reason"]]
+    signals = {"prefill": ("queued_prompt_tokens",), "decode": ("running_sequences", "kv_block_fraction")}
+
+    started = time.time()
+
+    def ups(deployment):  # this load's decisions to add a replica (not an operator's, nor one that keeps
+        # the count while a replica has not reported yet)
+        return [d for d in status(server)["scaling"][deployment]
+                if d["to"] == 2 and d["reason"].startswith(signals[deployment]) and d["time"] >= started]  # fmt: skip
 
     results, watcher = [], threading.Thread(target=watch, daemon=True)
     watcher.start()
@@ -202,10 +208,8 @@ def test_prefill_and_decode_scale_up_under_load_and_back_down(server):
     # Serve applies a decision with a delay: on a loaded machine a replica can be wanted and
     # dropped again before it runs, so the decision (with its reason) is what is checked here;
     # test_operator_scale_is_bounded_and_recorded checks that a wanted replica starts and serves.
-    for deployment, signals in (("prefill", ("queued_prompt_tokens",)), ("decode", ("running_sequences",
-                                                                                    "kv_block_fraction"))):
-        up = ups(deployment)
-        assert up and up[-1]["reason"].startswith(signals), (most, status(server)["scaling"][deployment])
+    for deployment in signals:
+        assert ups(deployment), (most, status(server)["scaling"][deployment])
     wait_for(lambda: replicas(server, "prefill") == 1 and replicas(server, "decode") == 1, SCALE_TIMEOUT_S,
              "both deployments to scale down after the load")  # fmt: skip
     log = status(server)["scaling"]
