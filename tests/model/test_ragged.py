@@ -1,7 +1,7 @@
 """The unpadded attention (`raymoe.model.ragged`) gives the padded path's outputs on steps that mix
 decodes of many context lengths with prompt chunks with and without a cached prefix, with GQA and a
-sliding window, its decodes through torch's SDPA in groups by context length and through raymoe's C
-kernel (tests/model/test_native.py)."""
+sliding window, its decodes (and the prompt rows of short contexts) through torch's SDPA in groups by
+context length and through raymoe's C kernel (tests/model/test_native.py)."""
 
 import pytest
 import torch
@@ -24,7 +24,7 @@ def _plan(batch, kernel: bool):
     if kernel:
         need_kernel()
     if not kernel:
-        plan.native = None
+        plan.native, plan.prefill_kernel = None, False
     return plan
 
 
@@ -45,6 +45,25 @@ def test_ragged_equals_padded(query_lens, context_lens, window, kernel):
     plan = _plan(batch, kernel)
     got = ragged.attend_ragged(q, k, v, cache, plan, 0.3, window)
     torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("window", [None, 5])
+def test_prompt_rows_in_the_kernel_up_to_their_context_limit(monkeypatch, window):
+    """Prompt rows that see at most the limit's keys run in the C kernel, a chunk's later rows in SDPA:
+    the padded path's outputs; a row in the kernel has the same bits wherever its chunk is cut."""
+    need_kernel()
+    cache, batch, q, k, v = _step([1, 7, 12], [30, 7, 20])  # a decode; a whole prompt; 12 new after 8 cached
+    want = paged.attend(q, *[paged.gather_context(part, batch) for part in cache], batch, 0.3, window)
+    key_bytes = KV_HEADS * 2 * D * 4
+    got = {}
+    for max_keys in (10, 20):
+        monkeypatch.setattr(ragged, "PREFILL_KERNEL_BYTES", max_keys * key_bytes)
+        plan = ragged.build_plan(batch.query_lens, batch.context_lens, batch.block_tables, BS)
+        got[max_keys] = ragged.attend_ragged(q, k, v, cache, plan, 0.3, window)
+        torch.testing.assert_close(got[max_keys], want, atol=1e-6, rtol=1e-5)
+    assert plan.prefill_rows(10)[1] == [8, 10]  # the whole prompt's 7 rows; positions 8 and 9 of the other
+    assert plan.prefill_rows(20)[1] == [8, 20]
+    assert torch.equal(got[10][:10], got[20][:10])
 
 
 def test_decodes_split_where_padding_costs_more_than_a_group():
