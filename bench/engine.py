@@ -10,6 +10,8 @@ system's alone), on two models: the built-in one and a Mixtral-shaped one (hidde
   batch runs until its longest output). Figure: useful (requested) output tokens per second.
 - fixed: B equal prompts of 32 tokens, B in 1, 8, 32: decode time per step, from
   (time for 65 tokens - time for 1 token) / 64.
+- prompts: 32 prompts of 500 tokens, one output token each (new prompts every repeat: no prefix
+  cache hits): prompt tokens per second, and ms per 512 prompt tokens (raymoe's step budget).
 Medians over `--repeats`; `--dtype bfloat16` runs every system in bfloat16. Beside wall time each
 result has the CPU seconds of the worker's whole process tree (vLLM's engine core included), the
 steadier figure on a shared machine. vLLM's CPU build joins as
@@ -38,6 +40,7 @@ from pathlib import Path
 SERVING = dict(num_requests=128, prompt_range=(4, 200), output_range=(8, 256), max_num_seqs=32, seed=0)
 FIXED_BATCHES = (1, 8, 32)
 FIXED_PROMPT, FIXED_DECODE = 32, 64
+PROMPTS = dict(num=32, length=500, step_tokens=512)
 MIXTRAL_SHAPE = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=8,
                      num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2, vocab_size=4096)  # fmt: skip
 
@@ -57,6 +60,11 @@ def fixed_prompts(vocab_size: int, batch: int) -> list[list[int]]:
     rng = random.Random(batch)
     prompt = [rng.randrange(3, vocab_size) for _ in range(FIXED_PROMPT)]
     return [list(prompt) for _ in range(batch)]
+
+
+def long_prompts(vocab_size: int, seed: int) -> list[list[int]]:
+    rng = random.Random(1000 + seed)
+    return [[rng.randrange(3, vocab_size) for _ in range(PROMPTS["length"])] for _ in range(PROMPTS["num"])]
 
 
 # ----- systems: each returns seconds for a list of (prompt ids, output length) ----------------------
@@ -187,6 +195,13 @@ def worker(system: str, model_path: str, task: str, repeats: int, num_requests: 
                   "cpu_seconds": statistics.median(cpu), "useful_tokens_per_cpu_s": useful / statistics.median(cpu)}  # fmt: skip
         if hasattr(sys_, "replica_cpu_seconds"):
             result["replica_cpu_seconds"] = statistics.median(replica_cpu)
+    elif task == "prompts":
+        sys_ = SYSTEMS[system](model_path, PROMPTS["num"])
+        sys_.run([(p, 1) for p in long_prompts(vocab, -1)[:4]])  # warm-up
+        times = [sys_.run([(p, 1) for p in long_prompts(vocab, r)]) for r in range(repeats)]
+        tokens = PROMPTS["num"] * PROMPTS["length"]
+        result = {"prompt_tokens_per_s": tokens / statistics.median(times), "all_seconds": times,
+                  "ms_per_step": 1000 * statistics.median(times) * PROMPTS["step_tokens"] / tokens}  # fmt: skip
     else:
         batch = int(task.split("_")[1])
         sys_ = SYSTEMS[system](model_path, batch)

@@ -13,6 +13,9 @@ Each figure against its baseline in the same run:
 - `decode_attention`: one layer's attention for 32 decodes with contexts of 50-450 tokens in random
   blocks of a pool, raymoe's C kernel (`raymoe.model.native.decode`) against torch's SDPA over
   gathered groups (the same plan with the kernel off), float32 and bfloat16;
+- `prompt_attention`: one layer's attention for a prompt chunk of q new tokens at the end of a ctx
+  long context, its rows in raymoe's C kernel up to `ragged.PREFILL_KERNEL_BYTES` against torch's
+  SDPA for every row (the same plan with the kernel off), float32;
 - `experts`: one layer's `ExpertStore.run_groups` for T tokens routed top-2 of 8 experts, with
   raymoe's C kernel for small groups (`raymoe.model.native.experts`) against torch's matmuls, at
   the built-in model's widths (128 / 192; float32 and bfloat16) and wider ones (256 / 512).
@@ -109,6 +112,28 @@ def decode_attention(torch) -> dict:
     return out
 
 
+def prompt_attention(torch) -> dict:
+    from raymoe.model import paged, ragged
+
+    out = {}
+    for q_len, ctx in ((128, 128), (500, 500), (512, 1024), (512, 2048)):
+        blocks = -(-ctx // 16)
+        batch = paged.AttentionBatch.build([q_len], [ctx], [list(range(blocks))], 16)
+        cache = tuple(torch.randn(blocks, 16, 2, 32) for _ in range(2))
+        qk, v = torch.randn(q_len, 6, 32), torch.randn(q_len, 2, 32)
+        q, k = qk[:, :4], qk[:, 4:]
+        plan = ragged.build_plan(batch.query_lens, batch.context_lens, batch.block_tables, 16)
+        if not plan.prefill_kernel:
+            return {"skipped": "raymoe's kernel is not built here (no C compiler, or RAYMOE_NATIVE=0)"}
+        kernel = median_us(lambda: ragged.attend_ragged(q, k, v, cache, plan, 0.18), repeats=20)
+        rows_in_kernel = plan.prefill_rows(ragged.PREFILL_KERNEL_BYTES // (2 * 64 * 4))[1][0]
+        plan.prefill_kernel = False
+        sdpa = median_us(lambda: ragged.attend_ragged(q, k, v, cache, plan, 0.18), repeats=20)
+        out[f"q{q_len}_ctx{ctx}"] = {"kernel_us": round(kernel), "torch_sdpa_us": round(sdpa),
+                                     "speedup": round(sdpa / kernel, 2), "rows_in_kernel": rows_in_kernel}  # fmt: skip
+    return out
+
+
 def experts(torch) -> dict:
     from raymoe.model import experts as ex
     from raymoe.model.layers import SwiGLU
@@ -139,6 +164,7 @@ def experts(torch) -> dict:
 
 
 SECTIONS = {"new_shape": new_shape, "experts_bmm": experts_bmm, "f32_gemm": f32_gemm, "sdpa_causal": sdpa_causal,
+            "prompt_attention": prompt_attention,
             "decode_attention": decode_attention, "experts": experts}
 
 
