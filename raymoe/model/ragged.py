@@ -9,10 +9,11 @@ decodes makes every decode attend with 200 query rows. Here instead:
   than another group's ops);
 - each prompt chunk's rows whose context is short enough for its K + V to stay in a core's L2
   (`PREFILL_KERNEL_BYTES`) run in that C kernel too, each row as a decode at its own position (the
-  kernel reads each row's keys once, with no causal padding and no tiles over masked keys: 1.4-2x
-  torch's flash kernel there); the rest of each chunk runs causal SDPA over its own new tokens, plus
-  its cached prefix gathered from the pool when it has one. Which rows take the kernel depends on
-  their position alone, so a prompt's attention has the same bits however it is chunked.
+  kernel reads each row's keys once, with no causal padding and no tiles over masked keys: faster
+  than torch's flash kernel there, `bench/kernel_costs.py --sections prompt_attention`); the rest of
+  each chunk runs causal SDPA over its own new tokens, plus its cached prefix gathered from the pool
+  when it has one. Which rows take the kernel depends on their position alone, so such a row has the
+  same bits however its prompt is chunked.
 
 `plan_for(batch)` is built once per step (on first use) and shared by every layer: gather indices,
 row indices and additive masks. Batches with draft trees or explicit positions keep the padded path.
@@ -105,15 +106,7 @@ class RaggedPlan:
         if max_keys not in self._prefill_rows:
             stops = [p.kernel_stop(max_keys) if self.prefill_kernel else p.start for p in self.prefills]
             taken = [(p, stop) for p, stop in zip(self.prefills, stops) if stop > p.start]
-            decodes = None
-            if taken:
-                rows = torch.cat([torch.arange(p.start, stop) for p, stop in taken])
-                ctx = torch.cat([torch.arange(stop - p.start) + p.ctx_len - (p.stop - p.start) + 1 for p, stop in taken])
-                seqs = ints([p.seq for p, stop in taken for _ in range(stop - p.start)])
-                tables = self.decode_layout[3]
-                width = -(-int(ctx.max()) // self.block_size)
-                dev = tables.device
-                decodes = native.Decodes(rows.to(dev), ctx.to(dev), tables[:, :width].index_select(0, seqs.to(dev)), {})
+            decodes = _as_decodes(taken, self.decode_layout[3], self.block_size) if taken else None
             self._prefill_rows[max_keys] = (decodes, stops)
         return self._prefill_rows[max_keys]
 
@@ -160,6 +153,16 @@ def build_plan(query_lens: list[int], context_lens: list[int], tables: torch.Ten
             own = tables.index_select(0, ints(decodes).to(dev)).contiguous()
         plan.native = native.Decodes(rows, ctx, own, {})
     return plan
+
+
+def _as_decodes(taken: list[tuple[PrefillPart, int]], tables: torch.Tensor, block_size: int) -> native.Decodes:
+    """Rows start..stop of each (part, stop) as decodes at their own positions: row i of a part of q
+    new tokens sees ctx_len - q + (i - start) + 1 keys of its sequence's blocks (`tables` [B, max_blocks])."""
+    rows = torch.cat([torch.arange(p.start, stop) for p, stop in taken])
+    ctx = torch.cat([torch.arange(stop - p.start) + p.ctx_len - (p.stop - p.start) + 1 for p, stop in taken])
+    seqs = ints([p.seq for p, stop in taken for _ in range(stop - p.start)]).to(tables.device)
+    width = -(-int(ctx.max()) // block_size)
+    return native.Decodes(rows.to(tables.device), ctx.to(tables.device), tables[:, :width].index_select(0, seqs), {})
 
 
 def decode_groups(decodes: list[int], context_lens: list[int], starts: list[int], tables: torch.Tensor,
