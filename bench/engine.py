@@ -11,7 +11,8 @@ system's alone), on two models: the built-in one and a Mixtral-shaped one (hidde
 - fixed: B equal prompts of 32 tokens, B in 1, 8, 32: decode time per step, from
   (time for 65 tokens - time for 1 token) / 64.
 - prompts: 32 prompts of 500 tokens, one output token each (new prompts every repeat: no prefix
-  cache hits): prompt tokens per second, and ms per 512 prompt tokens (raymoe's step budget).
+  cache hits): prompt tokens per second, and ms per 512 prompt tokens (raymoe's step budget), beside
+  the peers (`bench/prefill.py` is the raymoe-only one, with varied prompt lengths and CPU seconds).
 Medians over `--repeats`; `--dtype bfloat16` runs every system in bfloat16. Beside wall time each
 result has the CPU seconds of the worker's whole process tree (vLLM's engine core included), the
 steadier figure on a shared machine. vLLM's CPU build joins as

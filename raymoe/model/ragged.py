@@ -104,7 +104,7 @@ class RaggedPlan:
         """The prompt rows that see at most max_keys keys, as decodes at their own positions for the C
         kernel (None: none), and each part's first row left to SDPA."""
         if max_keys not in self._prefill_rows:
-            stops = [p.kernel_stop(max_keys) if self.prefill_kernel else p.start for p in self.prefills]
+            stops = [p.kernel_stop(max_keys) for p in self.prefills]
             taken = [(p, stop) for p, stop in zip(self.prefills, stops) if stop > p.start]
             decodes = _as_decodes(taken, self.decode_layout[3], self.block_size) if taken else None
             self._prefill_rows[max_keys] = (decodes, stops)
@@ -143,9 +143,9 @@ def build_plan(query_lens: list[int], context_lens: list[int], tables: torch.Ten
         ctx = context_lens[b]
         blocks = None if ctx == q else tables[b, : -(-ctx // bs)]
         prefills.append(PrefillPart(starts[b], starts[b] + q, ctx, blocks, {}, b))
-    plan = RaggedPlan(prefills, bs, (decodes, context_lens, starts, tables))
-    plan.prefill_kernel = bool(prefills) and dev.type == "cpu" and native.available()
-    if decodes and dev.type == "cpu" and native.available():
+    kernel = dev.type == "cpu" and native.available()
+    plan = RaggedPlan(prefills, bs, (decodes, context_lens, starts, tables), prefill_kernel=bool(prefills) and kernel)
+    if decodes and kernel:
         if len(decodes) == len(query_lens):  # decodes only: their rows, contexts and tables as they are
             rows, ctx, own = torch.arange(len(decodes), device=dev), ints(context_lens).to(dev), tables.contiguous()
         else:
